@@ -1,0 +1,29 @@
+# Two commands on a fresh machine with Python 3.11 and pip:
+#   make demo   CPU-sized demo of every step that exists (creates .venv, installs, fetches data)
+#   make test   the test suite (creates .venv, installs)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA ?= data
+
+.PHONY: demo test test-all venv clean-venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	touch $@
+
+demo: venv
+	$(PY) get_training_attention.py --quick --data-dir $(DATA)
+
+test: venv
+	$(PY) -m pytest -q
+
+# also the slow tests (real data, longer training)
+test-all: venv
+	$(PY) -m pytest -q -m "slow or not slow"
+
+clean-venv:
+	rm -rf $(VENV)

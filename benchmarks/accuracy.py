@@ -1,0 +1,98 @@
+"""Accuracy against the published CrabNet / HotCrab test MAE.
+
+Trains with the published recipe (300 epochs, epochs_step 10, SWA early stop) and prints the test
+MAE beside the published one from ``../shared/reference/published_test_mae.csv`` (or --reference).
+
+    python benchmarks/accuracy.py --dataset aflow__ael_bulk_modulus_vrh --features mat2vec onehot
+
+Writes ``<data-dir>/benchmarks/accuracy__<dataset>__<features>.json`` with the figures and saves
+the checkpoint to ``<data-dir>/models/`` (reused by later steps, since it follows the recipe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from crabnet.data import load_dataset  # noqa: E402
+from crabnet.train import (Recipe, Scaler, build_model, checkpoint_path, fit, mae, predict,  # noqa: E402
+                           recipe_dict, save_checkpoint)
+from crabnet.utils import atomic_path, resolve_device, seed_everything  # noqa: E402
+
+COLUMN = {"mat2vec": "crabnet", "onehot": "hotcrab"}
+
+
+def published_mae(reference: Path, dataset: str, features: str) -> float | None:
+    """Published test MAE for a dataset and representation, or None."""
+    if not reference.is_file():
+        return None
+    df = pd.read_csv(reference).set_index("dataset")
+    if dataset not in df.index or features not in COLUMN:
+        return None
+    return float(df.loc[dataset, COLUMN[features]])
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="aflow__ael_bulk_modulus_vrh", help="dataset (default: %(default)s)")
+    p.add_argument("--features", nargs="+", default=["mat2vec", "onehot"], help="default: %(default)s")
+    p.add_argument("--epochs", type=int, default=300, help="maximum epochs (default: %(default)s)")
+    p.add_argument("--data-dir", type=Path, default=Path("data"), help="default: %(default)s")
+    p.add_argument("--reference", type=Path,
+                   default=Path(__file__).resolve().parents[2] / "shared" / "reference" / "published_test_mae.csv",
+                   help="published MAE table (default: ../shared/reference/published_test_mae.csv)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch default")
+    return p.parse_args()
+
+
+def main(dataset: str, features: list[str], epochs: int, data_dir: Path, reference: Path, device: str,
+         seed: int, threads: int) -> int:
+    if threads:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    splits = load_dataset(data_dir, dataset)
+    scaler = Scaler.fit(splits["train"].target)
+    rows = []
+    for feat in features:
+        seed_everything(seed)
+        model = build_model(feat, n_elements=splits["train"].width).to(dev)
+        recipe = Recipe(epochs=epochs)
+        hist = fit(model, splits["train"], splits["val"], scaler, recipe, seed=seed, desc=f"{dataset} {feat}")
+        pred, _ = predict(model, splits["test"], scaler)
+        test_mae = mae(pred, splits["test"].target)
+        ref = published_mae(reference, dataset, feat)
+        row = {
+            "dataset": dataset, "features": feat, "n_test": len(splits["test"]), "test_mae": test_mae,
+            "published_mae": ref, "ratio": test_mae / ref if ref else None, "epochs_run": hist.epochs_run,
+            "stopped_early": hist.stopped_early, "swa_updates": hist.swa_updates,
+            "train_seconds": round(hist.seconds, 1), "device": str(dev), "threads": torch.get_num_threads(),
+        }
+        rows.append(row)
+        save_checkpoint(checkpoint_path(data_dir, dataset, feat), model, scaler, {
+            "dataset": dataset, "features": feat, "recipe": recipe_dict(recipe), "published_recipe": recipe.is_published(),
+            "seed": seed, "epochs_run": hist.epochs_run, "test_mae": test_mae,
+        })
+        out = data_dir / "benchmarks" / f"accuracy__{dataset}__{feat}.json"
+        with atomic_path(out) as tmp:
+            tmp.write_text(json.dumps(row, indent=2))
+        print(json.dumps(row), flush=True)
+    print(f"\n{'dataset':32s} {'features':9s} {'n_test':>6s} {'test MAE':>10s} {'published':>10s} {'ratio':>6s} {'epochs':>6s}")
+    for r in rows:
+        ref = f"{r['published_mae']:.4g}" if r["published_mae"] else "-"
+        ratio = f"{r['ratio']:.3f}" if r["ratio"] else "-"
+        print(f"{r['dataset']:32s} {r['features']:9s} {r['n_test']:6d} {r['test_mae']:10.4g} {ref:>10s} {ratio:>6s} {r['epochs_run']:6d}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(**vars(parse_args())))

@@ -1,0 +1,265 @@
+"""Attention captured during training, streamed to Zarr v3, and read back per compound.
+
+Layout of ``attention.zarr`` (a Zarr v3 group), n compounds of the captured split, c captures,
+L layers, H heads, E element slots:
+
+    formula (n,) str · elements (n, E) int · fractions (n, E) float32 · target (n,) float32
+    step (c,) int         epoch or optimiser step of each capture; capture 0 = untrained model
+    prediction (n, c)     prediction in target units
+    attention (n, c, L, H, E, E) float32: row q is query element q's distribution over the keys
+
+While training, captures are appended to ``<store>.partial`` in capture-major chunks (one batch
+of compounds for one capture per chunk), so memory stays bounded whatever the number of captures.
+``AttentionWriter.finalize`` then rewrites the store compound-major: one chunk holds one
+compound's whole history, and chunks are grouped into shards so the store is a few files. The
+finished store is renamed into place and carries ``complete = True``; an interrupted run leaves
+only the ``.partial`` folder, which the reader refuses.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from tqdm.auto import tqdm
+
+import crabnet
+from crabnet.data import CompositionData, DataError, normalise_formula
+from crabnet.elements import SYMBOLS
+from crabnet.model import CrabNet
+from crabnet.train import Scaler
+from crabnet.utils import atomic_path, remove_path
+
+STAGING_CHUNK_BYTES = 8 << 20  # staging chunk: this many bytes of one capture
+SHARD_BYTES = 32 << 20  # final shard: about this many bytes
+BLOCK_BYTES = 256 << 20  # reorganisation reads at most about this much at once
+
+
+def partial_path(path: Path) -> Path:
+    """Where captures are staged while training runs."""
+    return path.with_name(path.name + ".partial")
+
+
+class AttentionWriter:
+    """Streams captures of one split to a staging store, then writes the final store.
+
+    Args:
+        path: final store path (``…/attention.zarr``).
+        data: the captured split.
+        n_layers, n_heads: model shape.
+        attrs: group attributes (dataset, features, split, capture, model config, …).
+    """
+
+    def __init__(self, path: Path | str, data: CompositionData, n_layers: int, n_heads: int, attrs: dict):
+        self.path = Path(path)
+        self.data = data
+        self.n = len(data)
+        self.E = data.width
+        self.map_shape = (n_layers, n_heads, self.E, self.E)
+        self.bytes_per_map = 4 * int(np.prod(self.map_shape))
+        self.chunk_n = int(np.clip(STAGING_CHUNK_BYTES // self.bytes_per_map, 1, self.n))
+        self.attrs = {**attrs, "n_layers": n_layers, "n_heads": n_heads, "n_elements": self.E,
+                      "n_compounds": self.n, "created_with": crabnet.__version__, "complete": False}
+        self.staging = partial_path(self.path)
+        remove_path(self.staging)
+        self.group = zarr.open_group(self.staging, mode="w", zarr_format=3, attributes=self.attrs)
+        self.att = self.group.create_array("attention", shape=(self.n, 0, *self.map_shape),
+                                           chunks=(self.chunk_n, 1, *self.map_shape), dtype="float32")
+        self.pred = self.group.create_array("prediction", shape=(self.n, 0), chunks=(self.n, 1), dtype="float32")
+        self.steps: list[int] = []
+
+    @property
+    def n_captures(self) -> int:
+        return len(self.steps)
+
+    def begin_capture(self, step: int) -> int:
+        """Open capture slot ``c`` for epoch/step ``step``; returns c."""
+        c = self.n_captures
+        self.att.resize((self.n, c + 1, *self.map_shape))
+        self.pred.resize((self.n, c + 1))
+        self.steps.append(int(step))
+        return c
+
+    def write_batch(self, c: int, start: int, attention: np.ndarray) -> None:
+        """Write attention maps (b, L, H, E, E) of compounds ``start:start+b`` for capture c."""
+        self.att[start : start + len(attention), c] = attention
+
+    def write_prediction(self, c: int, prediction: np.ndarray) -> None:
+        self.pred[:, c] = prediction
+
+    def finalize(self, extra_attrs: dict | None = None, progress: bool | None = None) -> Path:
+        """Reorganise compound-major and sharded; atomically replace ``path``; drop staging."""
+        c = self.n_captures
+        per_compound = c * self.bytes_per_map
+        shard_n = int(np.clip(SHARD_BYTES // per_compound, 1, self.n))
+        block_n = max(shard_n, (BLOCK_BYTES // per_compound) // shard_n * shard_n)
+        attrs = {**self.attrs, **(extra_attrs or {}), "n_captures": c, "complete": True}
+        with atomic_path(self.path) as tmp:
+            g = zarr.open_group(tmp, mode="w", zarr_format=3)
+            d = self.data
+            formula = g.create_array("formula", shape=(self.n,), dtype=str, chunks=(self.n,))
+            formula[:] = np.asarray([str(f) for f in d.formula])
+            for name, arr in (("elements", d.elements.astype(np.int16)), ("fractions", d.fractions.astype(np.float32)),
+                              ("target", d.target.astype(np.float32)), ("step", np.asarray(self.steps, np.int64))):
+                g.create_array(name, data=arr, chunks=arr.shape or (1,))
+            g.create_array("prediction", data=self.pred[:], chunks=(min(self.n, 4096), c))
+            att = g.create_array("attention", shape=(self.n, c, *self.map_shape), dtype="float32",
+                                 chunks=(1, c, *self.map_shape), shards=(shard_n, c, *self.map_shape))
+            for i in tqdm(range(0, self.n, block_n), desc="reorganise", unit="block", disable=None if progress is None else not progress):
+                att[i : i + block_n] = self.att[i : i + block_n]
+            g.attrs.update(attrs)
+        remove_path(self.staging)
+        return self.path
+
+
+@torch.no_grad()
+def capture_split(
+    model: CrabNet, data: CompositionData, scaler: Scaler, writer: AttentionWriter, step: int,
+    batch_size: int | None = None,
+) -> np.ndarray:
+    """Run the model on ``data`` with attention capture and store one capture. Returns predictions."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    bs = batch_size or writer.chunk_n
+    c = writer.begin_capture(step)
+    preds = np.empty(len(data), dtype=np.float64)
+    for i in range(0, len(data), bs):
+        el = torch.as_tensor(data.elements[i : i + bs], dtype=torch.long, device=device)
+        fr = torch.as_tensor(data.fractions[i : i + bs], dtype=torch.float32, device=device)
+        out = model.forward_internals(el, fr, attention=True)
+        writer.write_batch(c, i, out.attention.float().cpu().numpy())  # (b, L, H, E, E)
+        preds[i : i + bs] = out.output[:, 0].double().cpu().numpy()
+    pred = scaler.unscale(preds)
+    writer.write_prediction(c, pred.astype(np.float32))
+    model.train(was_training)
+    return pred
+
+
+class AttentionRecorder:
+    """Training callback that captures the split before training and after every epoch or k-th step."""
+
+    def __init__(self, model: CrabNet, data: CompositionData, scaler: Scaler, writer: AttentionWriter,
+                 mode: str = "epoch", every: int = 1):
+        if mode not in ("epoch", "step"):
+            raise ValueError(f"capture mode must be 'epoch' or 'step', got {mode!r}")
+        if every < 1:
+            raise ValueError(f"capture every must be >= 1, got {every}")
+        self.model, self.data, self.scaler, self.writer = model, data, scaler, writer
+        self.mode, self.every = mode, every
+        self.last_prediction: np.ndarray | None = None
+
+    def __call__(self, event: str, epoch: int, step: int) -> None:
+        if event == "start":
+            value = 0
+        elif event == "epoch" and self.mode == "epoch":
+            value = epoch + 1
+        elif event == "step" and self.mode == "step" and step % self.every == 0:
+            value = step
+        else:
+            return
+        self.last_prediction = capture_split(self.model, self.data, self.scaler, self.writer, value)
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+@dataclass
+class CompoundHistory:
+    """One compound's attention maps and predictions over all captures.
+
+    Attributes:
+        index: row in the store.
+        formula: formula as in the dataset.
+        elements: (k,) atomic numbers of the k real elements (descending fraction).
+        fractions: (k,) their fractions.
+        target: target value.
+        step: (c,) epoch or optimiser step of each capture.
+        prediction: (c,) predictions.
+        attention: (c, L, H, k, k) maps restricted to the real elements.
+    """
+
+    index: int
+    formula: str
+    elements: np.ndarray
+    fractions: np.ndarray
+    target: float
+    step: np.ndarray
+    prediction: np.ndarray
+    attention: np.ndarray
+
+    @property
+    def symbols(self) -> list[str]:
+        return [SYMBOLS[z - 1] for z in self.elements]
+
+
+class AttentionStore:
+    """Read access to a finished ``attention.zarr``.
+
+    Example::
+
+        store = AttentionStore("data/attention/aflow__ael_bulk_modulus_vrh/attention.zarr")
+        h = store.compound("HfO2")      # or store.compound(17)
+        h.attention.shape               # (captures, layers, heads, 2, 2)
+    """
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        if not (self.path / "zarr.json").is_file():
+            hint = " (an interrupted run left only a .partial store)" if partial_path(self.path).exists() else ""
+            raise FileNotFoundError(
+                f"no attention store at {self.path}{hint}; run get_training_attention.py first")
+        self.group = zarr.open_group(self.path, mode="r")
+        self.attrs = dict(self.group.attrs)
+        if not self.attrs.get("complete"):
+            raise DataError(f"{self.path} is not a complete attention store; re-run get_training_attention.py")
+        self.formulas: list[str] = [str(f) for f in self.group["formula"][:]]
+        self.steps: np.ndarray = self.group["step"][:]
+        self._norm: dict[str, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.formulas)
+
+    @property
+    def n_captures(self) -> int:
+        return len(self.steps)
+
+    def find(self, formula: str) -> int:
+        """Row of a formula, matched after normalisation (``HfO2`` finds ``Hf1O2``).
+
+        Raises:
+            KeyError: with the closest formulas in the store.
+        """
+        if self._norm is None:
+            self._norm = {}
+            for i, f in enumerate(self.formulas):
+                self._norm.setdefault(normalise_formula(f), i)
+        try:
+            key = normalise_formula(formula)
+        except DataError as err:
+            raise KeyError(str(err)) from None
+        if key in self._norm:
+            return self._norm[key]
+        close = difflib.get_close_matches(formula, self.formulas, n=5, cutoff=0.5)
+        raise KeyError(f"{formula!r} is not in {self.path} ({len(self)} compounds); "
+                       f"close matches: {', '.join(close) or 'none'}")
+
+    def compound(self, key: int | str) -> CompoundHistory:
+        """History of one compound by row number or formula (one contiguous read of its maps)."""
+        i = self.find(key) if isinstance(key, str) else int(key)
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {i} out of range 0..{len(self) - 1}")
+        g = self.group
+        el = np.asarray(g["elements"][i], dtype=np.int64)
+        k = int((el > 0).sum())
+        att = g["attention"][i]  # (c, L, H, E, E)
+        return CompoundHistory(
+            index=i, formula=self.formulas[i], elements=el[:k], fractions=g["fractions"][i][:k],
+            target=float(g["target"][i]), step=self.steps, prediction=g["prediction"][i],
+            attention=att[..., :k, :k],
+        )

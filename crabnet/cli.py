@@ -1,0 +1,30 @@
+"""Command-line flags shared by the workflow scripts (SPEC §2)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows the module docstring as written and every flag's default."""
+
+
+def make_parser(doc: str | None) -> argparse.ArgumentParser:
+    """Parser whose description is the script's docstring."""
+    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+
+
+def add_common(parser: argparse.ArgumentParser, *, dataset: str | None = "aflow__Egap",
+               quick_help: str = "small settings for a CPU demo") -> None:
+    """Add --data-dir, --dataset, --device, --seed, --quick and --force."""
+    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="root of inputs and outputs")
+    if dataset is not None:
+        parser.add_argument("--dataset", default=None,
+                            help=f"dataset folder under <data-dir>/benchmark_data/ (default {dataset}; "
+                                 "with --quick the demo dataset)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto = CUDA when available, else CPU")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (runs on CPU are deterministic)")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--force", action="store_true", help="recompute even if outputs are up to date")

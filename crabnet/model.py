@@ -1,0 +1,241 @@
+"""The CrabNet model (Wang, Kauwe, Murdock, Sparks, npj Comput. Mater. 7 (2021) 77).
+
+A compound is a sequence of its elements: each element is embedded from a frozen element feature
+table, its fraction is added as two sinusoidal encodings (linear and log scale), and a stack of
+transformer encoder layers lets the elements attend to one another. A residual network maps each
+element to (value, logit, log-uncertainty); the compound's output is the mean over its real
+elements, and its prediction is value * sigmoid(logit).
+
+Per-head attention weights of every layer are available on demand (``capture=True``) without
+patching PyTorch: the layer output always comes from the fused ``scaled_dot_product_attention``,
+and the weights are computed beside it only when asked for, so capturing changes nothing in the
+predictions.
+
+Shapes: B compounds, E element slots (0-padded), D = d_model, H heads, L layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class CrabNetConfig:
+    """Model settings; stored in every checkpoint."""
+
+    features: str = "mat2vec"  # element feature table (crabnet.elements.FEATURE_NAMES)
+    d_in: int = 200  # width of the feature table
+    d_model: int = 512
+    n_layers: int = 3
+    n_heads: int = 4
+    d_ff: int = 2048
+    dropout: float = 0.1
+    resolution: int = 5000  # rows of the fractional-encoding tables
+    frac_base: float = 50.0  # base of the sin/cos frequencies (10000 in the original transformer)
+    head_dims: tuple[int, ...] = (1024, 512, 256, 128)
+    n_out: int = 3  # value, logit, log-uncertainty
+    n_elements: int = 0  # element-axis width seen in training (information; inputs may be wider)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["head_dims"] = list(self.head_dims)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CrabNetConfig":
+        d = dict(d)
+        d["head_dims"] = tuple(d.get("head_dims", cls.head_dims))
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+class FractionalEncoder(nn.Module):
+    """Sinusoidal encoding of element fractions, from a table of ``resolution`` rows.
+
+    Linear: row round(x * resolution) - 1 with x clamped to >= 1/resolution.
+    Log: x' = 0.0025 * log2(x)^2 clamped to <= 1, then the same lookup.
+    """
+
+    def __init__(self, d: int, resolution: int = 5000, base: float = 50.0, log: bool = False):
+        super().__init__()
+        self.resolution = resolution
+        self.log = log
+        pos = torch.arange(resolution, dtype=torch.float64).unsqueeze(1)  # (R, 1); float64 for large angles
+        i = torch.arange(d, dtype=torch.float64).unsqueeze(0)  # (1, d)
+        angle = pos / base ** (2 * i / d)  # (R, d); even channels sin, odd channels cos
+        table = torch.where(i.long() % 2 == 0, torch.sin(angle), torch.cos(angle))
+        self.register_buffer("table", table.float(), persistent=False)
+
+    def index(self, x: torch.Tensor) -> torch.Tensor:
+        """Row index into the table for fractions ``x`` (any shape)."""
+        if self.log:
+            x = (0.0025 * torch.log2(x) ** 2).clamp(max=1.0)  # log2(0) = -inf -> clamped to 1
+        x = x.clamp(min=1.0 / self.resolution)
+        return (torch.round(x * self.resolution) - 1).long()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, E) -> (B, E, d)
+        return self.table[self.index(x)]
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with the parameter layout of ``nn.MultiheadAttention``."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        assert d_model % n_heads == 0, "d_model must be divisible by n_heads"
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))
+        self.out_proj = nn.Linear(d_model, d_model)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """[Q|K|V] = x W_in^T + b_in, not split by head, not scaled: (B, E, D) -> (B, E, 3D)."""
+        return F.linear(x, self.in_proj_weight, self.in_proj_bias)
+
+    def forward(
+        self, x: torch.Tensor, keep: torch.Tensor, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, E, D = x.shape
+        h = self.n_heads
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x (B, E, D)
+        q, k, v = (t.view(B, E, h, D // h).transpose(1, 2) for t in (q, k, v))  # (B, H, E, Dh)
+        attn_mask = keep[:, None, None, :]  # (B, 1, 1, E): True where the key is a real element
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, H, E, Dh)
+        weights = None
+        if need_weights:
+            with torch.no_grad():
+                scores = (q @ k.transpose(-2, -1)) / math.sqrt(D // h)  # (B, H, E, E)
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+                weights = torch.softmax(scores, dim=-1)
+                weights = weights * keep[:, None, :, None]  # rows of padding queries -> 0
+        y = y.transpose(1, 2).reshape(B, E, D)
+        return self.out_proj(y), weights
+
+
+class EncoderLayer(nn.Module):
+    """Post-LayerNorm transformer encoder layer (ReLU feed-forward)."""
+
+    def __init__(self, cfg: CrabNetConfig):
+        super().__init__()
+        self.self_attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.linear1 = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.linear2 = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.norm1 = nn.LayerNorm(cfg.d_model)
+        self.norm2 = nn.LayerNorm(cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, keep, need_weights=False):  # (B, E, D) -> (B, E, D), (B, H, E, E)?
+        a, w = self.self_attn(x, keep, need_weights)
+        x = self.norm1(x + self.drop(a))
+        f = self.linear2(self.drop(F.relu(self.linear1(x))))
+        x = self.norm2(x + self.drop(f))
+        return x, w
+
+
+class ResidualHead(nn.Module):
+    """512 -> 1024 -> 512 -> 256 -> 128 -> n_out with LeakyReLU blocks and linear shortcuts."""
+
+    def __init__(self, d_model: int, dims: tuple[int, ...], n_out: int):
+        super().__init__()
+        widths = (d_model, *dims)
+        self.fcs = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.shortcuts = nn.ModuleList(
+            nn.Linear(a, b, bias=False) if a != b else nn.Identity() for a, b in zip(widths[:-1], widths[1:])
+        )
+        self.act = nn.LeakyReLU()
+        self.fc_out = nn.Linear(widths[-1], n_out)
+
+    def forward(self, x):  # (B, E, D) -> (B, E, n_out)
+        for fc, sc in zip(self.fcs, self.shortcuts):
+            x = self.act(fc(x)) + sc(x)
+        return self.fc_out(x)
+
+
+@dataclass
+class Internals:
+    """What a forward pass can return besides the output.
+
+    Attributes:
+        output: (B, 3) raw compound output (value*sigmoid(logit), logit, log-uncertainty).
+        attention: (B, L, H, E, E) per-head attention weights, or None.
+        hidden: list of L+1 tensors (B, E, D): the input of each layer, then the encoder output
+            (padding rows zeroed in the last), or None.
+    """
+
+    output: torch.Tensor
+    attention: torch.Tensor | None = None
+    hidden: list[torch.Tensor] | None = field(default=None)
+
+
+class CrabNet(nn.Module):
+    """CrabNet. ``forward(elements, fractions)`` -> (B, 3) = (prediction, logit, log-uncertainty)."""
+
+    def __init__(self, cfg: CrabNetConfig, feature_table: np.ndarray | torch.Tensor):
+        super().__init__()
+        assert cfg.d_model % 2 == 0, "d_model must be even (two fractional encoders of d_model/2)"
+        self.cfg = cfg
+        table = torch.as_tensor(np.asarray(feature_table), dtype=torch.float32)
+        assert table.shape[1] == cfg.d_in, f"feature table has {table.shape[1]} columns, config says {cfg.d_in}"
+        self.register_buffer("feature_table", table)  # (119, d_in), frozen; row 0 = padding
+        self.embed = nn.Linear(cfg.d_in, cfg.d_model)
+        self.emb_scale = nn.Parameter(torch.tensor(1.0))  # embedding multiplied by 2^s
+        half = cfg.d_model // 2
+        self.frac_linear = FractionalEncoder(half, cfg.resolution, cfg.frac_base, log=False)
+        self.frac_log = FractionalEncoder(half, cfg.resolution, cfg.frac_base, log=True)
+        self.frac_scale = nn.Parameter(torch.tensor(1.0))  # linear encoding * 2^((1-p)^2)
+        self.frac_log_scale = nn.Parameter(torch.tensor(1.0))  # log encoding * 2^((1-p)^2)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.head = ResidualHead(cfg.d_model, cfg.head_dims, cfg.n_out)
+
+    def n_params(self) -> int:
+        """Trainable parameters (the frozen feature table is a buffer, not counted)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def encode_input(self, elements: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:
+        """Input of the first encoder layer: (B, E), (B, E) -> (B, E, D)."""
+        x = self.embed(self.feature_table[elements]) * 2**self.emb_scale  # (B, E, D)
+        pe = self.frac_linear(fractions) * 2 ** ((1 - self.frac_scale) ** 2)  # (B, E, D/2)
+        ple = self.frac_log(fractions) * 2 ** ((1 - self.frac_log_scale) ** 2)  # (B, E, D/2)
+        return x + torch.cat([pe, ple], dim=-1)  # linear in [0, D/2), log in [D/2, D)
+
+    def forward_internals(
+        self, elements: torch.Tensor, fractions: torch.Tensor, *, attention: bool = False, hidden: bool = False
+    ) -> Internals:
+        """Forward pass returning the output and, on request, attention maps and layer inputs.
+
+        Args:
+            elements: (B, E) atomic numbers, 0 = padding.
+            fractions: (B, E) fractions, 0 at padding.
+            attention: also return per-head attention weights of every layer.
+            hidden: also return the input of every layer and the encoder output.
+        """
+        keep = elements > 0  # (B, E)
+        x = self.encode_input(elements, fractions)
+        maps, inputs = [], []
+        for layer in self.layers:
+            if hidden:
+                inputs.append(x)
+            x, w = layer(x, keep, need_weights=attention)
+            if attention:
+                maps.append(w)
+        x = x * keep.unsqueeze(-1)  # padding rows zeroed after the encoder
+        if hidden:
+            inputs.append(x)
+        out = self.head(x)  # (B, E, 3)
+        out = (out * keep.unsqueeze(-1)).sum(1) / keep.sum(1, keepdim=True)  # (B, 3) mean over real elements
+        value, logit, log_unc = out.unbind(-1)
+        out = torch.stack([value * torch.sigmoid(logit), logit, log_unc], dim=-1)
+        return Internals(out, torch.stack(maps, dim=1) if attention else None, inputs if hidden else None)
+
+    def forward(self, elements: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:  # -> (B, 3)
+        return self.forward_internals(elements, fractions).output

@@ -1,0 +1,280 @@
+"""Training, prediction and checkpoints for CrabNet.
+
+The recipe (npj paper and original code): targets standardised with the training mean and std;
+fraction jitter; RobustL1 loss; Lamb inside Lookahead; triangular cyclic learning rate
+1e-4…6e-3 stepped per batch with a half-cycle of ``epochs_step`` epochs; SWA over the weights at
+new validation minima, checked after every batch of every ``2*epochs_step``-th epoch; early stop
+after three such epochs without a new minimum; the averaged weights are swapped in at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import crabnet
+from crabnet.data import CompositionData, batch_size_for
+from crabnet.elements import feature_table
+from crabnet.model import CrabNet, CrabNetConfig
+from crabnet.optim import SWA, Lamb, Lookahead, triangular_lr
+from crabnet.utils import atomic_path
+
+
+@dataclass
+class Recipe:
+    """Training settings. Defaults are the published ones (300 epochs, epochs_step 10, SWA stop)."""
+
+    epochs: int = 300
+    epochs_step: int = 10  # half-cycle of the cyclic LR, in epochs; SWA checks every 2x this
+    base_lr: float = 1e-4
+    max_lr: float = 6e-3
+    jitter: float = 0.02  # fraction noise: frac * (1 + N(0,1) * jitter)
+    swa: bool = True
+    swa_start: int = 1  # SWA checks start at epoch epochs_step * swa_start - 1
+    early_stop: int = 3  # stop after this many SWA checks without a new minimum (0 = never)
+    batch_size: int = 0  # 0 = the recipe's 2^round(log2(n_train)-4) in [128, 4096]
+    eval_batch_size: int = 4096
+    lookahead_alpha: float = 0.5
+    lookahead_k: int = 6
+
+    def is_published(self) -> bool:
+        """Whether these settings are the published recipe (300 epochs, SWA early stop)."""
+        return self.epochs >= 300 and self.epochs_step == 10 and self.swa and self.early_stop == 3
+
+
+@dataclass
+class Scaler:
+    """Standardises targets with the training mean and (unbiased) std."""
+
+    mean: float
+    std: float
+
+    @classmethod
+    def fit(cls, y: np.ndarray) -> "Scaler":
+        y = np.asarray(y, dtype=np.float64)
+        std = float(y.std(ddof=1)) if len(y) > 1 else 1.0
+        return cls(float(y.mean()), std if std > 0 else 1.0)
+
+    def scale(self, y):
+        return (y - self.mean) / self.std
+
+    def unscale(self, y):
+        return y * self.std + self.mean
+
+
+def robust_l1(pred: torch.Tensor, log_unc: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """RobustL1: sqrt(2)·|ŷ−y|·exp(−log σ) + log σ, averaged."""
+    return (math.sqrt(2.0) * (pred - target).abs() * torch.exp(-log_unc) + log_unc).mean()
+
+
+def jitter_fractions(frac: torch.Tensor, scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """frac·(1 + N(0,1)·scale), clamped to [0, 1], padding kept 0, re-normalised to sum 1."""
+    if scale <= 0:
+        return frac
+    noise = torch.randn(frac.shape, generator=generator, device=frac.device, dtype=frac.dtype)
+    out = (frac * (1 + noise * scale)).clamp(0, 1) * (frac > 0)
+    return out / out.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def build_model(features: str = "mat2vec", n_elements: int = 0, **overrides) -> CrabNet:
+    """A fresh CrabNet on the given element features (config fields may be overridden)."""
+    table, _ = feature_table(features)
+    cfg = CrabNetConfig(features=features, d_in=table.shape[1], n_elements=n_elements, **overrides)
+    return CrabNet(cfg, table)
+
+
+def to_tensors(data: CompositionData, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(elements, fractions, target) of a split as tensors on ``device``."""
+    return (
+        torch.as_tensor(data.elements, dtype=torch.long, device=device),
+        torch.as_tensor(data.fractions, dtype=torch.float32, device=device),
+        torch.as_tensor(data.target, dtype=torch.float32, device=device),
+    )
+
+
+@torch.no_grad()
+def predict(
+    model: CrabNet, data: CompositionData, scaler: Scaler, *, batch_size: int = 4096,
+    device: torch.device | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predictions and uncertainties (in target units) for every compound of ``data``."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    el, fr, _ = to_tensors(data, device)
+    preds, uncs = [], []
+    for i in range(0, len(data), batch_size):
+        out = model(el[i : i + batch_size], fr[i : i + batch_size])  # (b, 3)
+        preds.append(out[:, 0].double().cpu())
+        uncs.append(out[:, 2].double().cpu())
+    model.train(was_training)
+    pred = scaler.unscale(torch.cat(preds).numpy())
+    unc = torch.exp(torch.cat(uncs)).numpy() * scaler.std
+    return pred, unc
+
+
+def mae(pred: np.ndarray, target: np.ndarray) -> float:
+    """Mean absolute error."""
+    return float(np.mean(np.abs(np.asarray(pred, np.float64) - np.asarray(target, np.float64))))
+
+
+@dataclass
+class History:
+    """What happened during ``fit``."""
+
+    epochs_run: int = 0
+    steps: int = 0
+    train_loss: list[float] = field(default_factory=list)
+    val_mae: list[float] = field(default_factory=list)
+    swa_updates: int = 0
+    swa_discards: int = 0
+    stopped_early: bool = False
+    swapped_swa: bool = False
+    seconds: float = 0.0
+
+
+# Callback events: ("start", epoch=-1, step=0), ("step", epoch, step), ("epoch", epoch, step).
+Callback = Callable[[str, int, int], None]
+
+
+def fit(
+    model: CrabNet, train: CompositionData, val: CompositionData, scaler: Scaler, recipe: Recipe, *,
+    seed: int = 0, callback: Callback | None = None, progress: bool | None = None,
+    val_every: int = 1, desc: str = "train",
+) -> History:
+    """Train ``model`` in place with the CrabNet recipe.
+
+    Args:
+        model: the model (already on its device).
+        train, val: the splits; ``val`` drives SWA and early stopping.
+        scaler: target scaler fitted on ``train``.
+        recipe: training settings.
+        seed: seeds the shuffling and the fraction jitter.
+        callback: called as ``callback(event, epoch, step)`` with event "start" before the first
+            step, "step" after every optimiser step and "epoch" after every epoch.
+        progress: tqdm progress bar (None: only when attached to a terminal).
+        val_every: compute the validation MAE for the progress bar every this many epochs.
+    """
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    el, fr, y = to_tensors(train, device)
+    y = scaler.scale(y)
+    n = len(train)
+    bs = recipe.batch_size or batch_size_for(n)
+    n_batches = math.ceil(n / bs)
+    half_cycle = max(1, recipe.epochs_step * n_batches)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = Lookahead(Lamb(params, lr=recipe.base_lr), alpha=recipe.lookahead_alpha, k=recipe.lookahead_k)
+    swa = SWA(params)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    hist = History()
+    model.train()
+    if callback:
+        callback("start", -1, 0)
+    bar = tqdm(range(recipe.epochs), desc=desc, unit="epoch", disable=False if progress else None,
+               dynamic_ncols=True) if progress is not False else range(recipe.epochs)
+    swa_first = recipe.epochs_step * recipe.swa_start - 1
+    for epoch in bar:
+        swa_epoch = recipe.swa and (epoch + 1) % (2 * recipe.epochs_step) == 0 and epoch >= swa_first
+        improved = False
+        order = torch.randperm(n, generator=gen).to(device)
+        losses = []
+        for b in range(n_batches):
+            idx = order[b * bs : (b + 1) * bs]
+            lr = triangular_lr(hist.steps, recipe.base_lr, recipe.max_lr, half_cycle)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            frac = jitter_fractions(fr[idx], recipe.jitter, noise_gen)
+            out = model(el[idx], frac)  # (b, 3)
+            loss = robust_l1(out[:, 0], out[:, 2], y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            hist.steps += 1
+            losses.append(loss.detach())
+            if swa_epoch:
+                pred, _ = predict(model, val, scaler, batch_size=recipe.eval_batch_size)
+                if swa.update(mae(pred, val.target)):
+                    improved = True
+                    hist.swa_updates += 1
+            if callback:
+                callback("step", epoch, hist.steps)
+        hist.train_loss.append(float(torch.stack(losses).mean()))
+        hist.epochs_run = epoch + 1
+        if swa_epoch and not improved:
+            hist.swa_discards += 1
+        if val_every and (epoch + 1) % val_every == 0:
+            pred, _ = predict(model, val, scaler, batch_size=recipe.eval_batch_size)
+            hist.val_mae.append(mae(pred, val.target))
+        if callback:
+            callback("epoch", epoch, hist.steps)
+        if hasattr(bar, "set_postfix"):
+            post = {"loss": f"{hist.train_loss[-1]:.4f}"}
+            if hist.val_mae:
+                post["val_mae"] = f"{hist.val_mae[-1]:.4g}"
+            if recipe.swa:
+                post["swa"] = f"{hist.swa_updates}/{hist.swa_discards}"
+            bar.set_postfix(post)
+        if recipe.early_stop and hist.swa_discards >= recipe.early_stop:
+            hist.stopped_early = True
+            break
+    if hasattr(bar, "close"):
+        bar.close()
+    hist.swapped_swa = swa.swap()
+    model.eval()
+    hist.seconds = time.perf_counter() - t0
+    return hist
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(path: Path | str, model: CrabNet, scaler: Scaler, meta: dict | None = None) -> Path:
+    """Save weights, model config, scaler and metadata (plain tensors and numbers only)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    ckpt = {
+        "model": state,
+        "config": model.cfg.to_dict(),
+        "scaler": {"mean": scaler.mean, "std": scaler.std},
+        "meta": {"created_with": crabnet.__version__, **(meta or {})},
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+    return path
+
+
+def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tuple[CrabNet, Scaler, dict]:
+    """Load a checkpoint saved by ``save_checkpoint`` (``weights_only=True``).
+
+    Returns:
+        ``(model, scaler, meta)`` with the model in eval mode on ``device``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = CrabNetConfig.from_dict(ckpt["config"])
+    model = CrabNet(cfg, ckpt["model"]["feature_table"])
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    return model, Scaler(**ckpt["scaler"]), dict(ckpt.get("meta", {}))
+
+
+def checkpoint_path(data_dir: Path | str, dataset: str, features: str) -> Path:
+    """``<data_dir>/models/<dataset>__<features>.pt``."""
+    return Path(data_dir) / "models" / f"{dataset}__{features}.pt"
+
+
+def recipe_dict(recipe: Recipe) -> dict:
+    """The recipe as a plain dict (for checkpoint metadata and store attributes)."""
+    return asdict(recipe)

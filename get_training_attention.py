@@ -1,0 +1,143 @@
+"""Step 1: train CrabNet and capture the attention of every layer and head during training.
+
+Reads   <data-dir>/benchmark_data/<dataset>/{train,val,test}.csv (fetched on first need)
+Writes  <data-dir>/attention/<dataset>/attention.zarr   captures of the --split compounds
+        <data-dir>/models/<dataset>__<features>.pt     the trained model (kept as
+                                                        …__attention.pt if models/ already holds
+                                                        one trained with the published recipe)
+Next    generate_attention_videos.py
+
+The split is captured before training (capture 0) and after every epoch, or with --capture step
+after every k-th optimiser step. Captures stream to <store>.partial with bounded memory; at the
+end the store is rewritten compound-major and sharded and renamed into place, so an interrupted
+run never leaves a store that looks complete.
+
+Examples:
+    python get_training_attention.py --quick                  # CPU demo, a few minutes
+    python get_training_attention.py                          # aflow__Egap, 50 epochs (the paper)
+    python get_training_attention.py --dataset mp_bulk_modulus --capture step --capture-every 5
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from crabnet.capture import AttentionRecorder, AttentionWriter
+from crabnet.cli import add_common, make_parser
+from crabnet.data import SPLITS, DataError, load_dataset
+from crabnet.train import (Recipe, Scaler, build_model, checkpoint_path, fit, load_checkpoint, mae, predict,
+                           recipe_dict, save_checkpoint)
+from crabnet.utils import resolve_device, seed_everything
+
+DEFAULT_DATASET = "aflow__Egap"
+QUICK = {"dataset": "aflow__ael_bulk_modulus_vrh", "epochs": 8, "epochs_step": 2}
+FULL = {"dataset": DEFAULT_DATASET, "epochs": 50, "epochs_step": 10}
+
+
+def parse_args(argv=None):
+    p = make_parser(__doc__)
+    add_common(p, dataset=DEFAULT_DATASET,
+               quick_help=f"CPU demo: {QUICK['dataset']}, {QUICK['epochs']} epochs, epochs_step "
+                          f"{QUICK['epochs_step']} (explicit flags still win)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs to train (default 50; --quick 8)")
+    p.add_argument("--epochs-step", type=int, default=None,
+                   help="half-cycle of the cyclic learning rate in epochs (default 10; --quick 2)")
+    p.add_argument("--features", default="mat2vec", choices=["mat2vec", "onehot"],
+                   help="element features: mat2vec = CrabNet, onehot = HotCrab")
+    p.add_argument("--capture", default="epoch", choices=["epoch", "step"],
+                   help="capture after every epoch or after optimiser steps")
+    p.add_argument("--capture-every", type=int, default=1, help="with --capture step: every k-th step")
+    p.add_argument("--split", default="val", choices=list(SPLITS), help="split whose compounds are captured")
+    p.add_argument("--batch-size", type=int, default=0, help="0 = the recipe's 2^round(log2(n_train)-4)")
+    p.add_argument("--keep-unary", action="store_true", help="keep single-element compounds (dropped by default)")
+    p.add_argument("--skip-invalid", action="store_true", help="skip bad rows (reported) instead of stopping")
+    return p.parse_args(argv)
+
+
+def settings_match(store: Path, wanted: dict) -> bool:
+    """Whether a complete store exists that was made with the same settings."""
+    import zarr
+
+    try:
+        attrs = dict(zarr.open_group(store, mode="r").attrs)
+    except Exception:
+        return False
+    return bool(attrs.get("complete")) and all(attrs.get(k) == v for k, v in wanted.items())
+
+
+def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: bool, force: bool,
+         epochs: int | None, epochs_step: int | None, features: str, capture: str, capture_every: int,
+         split: str, batch_size: int, keep_unary: bool, skip_invalid: bool) -> int:
+    defaults = QUICK if quick else FULL
+    dataset = dataset or defaults["dataset"]
+    epochs = defaults["epochs"] if epochs is None else epochs
+    epochs_step = defaults["epochs_step"] if epochs_step is None else epochs_step
+    if epochs < 1 or epochs_step < 1 or capture_every < 1 or batch_size < 0:
+        raise SystemExit("error: --epochs, --epochs-step and --capture-every must be >= 1, --batch-size >= 0")
+
+    store = data_dir / "attention" / dataset / "attention.zarr"
+    settings = {"dataset": dataset, "features": features, "split": split, "capture": capture,
+                "capture_every": capture_every, "epochs": epochs, "epochs_step": epochs_step, "seed": seed,
+                "drop_unary": not keep_unary, "batch_size": batch_size}
+    if not force and settings_match(store, settings):
+        print(f"{store} is up to date (same settings); use --force to recompute")
+        return 0
+
+    try:
+        splits = load_dataset(data_dir, dataset, drop_unary=not keep_unary, skip_invalid=skip_invalid)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    dev = resolve_device(device)
+    seed_everything(seed)
+    model = build_model(features, n_elements=splits["train"].width).to(dev)
+    scaler = Scaler.fit(splits["train"].target)
+    recipe = Recipe(epochs=epochs, epochs_step=epochs_step, batch_size=batch_size)
+    print(f"{dataset}: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test; "
+          f"{features}, {model.n_params():,} parameters, {epochs} epochs on {dev}; capturing {split} "
+          f"({len(splits[split])} compounds) every {capture if capture_every == 1 else f'{capture_every} steps'}")
+
+    writer = AttentionWriter(store, splits[split], model.cfg.n_layers, model.cfg.n_heads, {
+        **settings, "model_config": model.cfg.to_dict(), "recipe": recipe_dict(recipe)})
+    recorder = AttentionRecorder(model, splits[split], scaler, writer, mode=capture, every=capture_every)
+    try:
+        hist = fit(model, splits["train"], splits["val"], scaler, recipe, seed=seed, callback=recorder,
+                   desc=f"{dataset} {features}")
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {writer.n_captures} captures staged in {writer.staging} (incomplete, not used "
+              f"by later steps); re-run to start again", file=sys.stderr)
+        return 130
+    test_pred, _ = predict(model, splits["test"], scaler)
+    test_mae = mae(test_pred, splits["test"].target)
+    t0 = time.perf_counter()
+    writer.finalize({"epochs_run": hist.epochs_run, "stopped_early": hist.stopped_early,
+                     "swa_updates": hist.swa_updates, "final_weights": "swa" if hist.swapped_swa else "last",
+                     "test_mae": test_mae, "train_seconds": round(hist.seconds, 2)})
+    print(f"attention: {writer.n_captures} captures x {len(splits[split])} compounds -> {store} "
+          f"(reorganised in {time.perf_counter() - t0:.1f} s)")
+
+    ckpt = checkpoint_path(data_dir, dataset, features)
+    if ckpt.exists():
+        try:
+            existing_published = load_checkpoint(ckpt)[2].get("published_recipe", False)
+        except Exception:
+            existing_published = False
+        if existing_published:
+            ckpt = ckpt.with_name(f"{dataset}__{features}__attention.pt")
+    save_checkpoint(ckpt, model, scaler, {
+        "dataset": dataset, "features": features, "recipe": recipe_dict(recipe),
+        "published_recipe": recipe.is_published(), "seed": seed, "epochs_run": hist.epochs_run,
+        "test_mae": test_mae, "written_by": "get_training_attention.py"})
+    last_val = hist.val_mae[-1] if hist.val_mae else float("nan")
+    print(f"model -> {ckpt}\n{hist.epochs_run} epochs in {hist.seconds:.1f} s; val MAE {last_val:.4g} "
+          f"(last epoch), test MAE {test_mae:.4g} ({'SWA weights' if hist.swapped_swa else 'last weights'})")
+    print("next: python generate_attention_videos.py" + (" --quick" if quick else f" --dataset {dataset}"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(**vars(parse_args())))

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny seeded datasets written to temporary folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Formulas of 2-4 elements from a small palette, so tiny runs are quick but not trivial.
+PALETTE = ["Li", "Na", "Mg", "Al", "Si", "Ti", "Fe", "Co", "Ni", "Cu", "Zn", "O", "N", "S", "Cl", "F"]
+
+
+def make_formulas(n: int, rng: np.random.Generator) -> list[str]:
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(2, 5))
+        els = rng.choice(PALETTE, size=k, replace=False)
+        out.append("".join(f"{e}{int(rng.integers(1, 5))}" for e in els))
+    return out
+
+
+def write_dataset(root: Path, name: str = "tiny", sizes=(64, 24, 24), seed: int = 0) -> Path:
+    """Write <root>/benchmark_data/<name>/{train,val,test}.csv with a learnable target."""
+    rng = np.random.default_rng(seed)
+    folder = root / "benchmark_data" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in zip(("train", "val", "test"), sizes):
+        formulas = make_formulas(n, rng)
+        # target: a smooth function of the composition (number of distinct elements + noise)
+        target = [len([c for c in f if c.isupper()]) * 1.5 + rng.normal(0, 0.1) for f in formulas]
+        lines = ["formula,target"] + [f"{f},{t:.5f}" for f, t in zip(formulas, target)]
+        (folder / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> Path:
+    """A --data-dir holding the dataset 'tiny'."""
+    write_dataset(tmp_path)
+    return tmp_path

@@ -1,0 +1,143 @@
+"""Formula parsing, EDM building and CSV validation."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import numpy as np
+import pytest
+
+from crabnet.data import (DataError, batch_size_for, compositions_from_formulas, extract_datasets, load_dataset,
+                          normalise_formula, parse_formula, read_split, sha256_of)
+
+
+@pytest.mark.parametrize("formula, expected", [
+    ("Fe2O3", {"Fe": 2, "O": 3}),
+    ("Li0.5Co0.5O2", {"Li": 0.5, "Co": 0.5, "O": 2}),
+    ("Ca(OH)2", {"Ca": 1, "O": 2, "H": 2}),
+    ("(NH4)2SO4", {"N": 2, "H": 8, "S": 1, "O": 4}),
+    ("[Co(NH3)6]Cl3", {"Co": 1, "N": 6, "H": 18, "Cl": 3}),
+    ("NbO1.9S1e-1", {"Nb": 1, "O": 1.9, "S": 0.1}),
+    ("FeOFe", {"Fe": 2, "O": 1}),
+    ("  Fe2 O3 ", {"Fe": 2, "O": 3}),
+    ("Si1E+1O2", {"Si": 10, "O": 2}),
+    ("Hf1O2", {"Hf": 1, "O": 2}),
+])
+def test_parse_accepted(formula, expected):
+    got = parse_formula(formula)
+    assert got.keys() == expected.keys()
+    for k, v in expected.items():
+        assert got[k] == pytest.approx(v)
+
+
+@pytest.mark.parametrize("formula, why", [
+    ("", "empty"),
+    ("   ", "empty"),
+    ("Xx2O3", "unknown element"),
+    ("fe2o3", "capital"),
+    ("Fe2(O3", "unbalanced"),
+    ("Fe2O3)", "unbalanced"),
+    ("[Fe2O3)", "unbalanced"),
+    ("Fe-2O3", "unexpected character"),
+    ("Fe0O0", "positive"),
+    ("Fe1.2.3O", "bad amount"),
+])
+def test_parse_rejected(formula, why):
+    with pytest.raises(DataError, match=why):
+        parse_formula(formula)
+
+
+def test_normalise_formula():
+    assert normalise_formula("HfO2") == normalise_formula("Hf1O2") == normalise_formula("O2Hf") == "Hf1O2"
+
+
+def test_edm_order_and_fractions():
+    d = compositions_from_formulas(["Fe2O3", "Li0.5Co0.5O2", "NaCl"], [1.0, 2.0, 3.0])
+    assert d.elements.shape == (3, 3)
+    assert d.elements[0].tolist() == [8, 26, 0]  # O (3) before Fe (2), then padding
+    np.testing.assert_allclose(d.fractions[0], [0.6, 0.4, 0.0], rtol=1e-6)
+    assert d.elements[1].tolist() == [8, 3, 27]  # O2 first; ties keep formula order (Li, Co)
+    np.testing.assert_allclose(d.fractions[1], [2 / 3, 1 / 6, 1 / 6], rtol=1e-6)
+    np.testing.assert_allclose(d.fractions.sum(1), 1.0, rtol=1e-6)
+    assert (d.fractions[d.elements == 0] == 0).all()
+
+
+def _write(tmp_path, text, name="bad.csv"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("text, match", [
+    ("formula\nFe2O3\n", "missing column"),
+    ("", "empty"),
+    ("formula,target\n", "no data rows"),
+    ("formula,target\nFe2O3,1.0\nNaCl,nan\n", r"row 2, formula 'NaCl'.*non-finite"),
+    ("formula,target\nFe2O3,1.0\nNaCl,\n", r"row 2.*missing or non-finite|row 2.*non-numeric"),
+    ("formula,target\nFe2O3,abc\n", "non-numeric"),
+    ("formula,target\nFe2O3,1\nQq2O,1.0\n", r"bad\.csv, row 2, formula 'Qq2O'.*unknown element"),
+])
+def test_bad_csv_clear_error(tmp_path, text, match):
+    with pytest.raises(DataError, match=match):
+        read_split(_write(tmp_path, text))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        read_split(tmp_path / "nope.csv")
+
+
+def test_skip_invalid_reports(tmp_path, capsys):
+    p = _write(tmp_path, "formula,target\nFe2O3,1.0\nQq2O,2.0\nNaCl,3\nKBr,x\n")
+    d = read_split(p, skip_invalid=True)
+    assert d.formula.tolist() == ["Fe2O3", "NaCl"]
+    assert d.rows.tolist() == [1, 3]
+    err = capsys.readouterr().err
+    assert "skipped 2 invalid row(s)" in err and "Qq2O" in err and "KBr" in err
+
+
+def test_drop_unary(tmp_path):
+    p = _write(tmp_path, "formula,target\nFe2O3,1.0\nFe,2.0\nO2,3\nNaCl,4\n")
+    assert read_split(p).formula.tolist() == ["Fe2O3", "NaCl"]
+    assert read_split(p, drop_unary=False).formula.tolist() == ["Fe2O3", "Fe", "O2", "NaCl"]
+
+
+def test_load_dataset_common_width(tiny_data):
+    splits = load_dataset(tiny_data, "tiny", fetch=False)
+    widths = {d.width for d in splits.values()}
+    assert len(widths) == 1
+    assert len(splits["train"]) == 64
+
+
+def test_unknown_dataset_lists_available(tiny_data):
+    with pytest.raises(DataError, match="Available: tiny"):
+        load_dataset(tiny_data, "nope", fetch=False)
+
+
+@pytest.mark.parametrize("n, bs", [(100, 128), (3390, 256), (19330, 1024), (239125, 4096), (10**7, 4096)])
+def test_batch_size(n, bs):
+    assert batch_size_for(n) == bs
+
+
+def _fake_wheel(path):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("crabnet/data/benchmark_data/__init__.py", "")
+        zf.writestr("crabnet/data/benchmark_data/toy/train.csv", "formula,target\nFe2O3,1\n")
+        zf.writestr("crabnet/data/matbench_cv/toy2/train0.csv", "formula,target\nNaCl,1\n")
+        zf.writestr("crabnet/model.py", "x = 1\n")
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def test_extract_checks_sha_and_extracts(tmp_path):
+    wheel = _fake_wheel(tmp_path / "w.whl")
+    with pytest.raises(DataError, match="sha256"):
+        extract_datasets(wheel, tmp_path / "data", sha256="0" * 64)
+    assert not (tmp_path / "data" / "benchmark_data").exists()
+    names = extract_datasets(wheel, tmp_path / "data", sha256=sha256_of(wheel))
+    assert sorted(names) == ["benchmark_data/toy", "matbench_cv/toy2"]
+    assert (tmp_path / "data" / "benchmark_data" / "toy" / "train.csv").read_text().startswith("formula")
+    assert not list((tmp_path / "data").glob(".extract-*"))
+    assert not (tmp_path / "data" / "benchmark_data" / "__init__.py").exists()

@@ -1,0 +1,89 @@
+"""Model: parameter counts, fractional encodings, attention capture, checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from crabnet.model import CrabNetConfig, FractionalEncoder
+from crabnet.train import Scaler, build_model, load_checkpoint, predict, save_checkpoint
+from crabnet.data import compositions_from_formulas
+
+
+@pytest.mark.parametrize("features, n", [("mat2vec", 11_987_206), ("onehot", 11_945_222)])
+def test_parameter_counts(features, n):
+    assert build_model(features).n_params() == n
+
+
+def test_fractional_encoder_index_and_values():
+    lin = FractionalEncoder(256, 5000, 50.0, log=False)
+    log = FractionalEncoder(256, 5000, 50.0, log=True)
+    x = torch.tensor([1e-6, 0.5, 1.0, 0.0])
+    assert lin.index(x).tolist() == [0, 2499, 4999, 0]
+    # log: 0.0025*log2(x)^2 -> 0.25: 0.01 -> row 49; 0 -> clamp to 1 -> row 4999; 1 -> 0 -> row 0
+    assert log.index(torch.tensor([0.25, 0.0, 1.0])).tolist() == [49, 4999, 0]
+    v = lin(torch.tensor([[0.5]]))[0, 0]  # (256,)
+    assert v[0].item() == pytest.approx(math.sin(2499), abs=1e-5)
+    assert v[1].item() == pytest.approx(math.cos(2499 / 50 ** (2 * 1 / 256)), abs=1e-4)
+    assert v[255].item() == pytest.approx(math.cos(2499 / 50 ** (2 * 255 / 256)), abs=1e-5)
+
+
+def _batch():
+    d = compositions_from_formulas(["Fe2O3", "NaCl", "Li0.5Co0.5O2", "Al2O3", "K", "BaTiO3"])
+    return torch.as_tensor(d.elements), torch.as_tensor(d.fractions)
+
+
+def test_attention_rows_sum_to_one_and_padding_zero():
+    torch.manual_seed(0)
+    model = build_model("mat2vec").eval()
+    el, fr = _batch()
+    with torch.no_grad():
+        att = model.forward_internals(el, fr, attention=True).attention  # (B, L, H, E, E)
+    assert att.shape == (6, 3, 4, 3, 3)
+    keep = el > 0
+    for b in range(len(el)):
+        k = int(keep[b].sum())
+        np.testing.assert_allclose(att[b, :, :, :k, :k].sum(-1).numpy(), 1.0, rtol=1e-5)
+        assert (att[b, :, :, k:, :] == 0).all() and (att[b, :, :, :, k:] == 0).all()
+
+
+def test_predictions_identical_with_and_without_capture():
+    torch.manual_seed(1)
+    model = build_model("onehot").eval()
+    el, fr = _batch()
+    with torch.no_grad():
+        plain = model(el, fr)
+        internals = model.forward_internals(el, fr, attention=True, hidden=True)
+    assert torch.equal(plain, internals.output)
+    assert len(internals.hidden) == 4 and internals.hidden[0].shape == (6, 3, 512)
+
+
+def test_padding_width_does_not_change_output():
+    torch.manual_seed(2)
+    model = build_model("mat2vec").eval()
+    el, fr = _batch()
+    wide_el = torch.nn.functional.pad(el, (0, 5))
+    wide_fr = torch.nn.functional.pad(fr, (0, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(el, fr), model(wide_el, wide_fr), rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(3)
+    model = build_model("onehot", n_elements=3)
+    scaler = Scaler(mean=2.5, std=0.75)
+    path = save_checkpoint(tmp_path / "m.pt", model, scaler, {"dataset": "tiny", "features": "onehot"})
+    loaded, s2, meta = load_checkpoint(path)
+    assert s2 == scaler and meta["dataset"] == "tiny" and "created_with" in meta
+    assert loaded.cfg == model.cfg == CrabNetConfig.from_dict(model.cfg.to_dict())
+    d = compositions_from_formulas(["Fe2O3", "NaCl"])
+    p1, u1 = predict(model.eval(), d, scaler)
+    p2, u2 = predict(loaded, d, scaler)
+    np.testing.assert_array_equal(p1, p2)
+    np.testing.assert_array_equal(u1, u2)
+    # the file holds only tensors and plain values: loadable with weights_only=True
+    torch.load(path, weights_only=True)
+    assert not list(tmp_path.glob(".m.pt*"))  # no temporary left behind

@@ -1,0 +1,175 @@
+"""Training recipe, attention capture to Zarr, and the get_training_attention.py script."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import get_training_attention as gta
+from crabnet.capture import AttentionRecorder, AttentionStore, AttentionWriter
+from crabnet.data import DataError, load_dataset
+from crabnet.train import Recipe, Scaler, build_model, fit, predict
+from crabnet.utils import seed_everything
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(d_model=32, n_heads=2, d_ff=64, head_dims=(32, 16))
+
+
+def _train(splits, seed=0, callback=None, epochs=4):
+    seed_everything(seed)
+    model = build_model("onehot", **SMALL)
+    scaler = Scaler.fit(splits["train"].target)
+    recipe = Recipe(epochs=epochs, epochs_step=1, batch_size=16)
+    hist = fit(model, splits["train"], splits["val"], scaler, recipe, seed=seed, callback=callback, progress=False)
+    return model, scaler, hist
+
+
+def test_fit_deterministic_on_cpu_and_learns(tiny_data):
+    splits = load_dataset(tiny_data, "tiny", fetch=False)
+    m1, s1, h1 = _train(splits)
+    m2, s2, h2 = _train(splits)
+    p1, _ = predict(m1, splits["test"], s1)
+    p2, _ = predict(m2, splits["test"], s2)
+    np.testing.assert_array_equal(p1, p2)
+    assert h1.train_loss == h2.train_loss
+    assert h1.train_loss[-1] < h1.train_loss[0]
+    assert h1.swa_updates >= 1 and h1.swapped_swa  # epochs_step 1: SWA checks at epochs 1 and 3
+
+
+def test_capture_does_not_change_training(tiny_data, tmp_path):
+    splits = load_dataset(tiny_data, "tiny", fetch=False)
+    model, scaler, _ = _train(splits)
+    plain, _ = predict(model, splits["test"], scaler)
+
+    seed_everything(0)
+    m2 = build_model("onehot", **SMALL)
+    writer = AttentionWriter(tmp_path / "a.zarr", splits["val"], 3, 2, {"dataset": "tiny"})
+    rec = AttentionRecorder(m2, splits["val"], scaler, writer, mode="epoch")
+    fit(m2, splits["train"], splits["val"], scaler, Recipe(epochs=4, epochs_step=1, batch_size=16),
+        seed=0, callback=rec, progress=False)
+    captured, _ = predict(m2, splits["test"], scaler)
+    np.testing.assert_array_equal(plain, captured)
+    assert writer.n_captures == 5 and writer.steps == [0, 1, 2, 3, 4]
+
+
+def test_step_capture_every_k(tiny_data, tmp_path):
+    splits = load_dataset(tiny_data, "tiny", fetch=False)
+    seed_everything(0)
+    model = build_model("onehot", **SMALL)
+    scaler = Scaler.fit(splits["train"].target)
+    writer = AttentionWriter(tmp_path / "a.zarr", splits["val"], 3, 2, {"dataset": "tiny"})
+    rec = AttentionRecorder(model, splits["val"], scaler, writer, mode="step", every=3)
+    hist = fit(model, splits["train"], splits["val"], scaler, Recipe(epochs=2, epochs_step=1, batch_size=16),
+               callback=rec, progress=False)
+    assert hist.steps == 8  # 64 / 16 = 4 batches x 2 epochs
+    assert writer.steps == [0, 3, 6]
+    writer.finalize()
+    store = AttentionStore(tmp_path / "a.zarr")
+    assert store.n_captures == 3
+    with pytest.raises(ValueError):
+        AttentionRecorder(model, splits["val"], scaler, writer, mode="batch")
+
+
+def run_script(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "get_training_attention.py"), *args],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+def test_script_two_epochs_store_contract(tiny_data):
+    proc = run_script("--data-dir", str(tiny_data), "--dataset", "tiny", "--epochs", "2", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    path = tiny_data / "attention" / "tiny" / "attention.zarr"
+    assert not (path.parent / "attention.zarr.partial").exists()
+    g = zarr.open_group(path, mode="r")
+    a = dict(g.attrs)
+    for key in ("dataset", "features", "split", "capture", "n_layers", "n_heads", "n_elements",
+                "model_config", "created_with"):
+        assert key in a, key
+    assert a["dataset"] == "tiny" and a["split"] == "val" and a["capture"] == "epoch" and a["complete"]
+    n, E, L, H = 24, a["n_elements"], a["n_layers"], a["n_heads"]
+    assert (L, H) == (3, 4)
+    assert g["formula"].shape == (n,) and g["elements"].shape == (n, E) and g["fractions"].shape == (n, E)
+    assert g["target"].shape == (n,) and g["step"][:].tolist() == [0, 1, 2]
+    assert g["prediction"].shape == (n, 3)
+    att = g["attention"]
+    assert att.shape == (n, 3, L, H, E, E)
+    assert att.chunks == (1, 3, L, H, E, E)  # one compound's history per chunk
+    assert att.shards is not None and att.shards[0] >= 1
+    maps = att[:]
+    el = g["elements"][:]
+    for i in range(n):
+        k = int((el[i] > 0).sum())
+        np.testing.assert_allclose(maps[i, :, :, :, :k, :k].sum(-1), 1.0, rtol=1e-5)
+        assert (maps[i, :, :, :, k:, :] == 0).all() and (maps[i, :, :, :, :, k:] == 0).all()
+
+    store = AttentionStore(path)
+    f = store.formulas[5]
+    h = store.compound(f)
+    assert h.index == 5 and h.attention.shape[:3] == (3, L, H)
+    np.testing.assert_array_equal(h.prediction, g["prediction"][5])
+    assert store.compound(5).formula == f
+    with pytest.raises(KeyError, match="close matches"):
+        store.compound("U3Pu2")
+    assert (tiny_data / "models" / "tiny__mat2vec.pt").is_file()
+
+    again = run_script("--data-dir", str(tiny_data), "--dataset", "tiny", "--epochs", "2", "--device", "cpu")
+    assert again.returncode == 0 and "up to date" in again.stdout
+
+
+def test_script_bad_csv_clear_error_no_outputs(tiny_data):
+    csv = tiny_data / "benchmark_data" / "tiny" / "train.csv"
+    csv.write_text(csv.read_text() + "Zz2O3,1.0\n")
+    proc = run_script("--data-dir", str(tiny_data), "--dataset", "tiny", "--epochs", "1")
+    assert proc.returncode == 2
+    assert "train.csv, row 65, formula 'Zz2O3'" in proc.stderr and "unknown element" in proc.stderr
+    assert not (tiny_data / "attention").exists() and not (tiny_data / "models").exists()
+
+
+def test_interrupted_run_leaves_no_complete_store(tiny_data, monkeypatch):
+    calls = {"n": 0}
+    real = gta.AttentionRecorder.__call__
+
+    def interrupting(self, event, epoch, step):
+        real(self, event, epoch, step)
+        calls["n"] += 1
+        if event == "epoch":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(gta.AttentionRecorder, "__call__", interrupting)
+    rc = gta.main(data_dir=tiny_data, dataset="tiny", device="cpu", seed=0, quick=False, force=False, epochs=3,
+                  epochs_step=None, features="onehot", capture="epoch", capture_every=1, split="val",
+                  batch_size=0, keep_unary=False, skip_invalid=False)
+    assert rc == 130
+    path = tiny_data / "attention" / "tiny" / "attention.zarr"
+    assert not path.exists() and (path.parent / "attention.zarr.partial").exists()
+    with pytest.raises(FileNotFoundError, match="interrupted"):
+        AttentionStore(path)
+    assert not (tiny_data / "models").exists()
+
+
+def test_incomplete_store_refused(tmp_path):
+    g = zarr.open_group(tmp_path / "x.zarr", mode="w")
+    g.attrs["complete"] = False
+    with pytest.raises(DataError, match="not a complete"):
+        AttentionStore(tmp_path / "x.zarr")
+
+
+def test_help_mentions_defaults():
+    proc = run_script("--help")
+    assert proc.returncode == 0
+    assert "--capture-every" in proc.stdout and "default: data" in proc.stdout and "Next" in proc.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu(tiny_data):
+    splits = load_dataset(tiny_data, "tiny", fetch=False)
+    model, scaler, _ = _train(splits, epochs=1)
+    cpu, _ = predict(model, splits["test"], scaler)
+    gpu, _ = predict(model.to("cuda"), splits["test"], scaler)
+    np.testing.assert_allclose(cpu, gpu, rtol=1e-3, atol=1e-3)
