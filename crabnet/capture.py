@@ -220,6 +220,10 @@ class AttentionStore:
             raise DataError(f"{self.path} is not a complete attention store; re-run get_training_attention.py")
         self.formulas: list[str] = [str(f) for f in self.group["formula"][:]]
         self.steps: np.ndarray = self.group["step"][:]
+        # small per-compound arrays are read once; maps and predictions are read per compound
+        self.elements: np.ndarray = np.asarray(self.group["elements"][:], dtype=np.int64)
+        self.fractions: np.ndarray = self.group["fractions"][:]
+        self.targets: np.ndarray = self.group["target"][:]
         self._norm: dict[str, int] | None = None
 
     def __len__(self) -> int:
@@ -254,12 +258,10 @@ class AttentionStore:
         i = self.find(key) if isinstance(key, str) else int(key)
         if not 0 <= i < len(self):
             raise IndexError(f"row {i} out of range 0..{len(self) - 1}")
-        g = self.group
-        el = np.asarray(g["elements"][i], dtype=np.int64)
-        k = int((el > 0).sum())
-        att = g["attention"][i]  # (c, L, H, E, E)
+        k = int((self.elements[i] > 0).sum())
+        att = self.group["attention"][i]  # (c, L, H, E, E): one chunk
         return CompoundHistory(
-            index=i, formula=self.formulas[i], elements=el[:k], fractions=g["fractions"][i][:k],
-            target=float(g["target"][i]), step=self.steps, prediction=g["prediction"][i],
+            index=i, formula=self.formulas[i], elements=self.elements[i, :k], fractions=self.fractions[i, :k],
+            target=float(self.targets[i]), step=self.steps, prediction=self.group["prediction"][i],
             attention=att[..., :k, :k],
         )

@@ -278,3 +278,49 @@ def checkpoint_path(data_dir: Path | str, dataset: str, features: str) -> Path:
 def recipe_dict(recipe: Recipe) -> dict:
     """The recipe as a plain dict (for checkpoint metadata and store attributes)."""
     return asdict(recipe)
+
+
+def train_and_save(
+    data_dir: Path | str, dataset: str, features: str, recipe: Recipe, *, device: torch.device | str = "cpu",
+    seed: int = 0, splits: dict[str, CompositionData] | None = None, written_by: str = "",
+) -> tuple[CrabNet, Scaler, dict]:
+    """Train a model on ``dataset`` with ``recipe`` and save it to ``models/<dataset>__<features>.pt``.
+
+    Returns:
+        ``(model, scaler, meta)``; meta holds the recipe, test MAE and training history.
+    """
+    from crabnet.data import load_dataset
+    from crabnet.utils import seed_everything
+
+    splits = splits or load_dataset(data_dir, dataset)
+    seed_everything(seed)
+    model = build_model(features, n_elements=splits["train"].width).to(device)
+    scaler = Scaler.fit(splits["train"].target)
+    hist = fit(model, splits["train"], splits["val"], scaler, recipe, seed=seed, desc=f"{dataset} {features}")
+    pred, _ = predict(model, splits["test"], scaler)
+    meta = {"dataset": dataset, "features": features, "recipe": recipe_dict(recipe),
+            "published_recipe": recipe.is_published(), "seed": seed, "epochs_run": hist.epochs_run,
+            "stopped_early": hist.stopped_early, "test_mae": mae(pred, splits["test"].target),
+            "train_seconds": round(hist.seconds, 1), "written_by": written_by}
+    save_checkpoint(checkpoint_path(data_dir, dataset, features), model, scaler, meta)
+    return model, scaler, meta
+
+
+def ensure_model(
+    data_dir: Path | str, dataset: str, features: str, recipe: Recipe, *, device: torch.device | str = "cpu",
+    seed: int = 0, force: bool = False, written_by: str = "",
+) -> tuple[CrabNet, Scaler, dict]:
+    """Load ``models/<dataset>__<features>.pt`` if it suits ``recipe``, else train and save it.
+
+    A checkpoint suits a published-recipe request only if it was itself trained with the published
+    recipe; any checkpoint suits a shorter (e.g. ``--quick``) request. ``force`` always retrains.
+    """
+    path = checkpoint_path(data_dir, dataset, features)
+    if path.exists() and not force:
+        model, scaler, meta = load_checkpoint(path, device)
+        if meta.get("published_recipe") or not recipe.is_published():
+            print(f"using {path} ({'published recipe' if meta.get('published_recipe') else 'short run'}, "
+                  f"test MAE {meta.get('test_mae', float('nan')):.4g})")
+            return model, scaler, meta
+        print(f"{path} was not trained with the published recipe: training it again")
+    return train_and_save(data_dir, dataset, features, recipe, device=device, seed=seed, written_by=written_by)
