@@ -306,6 +306,11 @@ def train_and_save(
     return model, scaler, meta
 
 
+def checkpoint_suits(meta: dict, recipe: Recipe) -> bool:
+    """A published-recipe request needs a published-recipe checkpoint; a shorter one takes any."""
+    return bool(meta.get("published_recipe")) or not recipe.is_published()
+
+
 def ensure_model(
     data_dir: Path | str, dataset: str, features: str, recipe: Recipe, *, device: torch.device | str = "cpu",
     seed: int = 0, force: bool = False, written_by: str = "",
@@ -318,7 +323,7 @@ def ensure_model(
     path = checkpoint_path(data_dir, dataset, features)
     if path.exists() and not force:
         model, scaler, meta = load_checkpoint(path, device)
-        if meta.get("published_recipe") or not recipe.is_published():
+        if checkpoint_suits(meta, recipe):
             print(f"using {path} ({'published recipe' if meta.get('published_recipe') else 'short run'}, "
                   f"test MAE {meta.get('test_mae', float('nan')):.4g})")
             return model, scaler, meta

@@ -141,3 +141,17 @@ def test_extract_checks_sha_and_extracts(tmp_path):
     assert (tmp_path / "data" / "benchmark_data" / "toy" / "train.csv").read_text().startswith("formula")
     assert not list((tmp_path / "data").glob(".extract-*"))
     assert not (tmp_path / "data" / "benchmark_data" / "__init__.py").exists()
+
+
+def test_fetch_failure_gives_manual_instructions(tmp_path, monkeypatch):
+    import subprocess
+
+    from crabnet import data as data_mod
+
+    def failing_run(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version (network unreachable)")
+
+    monkeypatch.setattr(data_mod.subprocess, "run", failing_run)
+    with pytest.raises(DataError, match=r"(?s)could not download crabnet==2\.0\.8.*network unreachable.*place the files by hand"):
+        data_mod.dataset_dir(tmp_path, "aflow__Egap")
+    assert not (tmp_path / "benchmark_data").exists()

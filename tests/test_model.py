@@ -87,3 +87,13 @@ def test_checkpoint_round_trip(tmp_path):
     # the file holds only tensors and plain values: loadable with weights_only=True
     torch.load(path, weights_only=True)
     assert not list(tmp_path.glob(".m.pt*"))  # no temporary left behind
+
+
+def test_checkpoint_suits_recipe():
+    from crabnet.train import Recipe, checkpoint_suits
+
+    assert Recipe().is_published() and not Recipe(epochs=8).is_published()
+    assert checkpoint_suits({"published_recipe": True}, Recipe())
+    assert not checkpoint_suits({"published_recipe": False}, Recipe())
+    assert checkpoint_suits({"published_recipe": False}, Recipe(epochs=8))
+    assert checkpoint_suits({}, Recipe(epochs=8))
