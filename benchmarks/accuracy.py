@@ -23,9 +23,8 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from crabnet.data import load_dataset  # noqa: E402
-from crabnet.train import (Recipe, Scaler, build_model, checkpoint_path, fit, mae, predict,  # noqa: E402
-                           recipe_dict, save_checkpoint)
-from crabnet.utils import atomic_path, resolve_device, seed_everything  # noqa: E402
+from crabnet.train import Recipe, train_and_save  # noqa: E402
+from crabnet.utils import atomic_path, resolve_device  # noqa: E402
 
 COLUMN = {"mat2vec": "crabnet", "onehot": "hotcrab"}
 
@@ -61,27 +60,18 @@ def main(dataset: str, features: list[str], epochs: int, data_dir: Path, referen
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     splits = load_dataset(data_dir, dataset)
-    scaler = Scaler.fit(splits["train"].target)
     rows = []
     for feat in features:
-        seed_everything(seed)
-        model = build_model(feat, n_elements=splits["train"].width).to(dev)
-        recipe = Recipe(epochs=epochs)
-        hist = fit(model, splits["train"], splits["val"], scaler, recipe, seed=seed, desc=f"{dataset} {feat}")
-        pred, _ = predict(model, splits["test"], scaler)
-        test_mae = mae(pred, splits["test"].target)
+        _, _, meta = train_and_save(data_dir, dataset, feat, Recipe(epochs=epochs), device=dev, seed=seed,
+                                    splits=splits, written_by="benchmarks/accuracy.py")
         ref = published_mae(reference, dataset, feat)
         row = {
-            "dataset": dataset, "features": feat, "n_test": len(splits["test"]), "test_mae": test_mae,
-            "published_mae": ref, "ratio": test_mae / ref if ref else None, "epochs_run": hist.epochs_run,
-            "stopped_early": hist.stopped_early, "swa_updates": hist.swa_updates,
-            "train_seconds": round(hist.seconds, 1), "device": str(dev), "threads": torch.get_num_threads(),
+            "dataset": dataset, "features": feat, "n_test": len(splits["test"]), "test_mae": meta["test_mae"],
+            "published_mae": ref, "ratio": meta["test_mae"] / ref if ref else None,
+            "epochs_run": meta["epochs_run"], "stopped_early": meta["stopped_early"],
+            "train_seconds": meta["train_seconds"], "device": str(dev), "threads": torch.get_num_threads(),
         }
         rows.append(row)
-        save_checkpoint(checkpoint_path(data_dir, dataset, feat), model, scaler, {
-            "dataset": dataset, "features": feat, "recipe": recipe_dict(recipe), "published_recipe": recipe.is_published(),
-            "seed": seed, "epochs_run": hist.epochs_run, "test_mae": test_mae,
-        })
         out = data_dir / "benchmarks" / f"accuracy__{dataset}__{feat}.json"
         with atomic_path(out) as tmp:
             tmp.write_text(json.dumps(row, indent=2))
