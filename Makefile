@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?= data
 
-.PHONY: demo test test-all venv clean-venv
+.PHONY: demo test test-all data venv clean-venv
 
 venv: $(VENV)/.installed
 
@@ -14,6 +14,10 @@ $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
 	touch $@
+
+# fetch the published datasets into $(DATA)/ (the scripts also do this on first need)
+data: venv
+	$(PY) -m crabnet.data --data-dir $(DATA)
 
 demo: venv
 	$(PY) get_training_attention.py --quick --data-dir $(DATA)

@@ -438,3 +438,24 @@ __all__ = [
     "compositions_from_formulas", "read_split", "load_dataset", "dataset_dir", "fetch_datasets",
     "extract_datasets", "batch_size_for",
 ]
+
+
+def _main() -> int:
+    """``python -m crabnet.data [--data-dir DIR]``: fetch the published datasets if missing."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Fetch the published datasets into <data-dir> if they are missing.")
+    p.add_argument("--data-dir", type=Path, default=Path("data"), help="default: %(default)s")
+    args = p.parse_args()
+    try:
+        folder = dataset_dir(args.data_dir, "aflow__Egap")
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    n = sum(1 for _ in (args.data_dir / "benchmark_data").iterdir())
+    print(f"datasets ready: {n} benchmark sets in {folder.parent}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
