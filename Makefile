@@ -21,6 +21,7 @@ data: venv
 
 demo: venv
 	$(PY) get_training_attention.py --quick --data-dir $(DATA)
+	$(PY) generate_attention_videos.py --quick --data-dir $(DATA) --fps 3
 
 test: venv
 	$(PY) -m pytest -q

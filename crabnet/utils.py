@@ -11,11 +11,16 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import torch
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+def resolve_device(name: str = "auto"):
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error.
+
+    Returns:
+        a ``torch.device``.
+    """
+    import torch  # imported here so that light users of this module (file helpers) stay light
+
     if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
         raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
     if name == "auto":
@@ -27,6 +32,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA)."""
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

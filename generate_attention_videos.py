@@ -1,0 +1,120 @@
+"""Step 2: videos of how chosen compounds' attention maps and predictions develop during training.
+
+Reads   <data-dir>/attention/<dataset>/attention.zarr      (step 1, get_training_attention.py)
+Writes  <data-dir>/videos/<dataset>/<formula>_attention.mp4  all heads of --layer, one frame per capture
+        <data-dir>/videos/<dataset>/<formula>_progress.mp4   prediction over the captures so far vs target
+        <data-dir>/videos/<dataset>/<formula>.mp4            both side by side
+        (--layer N other than 0 adds _layerN to the names, --layer all adds _layers)
+Next    guess_oxidation.py
+
+Frame k of every video shows capture k (capture 0 = the untrained model). Heatmap rows are query
+elements, columns key elements (symbols above, fractions below), colour 0-1. Videos are H.264
+(libx264, CRF 18, preset veryfast, yuv420p, +faststart) encoded by the system ffmpeg, else the
+binary of imageio-ffmpeg; frames are piped, never written to disk. Videos newer than the store and
+made with the same settings are skipped unless --force. Several compounds render in parallel
+(--workers); a single compound renders in one process beside its three ffmpeg encoders.
+
+Without --formula/--index the paper's compounds of the dataset are rendered (those that are in the
+captured split; the others are listed): aflow__ael_bulk_modulus_vrh P1W3, C11N4, HfO2, Pt3Ti1,
+GaN, Gd2O7Ti2, BN, AlGdO3, Hf2La2O7; mp_bulk_modulus SiO2, FeCO3, YSF, Fe(HO)2, AgSbTe2, NaNO3,
+Al2O3, LiFeO2.
+
+Examples:
+    python generate_attention_videos.py --quick                       # paper compounds of the demo store
+    python generate_attention_videos.py --dataset aflow__Egap --formula GaN --formula Fe2O3 --layer all
+    python generate_attention_videos.py --dataset mp_bulk_modulus --index 0 --index 5 --fps 5
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from crabnet.capture import AttentionStore
+from crabnet.cli import add_common, make_parser
+from crabnet.data import DataError
+from crabnet.video import (DEFAULT_PRESET, VideoError, default_workers, find_ffmpeg, parse_layers, plan_jobs, run_jobs,
+                           select_compounds)
+
+DEFAULT_DATASET = "aflow__Egap"  # as step 1
+QUICK_DATASET = "aflow__ael_bulk_modulus_vrh"
+
+
+def parse_args(argv=None):
+    p = make_parser(__doc__)
+    add_common(p, dataset=DEFAULT_DATASET,
+               quick_help=f"demo: the paper's {QUICK_DATASET} compounds in the store of "
+                          "get_training_attention.py --quick")
+    p.add_argument("--formula", action="append", default=[],
+                   help="compound to render, matched after normalising (HfO2 finds Hf1O2); repeatable "
+                        "(default: the paper's compounds of the dataset)%(default).0s")
+    p.add_argument("--index", action="append", type=int, default=[],
+                   help="row of the compound in the store (0-based); repeatable (default: none)%(default).0s")
+    p.add_argument("--layer", default="0", help="layer whose heads are shown (0-based), or 'all' for one row per layer")
+    p.add_argument("--fps", type=float, default=10.0, help="frames (captures) per second")
+    p.add_argument("--workers", type=int, default=0,
+                   help=f"processes rendering compounds in parallel (0 = all cores, {default_workers()} here)")
+    p.add_argument("--dpi", type=float, default=100.0, help="resolution of the frames")
+    p.add_argument("--crf", type=int, default=18, help="libx264 quality (0-51, lower = better)")
+    p.add_argument("--preset", default=DEFAULT_PRESET,
+                   help="libx264 speed preset (ultrafast … veryslow; slower = smaller files, same quality)")
+    return p.parse_args(argv)
+
+
+def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: bool, force: bool,
+         formula: list[str], index: list[int], layer: str, fps: float, workers: int, dpi: float, crf: int,
+         preset: str) -> int:
+    # device and seed are shared flags; rendering uses neither
+    dataset = dataset or (QUICK_DATASET if quick else DEFAULT_DATASET)
+    if fps <= 0 or dpi <= 0 or workers < 0 or not 0 <= crf <= 51:
+        print("error: --fps and --dpi must be > 0, --workers >= 0, --crf in 0..51", file=sys.stderr)
+        return 2
+    store_path = Path(data_dir) / "attention" / dataset / "attention.zarr"
+    try:
+        store = AttentionStore(store_path)
+        layers = parse_layers(layer, int(store.attrs["n_layers"]))
+        rows, missing = select_compounds(store, formula, index, dataset)
+        ffmpeg = find_ffmpeg()
+    except KeyError as err:
+        print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        step1 = "--quick" if quick and dataset == QUICK_DATASET else f"--dataset {dataset}"
+        print(f"error: {err}:\n  python get_training_attention.py {step1} --data-dir {data_dir}", file=sys.stderr)
+        return 2
+    except (DataError, ValueError, IndexError, VideoError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if missing:
+        print(f"not in the captured {store.attrs.get('split', '')} split of {dataset} (skipped): {', '.join(missing)}")
+
+    out_dir = Path(data_dir) / "videos" / dataset
+    jobs = plan_jobs(store, rows, layers, out_dir, dataset=dataset, fps=fps, dpi=dpi, crf=crf, preset=preset,
+                     ffmpeg=ffmpeg)
+    store_time = (store_path / "zarr.json").stat().st_mtime
+    todo = []
+    for job in jobs:
+        if not force and job.up_to_date(store_time):
+            print(f"{job.outputs['merged']} and its _attention/_progress videos are up to date (--force re-renders)")
+        else:
+            todo.append(job)
+    jobs = todo
+    if jobs:
+        print(f"rendering {len(jobs)} compound(s) x {store.n_captures} captures, {len(layers)} layer(s) x "
+              f"{store.attrs['n_heads']} heads, {fps:g} fps")
+    t0 = time.perf_counter()
+    try:
+        run_jobs(jobs, workers=workers, on_done=lambda job, paths: print(
+            f"{job.data.formula}: {', '.join(p.name for p in paths.values())}"))
+    except VideoError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if jobs:
+        print(f"{3 * len(jobs)} videos in {time.perf_counter() - t0:.1f} s -> {out_dir}")
+    print("next: python guess_oxidation.py")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(**vars(parse_args())))
