@@ -63,7 +63,8 @@ def main(dataset: str, features: list[str], epochs: int, data_dir: Path, referen
     rows = []
     for feat in features:
         _, _, meta = train_and_save(data_dir, dataset, feat, Recipe(epochs=epochs), device=dev, seed=seed,
-                                    splits=splits, written_by="benchmarks/accuracy.py")
+                                    splits=splits, written_by="benchmarks/accuracy.py",
+                                    progress=True)  # a bar in logs too: runs take long
         ref = published_mae(reference, dataset, feat)
         row = {
             "dataset": dataset, "features": feat, "n_test": len(splits["test"]), "test_mae": meta["test_mae"],

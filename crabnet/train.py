@@ -283,8 +283,11 @@ def recipe_dict(recipe: Recipe) -> dict:
 def train_and_save(
     data_dir: Path | str, dataset: str, features: str, recipe: Recipe, *, device: torch.device | str = "cpu",
     seed: int = 0, splits: dict[str, CompositionData] | None = None, written_by: str = "",
+    progress: bool | None = None,
 ) -> tuple[CrabNet, Scaler, dict]:
     """Train a model on ``dataset`` with ``recipe`` and save it to ``models/<dataset>__<features>.pt``.
+
+    ``progress``: tqdm bar (None = only on a terminal; True also when logging to a file).
 
     Returns:
         ``(model, scaler, meta)``; meta holds the recipe, test MAE and training history.
@@ -296,7 +299,8 @@ def train_and_save(
     seed_everything(seed)
     model = build_model(features, n_elements=splits["train"].width).to(device)
     scaler = Scaler.fit(splits["train"].target)
-    hist = fit(model, splits["train"], splits["val"], scaler, recipe, seed=seed, desc=f"{dataset} {features}")
+    hist = fit(model, splits["train"], splits["val"], scaler, recipe, seed=seed, desc=f"{dataset} {features}",
+               progress=progress)
     pred, _ = predict(model, splits["test"], scaler)
     meta = {"dataset": dataset, "features": features, "recipe": recipe_dict(recipe),
             "published_recipe": recipe.is_published(), "seed": seed, "epochs_run": hist.epochs_run,
