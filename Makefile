@@ -22,6 +22,12 @@ data: venv
 demo: venv
 	$(PY) get_training_attention.py --quick --data-dir $(DATA)
 	$(PY) generate_attention_videos.py --quick --data-dir $(DATA) --fps 3
+	$(PY) guess_oxidation.py --quick --data-dir $(DATA)
+	$(PY) get_crabnet_embeddings.py --quick --data-dir $(DATA)
+	$(PY) plot_element_correlation.py --quick --data-dir $(DATA)
+	$(PY) plot_local_edm_umap.py --quick --data-dir $(DATA)
+	$(PY) plot_global_edm_umap.py --quick --data-dir $(DATA)
+	$(PY) get_dataset_stats.py --quick --data-dir $(DATA)
 
 test: venv
 	$(PY) -m pytest -q

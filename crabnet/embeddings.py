@@ -1,0 +1,203 @@
+"""Element embeddings learned by CrabNet (step 4) and the published accuracy reference.
+
+Every element is fed to a trained model as a single-element compound (fraction 1, no target
+scaling involved: only the encoder is read). At each encoder layer ``l`` the layer's input
+``x_l`` goes through that layer's attention in-projection,
+
+    [Q | K | V] = x_l · W_in^T + b_in        (d_model columns each, not split by head, not scaled)
+
+giving one query, key and value vector per element and layer. They are written as
+``embeddings/<features>/<dataset>__layer<L>__<Q|K|V>.csv``: 118 rows (H…Og, index column
+``element``), d_model columns; elements missing from the model's feature table are blank rows.
+
+Functions here are split into compute (``element_qkv``, ``embedding_frames``) and write
+(``write_embeddings``, ``write_predictions``) so that tests and other steps can use the arrays.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from crabnet.elements import FEATURE_NAMES, N_ELEMENTS, SYMBOLS, feature_table
+from crabnet.model import CrabNet
+from crabnet.utils import atomic_path
+
+KINDS = ("Q", "K", "V")
+
+# The 18 "extended benchmark" datasets (SPEC §3), in the order of the published MAE table.
+BENCHMARK_DATASETS: tuple[str, ...] = (
+    "aflow__ael_bulk_modulus_vrh", "aflow__ael_debye_temperature", "aflow__ael_shear_modulus_vrh",
+    "aflow__agl_thermal_conductivity_300K", "aflow__agl_thermal_expansion_300K", "aflow__Egap",
+    "aflow__energy_atom", "CritExam__Ed", "CritExam__Ef", "mp_bulk_modulus", "mp_elastic_anisotropy",
+    "mp_e_hull", "mp_mu_b", "mp_shear_modulus", "OQMD_Bandgap", "OQMD_Energy_per_atom",
+    "OQMD_Formation_Enthalpy", "OQMD_Volume_per_atom",
+)
+
+# Column of the published MAE table for each element representation.
+PUBLISHED_COLUMN = {"mat2vec": "crabnet", "onehot": "hotcrab"}
+
+
+# --------------------------------------------------------------------------------------------
+# published accuracy
+
+
+def reference_path() -> Path:
+    """``../shared/reference/published_test_mae.csv`` relative to the repository root."""
+    return Path(__file__).resolve().parents[2] / "shared" / "reference" / "published_test_mae.csv"
+
+
+def published_mae(dataset: str, features: str, reference: Path | str | None = None) -> float | None:
+    """Published test MAE of CrabNet (mat2vec) or HotCrab (onehot) on a dataset.
+
+    Args:
+        dataset: dataset name as in the reference table (e.g. ``mp_bulk_modulus``).
+        features: ``mat2vec`` (column ``crabnet``) or ``onehot`` (column ``hotcrab``); other
+            names select the column of that name (``roost``, ``elemnet``, ``rf``).
+        reference: the CSV (columns ``dataset,n_test,crabnet,hotcrab,…``); default
+            ``reference_path()``.
+
+    Returns:
+        The MAE, or None when the table, the dataset or the column is not there (or blank).
+    """
+    path = Path(reference) if reference is not None else reference_path()
+    if not path.is_file():
+        return None
+    df = pd.read_csv(path).set_index("dataset")
+    column = PUBLISHED_COLUMN.get(features, features)
+    if dataset not in df.index or column not in df.columns:
+        return None
+    value = df.loc[dataset, column]
+    return None if pd.isna(value) else float(value)
+
+
+# --------------------------------------------------------------------------------------------
+# compute
+
+
+def present_elements(model: CrabNet) -> np.ndarray:
+    """(118,) bool: which elements H…Og the model's feature table covers.
+
+    For a known table name the table's own coverage is used; otherwise an element counts as
+    present when its row of the model's (frozen) feature table is not all zero.
+    """
+    if model.cfg.features in FEATURE_NAMES:
+        return feature_table(model.cfg.features)[1][1:].copy()
+    table = model.feature_table.detach().cpu().numpy()
+    return np.abs(table[1:]).sum(axis=1) > 0
+
+
+@torch.no_grad()
+def element_qkv(model: CrabNet, elements: np.ndarray | list[int] | None = None, *, batch_size: int = 128) -> np.ndarray:
+    """Q, K and V vectors of single-element compounds at every encoder layer.
+
+    Args:
+        model: a CrabNet (put in eval mode for the duration; dropout off).
+        elements: atomic numbers to feed (default all 1…118), each as a compound of fraction 1.
+        batch_size: compounds per forward pass.
+
+    Returns:
+        float32 array (L, 3, n, d_model): ``[l, 0]`` = Q, ``[l, 1]`` = K, ``[l, 2]`` = V of layer
+        ``l`` for the n elements in the order given.
+    """
+    z = np.arange(1, N_ELEMENTS + 1) if elements is None else np.asarray(elements, dtype=np.int64)
+    if z.ndim != 1 or (z.size and (z.min() < 1 or z.max() > N_ELEMENTS)):
+        raise ValueError(f"elements must be a 1-d list of atomic numbers 1..{N_ELEMENTS}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    L, D = model.cfg.n_layers, model.cfg.d_model
+    out = np.zeros((L, 3, len(z), D), dtype=np.float32)
+    try:
+        for i in range(0, len(z), batch_size):
+            el = torch.as_tensor(z[i : i + batch_size], dtype=torch.long, device=device).unsqueeze(1)  # (b, 1)
+            fr = torch.ones(el.shape, dtype=torch.float32, device=device)
+            hidden = model.forward_internals(el, fr, hidden=True).hidden  # L+1 x (b, 1, D)
+            for layer in range(L):
+                qkv = model.layers[layer].self_attn.qkv(hidden[layer])[:, 0]  # (b, 3D)
+                out[layer, :, i : i + len(el)] = qkv.view(len(el), 3, D).transpose(0, 1).float().cpu().numpy()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def embedding_frames(model: CrabNet, *, batch_size: int = 128) -> dict[tuple[int, str], pd.DataFrame]:
+    """Q/K/V element embeddings of every layer as DataFrames of 118 rows (H…Og).
+
+    Elements missing from the model's feature table are rows of NaN (written as blanks).
+
+    Returns:
+        ``{(layer, kind): frame}`` with ``kind`` in ``Q``, ``K``, ``V``; each frame is indexed by
+        element symbol (index name ``element``) with columns ``0 … d_model-1``.
+    """
+    qkv = element_qkv(model, batch_size=batch_size).astype(np.float64)  # (L, 3, 118, D)
+    absent = ~present_elements(model)
+    qkv[:, :, absent, :] = np.nan
+    index = pd.Index(SYMBOLS, name="element")
+    columns = [str(c) for c in range(qkv.shape[-1])]
+    return {(layer, kind): pd.DataFrame(qkv[layer, k], index=index, columns=columns)
+            for layer in range(qkv.shape[0]) for k, kind in enumerate(KINDS)}
+
+
+# --------------------------------------------------------------------------------------------
+# write / read
+
+
+def embedding_path(data_dir: Path | str, features: str, dataset: str, layer: int, kind: str) -> Path:
+    """``<data_dir>/embeddings/<features>/<dataset>__layer<L>__<kind>.csv``."""
+    return Path(data_dir) / "embeddings" / features / f"{dataset}__layer{layer}__{kind}.csv"
+
+
+def write_frame(frame: pd.DataFrame, path: Path | str, **to_csv) -> Path:
+    """Write a DataFrame as CSV via a temporary file renamed into place."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, **to_csv)
+    return path
+
+
+def write_embeddings(
+    frames: dict[tuple[int, str], pd.DataFrame], data_dir: Path | str, features: str, dataset: str
+) -> list[Path]:
+    """Write every (layer, kind) frame to ``embedding_path``; NaN rows become blank cells.
+
+    Returns:
+        The paths written, in (layer, kind) order.
+    """
+    paths = []
+    for (layer, kind), frame in sorted(frames.items()):
+        paths.append(write_frame(frame, embedding_path(data_dir, features, dataset, layer, kind),
+                                 float_format="%.7g", na_rep=""))
+    return paths
+
+
+def read_embedding_csv(path: Path | str) -> pd.DataFrame:
+    """Read an embedding CSV back: index = element symbols, blank rows as NaN."""
+    return pd.read_csv(path, index_col=0)
+
+
+def predictions_path(data_dir: Path | str, dataset: str, features: str, split: str = "test") -> Path:
+    """``<data_dir>/predictions/<dataset>__<features>__<split>.csv``."""
+    return Path(data_dir) / "predictions" / f"{dataset}__{features}__{split}.csv"
+
+
+def predictions_frame(formula, target, prediction, uncertainty) -> pd.DataFrame:
+    """Columns formula, target, prediction, uncertainty (one row per compound)."""
+    return pd.DataFrame({"formula": np.asarray(formula, dtype=object), "target": np.asarray(target, np.float64),
+                         "prediction": np.asarray(prediction, np.float64),
+                         "uncertainty": np.asarray(uncertainty, np.float64)})
+
+
+def write_predictions(frame: pd.DataFrame, path: Path | str) -> Path:
+    """Write a predictions frame (no index) atomically."""
+    return write_frame(frame, path, index=False, float_format="%.8g")
+
+
+__all__ = [
+    "KINDS", "BENCHMARK_DATASETS", "reference_path", "published_mae", "present_elements", "element_qkv",
+    "embedding_frames", "embedding_path", "write_embeddings", "read_embedding_csv", "predictions_path",
+    "predictions_frame", "write_predictions",
+]

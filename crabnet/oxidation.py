@@ -1,0 +1,677 @@
+"""Oxidation-state guesses with pymatgen (step 3): once per reduced formula, in parallel, time-bounded.
+
+For each formula, pymatgen's ``Composition.oxi_state_guesses()`` ranks the charge-balanced
+assignments of the elements' ICSD oxidation states by their occurrence in the ICSD; we keep the
+most probable one as ``{element: mean oxidation state}`` (the mean over the sites of an element,
+so Fe in Fe3O4 is 8/3), or ``None`` with a reason:
+
+- ``no_solution``: no charge-balanced assignment (common for intermetallics, e.g. CuZn);
+- ``timeout``: the guess took longer than the time bound;
+- ``max_sites``: the reduced formula has more atoms than the ``max_sites`` bound (not tried);
+- ``invalid_formula: …``: the formula could not be parsed;
+- ``error: …``: pymatgen raised an exception (its type and message are kept).
+
+How the work is shared and bounded:
+
+- Every formula is parsed with :func:`crabnet.data.parse_formula` and turned into its *reduced*
+  integer composition (fractional amounts are first scaled to the smallest integer formula with
+  pymatgen's ``get_integer_formula_and_factor``, e.g. Li0.5Co0.5O2 -> LiCoO4). That composition
+  is the unit of work: written as pymatgen's formula text (``"Fe3 O4"``), it is the key under
+  which results are shared across formulas, splits and datasets. This is what pymatgen does
+  itself with ``oxi_state_guesses(max_sites=-1)``.
+- :class:`GuessPool` runs the guesses in worker processes. Each worker bounds every guess by the
+  CPU time it spends (a ``SIGPROF`` interval timer), so that the outcome does not depend on how
+  busy the machine is; should a guess not return (stuck outside the interpreter), the parent
+  kills the worker after a longer wall-clock bound, records ``timeout`` and starts a replacement.
+  A worker that dies is recorded as an ``error`` for the formula it was working on. Nothing is
+  swallowed.
+- :class:`GuessCache` appends every result to a JSON-lines file as soon as it arrives, so an
+  interrupted run resumes where it stopped; a timeout is retried when the bound is raised.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections import deque
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from crabnet.data import DataError, parse_formula
+from crabnet.elements import ATOMIC_NUMBER, SYMBOLS
+
+NO_SOLUTION = "no_solution"
+TIMEOUT = "timeout"
+MAX_SITES = "max_sites"
+INVALID = "invalid_formula"
+ERROR = "error"
+STARTUP_SECONDS = 300  # a worker that is not ready by then means something is broken
+
+
+# --------------------------------------------------------------------------------------------
+# single guesses
+
+
+@dataclass(frozen=True)
+class Guess:
+    """The outcome of one guess.
+
+    Attributes:
+        key: the reduced composition the guess was made for (pymatgen formula text, ``"Fe3 O4"``).
+        states: ``{element: mean oxidation state}`` of the most probable solution, or ``None``.
+        reason: why ``states`` is ``None`` (see the module docstring); ``None`` when it is not.
+        seconds: CPU time of the guess (wall time for a worker killed at the hard bound).
+    """
+
+    key: str
+    states: dict[str, float] | None
+    reason: str | None
+    seconds: float = 0.0
+
+
+def reduced_key(formula: str) -> tuple[str, int]:
+    """The reduced integer composition of a formula, as pymatgen formula text, and its atom count.
+
+    Args:
+        formula: a formula understood by :func:`crabnet.data.parse_formula`.
+
+    Returns:
+        (key, number of atoms of the reduced composition), e.g. ``("Fe3 O4", 7)`` for ``Fe6O8``
+        and ``("Li1 Co1 O4", 6)`` for ``Li0.5Co0.5O2``.
+
+    Raises:
+        DataError: the formula cannot be parsed.
+    """
+    from pymatgen.core import Composition
+
+    amounts = parse_formula(formula)
+    with warnings.catch_warnings():  # e.g. "No Pauling electronegativity for He" while ordering elements
+        warnings.simplefilter("ignore")
+        comp = Composition(amounts)
+        if any(float(a) != int(a) for a in comp.values()):
+            comp = Composition(comp.get_integer_formula_and_factor()[0])
+        reduced = comp.reduced_composition
+        return reduced.formula, int(round(reduced.num_atoms))
+
+
+def guess_states(key: str) -> dict[str, float] | None:
+    """pymatgen's most probable oxidation states of a composition, as mean state per element.
+
+    Args:
+        key: an integer composition in any form pymatgen's ``Composition`` reads.
+
+    Returns:
+        ``{element: mean oxidation state}``, or ``None`` when no charge-balanced solution exists.
+    """
+    from pymatgen.core import Composition
+
+    guesses = Composition(key).oxi_state_guesses()
+    if not guesses:
+        return None
+    return {str(el): float(v) for el, v in guesses[0].items()}
+
+
+class _Timeout(BaseException):
+    """Raised by the alarm handler; a BaseException so that library code cannot catch it."""
+
+
+def _on_alarm(signum, frame):  # pragma: no cover - runs in worker processes
+    raise _Timeout()
+
+
+def guess_bounded(key: str, max_seconds: float | None) -> Guess:
+    """:func:`guess_states` bounded by ``max_seconds`` of CPU time; exceptions become reasons.
+
+    The bound is a ``SIGPROF`` interval timer (process CPU time), whose handler must be installed
+    (pool workers do: :func:`install_cpu_bound`); run it in the main thread. Without
+    ``setitimer`` (Windows) the bound is not applied here; the pool's hard bound still applies.
+    """
+    use_timer = max_seconds is not None and hasattr(signal, "setitimer")
+    t0 = time.process_time()
+    try:
+        if use_timer:
+            signal.setitimer(signal.ITIMER_PROF, max_seconds)
+        try:
+            states = guess_states(key)
+        finally:
+            if use_timer:
+                signal.setitimer(signal.ITIMER_PROF, 0)
+    except _Timeout:
+        return Guess(key, None, TIMEOUT, time.process_time() - t0)
+    except Exception as err:  # recorded per formula, counted and reported by the caller
+        return Guess(key, None, f"{ERROR}: {type(err).__name__}: {err}", time.process_time() - t0)
+    return Guess(key, states, None if states is not None else NO_SOLUTION, time.process_time() - t0)
+
+
+def install_cpu_bound() -> None:
+    """Make the CPU-time timer of :func:`guess_bounded` raise in this process (main thread only)."""
+    if hasattr(signal, "SIGPROF"):
+        signal.signal(signal.SIGPROF, _on_alarm)
+
+
+# --------------------------------------------------------------------------------------------
+# the process pool
+
+
+def _worker_main(conn, max_seconds: float | None) -> None:  # pragma: no cover - runs in workers
+    """Worker loop: receive lists of keys, send one result tuple per key; ``None`` stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    install_cpu_bound()
+    warnings.simplefilter("ignore")
+    guess_states("Na1 Cl1")  # loads pymatgen's ICSD occurrence table before the clock starts
+    conn.send(("ready", time.process_time()))
+    while True:
+        try:
+            chunk = conn.recv()
+        except (EOFError, OSError):
+            return
+        if chunk is None:
+            return
+        for key in chunk:
+            g = guess_bounded(key, max_seconds)
+            conn.send((g.key, g.states, g.reason, g.seconds, time.process_time()))
+
+
+class _Worker:
+    def __init__(self, max_seconds: float | None):
+        ctx = multiprocessing.get_context(_start_method())
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child, max_seconds), daemon=True)
+        sys.stdout.flush()  # a forked child would otherwise write the parent's pending output again
+        sys.stderr.flush()
+        self.proc.start()
+        child.close()
+        self.ready = False
+        self.chunk: deque[str] = deque()
+        self.started = 0.0  # wall clock when the current formula started
+        self.cpu_start = 0.0  # the worker's CPU time then (as it last reported it)
+        self.created = time.monotonic()
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system) used by the worker process so far; None if unavailable."""
+        try:
+            import psutil
+
+            t = psutil.Process(self.proc.pid).cpu_times()
+            return t.user + t.system
+        except Exception:  # psutil missing, or the process just ended
+            return None
+
+    def stop(self, kill: bool = False) -> None:
+        if kill:
+            self.proc.kill()
+        else:
+            try:
+                self.conn.send(None)
+            except (OSError, ValueError):
+                pass
+        self.proc.join(timeout=None if kill else 2.0)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        self.conn.close()
+
+
+def _start_method() -> str:
+    """``fork`` on Linux while this process runs a single thread (fast: workers inherit the loaded
+    pymatgen); otherwise ``forkserver`` (preloading pymatgen) or, where that is missing, ``spawn``."""
+    methods = multiprocessing.get_all_start_methods()
+    if sys.platform.startswith("linux") and "fork" in methods and threading.active_count() == 1:
+        return "fork"
+    if "forkserver" in methods:
+        multiprocessing.get_context("forkserver").set_forkserver_preload(["crabnet.oxidation", "pymatgen.core"])
+        return "forkserver"
+    return "spawn"
+
+
+class GuessPool:
+    """Worker processes that guess oxidation states with a time bound per formula.
+
+    Args:
+        workers: number of worker processes.
+        max_seconds: bound per formula on the CPU time of the worker.
+        hard_seconds: when a worker has spent this much CPU time on one formula (seen from here
+            with ``psutil``) it is killed and replaced and the formula recorded as ``timeout``;
+            default ``1.5 * max_seconds + 2``. Where the CPU time cannot be read, the same bound
+            applies to wall-clock time.
+        wall_seconds: a worker that has not answered for this long (wall clock, whatever its CPU
+            time, e.g. blocked) is killed likewise; default ``10 * max_seconds + 60``.
+        soft_timeout: use the in-worker alarm (turn off to rely on the hard bound only).
+        chunk: at most this many formulas are sent to a worker at once.
+
+    Use as a context manager; :meth:`run` yields a :class:`Guess` per key, in completion order.
+    ``kills`` counts workers killed for exceeding the hard bound, ``deaths`` workers that died.
+    """
+
+    def __init__(self, workers: int, max_seconds: float, *, hard_seconds: float | None = None,
+                 wall_seconds: float | None = None, soft_timeout: bool = True, chunk: int = 16):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if not max_seconds > 0:
+            raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
+        self.n_workers = workers
+        self.max_seconds = max_seconds
+        self.hard_seconds = 1.5 * max_seconds + 2.0 if hard_seconds is None else hard_seconds
+        self.wall_seconds = 10.0 * max_seconds + 60.0 if wall_seconds is None else wall_seconds
+        self.soft = max_seconds if soft_timeout else None
+        self.chunk = max(1, chunk)
+        self.kills = 0
+        self.deaths = 0
+        self._workers: list[_Worker] = []
+
+    def __enter__(self) -> "GuessPool":
+        if _start_method() == "fork":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                guess_states("Na1 Cl1")  # load pymatgen's ICSD table once, here, for all forked workers
+        self._workers = [_Worker(self.soft) for _ in range(self.n_workers)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop all workers (kill those still busy)."""
+        for w in self._workers:
+            w.stop(kill=bool(w.chunk) or not w.ready)
+        self._workers = []
+
+    def _replace(self, i: int) -> None:
+        self._workers[i].stop(kill=True)
+        self._workers[i] = _Worker(self.soft)
+
+    def _over_bound(self, w: _Worker, now: float) -> bool:
+        """Whether a busy worker has passed the hard CPU bound or the wall-clock bound."""
+        wall = now - w.started
+        if wall > self.wall_seconds:
+            return True
+        if wall <= self.hard_seconds:
+            return False
+        cpu = w.cpu_seconds()
+        return wall > self.hard_seconds if cpu is None else cpu - w.cpu_start > self.hard_seconds
+
+    def run(self, keys: Iterable[str]) -> Iterator[Guess]:
+        """Guess every key; yields results as they arrive."""
+        if not self._workers:
+            raise RuntimeError("use GuessPool as a context manager")
+        pending = deque(keys)
+        failed_starts = 0
+        while pending or any(w.chunk for w in self._workers):
+            now = time.monotonic()
+            for w in self._workers:
+                if w.ready and not w.chunk and pending:
+                    size = max(1, min(self.chunk, len(pending) // (2 * self.n_workers)))
+                    w.chunk.extend(pending.popleft() for _ in range(min(size, len(pending))))
+                    w.conn.send(list(w.chunk))
+                    w.started = now
+            # wake up when a busy worker may reach the hard bound (it cannot have used more CPU time
+            # than wall time), and from then on every 0.5 s to look at its CPU time
+            busy = [w.started + min(self.hard_seconds, self.wall_seconds) - now for w in self._workers if w.chunk]
+            timeout = 1.0 if not busy else min(busy) + 0.01 if min(busy) > 0 else 0.5
+            ready = wait([w.conn for w in self._workers], timeout=timeout)
+            for conn in ready:
+                i = next(j for j, w in enumerate(self._workers) if w.conn is conn)
+                w = self._workers[i]
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):
+                    self.deaths += 1
+                    w.proc.join(timeout=1.0)
+                    code = w.proc.exitcode
+                    if not w.ready:
+                        failed_starts += 1
+                        if failed_starts > 2 * self.n_workers:
+                            raise RuntimeError(f"oxidation worker processes exit before they are ready "
+                                               f"(last exit code {code}); see the messages above") from None
+                    if w.chunk:
+                        key = w.chunk.popleft()
+                        pending.extendleft(reversed(w.chunk))
+                        w.chunk.clear()
+                        yield Guess(key, None, f"{ERROR}: worker process died (exit code {code})",
+                                    time.monotonic() - w.started)
+                    self._replace(i)
+                    continue
+                if msg[0] == "ready":
+                    w.ready = True
+                    w.cpu_start = msg[1]
+                    continue
+                key, states, reason, seconds, w.cpu_start = msg
+                expected = w.chunk.popleft()
+                if key != expected:  # cannot happen unless the protocol is broken
+                    raise RuntimeError(f"worker answered for {key!r}, expected {expected!r}")
+                w.started = time.monotonic()
+                yield Guess(key, states, reason, seconds)
+            now = time.monotonic()
+            for i, w in enumerate(self._workers):
+                if not w.ready and now - w.created > STARTUP_SECONDS:
+                    raise RuntimeError(f"an oxidation worker process did not start within {STARTUP_SECONDS} s")
+                if w.chunk and self._over_bound(w, now):
+                    self.kills += 1
+                    key = w.chunk.popleft()
+                    pending.extendleft(reversed(w.chunk))
+                    w.chunk.clear()
+                    elapsed = now - w.started
+                    self._replace(i)
+                    yield Guess(key, None, TIMEOUT, elapsed)
+
+
+# --------------------------------------------------------------------------------------------
+# the cache
+
+
+class GuessCache:
+    """Results by key, appended to a JSON-lines file as they arrive.
+
+    Each line is ``{"key", "states", "reason", "seconds", "max_seconds"}``. On loading, a line
+    that cannot be read (the last line of a killed run) is ignored; later lines win. A
+    ``timeout`` is reused only by runs whose bound is not larger than the one it was made with.
+
+    Args:
+        path: the JSON-lines file (created with its folder when results are added); ``None``
+            keeps results in memory only.
+    """
+
+    def __init__(self, path: Path | str | None):
+        self.path = None if path is None else Path(path)
+        self.entries: dict[str, dict] = {}
+        self.unreadable = 0
+        self._file = None
+        self._last_flush = 0.0
+        if self.path is not None and self.path.is_file():
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        e = json.loads(line)
+                        self.entries[e["key"]] = e
+                    except (ValueError, KeyError, TypeError):
+                        self.unreadable += 1
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, key: str, max_seconds: float) -> Guess | None:
+        """The cached result, or ``None`` when absent or a timeout under a smaller bound."""
+        e = self.entries.get(key)
+        if e is None or (e["reason"] == TIMEOUT and float(e.get("max_seconds") or 0) < max_seconds):
+            return None
+        return Guess(e["key"], e["states"], e["reason"], float(e.get("seconds") or 0.0))
+
+    def add(self, guess: Guess, max_seconds: float) -> None:
+        """Record a result (appended to the file, flushed at least once a second)."""
+        e = {"key": guess.key, "states": guess.states, "reason": guess.reason,
+             "seconds": round(guess.seconds, 6), "max_seconds": max_seconds}
+        self.entries[guess.key] = e
+        if self.path is None:
+            return
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            needs_newline = self.path.is_file() and self.path.stat().st_size > 0 and \
+                not self.path.read_bytes()[-1:] == b"\n"
+            self._file = open(self.path, "a", encoding="utf-8")
+            if needs_newline:  # a killed run left half a line: start on a fresh one
+                self._file.write("\n")
+        self._file.write(json.dumps(e) + "\n")
+        now = time.monotonic()
+        if now - self._last_flush > 1.0:
+            self._file.flush()
+            self._last_flush = now
+
+    def close(self) -> None:
+        """Flush and close the file."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "GuessCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def cache_path(data_dir: Path | str) -> Path:
+    """The shared cache file, one per pymatgen version (its ICSD tables may change)."""
+    from importlib.metadata import version
+
+    return Path(data_dir) / "oxidation" / "cache" / f"guesses__pymatgen-{version('pymatgen')}.jsonl"
+
+
+# --------------------------------------------------------------------------------------------
+# datasets: formulas -> keys -> results -> outputs
+
+
+@dataclass
+class SplitFormulas:
+    """The formulas of one split file and their keys.
+
+    Attributes:
+        label: ``<dataset>__<split>[<fold>]``.
+        formulas: formulas in file order.
+        keys: reduced-composition key per row, or ``None`` when the row is not guessed.
+        reasons: per row, ``None`` or why it is not guessed (invalid formula, too many sites).
+    """
+
+    label: str
+    formulas: list[str]
+    keys: list[str | None]
+    reasons: list[str | None]
+
+
+def read_formulas(path: Path | str) -> list[str]:
+    """The ``formula`` column of a CSV, as text, in file order.
+
+    Raises:
+        DataError: the file is missing, empty or has no ``formula`` column.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        df = pd.read_csv(path, keep_default_na=False, dtype=str)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: file is empty (expected a header with a 'formula' column)") from None
+    df.columns = [c.strip() for c in df.columns]
+    if "formula" not in df.columns:
+        raise DataError(f"{path}: no 'formula' column; found {', '.join(df.columns)}")
+    return df["formula"].tolist()
+
+
+def keys_for(label: str, formulas: list[str], max_sites: int | None,
+             memo: dict[str, tuple[str | None, int, str | None]] | None = None) -> SplitFormulas:
+    """Reduced-composition keys of formulas; unparseable ones and those over ``max_sites`` get a reason.
+
+    Args:
+        label: name of the split (for the result).
+        formulas: formulas in file order.
+        max_sites: skip reduced compositions with more atoms than this (``None``: no bound).
+        memo: formula -> (key, sites, parse error) shared between calls to avoid re-parsing.
+    """
+    memo = {} if memo is None else memo
+    keys, reasons = [], []
+    for f in formulas:
+        hit = memo.get(f)
+        if hit is None:
+            try:
+                key, sites = reduced_key(f)
+                hit = (key, sites, None)
+            except DataError as err:
+                hit = (None, 0, f"{INVALID}: {err}")
+            except Exception as err:  # pymatgen refusing a parsed composition
+                hit = (None, 0, f"{INVALID}: {type(err).__name__}: {err}")
+            memo[f] = hit
+        key, sites, bad = hit
+        if bad is not None:
+            keys.append(None)
+            reasons.append(bad)
+        elif max_sites is not None and sites > max_sites:
+            keys.append(None)
+            reasons.append(MAX_SITES)
+        else:
+            keys.append(key)
+            reasons.append(None)
+    return SplitFormulas(label, formulas, keys, reasons)
+
+
+def progress_bar(iterable=None, **kwargs):
+    """A tqdm bar without tqdm's monitor thread (quiet when not on a terminal unless told).
+
+    The monitor thread would make this process multi-threaded, and worker processes are only
+    forked from a single-threaded process (otherwise they come from the slower forkserver).
+    """
+    from tqdm import tqdm
+
+    class _Bar(tqdm):
+        monitor_interval = 0
+
+    kwargs.setdefault("disable", None)
+    return _Bar(iterable, **kwargs)
+
+
+def guess_all(keys: Iterable[str], cache: GuessCache, *, workers: int, max_seconds: float,
+              progress: bool | None = None, pool_options: dict | None = None) -> dict:
+    """Guess every distinct key that the cache lacks, adding results to the cache as they arrive.
+
+    Args:
+        keys: keys (duplicates are fine; each is guessed once).
+        cache: results so far; new results are added.
+        workers: worker processes (at most one per key to do).
+        max_seconds: bound per formula (CPU seconds).
+        progress: show a tqdm bar (``None``: only on a terminal).
+        pool_options: extra :class:`GuessPool` arguments (``hard_seconds``, ``soft_timeout``, ``chunk``).
+
+    Returns:
+        Run figures: ``distinct``, ``cached``, ``computed``, ``seconds``, ``per_second``,
+        ``kills``, ``deaths`` and ``reasons`` (count of each reason among the computed).
+    """
+    distinct = list(dict.fromkeys(k for k in keys if k is not None))
+    todo = [k for k in distinct if cache.get(k, max_seconds) is None]
+    reasons: dict[str, int] = {}
+    t0 = time.perf_counter()
+    kills = deaths = 0
+    if todo:
+        with GuessPool(min(workers, len(todo)), max_seconds, **(pool_options or {})) as pool, \
+                progress_bar(total=len(todo), unit="formula", desc="oxidation states", smoothing=0.05,
+                             disable=None if progress is None else not progress) as bar:
+            try:
+                for g in pool.run(todo):
+                    cache.add(g, max_seconds)
+                    r = "ok" if g.reason is None else g.reason.split(":")[0]
+                    reasons[r] = reasons.get(r, 0) + 1
+                    bar.update(1)
+            finally:
+                cache.close()
+                kills, deaths = pool.kills, pool.deaths
+    seconds = time.perf_counter() - t0
+    return {"distinct": len(distinct), "cached": len(distinct) - len(todo), "computed": len(todo),
+            "seconds": seconds, "per_second": len(todo) / seconds if todo and seconds > 0 else math.nan,
+            "kills": kills, "deaths": deaths, "reasons": reasons}
+
+
+def results_for(split: SplitFormulas, cache: GuessCache, max_seconds: float) -> list[tuple[dict | None, str | None]]:
+    """(states, reason) per row of a split, from the cache."""
+    out = []
+    for key, reason in zip(split.keys, split.reasons):
+        if key is None:
+            out.append((None, reason))
+            continue
+        g = cache.get(key, max_seconds)
+        if g is None:
+            raise RuntimeError(f"no result for {key!r} (the guessing step did not finish)")
+        out.append((g.states, g.reason))
+    return out
+
+
+def write_split(split: SplitFormulas, results: list[tuple[dict | None, str | None]], out_dir: Path | str) -> dict:
+    """Write ``<label>.json`` ({formula: states or null}, first-appearance order) and ``<label>.csv``.
+
+    The CSV has one line per row of the split file: ``row`` (1-based), ``formula``,
+    ``reduced_formula`` (the key), ``reason`` (empty when guessed) and one column per element
+    present in the split (by atomic number) holding its mean oxidation state.
+
+    Returns:
+        Counts: ``rows``, ``formulas`` (distinct), ``guessed`` and one entry per reason (by rows).
+    """
+    from crabnet.utils import atomic_path
+
+    out_dir = Path(out_dir)
+    mapping: dict[str, dict | None] = {}
+    for f, (states, _) in zip(split.formulas, results):
+        mapping.setdefault(f, states)
+    lines = [f"{json.dumps(f)}: {json.dumps(s)}" for f, s in mapping.items()]
+    with atomic_path(out_dir / f"{split.label}.json") as tmp:
+        tmp.write_text("{\n" + ",\n".join(lines) + ("\n" if lines else "") + "}\n", encoding="utf-8")
+
+    elements = [el for el in SYMBOLS if el in _symbols_of(split)]
+    counts: dict[str, int] = {"rows": len(split.formulas), "formulas": len(mapping), "guessed": 0}
+    with atomic_path(out_dir / f"{split.label}.csv") as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["row", "formula", "reduced_formula", "reason", *elements])
+            for i, (f, key, (states, reason)) in enumerate(zip(split.formulas, split.keys, results), start=1):
+                if states is not None:
+                    counts["guessed"] += 1
+                else:
+                    r = (reason or ERROR).split(":")[0]
+                    counts[r] = counts.get(r, 0) + 1
+                cells = ["" if states is None or el not in states else repr(float(states[el])) for el in elements]
+                w.writerow([i, f, key or "", reason or "", *cells])
+    return counts
+
+
+def _symbols_of(split: SplitFormulas) -> set[str]:
+    """Elements present in the parseable formulas of a split (read from the keys, ``"Fe3 O4"``)."""
+    out: set[str] = set()
+    for key in dict.fromkeys(k for k in split.keys if k is not None):
+        out.update(token.rstrip("0123456789.") for token in key.split())
+    return out
+
+
+def element_ox_states() -> dict[str, dict[str, list[int]]]:
+    """Common, ICSD and all oxidation states of every element H…Og, from pymatgen."""
+    from pymatgen.core import Element
+
+    out = {}
+    for sym in SYMBOLS:
+        el = Element(sym)
+        out[sym] = {"common": [int(x) for x in el.common_oxidation_states],
+                    "icsd": [int(x) for x in el.icsd_oxidation_states],
+                    "all": [int(x) for x in el.oxidation_states]}
+    return out
+
+
+def write_element_ox_states(path: Path | str) -> None:
+    """Write :func:`element_ox_states` as JSON (one element per line, H…Og)."""
+    from crabnet.utils import atomic_path
+
+    states = element_ox_states()
+    lines = [f"{json.dumps(s)}: {json.dumps(states[s])}" for s in sorted(states, key=ATOMIC_NUMBER.get)]
+    with atomic_path(path) as tmp:
+        tmp.write_text("{\n" + ",\n".join(lines) + "\n}\n", encoding="utf-8")
+
+
+def default_workers() -> int:
+    """CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+__all__ = [
+    "Guess", "GuessPool", "install_cpu_bound", "GuessCache", "SplitFormulas", "reduced_key", "guess_states",
+    "guess_bounded",
+    "cache_path", "read_formulas", "keys_for", "guess_all", "results_for", "write_split", "element_ox_states",
+    "write_element_ox_states", "default_workers", "progress_bar", "NO_SOLUTION", "TIMEOUT", "MAX_SITES", "INVALID", "ERROR",
+]
