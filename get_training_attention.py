@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 from crabnet.capture import AttentionRecorder, AttentionWriter
 from crabnet.cli import add_common, make_parser

@@ -333,6 +333,26 @@ def compositions_from_formulas(
     return CompositionData(np.asarray(formulas, dtype=object), elements, fractions, target, rows, source)
 
 
+def read_text_table(path: Path | str, columns: tuple[str, ...]) -> pd.DataFrame:
+    """Read a CSV as text (no NaN conversion) and check that it has ``columns``.
+
+    Raises:
+        DataError: the file is missing, empty, or lacks one of the columns.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        df = pd.read_csv(path, keep_default_na=False, dtype=str)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: file is empty (expected a header with {', '.join(columns)})") from None
+    df.columns = [c.strip() for c in df.columns]
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(df.columns)}")
+    return df
+
+
 def read_split(
     path: Path | str, *, drop_unary: bool = True, skip_invalid: bool = False, verbose: bool = True
 ) -> CompositionData:
@@ -351,23 +371,14 @@ def read_split(
             a missing file, an empty file or missing columns.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        df = pd.read_csv(path, keep_default_na=False, dtype=str)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: file is empty (expected a header 'formula,target' and rows)") from None
-    df.columns = [c.strip() for c in df.columns]
-    missing = [c for c in ("formula", "target") if c not in df.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(df.columns)}")
+    df = read_text_table(path, ("formula", "target"))
     if len(df) == 0:
         raise DataError(f"{path}: no data rows")
 
     formulas, targets, rows, bad = [], [], [], []
     for row, (formula, target) in enumerate(zip(df["formula"], df["target"]), start=1):
         try:
-            amounts = parse_formula(formula)
+            parse_formula(formula)  # validates; the EDM is built below
             try:
                 value = float(target)
             except ValueError:

@@ -47,7 +47,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from crabnet.data import DataError, parse_formula
+from crabnet.data import DataError, parse_formula, read_text_table
 from crabnet.elements import ATOMIC_NUMBER, SYMBOLS
 
 NO_SOLUTION = "no_solution"
@@ -473,19 +473,7 @@ def read_formulas(path: Path | str) -> list[str]:
     Raises:
         DataError: the file is missing, empty or has no ``formula`` column.
     """
-    import pandas as pd
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        df = pd.read_csv(path, keep_default_na=False, dtype=str)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: file is empty (expected a header with a 'formula' column)") from None
-    df.columns = [c.strip() for c in df.columns]
-    if "formula" not in df.columns:
-        raise DataError(f"{path}: no 'formula' column; found {', '.join(df.columns)}")
-    return df["formula"].tolist()
+    return read_text_table(path, ("formula",))["formula"].tolist()
 
 
 def keys_for(label: str, formulas: list[str], max_sites: int | None,
