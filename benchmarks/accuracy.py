@@ -18,25 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from crabnet.data import load_dataset  # noqa: E402
+from crabnet.embeddings import published_mae, reference_path  # noqa: E402
 from crabnet.train import Recipe, train_and_save  # noqa: E402
 from crabnet.utils import atomic_path, resolve_device  # noqa: E402
-
-COLUMN = {"mat2vec": "crabnet", "onehot": "hotcrab"}
-
-
-def published_mae(reference: Path, dataset: str, features: str) -> float | None:
-    """Published test MAE for a dataset and representation, or None."""
-    if not reference.is_file():
-        return None
-    df = pd.read_csv(reference).set_index("dataset")
-    if dataset not in df.index or features not in COLUMN:
-        return None
-    return float(df.loc[dataset, COLUMN[features]])
-
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,7 +32,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=300, help="maximum epochs (default: %(default)s)")
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="default: %(default)s")
     p.add_argument("--reference", type=Path,
-                   default=Path(__file__).resolve().parents[2] / "shared" / "reference" / "published_test_mae.csv",
+                   default=reference_path(),
                    help="published MAE table (default: ../shared/reference/published_test_mae.csv)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
@@ -64,7 +51,7 @@ def main(dataset: str, features: list[str], epochs: int, data_dir: Path, referen
         _, _, meta = train_and_save(data_dir, dataset, feat, Recipe(epochs=epochs), device=dev, seed=seed,
                                     splits=splits, written_by="benchmarks/accuracy.py",
                                     progress=True)  # a bar in logs too: runs take long
-        ref = published_mae(reference, dataset, feat)
+        ref = published_mae(dataset, feat, reference)
         row = {
             "dataset": dataset, "features": feat, "n_test": len(splits["test"]), "test_mae": meta["test_mae"],
             "published_mae": ref, "ratio": meta["test_mae"] / ref if ref else None,
