@@ -58,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--max-seconds", type=float, default=10.0,
                    help="CPU seconds allowed per formula (null, reason timeout)")
     p.add_argument("--max-sites", type=int, default=None,
-                   help="skip reduced formulas with more atoms than this (null, reason max_sites); None = no bound")
+                   help="skip reduced formulas with more atoms than this (null, reason max_sites) (default: no bound)")
     return p.parse_args(argv)
 
 

@@ -7,7 +7,15 @@ from pathlib import Path
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows the module docstring as written and every flag's default."""
+    """Shows the module docstring as written and every flag's default, unless the help text
+    already states it (a "default" in the text) or there is none to show (``None``, flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text.lower() or any(action.default is v for v in (None, False, argparse.SUPPRESS))
+                or action.nargs == 0):
+            return text
+        return super()._get_help_string(action)
 
 
 def make_parser(doc: str | None) -> argparse.ArgumentParser:

@@ -144,10 +144,44 @@ class History:
 Callback = Callable[[str, int, int], None]
 
 
+def save_training_state(path: Path | str, *, key: dict, epoch: int, model: CrabNet, optimizer: Lookahead,
+                        swa: SWA, gen: torch.Generator, noise_gen: torch.Generator, hist: History) -> None:
+    """Everything ``fit`` needs to go on after ``epoch`` exactly as if it had not stopped.
+
+    Plain tensors, numbers and strings only (loadable with ``weights_only=True``); written to a
+    temporary file and renamed, so an interruption while saving leaves the previous state intact.
+    """
+    device = next(model.parameters()).device
+    state = {
+        "key": key, "epoch": epoch,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(), "swa": swa.state_dict(),
+        "gen": gen.get_state(), "noise_gen": noise_gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0, dtype=torch.uint8),
+        "history": asdict(hist),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_training_state(path: Path | str, key: dict) -> dict | None:
+    """The state saved by :func:`save_training_state` if it was written for ``key``, else None."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("key") != key:
+        print(f"ignoring {path}: it was saved by a run with other settings")
+        return None
+    return state
+
+
 def fit(
     model: CrabNet, train: CompositionData, val: CompositionData, scaler: Scaler, recipe: Recipe, *,
     seed: int = 0, callback: Callback | None = None, progress: bool | None = None,
-    val_every: int = 1, desc: str = "train",
+    val_every: int = 1, desc: str = "train", state_path: Path | str | None = None,
+    state_key: dict | None = None, save_every_s: float = 60.0,
 ) -> History:
     """Train ``model`` in place with the CrabNet recipe.
 
@@ -161,6 +195,12 @@ def fit(
             step, "step" after every optimiser step and "epoch" after every epoch.
         progress: tqdm progress bar (None: only when attached to a terminal).
         val_every: compute the validation MAE for the progress bar every this many epochs.
+        state_path: if given, the training state is saved there at the end of an epoch at most
+            every ``save_every_s`` seconds, and a run finding a state saved for the same
+            ``state_key`` goes on from it (bit for bit the same result on CPU as an uninterrupted
+            run). The caller removes the file once the result is saved.
+        state_key: identifies the run (dataset, features, recipe, seed); a state saved with
+            another key is ignored.
     """
     device = next(model.parameters()).device
     t0 = time.perf_counter()
@@ -176,13 +216,32 @@ def fit(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
     hist = History()
+    key = {"n_train": n, "n_val": len(val), "recipe": recipe_dict(recipe), "seed": seed, **(state_key or {})}
+    start = 0
+    state = load_training_state(state_path, key) if state_path else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        swa.load_state_dict(state["swa"])
+        gen.set_state(state["gen"])
+        noise_gen.set_state(state["noise_gen"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state["cuda_rng"].numel():
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        hist = History(**state["history"])
+        start = int(state["epoch"]) + 1
+        print(f"resuming {desc} after epoch {start} of {recipe.epochs} from {state_path}")
+    t_resumed = hist.seconds
     model.train()
     if callback:
         callback("start", -1, 0)
-    bar = tqdm(range(recipe.epochs), desc=desc, unit="epoch", disable=False if progress else None,
-               dynamic_ncols=True) if progress is not False else range(recipe.epochs)
+    epochs = range(start, recipe.epochs)
+    bar = tqdm(epochs, desc=desc, unit="epoch", disable=False if progress else None, dynamic_ncols=True,
+               initial=start, total=recipe.epochs) if progress is not False else epochs
     swa_first = recipe.epochs_step * recipe.swa_start - 1
-    for epoch in bar:
+    last_save = time.perf_counter()
+    stop = recipe.early_stop and hist.swa_discards >= recipe.early_stop
+    for epoch in ([] if stop else bar):
         swa_epoch = recipe.swa and (epoch + 1) % (2 * recipe.epochs_step) == 0 and epoch >= swa_first
         improved = False
         order = torch.randperm(n, generator=gen).to(device)
@@ -223,14 +282,21 @@ def fit(
             if recipe.swa:
                 post["swa"] = f"{hist.swa_updates}/{hist.swa_discards}"
             bar.set_postfix(post)
-        if recipe.early_stop and hist.swa_discards >= recipe.early_stop:
-            hist.stopped_early = True
+        stop = bool(recipe.early_stop and hist.swa_discards >= recipe.early_stop)
+        hist.stopped_early = stop
+        now = time.perf_counter()
+        if state_path and (now - last_save >= save_every_s or stop or epoch + 1 == recipe.epochs):
+            hist.seconds = t_resumed + now - t0
+            save_training_state(state_path, key=key, epoch=epoch, model=model, optimizer=optimizer, swa=swa,
+                                gen=gen, noise_gen=noise_gen, hist=hist)
+            last_save = now
+        if stop:
             break
     if hasattr(bar, "close"):
         bar.close()
     hist.swapped_swa = swa.swap()
     model.eval()
-    hist.seconds = time.perf_counter() - t0
+    hist.seconds = t_resumed + time.perf_counter() - t0
     return hist
 
 
@@ -275,6 +341,11 @@ def checkpoint_path(data_dir: Path | str, dataset: str, features: str) -> Path:
     return Path(data_dir) / "models" / f"{dataset}__{features}.pt"
 
 
+def training_state_path(data_dir: Path | str, dataset: str, features: str) -> Path:
+    """``<data_dir>/models/<dataset>__<features>.state.pt``: the state of an unfinished training."""
+    return Path(data_dir) / "models" / f"{dataset}__{features}.state.pt"
+
+
 def recipe_dict(recipe: Recipe) -> dict:
     """The recipe as a plain dict (for checkpoint metadata and store attributes)."""
     return asdict(recipe)
@@ -283,11 +354,14 @@ def recipe_dict(recipe: Recipe) -> dict:
 def train_and_save(
     data_dir: Path | str, dataset: str, features: str, recipe: Recipe, *, device: torch.device | str = "cpu",
     seed: int = 0, splits: dict[str, CompositionData] | None = None, written_by: str = "",
-    progress: bool | None = None,
+    progress: bool | None = None, resume: bool = True,
 ) -> tuple[CrabNet, Scaler, dict]:
     """Train a model on ``dataset`` with ``recipe`` and save it to ``models/<dataset>__<features>.pt``.
 
     ``progress``: tqdm bar (None = only on a terminal; True also when logging to a file).
+    ``resume``: the training state is kept in ``models/<dataset>__<features>.state.pt`` while the
+    run goes on (saved about once a minute), so an interrupted run started again with the same
+    settings goes on from there; False starts afresh. The state file is removed at the end.
 
     Returns:
         ``(model, scaler, meta)``; meta holds the recipe, test MAE and training history.
@@ -299,14 +373,18 @@ def train_and_save(
     seed_everything(seed)
     model = build_model(features, n_elements=splits["train"].width).to(device)
     scaler = Scaler.fit(splits["train"].target)
+    state_path = training_state_path(data_dir, dataset, features)
+    if not resume:
+        state_path.unlink(missing_ok=True)
     hist = fit(model, splits["train"], splits["val"], scaler, recipe, seed=seed, desc=f"{dataset} {features}",
-               progress=progress)
+               progress=progress, state_path=state_path, state_key={"dataset": dataset, "features": features})
     pred, _ = predict(model, splits["test"], scaler)
     meta = {"dataset": dataset, "features": features, "recipe": recipe_dict(recipe),
             "published_recipe": recipe.is_published(), "seed": seed, "epochs_run": hist.epochs_run,
             "stopped_early": hist.stopped_early, "test_mae": mae(pred, splits["test"].target),
             "train_seconds": round(hist.seconds, 1), "written_by": written_by}
     save_checkpoint(checkpoint_path(data_dir, dataset, features), model, scaler, meta)
+    state_path.unlink(missing_ok=True)
     return model, scaler, meta
 
 

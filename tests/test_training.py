@@ -173,3 +173,49 @@ def test_cuda_matches_cpu(tiny_data):
     cpu, _ = predict(model, splits["test"], scaler)
     gpu, _ = predict(model.to("cuda"), splits["test"], scaler)
     np.testing.assert_allclose(cpu, gpu, rtol=1e-3, atol=1e-3)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _fit_resumable(splits, state_path, *, seed=0, interrupt_at_epoch=None):
+    seed_everything(seed)
+    model = build_model("onehot", **SMALL)
+    scaler = Scaler.fit(splits["train"].target)
+    recipe = Recipe(epochs=8, epochs_step=1, batch_size=16, early_stop=0)  # SWA checks every 2nd epoch
+
+    def callback(event, epoch, step):
+        if event == "step" and epoch == interrupt_at_epoch:
+            raise _Interrupt()
+
+    hist = fit(model, splits["train"], splits["val"], scaler, recipe, seed=seed, progress=False,
+               callback=callback, state_path=state_path, state_key={"dataset": "tiny"}, save_every_s=0)
+    return model, scaler, hist
+
+
+def test_interrupted_training_resumes_bit_for_bit(tiny_data, tmp_path):
+    splits = load_dataset(tiny_data, "tiny", fetch=False)
+    m_ref, s_ref, h_ref = _fit_resumable(splits, tmp_path / "ref.state.pt")
+    state = tmp_path / "run.state.pt"
+    with pytest.raises(_Interrupt):
+        _fit_resumable(splits, state, interrupt_at_epoch=5)  # dies in epoch 5, after SWA checks in 1 and 3
+    saved = torch.load(state, weights_only=True)
+    assert saved["epoch"] == 4 and saved["history"]["swa_updates"] >= 1
+    m, s, h = _fit_resumable(splits, state)
+    np.testing.assert_array_equal(predict(m, splits["test"], s)[0], predict(m_ref, splits["test"], s_ref)[0])
+    assert h.train_loss == h_ref.train_loss and h.val_mae == h_ref.val_mae
+    assert (h.epochs_run, h.steps, h.swa_updates, h.swa_discards) == (8, h_ref.steps, h_ref.swa_updates,
+                                                                      h_ref.swa_discards)
+
+
+def test_state_of_other_run_is_ignored(tiny_data, tmp_path, capsys):
+    splits = load_dataset(tiny_data, "tiny", fetch=False)
+    state = tmp_path / "run.state.pt"
+    with pytest.raises(_Interrupt):
+        _fit_resumable(splits, state, seed=1, interrupt_at_epoch=3)
+    m, s, h = _fit_resumable(splits, state, seed=0)  # other seed: starts afresh
+    assert "ignoring" in capsys.readouterr().out
+    m_ref, s_ref, _ = _fit_resumable(splits, tmp_path / "ref.state.pt", seed=0)
+    np.testing.assert_array_equal(predict(m, splits["test"], s)[0], predict(m_ref, splits["test"], s_ref)[0])
+    assert h.epochs_run == 8

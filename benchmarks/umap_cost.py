@@ -1,8 +1,8 @@
 """Cost of steps 6 and 7 on a large set: representation extraction and UMAP, seconds and peak RSS.
 
-    python benchmarks/umap.py                                   # OQMD_Bandgap test set (51k compounds)
-    python benchmarks/umap.py --max-compounds 5000 --timeout 300
-    python benchmarks/umap.py --parallel                        # also UMAP without a seed (all cores)
+    python benchmarks/umap_cost.py                                   # OQMD_Bandgap test set (51k compounds)
+    python benchmarks/umap_cost.py --max-compounds 5000 --timeout 300
+    python benchmarks/umap_cost.py --parallel                        # also UMAP without a seed (all cores)
 
 Uses ``<data-dir>/models/<dataset>__mat2vec.pt`` when it exists, else an untrained model of the
 published size (the cost of a forward pass does not depend on the weights; the report says
@@ -38,8 +38,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# this file is named umap.py: drop its own folder from the path so that `import umap` finds umap-learn
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
 
