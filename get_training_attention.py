@@ -10,7 +10,9 @@ Next    generate_attention_videos.py
 The split is captured before training (capture 0) and after every epoch, or with --capture step
 after every k-th optimiser step. Captures stream to <store>.partial with bounded memory; at the
 end the store is rewritten compound-major and sharded and renamed into place, so an interrupted
-run never leaves a store that looks complete.
+run never leaves a store that looks complete. Nothing is lost either: the training state is
+saved beside the store about once a minute (<store>.state.pt); the same command started again
+goes on from the last save, keeping the captures made until then (--force starts afresh).
 
 Examples:
     python get_training_attention.py --quick                  # CPU demo, a few minutes
@@ -28,8 +30,8 @@ from pathlib import Path
 from crabnet.capture import AttentionRecorder, AttentionWriter
 from crabnet.cli import add_common, make_parser
 from crabnet.data import SPLITS, DataError, load_dataset
-from crabnet.train import (Recipe, Scaler, build_model, checkpoint_path, fit, load_checkpoint, mae, predict,
-                           recipe_dict, save_checkpoint)
+from crabnet.train import (Recipe, Scaler, build_model, checkpoint_path, fit, load_checkpoint, load_training_state,
+                           mae, predict, recipe_dict, save_checkpoint, training_key)
 from crabnet.utils import resolve_device, seed_everything
 
 DEFAULT_DATASET = "aflow__Egap"
@@ -100,15 +102,20 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
           f"{features}, {model.n_params():,} parameters, {epochs} epochs on {dev}; capturing {split} "
           f"({len(splits[split])} compounds) every {capture if capture_every == 1 else f'{capture_every} steps'}")
 
+    state_path = store.with_name(store.name + ".state.pt")
+    key = training_key(splits["train"], splits["val"], recipe, seed, settings)
+    resumable = not force and load_training_state(state_path, key) is not None
     writer = AttentionWriter(store, splits[split], model.cfg.n_layers, model.cfg.n_heads, {
-        **settings, "model_config": model.cfg.to_dict(), "recipe": recipe_dict(recipe)})
+        **settings, "model_config": model.cfg.to_dict(), "recipe": recipe_dict(recipe)}, resume=resumable)
+    if not writer.resumed:
+        state_path.unlink(missing_ok=True)  # a state without its captures cannot be resumed
     recorder = AttentionRecorder(model, splits[split], scaler, writer, mode=capture, every=capture_every)
     try:
         hist = fit(model, splits["train"], splits["val"], scaler, recipe, seed=seed, callback=recorder,
-                   desc=f"{dataset} {features}")
+                   desc=f"{dataset} {features}", state_path=state_path, state_key=settings)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {writer.n_captures} captures staged in {writer.staging} (incomplete, not used "
-              f"by later steps); re-run to start again", file=sys.stderr)
+        print(f"\ninterrupted: captures staged in {writer.staging} (incomplete, not used by later steps); "
+              f"the same command goes on from the last saved epoch ({state_path.name})", file=sys.stderr)
         return 130
     test_pred, _ = predict(model, splits["test"], scaler)
     test_mae = mae(test_pred, splits["test"].target)
@@ -131,6 +138,7 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
         "dataset": dataset, "features": features, "recipe": recipe_dict(recipe),
         "published_recipe": recipe.is_published(), "seed": seed, "epochs_run": hist.epochs_run,
         "test_mae": test_mae, "written_by": "get_training_attention.py"})
+    state_path.unlink(missing_ok=True)
     last_val = hist.val_mae[-1] if hist.val_mae else float("nan")
     print(f"model -> {ckpt}\n{hist.epochs_run} epochs in {hist.seconds:.1f} s; val MAE {last_val:.4g} "
           f"(last epoch), test MAE {test_mae:.4g} ({'SWA weights' if hist.swapped_swa else 'last weights'})")

@@ -39,6 +39,15 @@ SHARD_BYTES = 32 << 20  # final shard: about this many bytes
 BLOCK_BYTES = 256 << 20  # reorganisation reads at most about this much at once
 
 
+def _plain(value):
+    """JSON-like value with tuples as lists (Zarr attributes come back as lists)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def partial_path(path: Path) -> Path:
     """Where captures are staged while training runs."""
     return path.with_name(path.name + ".partial")
@@ -52,9 +61,13 @@ class AttentionWriter:
         data: the captured split.
         n_layers, n_heads: model shape.
         attrs: group attributes (dataset, features, split, capture, model config, …).
+        resume: reopen the staging store of an interrupted run made with the same ``attrs``
+            (``resumed`` says whether there was one); :meth:`restore` then keeps its first
+            captures. Otherwise the staging store is created afresh.
     """
 
-    def __init__(self, path: Path | str, data: CompositionData, n_layers: int, n_heads: int, attrs: dict):
+    def __init__(self, path: Path | str, data: CompositionData, n_layers: int, n_heads: int, attrs: dict,
+                 resume: bool = False):
         self.path = Path(path)
         self.data = data
         self.n = len(data)
@@ -65,12 +78,38 @@ class AttentionWriter:
         self.attrs = {**attrs, "n_layers": n_layers, "n_heads": n_heads, "n_elements": self.E,
                       "n_compounds": self.n, "created_with": crabnet.__version__, "complete": False}
         self.staging = partial_path(self.path)
+        self.steps: list[int] = []
+        self.resumed = resume and self._reopen()
+        if self.resumed:
+            return
         remove_path(self.staging)
         self.group = zarr.open_group(self.staging, mode="w", zarr_format=3, attributes=self.attrs)
         self.att = self.group.create_array("attention", shape=(self.n, 0, *self.map_shape),
                                            chunks=(self.chunk_n, 1, *self.map_shape), dtype="float32")
         self.pred = self.group.create_array("prediction", shape=(self.n, 0), chunks=(self.n, 1), dtype="float32")
-        self.steps: list[int] = []
+
+    def _reopen(self) -> bool:
+        """Open an existing staging store made with the same attributes; False if there is none."""
+        try:
+            group = zarr.open_group(self.staging, mode="r+")
+            same = _plain(dict(group.attrs)) == _plain(self.attrs)
+            att, pred = group["attention"], group["prediction"]
+        except Exception:  # missing or unreadable: start afresh
+            return False
+        if not same or att.shape[0] != self.n or tuple(att.shape[2:]) != self.map_shape:
+            return False
+        self.group, self.att, self.pred = group, att, pred
+        return True
+
+    def restore(self, steps: list[int]) -> None:
+        """Keep the first ``len(steps)`` captures of a reopened staging store (those the saved
+        training state had made; later ones are dropped and made again)."""
+        c = len(steps)
+        if c > self.att.shape[1]:
+            raise DataError(f"{self.staging} holds {self.att.shape[1]} captures, the training state expects {c}")
+        self.att.resize((self.n, c, *self.map_shape))
+        self.pred.resize((self.n, c))
+        self.steps = [int(s) for s in steps]
 
     @property
     def n_captures(self) -> int:
@@ -163,6 +202,14 @@ class AttentionRecorder:
         else:
             return
         self.last_prediction = capture_split(self.model, self.data, self.scaler, self.writer, value)
+
+    def state_dict(self) -> dict:
+        """Saved with the training state: which captures exist."""
+        return {"steps": list(self.writer.steps)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """On resume: keep the captures the saved training state had made."""
+        self.writer.restore(state["steps"])
 
 
 # --------------------------------------------------------------------------------------------

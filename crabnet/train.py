@@ -141,11 +141,22 @@ class History:
 
 
 # Callback events: ("start", epoch=-1, step=0), ("step", epoch, step), ("epoch", epoch, step).
+# A callback with ``state_dict()``/``load_state_dict(state)`` has its state saved with the training
+# state and restored on resume (instead of receiving "start" again).
 Callback = Callable[[str, int, int], None]
+
+SAVE_EVERY_S = 60.0  # default interval between saves of the training state
+
+
+def training_key(train: CompositionData, val: CompositionData, recipe: Recipe, seed: int,
+                 extra: dict | None = None) -> dict:
+    """What a saved training state must have been made with to be resumed."""
+    return {"n_train": len(train), "n_val": len(val), "recipe": recipe_dict(recipe), "seed": seed, **(extra or {})}
 
 
 def save_training_state(path: Path | str, *, key: dict, epoch: int, model: CrabNet, optimizer: Lookahead,
-                        swa: SWA, gen: torch.Generator, noise_gen: torch.Generator, hist: History) -> None:
+                        swa: SWA, gen: torch.Generator, noise_gen: torch.Generator, hist: History,
+                        callback_state: dict | None = None) -> None:
     """Everything ``fit`` needs to go on after ``epoch`` exactly as if it had not stopped.
 
     Plain tensors, numbers and strings only (loadable with ``weights_only=True``); written to a
@@ -159,7 +170,7 @@ def save_training_state(path: Path | str, *, key: dict, epoch: int, model: CrabN
         "gen": gen.get_state(), "noise_gen": noise_gen.get_state(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0, dtype=torch.uint8),
-        "history": asdict(hist),
+        "history": asdict(hist), "callback": callback_state or {},
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -181,7 +192,7 @@ def fit(
     model: CrabNet, train: CompositionData, val: CompositionData, scaler: Scaler, recipe: Recipe, *,
     seed: int = 0, callback: Callback | None = None, progress: bool | None = None,
     val_every: int = 1, desc: str = "train", state_path: Path | str | None = None,
-    state_key: dict | None = None, save_every_s: float = 60.0,
+    state_key: dict | None = None, save_every_s: float | None = None,
 ) -> History:
     """Train ``model`` in place with the CrabNet recipe.
 
@@ -199,8 +210,9 @@ def fit(
             every ``save_every_s`` seconds, and a run finding a state saved for the same
             ``state_key`` goes on from it (bit for bit the same result on CPU as an uninterrupted
             run). The caller removes the file once the result is saved.
-        state_key: identifies the run (dataset, features, recipe, seed); a state saved with
-            another key is ignored.
+        state_key: identifies the run beyond :func:`training_key` (e.g. dataset, features); a
+            state saved with another key is ignored.
+        save_every_s: default ``SAVE_EVERY_S``.
     """
     device = next(model.parameters()).device
     t0 = time.perf_counter()
@@ -216,7 +228,9 @@ def fit(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
     hist = History()
-    key = {"n_train": n, "n_val": len(val), "recipe": recipe_dict(recipe), "seed": seed, **(state_key or {})}
+    key = training_key(train, val, recipe, seed, state_key)
+    save_every_s = SAVE_EVERY_S if save_every_s is None else save_every_s
+    stateful = callback is not None and hasattr(callback, "state_dict") and hasattr(callback, "load_state_dict")
     start = 0
     state = load_training_state(state_path, key) if state_path else None
     if state is not None:
@@ -230,10 +244,12 @@ def fit(
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         hist = History(**state["history"])
         start = int(state["epoch"]) + 1
+        if stateful:
+            callback.load_state_dict(state["callback"])
         print(f"resuming {desc} after epoch {start} of {recipe.epochs} from {state_path}")
     t_resumed = hist.seconds
     model.train()
-    if callback:
+    if callback and state is None:
         callback("start", -1, 0)
     epochs = range(start, recipe.epochs)
     bar = tqdm(epochs, desc=desc, unit="epoch", disable=False if progress else None, dynamic_ncols=True,
@@ -288,7 +304,8 @@ def fit(
         if state_path and (now - last_save >= save_every_s or stop or epoch + 1 == recipe.epochs):
             hist.seconds = t_resumed + now - t0
             save_training_state(state_path, key=key, epoch=epoch, model=model, optimizer=optimizer, swa=swa,
-                                gen=gen, noise_gen=noise_gen, hist=hist)
+                                gen=gen, noise_gen=noise_gen, hist=hist,
+                                callback_state=callback.state_dict() if stateful else None)
             last_save = now
         if stop:
             break

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -219,3 +220,40 @@ def test_state_of_other_run_is_ignored(tiny_data, tmp_path, capsys):
     m_ref, s_ref, _ = _fit_resumable(splits, tmp_path / "ref.state.pt", seed=0)
     np.testing.assert_array_equal(predict(m, splits["test"], s)[0], predict(m_ref, splits["test"], s_ref)[0])
     assert h.epochs_run == 8
+
+
+def _run_step1(data_dir, epochs=4):
+    return gta.main(data_dir=data_dir, dataset="tiny", device="cpu", seed=0, quick=False, force=False, epochs=epochs,
+                    epochs_step=1, features="onehot", capture="epoch", capture_every=1, split="val",
+                    batch_size=16, keep_unary=False, skip_invalid=False)
+
+
+def test_interrupted_step1_goes_on_to_the_same_store(tiny_data, monkeypatch):
+    import crabnet.train
+
+    monkeypatch.setattr(crabnet.train, "SAVE_EVERY_S", 0.0)  # save the state after every epoch
+    store = tiny_data / "attention" / "tiny" / "attention.zarr"
+    assert _run_step1(tiny_data) == 0
+    ref = AttentionStore(store)
+    ref_att, ref_pred, ref_steps = ref.group["attention"][:], ref.group["prediction"][:], ref.group["step"][:]
+    assert not store.with_name("attention.zarr.state.pt").exists()
+
+    real = gta.AttentionRecorder.__call__
+
+    def interrupting(self, event, epoch, step):
+        if event == "step" and epoch == 2:
+            raise KeyboardInterrupt  # in epoch 2: the state of epoch 1 and captures 0-2 are saved
+        real(self, event, epoch, step)
+
+    shutil.rmtree(store)
+    with monkeypatch.context() as m:
+        m.setattr(gta.AttentionRecorder, "__call__", interrupting)
+        assert _run_step1(tiny_data) == 130
+    state = store.with_name("attention.zarr.state.pt")
+    assert state.exists() and torch.load(state, weights_only=True)["callback"]["steps"] == [0, 1, 2]
+    assert _run_step1(tiny_data) == 0  # goes on from epoch 2
+    out = AttentionStore(store)
+    np.testing.assert_array_equal(out.group["step"][:], ref_steps)
+    np.testing.assert_array_equal(out.group["prediction"][:], ref_pred)
+    np.testing.assert_array_equal(out.group["attention"][:], ref_att)
+    assert not state.exists() and not store.with_name("attention.zarr.partial").exists()
