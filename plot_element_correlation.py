@@ -41,7 +41,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from crabnet.cli import add_common, make_parser
+from crabnet.cli import add_common, add_html_js, make_parser
 from crabnet.correlation import (REFERENCE_TABLES, STATIC_TABLES, element_correlation, find_embedding_csvs,
                                  model_of, plot_correlation_html, plot_correlation_png, read_representation_csv,
                                  representation_name, static_representation, summarise)
@@ -67,7 +67,8 @@ def parse_args(argv=None):
                    help=f"permutations for the group-separation p-value (default {PERMUTATIONS}; --quick "
                         f"{QUICK_PERMUTATIONS})")
     p.add_argument("--z-max", type=int, default=92, help="upper atomic number of the restricted plots")
-    p.add_argument("--no-html", action="store_true", help="PNG only (each HTML embeds plotly.js, ~5 MB)")
+    p.add_argument("--no-html", action="store_true", help="PNG only")
+    add_html_js(p)
     return p.parse_args(argv)
 
 
@@ -117,7 +118,7 @@ def up_to_date(outputs: list[Path], origin) -> bool:
 
 
 def main(data_dir: Path, device: str, seed: int, quick: bool, force: bool, source: list[str] | None,
-         no_control: bool, permutations: int | None, z_max: int, no_html: bool) -> int:
+         no_control: bool, permutations: int | None, z_max: int, no_html: bool, html_js: str = "inline") -> int:
     n_perm = (QUICK_PERMUTATIONS if quick else PERMUTATIONS) if permutations is None else permutations
     if n_perm < 0 or not 2 <= z_max <= 118:
         print("error: --permutations must be >= 0 and --z-max in 2..118", file=sys.stderr)
@@ -156,7 +157,7 @@ def main(data_dir: Path, device: str, seed: int, quick: bool, force: bool, sourc
         save_png(plot_correlation_png(corr.matrix, title), outputs[0])
         save_png(plot_correlation_png(corr.matrix, title, z_max=z_max), outputs[1])
         if not no_html:
-            save_html(plot_correlation_html(corr.matrix, title, z_maxes=(118, z_max)), outputs[2])
+            save_html(plot_correlation_html(corr.matrix, title, z_maxes=(118, z_max)), outputs[2], js=html_js)
         n_plotted += 1
 
     refs = {c.name: c for c in corrs if c.name in REFERENCE_TABLES}

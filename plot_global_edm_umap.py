@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from crabnet.cli import add_common, make_parser
+from crabnet.cli import add_common, add_html_js, make_parser
 from crabnet.data import SPLITS, DataError, load_dataset
 from crabnet.represent import collect, open_store
 from crabnet.train import Recipe, checkpoint_path, ensure_model
@@ -74,12 +74,13 @@ def parse_args(argv=None):
     p.add_argument("--umap-parallel", action="store_true",
                    help="run UMAP on all cores without a seed (faster, not reproducible)")
     p.add_argument("--batch-size", type=int, default=512, help="compounds per inference batch")
+    add_html_js(p)
     return p.parse_args(argv)
 
 
 def run_dataset(data_dir: Path, dataset: str, features: str, split: str, layers: list[int] | None, recipe: Recipe,
                 device, seed: int, force: bool, n_neighbors: int, min_dist: float | None, umap_seed: int | None,
-                batch_size: int) -> pd.DataFrame:
+                batch_size: int, html_js: str = "inline") -> pd.DataFrame:
     """Everything for one dataset; returns its summary rows."""
     t0 = time.perf_counter()
     data = load_dataset(data_dir, dataset, splits=(split,))[split]
@@ -141,7 +142,7 @@ def run_dataset(data_dir: Path, dataset: str, features: str, split: str, layers:
     plot_png(coords, colourings, stem.with_suffix(".png"), title=title, row_label=row_label, seed=seed)
     hover = hover_text(comp.formula, {"elements": n_el, "target": comp.target, "prediction": comp.prediction,
                                       "error": error, "Pauling EN deviation": en})
-    plot_html(coords, colourings, hover, stem.with_suffix(".html"), title=title, row_label=row_label)
+    plot_html(coords, colourings, hover, stem.with_suffix(".html"), title=title, row_label=row_label, js=html_js)
     update_summary(out_dir / "summary.csv", rows, SUMMARY_KEYS)
     print(f"  figures -> {stem}.png/.html\n  coordinates -> {out_dir}/, summary -> {out_dir / 'summary.csv'} "
           f"({time.perf_counter() - t0:.1f} s)")
@@ -150,7 +151,7 @@ def run_dataset(data_dir: Path, dataset: str, features: str, split: str, layers:
 
 def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quick: bool, force: bool, features: str,
          split: str, layers: list[int] | None, n_neighbors: int, min_dist: float | None, umap_parallel: bool,
-         batch_size: int) -> int:
+         batch_size: int, html_js: str = "inline") -> int:
     datasets = dataset or [QUICK["dataset"] if quick else DEFAULT_DATASET]
     try:
         validate_umap(UmapParams(n_neighbors, 0.1 if min_dist is None else min_dist, "cosine", seed))
@@ -167,7 +168,8 @@ def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quic
         print(f"{ds} ({split}, {features}):")
         try:
             results.append(run_dataset(data_dir, ds, features, split, layers, recipe, dev, seed, force, n_neighbors,
-                                       min_dist, None if umap_parallel else seed, batch_size).assign(dataset=ds))
+                                       min_dist, None if umap_parallel else seed, batch_size,
+                                       html_js).assign(dataset=ds))
         except (DataError, ValueError, FileNotFoundError) as err:
             print(f"error: {ds}: {err}", file=sys.stderr)
             return 2

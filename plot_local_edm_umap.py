@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from crabnet.cli import add_common, make_parser
+from crabnet.cli import add_common, add_html_js, make_parser
 from crabnet.data import SPLITS, DataError, load_dataset
 from crabnet.elements import ATOMIC_NUMBER
 from crabnet.represent import collect, open_store
@@ -74,6 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--umap-parallel", action="store_true",
                    help="run UMAP on all cores without a seed (faster, not reproducible)")
     p.add_argument("--batch-size", type=int, default=512, help="compounds per inference batch")
+    add_html_js(p)
     return p.parse_args(argv)
 
 
@@ -91,7 +92,7 @@ def check_args(atoms: list[str], n_neighbors: int, min_dist: float, min_dist_lay
 
 def run_dataset(data_dir: Path, dataset: str, features: str, split: str, layers: list[int] | None, atoms: list[str],
                 recipe: Recipe, device, seed: int, force: bool, n_neighbors: int, min_dist: float,
-                min_dist_layer0: float, umap_seed: int | None, batch_size: int) -> pd.DataFrame:
+                min_dist_layer0: float, umap_seed: int | None, batch_size: int, html_js: str = "inline") -> pd.DataFrame:
     """Everything for one dataset; returns its summary rows."""
     t0 = time.perf_counter()
     data = load_dataset(data_dir, dataset, splits=(split,))[split]
@@ -159,7 +160,7 @@ def run_dataset(data_dir: Path, dataset: str, features: str, split: str, layers:
         plot_png(coords, colourings, stem.with_suffix(".png"), title=title, seed=seed)
         hover = hover_text(comp.formula[idx], {"fraction": frac, "target": target, "prediction": pred,
                                                f"oxidation state of {atom}": ox})
-        plot_html(coords, colourings, hover, stem.with_suffix(".html"), title=title)
+        plot_html(coords, colourings, hover, stem.with_suffix(".html"), title=title, js=html_js)
         print(f"  {atom}: {len(idx)} compounds, {int(np.isfinite(ox).sum())} with an oxidation guess -> "
               f"{stem}.png/.html")
     update_summary(out_dir / "summary.csv", rows, SUMMARY_KEYS)
@@ -169,7 +170,7 @@ def run_dataset(data_dir: Path, dataset: str, features: str, split: str, layers:
 
 def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quick: bool, force: bool, features: str,
          split: str, layers: list[int] | None, atom: list[str] | None, n_neighbors: int, min_dist: float,
-         min_dist_layer0: float, umap_parallel: bool, batch_size: int) -> int:
+         min_dist_layer0: float, umap_parallel: bool, batch_size: int, html_js: str = "inline") -> int:
     datasets = dataset or [QUICK["dataset"] if quick else DEFAULT_DATASET]
     atoms = list(dict.fromkeys(atom or (QUICK["atoms"] if quick else PAPER_ATOMS)))
     try:
@@ -186,7 +187,7 @@ def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quic
         try:
             results.append(run_dataset(data_dir, ds, features, split, layers, atoms, recipe, dev, seed, force,
                                        n_neighbors, min_dist, min_dist_layer0, None if umap_parallel else seed,
-                                       batch_size).assign(dataset=ds))
+                                       batch_size, html_js).assign(dataset=ds))
         except (DataError, ValueError, FileNotFoundError) as err:
             print(f"error: {ds}: {err}", file=sys.stderr)
             return 2

@@ -23,6 +23,16 @@ def make_parser(doc: str | None) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
 
 
+def add_html_js(parser: argparse.ArgumentParser) -> None:
+    """Add --html-js: plotly.js inside every HTML file, or one shared copy per folder."""
+    from crabnet.plotting import HTML_JS
+
+    parser.add_argument("--html-js", default="inline", choices=HTML_JS,
+                        help="inline: each HTML file embeds plotly.js (~4.8 MB, stands alone); shared: one "
+                             "plotly.min.js per folder beside small HTML files (keep the folder together); "
+                             "both work offline (default: inline)")
+
+
 def add_common(parser: argparse.ArgumentParser, *, dataset: str | None = "aflow__Egap",
                quick_help: str = "small settings for a CPU demo") -> None:
     """Add --data-dir, --dataset, --device, --seed, --quick and --force."""

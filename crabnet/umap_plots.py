@@ -608,8 +608,9 @@ def hover_text(formula, columns: dict[str, np.ndarray]) -> list[str]:
 
 
 def plot_html(coords: dict[int, np.ndarray], colourings: list[Colouring], hover: list[str], path: Path | str, *,
-              title: str, row_label=lambda layer: f"layer {layer}") -> Path:
-    """Interactive offline HTML: one panel per layer, a menu to switch the colouring, hover labels."""
+              title: str, row_label=lambda layer: f"layer {layer}", js: str = "inline") -> Path:
+    """Interactive offline HTML: one panel per layer, a menu to switch the colouring, hover labels.
+    ``js``: where plotly.js comes from (see :func:`crabnet.plotting.save_html`)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -641,7 +642,7 @@ def plot_html(coords: dict[int, np.ndarray], colourings: list[Colouring], hover:
                       margin={"t": 110})
     fig.update_xaxes(showticklabels=False)
     fig.update_yaxes(showticklabels=False)
-    return save_html(fig, path)
+    return save_html(fig, path, js=js)
 
 
 # --------------------------------------------------------------------------------------------
