@@ -32,13 +32,13 @@ import time
 from pathlib import Path
 
 from crabnet.capture import AttentionStore
-from crabnet.cli import add_common, make_parser
+from crabnet.cli import DEMO_DATASET, add_common, make_parser
 from crabnet.data import DataError
 from crabnet.video import (DEFAULT_PRESET, VideoError, default_workers, find_ffmpeg, parse_layers, plan_jobs, run_jobs,
                            select_compounds)
 
 DEFAULT_DATASET = "aflow__Egap"  # as step 1
-QUICK_DATASET = "aflow__ael_bulk_modulus_vrh"
+QUICK_DATASET = DEMO_DATASET
 
 
 def parse_args(argv=None):

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from crabnet.cli import add_common, make_parser
+from crabnet.cli import DEMO_DATASET, add_common, make_parser
 from crabnet.data import DataError, load_dataset
 from crabnet.embeddings import (BENCHMARK_DATASETS, embedding_frames, predictions_frame, predictions_path,
                                 published_mae, write_embeddings, write_predictions)
@@ -41,7 +41,7 @@ from crabnet.train import Recipe, ensure_model, mae, predict
 from crabnet.utils import resolve_device
 
 DEFAULT_DATASETS = ("aflow__ael_bulk_modulus_vrh", "mp_bulk_modulus")
-QUICK = {"datasets": ("aflow__ael_bulk_modulus_vrh",), "epochs": 2, "epochs_step": 1}
+QUICK = {"datasets": (DEMO_DATASET,), "epochs": 2, "epochs_step": 1}
 FULL = {"datasets": DEFAULT_DATASETS, "epochs": 300, "epochs_step": 10}
 
 

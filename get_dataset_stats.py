@@ -34,14 +34,12 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from crabnet.cli import add_common, make_parser
+from crabnet.cli import DEMO_DATASET, add_common, make_parser
 from crabnet.data import DataError
 from crabnet.stats import (BENCHMARK, MATBENCH, REFERENCE_DIR, TABLE_NAME, compare_with_published, counts_table,
                            dataset_stats, matbench_summary, merge_table, plot_diversity, plot_prevalence,
                            read_published, resolve_datasets, stats_table)
 from crabnet.utils import atomic_path
-
-DEMO_DATASET = "aflow__ael_bulk_modulus_vrh"
 
 def parse_args(argv=None):
     p = make_parser(__doc__)

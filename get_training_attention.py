@@ -28,14 +28,14 @@ from pathlib import Path
 
 
 from crabnet.capture import AttentionRecorder, AttentionWriter
-from crabnet.cli import add_common, make_parser
+from crabnet.cli import DEMO_DATASET, add_common, make_parser
 from crabnet.data import SPLITS, DataError, load_dataset
-from crabnet.train import (Recipe, Scaler, build_model, checkpoint_path, fit, load_checkpoint, load_training_state,
-                           mae, predict, recipe_dict, save_checkpoint, training_key)
+from crabnet.train import (Recipe, Scaler, build_model, checkpoint_path, fit, load_checkpoint, mae, predict,
+                           recipe_dict, save_checkpoint)
 from crabnet.utils import resolve_device, seed_everything
 
 DEFAULT_DATASET = "aflow__Egap"
-QUICK = {"dataset": "aflow__ael_bulk_modulus_vrh", "epochs": 8, "epochs_step": 2}
+QUICK = {"dataset": DEMO_DATASET, "epochs": 8, "epochs_step": 2}
 FULL = {"dataset": DEFAULT_DATASET, "epochs": 50, "epochs_step": 10}
 
 
@@ -103,10 +103,8 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
           f"({len(splits[split])} compounds) every {capture if capture_every == 1 else f'{capture_every} steps'}")
 
     state_path = store.with_name(store.name + ".state.pt")
-    key = training_key(splits["train"], splits["val"], recipe, seed, settings)
-    resumable = not force and load_training_state(state_path, key) is not None
     writer = AttentionWriter(store, splits[split], model.cfg.n_layers, model.cfg.n_heads, {
-        **settings, "model_config": model.cfg.to_dict(), "recipe": recipe_dict(recipe)}, resume=resumable)
+        **settings, "model_config": model.cfg.to_dict(), "recipe": recipe_dict(recipe)}, resume=not force)
     if not writer.resumed:
         state_path.unlink(missing_ok=True)  # a state without its captures cannot be resumed
     recorder = AttentionRecorder(model, splits[split], scaler, writer, mode=capture, every=capture_every)

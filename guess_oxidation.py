@@ -36,13 +36,12 @@ import sys
 import time
 from pathlib import Path
 
-from crabnet.cli import add_common, make_parser
+from crabnet.cli import DEMO_DATASET, add_common, make_parser
 from crabnet.data import SPLITS, DataError
 from crabnet.oxidation import (GuessCache, cache_path, default_workers, guess_all, keys_for, progress_bar,
                                read_formulas, results_for, write_element_ox_states, write_split)
 from crabnet.stats import resolve_datasets, split_files
 
-DEMO_DATASET = "aflow__ael_bulk_modulus_vrh"
 REASONS = ("no_solution", "timeout", "error", "max_sites", "invalid_formula")
 
 

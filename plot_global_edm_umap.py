@@ -40,17 +40,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from crabnet.cli import add_common, add_html_js, make_parser
-from crabnet.data import SPLITS, DataError, load_dataset
+from crabnet.cli import DEMO_DATASET, add_common, add_html_js, make_parser
+from crabnet.data import SPLITS, load_dataset
 from crabnet.represent import collect, open_store
 from crabnet.train import Recipe, checkpoint_path, ensure_model
 from crabnet.umap_plots import (UmapParamError, UmapParams, global_metrics, global_min_dist, hover_text,
                                 make_colouring, pauling_en_mad, plot_html, plot_png, project, update_summary,
-                                validate_umap, write_csv)
+                                run_datasets, validate_umap, write_csv)
 from crabnet.utils import resolve_device, seed_everything
 
 DEFAULT_DATASET = "OQMD_Bandgap"
-QUICK = {"dataset": "aflow__ael_bulk_modulus_vrh", "epochs": 8, "epochs_step": 2}
+QUICK = {"dataset": DEMO_DATASET, "epochs": 8, "epochs_step": 2}
 SUMMARY_KEYS = ["features", "split", "layer"]
 EN_LABEL = "fraction-weighted mean absolute\ndeviation of Pauling electronegativity"
 
@@ -163,17 +163,11 @@ def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quic
     recipe = Recipe(epochs=QUICK["epochs"], epochs_step=QUICK["epochs_step"]) if quick else Recipe()
     dev = resolve_device(device)
     seed_everything(seed)
-    results = []
-    for ds in datasets:
-        print(f"{ds} ({split}, {features}):")
-        try:
-            results.append(run_dataset(data_dir, ds, features, split, layers, recipe, dev, seed, force, n_neighbors,
-                                       min_dist, None if umap_parallel else seed, batch_size,
-                                       html_js).assign(dataset=ds))
-        except (DataError, ValueError, FileNotFoundError) as err:
-            print(f"error: {ds}: {err}", file=sys.stderr)
-            return 2
-    table = pd.concat(results, ignore_index=True)
+    table = run_datasets(datasets, f"{split}, {features}", lambda ds: run_dataset(
+        data_dir, ds, features, split, layers, recipe, dev, seed, force, n_neighbors, min_dist,
+        None if umap_parallel else seed, batch_size, html_js))
+    if table is None:
+        return 2
     cols = ["dataset", "layer", "layer_is", "n_compounds", "knn_r2_repr", "knn_r2_umap", "knn_r2_shuffled",
             "trustworthiness"]
     print("\nkNN (k=10) R² of the target from the pooled vectors (cosine) and from the 2-D UMAP; "

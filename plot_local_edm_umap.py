@@ -40,18 +40,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from crabnet.cli import add_common, add_html_js, make_parser
-from crabnet.data import SPLITS, DataError, load_dataset
+from crabnet.cli import DEMO_DATASET, add_common, add_html_js, make_parser
+from crabnet.data import SPLITS, load_dataset
 from crabnet.elements import ATOMIC_NUMBER
 from crabnet.represent import collect, open_store
 from crabnet.train import Recipe, checkpoint_path, ensure_model
 from crabnet.umap_plots import (PAPER_ATOMS, UmapParamError, UmapParams, hover_text, load_oxidation, local_metrics,
                                 local_params, make_colouring, oxidation_path, oxidation_states, plot_html, plot_png,
-                                project, update_summary, validate_umap, write_csv)
+                                project, run_datasets, update_summary, validate_umap, write_csv)
 from crabnet.utils import resolve_device, seed_everything
 
 DEFAULT_DATASET = "OQMD_Bandgap"
-QUICK = {"dataset": "aflow__ael_bulk_modulus_vrh", "atoms": ("O", "Al", "Si"), "epochs": 8, "epochs_step": 2}
+QUICK = {"dataset": DEMO_DATASET, "atoms": ("O", "Al", "Si"), "epochs": 8, "epochs_step": 2}
 SUMMARY_KEYS = ["features", "split", "atom", "layer"]
 
 
@@ -181,17 +181,11 @@ def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quic
     recipe = Recipe(epochs=QUICK["epochs"], epochs_step=QUICK["epochs_step"]) if quick else Recipe()
     dev = resolve_device(device)
     seed_everything(seed)
-    results = []
-    for ds in datasets:
-        print(f"{ds} ({split}, {features}):")
-        try:
-            results.append(run_dataset(data_dir, ds, features, split, layers, atoms, recipe, dev, seed, force,
-                                       n_neighbors, min_dist, min_dist_layer0, None if umap_parallel else seed,
-                                       batch_size, html_js).assign(dataset=ds))
-        except (DataError, ValueError, FileNotFoundError) as err:
-            print(f"error: {ds}: {err}", file=sys.stderr)
-            return 2
-    table = pd.concat(results, ignore_index=True)
+    table = run_datasets(datasets, f"{split}, {features}", lambda ds: run_dataset(
+        data_dir, ds, features, split, layers, atoms, recipe, dev, seed, force, n_neighbors, min_dist,
+        min_dist_layer0, None if umap_parallel else seed, batch_size, html_js))
+    if table is None:
+        return 2
     if len(table):
         cols = ["dataset", "atom", "layer", "n_compounds", "n_known_ox", "n_ox_classes", "majority_share",
                 "knn_acc_repr", "knn_acc_umap", "knn_acc_shuffled", "knn_bacc_repr", "knn_bacc_umap",

@@ -193,7 +193,8 @@ class AttentionRecorder:
         self.last_prediction: np.ndarray | None = None
 
     def __call__(self, event: str, epoch: int, step: int) -> None:
-        if event == "start":
+        if event == "start":  # a run starting afresh: drop captures of a reopened staging store
+            self.writer.restore([])
             value = 0
         elif event == "epoch" and self.mode == "epoch":
             value = epoch + 1

@@ -6,6 +6,10 @@ import argparse
 from pathlib import Path
 
 
+# the dataset every step's --quick uses, so that the demo steps chain (make demo)
+DEMO_DATASET = "aflow__ael_bulk_modulus_vrh"
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows the module docstring as written and every flag's default, unless the help text
     already states it (a "default" in the text) or there is none to show (``None``, flags)."""

@@ -148,12 +148,6 @@ Callback = Callable[[str, int, int], None]
 SAVE_EVERY_S = 60.0  # default interval between saves of the training state
 
 
-def training_key(train: CompositionData, val: CompositionData, recipe: Recipe, seed: int,
-                 extra: dict | None = None) -> dict:
-    """What a saved training state must have been made with to be resumed."""
-    return {"n_train": len(train), "n_val": len(val), "recipe": recipe_dict(recipe), "seed": seed, **(extra or {})}
-
-
 def save_training_state(path: Path | str, *, key: dict, epoch: int, model: CrabNet, optimizer: Lookahead,
                         swa: SWA, gen: torch.Generator, noise_gen: torch.Generator, hist: History,
                         callback_state: dict | None = None) -> None:
@@ -210,8 +204,8 @@ def fit(
             every ``save_every_s`` seconds, and a run finding a state saved for the same
             ``state_key`` goes on from it (bit for bit the same result on CPU as an uninterrupted
             run). The caller removes the file once the result is saved.
-        state_key: identifies the run beyond :func:`training_key` (e.g. dataset, features); a
-            state saved with another key is ignored.
+        state_key: identifies the run beyond the split sizes, recipe and seed (e.g. dataset,
+            features); a state saved with another key is ignored.
         save_every_s: default ``SAVE_EVERY_S``.
     """
     device = next(model.parameters()).device
@@ -228,7 +222,7 @@ def fit(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
     hist = History()
-    key = training_key(train, val, recipe, seed, state_key)
+    key = {"n_train": n, "n_val": len(val), "recipe": recipe_dict(recipe), "seed": seed, **(state_key or {})}
     save_every_s = SAVE_EVERY_S if save_every_s is None else save_every_s
     stateful = callback is not None and hasattr(callback, "state_dict") and hasattr(callback, "load_state_dict")
     start = 0
@@ -371,14 +365,14 @@ def recipe_dict(recipe: Recipe) -> dict:
 def train_and_save(
     data_dir: Path | str, dataset: str, features: str, recipe: Recipe, *, device: torch.device | str = "cpu",
     seed: int = 0, splits: dict[str, CompositionData] | None = None, written_by: str = "",
-    progress: bool | None = None, resume: bool = True,
+    progress: bool | None = None,
 ) -> tuple[CrabNet, Scaler, dict]:
     """Train a model on ``dataset`` with ``recipe`` and save it to ``models/<dataset>__<features>.pt``.
 
     ``progress``: tqdm bar (None = only on a terminal; True also when logging to a file).
-    ``resume``: the training state is kept in ``models/<dataset>__<features>.state.pt`` while the
-    run goes on (saved about once a minute), so an interrupted run started again with the same
-    settings goes on from there; False starts afresh. The state file is removed at the end.
+    The training state is kept in ``models/<dataset>__<features>.state.pt`` while the run goes on
+    (saved about once a minute), so an interrupted run started again with the same settings goes
+    on from there (to the same result). The state file is removed at the end.
 
     Returns:
         ``(model, scaler, meta)``; meta holds the recipe, test MAE and training history.
@@ -391,8 +385,6 @@ def train_and_save(
     model = build_model(features, n_elements=splits["train"].width).to(device)
     scaler = Scaler.fit(splits["train"].target)
     state_path = training_state_path(data_dir, dataset, features)
-    if not resume:
-        state_path.unlink(missing_ok=True)
     hist = fit(model, splits["train"], splits["val"], scaler, recipe, seed=seed, desc=f"{dataset} {features}",
                progress=progress, state_path=state_path, state_key={"dataset": dataset, "features": features})
     pred, _ = predict(model, splits["test"], scaler)

@@ -17,9 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -673,3 +675,20 @@ def update_summary(path: Path | str, rows: list[dict], keys: list[str]) -> pd.Da
         new = new.sort_values(keys, kind="stable").reset_index(drop=True)
     write_csv(new, path)
     return new
+
+
+def run_datasets(datasets: list[str], label: str, run: Callable[[str], pd.DataFrame]) -> pd.DataFrame | None:
+    """``run(dataset)`` for each dataset in turn, its summary rows tagged with ``dataset``.
+
+    Returns:
+        All rows, or None (after printing the error) when a dataset fails on bad input.
+    """
+    results = []
+    for ds in datasets:
+        print(f"{ds} ({label}):")
+        try:
+            results.append(run(ds).assign(dataset=ds))
+        except (DataError, ValueError, FileNotFoundError) as err:
+            print(f"error: {ds}: {err}", file=sys.stderr)
+            return None
+    return pd.concat(results, ignore_index=True)
