@@ -4,7 +4,7 @@ Reads   <data-dir>/benchmark_data/<dataset>/{train,val,test}.csv (fetched on fir
 Writes  <data-dir>/attention/<dataset>/attention.zarr   captures of the --split compounds
         <data-dir>/models/<dataset>__<features>.pt     the trained model (kept as
                                                         …__attention.pt if models/ already holds
-                                                        one trained with the published recipe)
+                                                        one trained with a full recipe)
 Next    generate_attention_videos.py
 
 The split is captured before training (capture 0) and after every epoch, or with --capture step
@@ -14,9 +14,13 @@ run never leaves a store that looks complete. Nothing is lost either: the traini
 saved beside the store about once a minute (<store>.state.pt); the same command started again
 goes on from the last save, keeping the captures made until then (--force starts afresh).
 
+The recipe is the explainability paper's attention run (--recipe immi): up to 50 epochs, the
+learning rate cycling every 2 epochs, SWA checks every 2nd epoch with early stopping, batch size
+2^round(log2(n_train)-4) clamped to [128, 1024]; --recipe npj cycles every 20 epochs instead.
+
 Examples:
     python get_training_attention.py --quick                  # CPU demo, a few minutes
-    python get_training_attention.py                          # aflow__Egap, 50 epochs (the paper)
+    python get_training_attention.py                          # aflow__Egap, up to 50 epochs (the paper)
     python get_training_attention.py --dataset mp_bulk_modulus --capture step --capture-every 5
 """
 
@@ -28,32 +32,36 @@ from pathlib import Path
 
 
 from crabnet.capture import AttentionRecorder, AttentionWriter
-from crabnet.cli import DEMO_DATASET, add_common, make_parser
+from crabnet.cli import DEMO_DATASET, add_common, add_training, make_parser
 from crabnet.data import SPLITS, DataError, load_dataset
-from crabnet.train import (Recipe, Scaler, build_model, checkpoint_path, fit, load_checkpoint, mae, predict,
-                           recipe_dict, save_checkpoint)
+from crabnet.train import (Scaler, build_model, checkpoint_path, fit, load_checkpoint, make_recipe, mae, predict,
+                           recipe_dict, save_checkpoint, training_meta)
 from crabnet.utils import resolve_device, seed_everything
 
 DEFAULT_DATASET = "aflow__Egap"
-QUICK = {"dataset": DEMO_DATASET, "epochs": 8, "epochs_step": 2}
-FULL = {"dataset": DEFAULT_DATASET, "epochs": 50, "epochs_step": 10}
+QUICK = {"dataset": DEMO_DATASET, "epochs": 8}
+FULL = {"dataset": DEFAULT_DATASET, "epochs": 50}
+ATTENTION_MAX_BATCH = 1024  # the attention run clamps the recipe's batch size to [128, 1024]
 
 
 def parse_args(argv=None):
     p = make_parser(__doc__)
     add_common(p, dataset=DEFAULT_DATASET,
-               quick_help=f"CPU demo: {QUICK['dataset']}, {QUICK['epochs']} epochs, epochs_step "
-                          f"{QUICK['epochs_step']} (explicit flags still win)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs to train (default 50; --quick 8)")
+               quick_help=f"CPU demo: {QUICK['dataset']}, {QUICK['epochs']} epochs (explicit flags still win)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="maximum epochs, SWA early stopping may end sooner (default 50; --quick 8)")
     p.add_argument("--epochs-step", type=int, default=None,
-                   help="half-cycle of the cyclic learning rate in epochs (default 10; --quick 2)")
+                   help="half-cycle of the cyclic learning rate in epochs (default: the recipe's, 1 for immi, "
+                        "10 for npj)")
+    add_training(p)
     p.add_argument("--features", default="mat2vec", choices=["mat2vec", "onehot"],
                    help="element features: mat2vec = CrabNet, onehot = HotCrab")
     p.add_argument("--capture", default="epoch", choices=["epoch", "step"],
                    help="capture after every epoch or after optimiser steps")
     p.add_argument("--capture-every", type=int, default=1, help="with --capture step: every k-th step")
     p.add_argument("--split", default="val", choices=list(SPLITS), help="split whose compounds are captured")
-    p.add_argument("--batch-size", type=int, default=0, help="0 = the recipe's 2^round(log2(n_train)-4)")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help=f"0 = the recipe's 2^round(log2(n_train)-4) clamped to [128, {ATTENTION_MAX_BATCH}]")
     p.add_argument("--keep-unary", action="store_true", help="keep single-element compounds (dropped by default)")
     p.add_argument("--skip-invalid", action="store_true", help="skip bad rows (reported) instead of stopping")
     return p.parse_args(argv)
@@ -72,18 +80,22 @@ def settings_match(store: Path, wanted: dict) -> bool:
 
 def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: bool, force: bool,
          epochs: int | None, epochs_step: int | None, features: str, capture: str, capture_every: int,
-         split: str, batch_size: int, keep_unary: bool, skip_invalid: bool) -> int:
+         split: str, batch_size: int, keep_unary: bool, skip_invalid: bool, recipe: str = "immi",
+         precision: str = "auto") -> int:
     defaults = QUICK if quick else FULL
     dataset = dataset or defaults["dataset"]
     epochs = defaults["epochs"] if epochs is None else epochs
-    epochs_step = defaults["epochs_step"] if epochs_step is None else epochs_step
-    if epochs < 1 or epochs_step < 1 or capture_every < 1 or batch_size < 0:
+    if epochs < 1 or (epochs_step is not None and epochs_step < 1) or capture_every < 1 or batch_size < 0:
         raise SystemExit("error: --epochs, --epochs-step and --capture-every must be >= 1, --batch-size >= 0")
+    recipe = make_recipe(recipe, epochs=epochs, batch_size=batch_size, max_batch_size=ATTENTION_MAX_BATCH,
+                         **({} if epochs_step is None else {"epochs_step": epochs_step}))
+    epochs_step = recipe.epochs_step
 
     store = data_dir / "attention" / dataset / "attention.zarr"
     settings = {"dataset": dataset, "features": features, "split": split, "capture": capture,
                 "capture_every": capture_every, "epochs": epochs, "epochs_step": epochs_step, "seed": seed,
-                "drop_unary": not keep_unary, "batch_size": batch_size}
+                "drop_unary": not keep_unary, "batch_size": batch_size, "recipe_name": recipe.name,
+                "precision": precision}
     if not force and settings_match(store, settings):
         print(f"{store} is up to date (same settings); use --force to recompute")
         return 0
@@ -97,7 +109,6 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
     seed_everything(seed)
     model = build_model(features, n_elements=splits["train"].width).to(dev)
     scaler = Scaler.fit(splits["train"].target)
-    recipe = Recipe(epochs=epochs, epochs_step=epochs_step, batch_size=batch_size)
     print(f"{dataset}: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test; "
           f"{features}, {model.n_params():,} parameters, {epochs} epochs on {dev}; capturing {split} "
           f"({len(splits[split])} compounds) every {capture if capture_every == 1 else f'{capture_every} steps'}")
@@ -110,7 +121,7 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
     recorder = AttentionRecorder(model, splits[split], scaler, writer, mode=capture, every=capture_every)
     try:
         hist = fit(model, splits["train"], splits["val"], scaler, recipe, seed=seed, callback=recorder,
-                   desc=f"{dataset} {features}", state_path=state_path, state_key=settings)
+                   desc=f"{dataset} {features}", state_path=state_path, state_key=settings, precision=precision)
     except KeyboardInterrupt:
         print(f"\ninterrupted: captures staged in {writer.staging} (incomplete, not used by later steps); "
               f"the same command goes on from the last saved epoch ({state_path.name})", file=sys.stderr)
@@ -120,22 +131,22 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
     t0 = time.perf_counter()
     writer.finalize({"epochs_run": hist.epochs_run, "stopped_early": hist.stopped_early,
                      "swa_updates": hist.swa_updates, "final_weights": "swa" if hist.swapped_swa else "last",
+                     "precision_used": hist.precision,
                      "test_mae": test_mae, "train_seconds": round(hist.seconds, 2)})
     print(f"attention: {writer.n_captures} captures x {len(splits[split])} compounds -> {store} "
           f"(reorganised in {time.perf_counter() - t0:.1f} s)")
 
-    ckpt = checkpoint_path(data_dir, dataset, features)
+    ckpt = checkpoint_path(data_dir, dataset, features, recipe.name)
     if ckpt.exists():
         try:
-            existing_published = load_checkpoint(ckpt)[2].get("published_recipe", False)
+            existing_full = bool(load_checkpoint(ckpt)[2].get("full_recipe"))
         except Exception:
-            existing_published = False
-        if existing_published:
-            ckpt = ckpt.with_name(f"{dataset}__{features}__attention.pt")
-    save_checkpoint(ckpt, model, scaler, {
-        "dataset": dataset, "features": features, "recipe": recipe_dict(recipe),
-        "published_recipe": recipe.is_published(), "seed": seed, "epochs_run": hist.epochs_run,
-        "test_mae": test_mae, "written_by": "get_training_attention.py"})
+            existing_full = False
+        if existing_full:
+            ckpt = ckpt.with_name(f"{ckpt.stem}__attention.pt")
+    save_checkpoint(ckpt, model, scaler, training_meta(
+        recipe, hist, dataset=dataset, features=features, seed=seed, test_mae=test_mae,
+        written_by="get_training_attention.py"))
     state_path.unlink(missing_ok=True)
     last_val = hist.val_mae[-1] if hist.val_mae else float("nan")
     print(f"model -> {ckpt}\n{hist.epochs_run} epochs in {hist.seconds:.1f} s; val MAE {last_val:.4g} "

@@ -18,7 +18,7 @@ Writes  <data-dir>/umap/global/<dataset>/<features>__<split>__layer<l>.csv   coo
 Next    get_dataset_stats.py
 
 --force recomputes the cached vectors and UMAP coordinates; the checkpoint is kept (it is trained
-only when missing: the published recipe, or a short 8-epoch run with --quick; retrain it with
+only when missing: the full --recipe, or a short 8-epoch run with --quick; retrain it with
 get_crabnet_embeddings.py --force).
 
 Vectors are collected in one inference pass per dataset and cached with the UMAP coordinates
@@ -40,17 +40,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from crabnet.cli import DEMO_DATASET, add_common, add_html_js, make_parser
+from crabnet.cli import DEMO_DATASET, add_common, add_html_js, add_training, make_parser
 from crabnet.data import SPLITS, load_dataset
 from crabnet.represent import collect, open_store
-from crabnet.train import Recipe, checkpoint_path, ensure_model
+from crabnet.train import Recipe, checkpoint_path, ensure_model, make_recipe
 from crabnet.umap_plots import (UmapParamError, UmapParams, global_metrics, global_min_dist, hover_text,
                                 make_colouring, pauling_en_mad, plot_html, plot_png, project, update_summary,
                                 run_datasets, validate_umap, write_csv)
 from crabnet.utils import resolve_device, seed_everything
 
 DEFAULT_DATASET = "OQMD_Bandgap"
-QUICK = {"dataset": DEMO_DATASET, "epochs": 8, "epochs_step": 2}
+QUICK = {"dataset": DEMO_DATASET, "epochs": 8}
 SUMMARY_KEYS = ["features", "split", "layer"]
 EN_LABEL = "fraction-weighted mean absolute\ndeviation of Pauling electronegativity"
 
@@ -75,16 +75,18 @@ def parse_args(argv=None):
                    help="run UMAP on all cores without a seed (faster, not reproducible)")
     p.add_argument("--batch-size", type=int, default=512, help="compounds per inference batch")
     add_html_js(p)
+    add_training(p)
     return p.parse_args(argv)
 
 
 def run_dataset(data_dir: Path, dataset: str, features: str, split: str, layers: list[int] | None, recipe: Recipe,
                 device, seed: int, force: bool, n_neighbors: int, min_dist: float | None, umap_seed: int | None,
-                batch_size: int, html_js: str = "inline") -> pd.DataFrame:
+                batch_size: int, html_js: str = "inline",
+                precision: str = "auto") -> pd.DataFrame:
     """Everything for one dataset; returns its summary rows."""
     t0 = time.perf_counter()
     data = load_dataset(data_dir, dataset, splits=(split,))[split]
-    model, scaler, _ = ensure_model(data_dir, dataset, features, recipe, device=device, seed=seed,
+    model, scaler, _ = ensure_model(data_dir, dataset, features, recipe, device=device, seed=seed, precision=precision,
                                     written_by="plot_global_edm_umap.py")
     n_layers = model.cfg.n_layers
     layers = list(range(n_layers + 1)) if layers is None else layers
@@ -95,7 +97,7 @@ def run_dataset(data_dir: Path, dataset: str, features: str, split: str, layers:
     params = UmapParams(n_neighbors, global_min_dist(n) if min_dist is None else min_dist, "cosine", umap_seed)
     validate_umap(params, n)
 
-    store = open_store(data_dir, dataset, features, split, checkpoint_path(data_dir, dataset, features),
+    store = open_store(data_dir, dataset, features, split, checkpoint_path(data_dir, dataset, features, recipe.name),
                        Path(data_dir) / "benchmark_data" / dataset / f"{split}.csv", force=force)
     collect(model, data, scaler, store.folder, global_layers=layers, batch_size=batch_size, device=device)
     comp = store.compounds
@@ -151,7 +153,8 @@ def run_dataset(data_dir: Path, dataset: str, features: str, split: str, layers:
 
 def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quick: bool, force: bool, features: str,
          split: str, layers: list[int] | None, n_neighbors: int, min_dist: float | None, umap_parallel: bool,
-         batch_size: int, html_js: str = "inline") -> int:
+         batch_size: int, html_js: str = "inline",
+         recipe: str = "immi", precision: str = "auto") -> int:
     datasets = dataset or [QUICK["dataset"] if quick else DEFAULT_DATASET]
     try:
         validate_umap(UmapParams(n_neighbors, 0.1 if min_dist is None else min_dist, "cosine", seed))
@@ -160,12 +163,12 @@ def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quic
     except (ValueError, UmapParamError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    recipe = Recipe(epochs=QUICK["epochs"], epochs_step=QUICK["epochs_step"]) if quick else Recipe()
+    recipe = make_recipe(recipe, epochs=QUICK["epochs"]) if quick else make_recipe(recipe)
     dev = resolve_device(device)
     seed_everything(seed)
     table = run_datasets(datasets, f"{split}, {features}", lambda ds: run_dataset(
         data_dir, ds, features, split, layers, recipe, dev, seed, force, n_neighbors, min_dist,
-        None if umap_parallel else seed, batch_size, html_js))
+        None if umap_parallel else seed, batch_size, html_js, precision))
     if table is None:
         return 2
     cols = ["dataset", "layer", "layer_is", "n_compounds", "knn_r2_repr", "knn_r2_umap", "knn_r2_shuffled",

@@ -17,7 +17,7 @@ Writes  <data-dir>/umap/local/<dataset>/<features>__<split>__<atom>__layer<l>.cs
 Next    plot_global_edm_umap.py
 
 --force recomputes the cached vectors and UMAP coordinates; the checkpoint is kept (it is trained
-only when missing: the published recipe, or a short 8-epoch run with --quick; retrain it with
+only when missing: the full --recipe, or a short 8-epoch run with --quick; retrain it with
 get_crabnet_embeddings.py --force).
 
 Vectors are collected in one inference pass per dataset and cached with the UMAP coordinates
@@ -40,18 +40,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from crabnet.cli import DEMO_DATASET, add_common, add_html_js, make_parser
+from crabnet.cli import DEMO_DATASET, add_common, add_html_js, add_training, make_parser
 from crabnet.data import SPLITS, load_dataset
 from crabnet.elements import ATOMIC_NUMBER
 from crabnet.represent import collect, open_store
-from crabnet.train import Recipe, checkpoint_path, ensure_model
+from crabnet.train import Recipe, checkpoint_path, ensure_model, make_recipe
 from crabnet.umap_plots import (PAPER_ATOMS, UmapParamError, UmapParams, hover_text, load_oxidation, local_metrics,
                                 local_params, make_colouring, oxidation_path, oxidation_states, plot_html, plot_png,
                                 project, run_datasets, update_summary, validate_umap, write_csv)
 from crabnet.utils import resolve_device, seed_everything
 
 DEFAULT_DATASET = "OQMD_Bandgap"
-QUICK = {"dataset": DEMO_DATASET, "atoms": ("O", "Al", "Si"), "epochs": 8, "epochs_step": 2}
+QUICK = {"dataset": DEMO_DATASET, "atoms": ("O", "Al", "Si"), "epochs": 8}
 SUMMARY_KEYS = ["features", "split", "atom", "layer"]
 
 
@@ -75,6 +75,7 @@ def parse_args(argv=None):
                    help="run UMAP on all cores without a seed (faster, not reproducible)")
     p.add_argument("--batch-size", type=int, default=512, help="compounds per inference batch")
     add_html_js(p)
+    add_training(p)
     return p.parse_args(argv)
 
 
@@ -92,11 +93,12 @@ def check_args(atoms: list[str], n_neighbors: int, min_dist: float, min_dist_lay
 
 def run_dataset(data_dir: Path, dataset: str, features: str, split: str, layers: list[int] | None, atoms: list[str],
                 recipe: Recipe, device, seed: int, force: bool, n_neighbors: int, min_dist: float,
-                min_dist_layer0: float, umap_seed: int | None, batch_size: int, html_js: str = "inline") -> pd.DataFrame:
+                min_dist_layer0: float, umap_seed: int | None, batch_size: int, html_js: str = "inline",
+                precision: str = "auto") -> pd.DataFrame:
     """Everything for one dataset; returns its summary rows."""
     t0 = time.perf_counter()
     data = load_dataset(data_dir, dataset, splits=(split,))[split]
-    model, scaler, _ = ensure_model(data_dir, dataset, features, recipe, device=device, seed=seed,
+    model, scaler, _ = ensure_model(data_dir, dataset, features, recipe, device=device, seed=seed, precision=precision,
                                     written_by="plot_local_edm_umap.py")
     n_layers = model.cfg.n_layers
     layers = list(range(n_layers)) if layers is None else layers
@@ -110,7 +112,7 @@ def run_dataset(data_dir: Path, dataset: str, features: str, split: str, layers:
         if a not in keep:
             print(f"  skipping {a}: in {counts[a]} {split} compound(s) of {dataset}, fewer than "
                   f"2·n_neighbors = {2 * n_neighbors}")
-    store = open_store(data_dir, dataset, features, split, checkpoint_path(data_dir, dataset, features),
+    store = open_store(data_dir, dataset, features, split, checkpoint_path(data_dir, dataset, features, recipe.name),
                        Path(data_dir) / "benchmark_data" / dataset / f"{split}.csv", force=force)
     collect(model, data, scaler, store.folder, local={l: [ATOMIC_NUMBER[a] for a in keep] for l in layers},
             batch_size=batch_size, device=device)
@@ -170,7 +172,8 @@ def run_dataset(data_dir: Path, dataset: str, features: str, split: str, layers:
 
 def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quick: bool, force: bool, features: str,
          split: str, layers: list[int] | None, atom: list[str] | None, n_neighbors: int, min_dist: float,
-         min_dist_layer0: float, umap_parallel: bool, batch_size: int, html_js: str = "inline") -> int:
+         min_dist_layer0: float, umap_parallel: bool, batch_size: int, html_js: str = "inline",
+         recipe: str = "immi", precision: str = "auto") -> int:
     datasets = dataset or [QUICK["dataset"] if quick else DEFAULT_DATASET]
     atoms = list(dict.fromkeys(atom or (QUICK["atoms"] if quick else PAPER_ATOMS)))
     try:
@@ -178,12 +181,12 @@ def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quic
     except (ValueError, UmapParamError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    recipe = Recipe(epochs=QUICK["epochs"], epochs_step=QUICK["epochs_step"]) if quick else Recipe()
+    recipe = make_recipe(recipe, epochs=QUICK["epochs"]) if quick else make_recipe(recipe)
     dev = resolve_device(device)
     seed_everything(seed)
     table = run_datasets(datasets, f"{split}, {features}", lambda ds: run_dataset(
         data_dir, ds, features, split, layers, atoms, recipe, dev, seed, force, n_neighbors, min_dist,
-        min_dist_layer0, None if umap_parallel else seed, batch_size, html_js))
+        min_dist_layer0, None if umap_parallel else seed, batch_size, html_js, precision))
     if table is None:
         return 2
     if len(table):

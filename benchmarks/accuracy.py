@@ -1,9 +1,11 @@
 """Accuracy against the published CrabNet / HotCrab test MAE.
 
-Trains with the published recipe (300 epochs, epochs_step 10, SWA early stop) and prints the test
-MAE beside the published one from ``../shared/reference/published_test_mae.csv`` (or --reference).
+Trains with a full recipe (default npj: up to 300 epochs, epochs_step 10, CrabNet SWA with early
+stop; the recipe of the published MAEs) and prints the test MAE beside the published one from
+``../shared/reference/published_test_mae.csv`` (or --reference).
 
     python benchmarks/accuracy.py --dataset aflow__ael_bulk_modulus_vrh --features mat2vec onehot
+    python benchmarks/accuracy.py --recipe immi --features mat2vec --precision fp32
 
 Writes ``<data-dir>/benchmarks/accuracy__<dataset>__<features>.json`` with the figures and saves
 the checkpoint to ``<data-dir>/models/`` (reused by later steps, since it follows the recipe).
@@ -22,7 +24,7 @@ import torch  # noqa: E402
 
 from crabnet.data import load_dataset  # noqa: E402
 from crabnet.embeddings import published_mae, reference_path  # noqa: E402
-from crabnet.train import Recipe, train_and_save  # noqa: E402
+from crabnet.train import make_recipe, train_and_save  # noqa: E402
 from crabnet.utils import atomic_path, resolve_device  # noqa: E402
 
 def parse_args() -> argparse.Namespace:
@@ -37,37 +39,42 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto|cpu|cuda (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch default")
+    p.add_argument("--recipe", default="npj", choices=["npj", "immi"], help="default: %(default)s")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="default: %(default)s")
     return p.parse_args()
 
 
 def main(dataset: str, features: list[str], epochs: int, data_dir: Path, reference: Path, device: str,
-         seed: int, threads: int) -> int:
+         seed: int, threads: int, recipe: str, precision: str) -> int:
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     splits = load_dataset(data_dir, dataset)
     rows = []
     for feat in features:
-        _, _, meta = train_and_save(data_dir, dataset, feat, Recipe(epochs=epochs), device=dev, seed=seed,
-                                    splits=splits, written_by="benchmarks/accuracy.py",
-                                    progress=True)  # a bar in logs too: runs take long
+        _, _, meta = train_and_save(data_dir, dataset, feat, make_recipe(recipe, epochs=epochs), device=dev,
+                                    seed=seed, splits=splits, written_by="benchmarks/accuracy.py",
+                                    progress=True, precision=precision)  # a bar in logs too: runs take long
         ref = published_mae(dataset, feat, reference)
         row = {
             "dataset": dataset, "features": feat, "n_test": len(splits["test"]), "test_mae": meta["test_mae"],
             "published_mae": ref, "ratio": meta["test_mae"] / ref if ref else None,
+            "recipe": recipe, "precision": meta["precision"], "seed": seed,
             "epochs_run": meta["epochs_run"], "stopped_early": meta["stopped_early"],
             "train_seconds": meta["train_seconds"], "device": str(dev), "threads": torch.get_num_threads(),
         }
         rows.append(row)
-        out = data_dir / "benchmarks" / f"accuracy__{dataset}__{feat}.json"
+        out = data_dir / "benchmarks" / f"accuracy__{dataset}__{feat}__{recipe}__{meta['precision']}__seed{seed}.json"
         with atomic_path(out) as tmp:
             tmp.write_text(json.dumps(row, indent=2))
         print(json.dumps(row), flush=True)
-    print(f"\n{'dataset':32s} {'features':9s} {'n_test':>6s} {'test MAE':>10s} {'published':>10s} {'ratio':>6s} {'epochs':>6s}")
+    print(f"\n{'dataset':32s} {'features':9s} {'recipe':6s} {'prec':5s} {'n_test':>6s} {'test MAE':>10s} "
+          f"{'published':>10s} {'ratio':>6s} {'epochs':>6s} {'seconds':>8s}")
     for r in rows:
         ref = f"{r['published_mae']:.4g}" if r["published_mae"] else "-"
         ratio = f"{r['ratio']:.3f}" if r["ratio"] else "-"
-        print(f"{r['dataset']:32s} {r['features']:9s} {r['n_test']:6d} {r['test_mae']:10.4g} {ref:>10s} {ratio:>6s} {r['epochs_run']:6d}")
+        print(f"{r['dataset']:32s} {r['features']:9s} {r['recipe']:6s} {r['precision']:5s} {r['n_test']:6d} "
+              f"{r['test_mae']:10.4g} {ref:>10s} {ratio:>6s} {r['epochs_run']:6d} {r['train_seconds']:8.0f}")
     return 0
 
 

@@ -35,7 +35,7 @@ def worker(mode: str, dataset: str, epochs: int, every: int, data_dir: Path, thr
 
     from crabnet.capture import AttentionRecorder, AttentionStore, AttentionWriter
     from crabnet.data import load_dataset
-    from crabnet.train import Recipe, Scaler, build_model, fit
+    from crabnet.train import Scaler, build_model, fit, make_recipe
     from crabnet.utils import seed_everything
 
     if threads:
@@ -44,7 +44,7 @@ def worker(mode: str, dataset: str, epochs: int, every: int, data_dir: Path, thr
     seed_everything(seed)
     model = build_model("mat2vec", n_elements=splits["train"].width)
     scaler = Scaler.fit(splits["train"].target)
-    recipe = Recipe(epochs=epochs)
+    recipe = make_recipe("immi", epochs=epochs, max_batch_size=1024)  # the attention run of step 1
     out: dict = {"mode": mode, "threads": torch.get_num_threads(), "n_val": len(splits["val"])}
     with tempfile.TemporaryDirectory() as tmp:
         writer = rec = None

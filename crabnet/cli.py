@@ -50,3 +50,14 @@ def add_common(parser: argparse.ArgumentParser, *, dataset: str | None = "aflow_
     parser.add_argument("--seed", type=int, default=0, help="random seed (runs on CPU are deterministic)")
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--force", action="store_true", help="recompute even if outputs are up to date")
+
+
+def add_training(parser: argparse.ArgumentParser, *, recipe: str = "immi") -> None:
+    """Add --recipe and --precision (scripts that train a model)."""
+    parser.add_argument("--recipe", default=recipe, choices=["immi", "npj"],
+                        help="training recipe (SPEC §4): immi = the explainability paper's code (learning rate "
+                             "cycles every 2 epochs), npj = the CrabNet paper's (every 20 epochs; gave the "
+                             f"published MAEs) (default: {recipe})")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="matmul precision of training: auto = bf16 autocast on CUDA and on CPUs with "
+                             "AVX-512 bf16/AMX, else fp32; weights, optimiser and loss stay fp32 (default: auto)")

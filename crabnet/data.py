@@ -439,9 +439,12 @@ def load_dataset(
     return {s: d.padded(width) for s, d in out.items()}
 
 
-def batch_size_for(n_train: int) -> int:
-    """The recipe's batch size: 2^round(log2(n_train) - 4), clamped to [128, 4096]."""
-    return int(min(4096, max(128, 2 ** round(math.log2(max(n_train, 1)) - 4))))
+def batch_size_for(n_train: int, max_size: int = 4096) -> int:
+    """The recipe's batch size: 2^round(log2(n_train) - 4), clamped to [128, max_size].
+
+    ``max_size`` is 4096 for models and 1024 for the attention run of step 1 (SPEC §4).
+    """
+    return int(min(max_size, max(128, 2 ** round(math.log2(max(n_train, 1)) - 4))))
 
 
 __all__ = [

@@ -1,11 +1,13 @@
-"""Optimisation pieces of the CrabNet recipe: Lamb, Lookahead, SWA and the cyclic learning rate.
+"""Optimisation pieces of the CrabNet recipe: Lamb, Lookahead, the CrabNet SWA scheme, the cyclic LR.
 
 - ``Lamb``: Adam-style moments without bias correction; each tensor's step is scaled by the
-  trust ratio clamp(||w||, 0, 10) / ||step|| (1 when either norm is 0).
+  trust ratio clamp(||w||, 0, 10) / ||step|| (1 when either norm is 0). All tensors of a group
+  are updated together with ``torch._foreach_*`` kernels (one launch per operation, not per tensor).
 - ``Lookahead``: every ``k`` steps the slow weights move ``alpha`` of the way to the fast weights
-  and the fast weights are reset to them.
-- ``SWA``: a running average of the weights, updated only when the validation error reaches a new
-  minimum; swapped into the model at the end of training.
+  and the fast weights are reset to them. As in the original code the slow copy is made at the
+  *first* sync from the fast weights of that moment, so the first sync changes nothing.
+- ``SWA``: the CrabNet averaging rule (SPEC §4): reset below 98 % of the last reset level,
+  average every weight set within 1 % of the best validation error with decay (1/(n+1))^(1/3).
 - ``triangular_lr``: the triangular cyclic schedule, stepped per batch.
 """
 
@@ -27,23 +29,31 @@ class Lamb(torch.optim.Optimizer):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            for p in params:
                 state = self.state[p]
                 if not state:
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                step = m / (v.sqrt() + group["eps"])
-                if group["weight_decay"]:
-                    step.add_(p, alpha=group["weight_decay"])
-                w_norm = p.norm().clamp(0, group["max_weight_norm"])
-                s_norm = step.norm()
-                trust = torch.where((w_norm > 0) & (s_norm > 0), w_norm / s_norm, torch.ones_like(w_norm))
-                p.add_(step * trust, alpha=-group["lr"])
+            m = [self.state[p]["exp_avg"] for p in params]
+            v = [self.state[p]["exp_avg_sq"] for p in params]
+            torch._foreach_mul_(m, beta1)
+            torch._foreach_add_(m, grads, alpha=1 - beta1)
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_add_(denom, group["eps"])
+            steps = torch._foreach_div(m, denom)  # m / (sqrt(v) + eps)
+            if group["weight_decay"]:
+                torch._foreach_add_(steps, params, alpha=group["weight_decay"])
+            w_norm = torch.stack(torch._foreach_norm(params)).clamp(0, group["max_weight_norm"])  # (n,)
+            s_norm = torch.stack(torch._foreach_norm(steps))  # (n,)
+            trust = torch.where((w_norm > 0) & (s_norm > 0), w_norm / s_norm, torch.ones_like(w_norm))
+            torch._foreach_mul_(steps, list((trust * -group["lr"]).unbind()))
+            torch._foreach_add_(params, steps)
         return loss
 
 
@@ -59,7 +69,7 @@ class Lookahead:
         self.alpha = alpha
         self.k = k
         self.counter = 0
-        self.slow = [[p.detach().clone() for p in g["params"]] for g in base.param_groups]
+        self.slow: list[list[torch.Tensor]] | None = None  # made at the first sync
 
     @property
     def param_groups(self):
@@ -74,42 +84,64 @@ class Lookahead:
         self.counter += 1
         if self.counter % self.k:
             return
+        if self.slow is None:  # first sync: slow = fast, so nothing moves
+            self.slow = [[p.detach().clone() for p in g["params"]] for g in self.base.param_groups]
+            return
         for group, slow in zip(self.base.param_groups, self.slow):
-            for p, s in zip(group["params"], slow):
-                s.add_(p - s, alpha=self.alpha)
-                p.copy_(s)
+            fast = list(group["params"])
+            torch._foreach_lerp_(slow, fast, self.alpha)  # slow += alpha * (fast - slow)
+            torch._foreach_copy_(fast, slow)
 
     def state_dict(self) -> dict:
         return {"base": self.base.state_dict(), "counter": self.counter,
-                "slow": [[s.clone() for s in g] for g in self.slow]}
+                "slow": [] if self.slow is None else [[s.clone() for s in g] for g in self.slow]}
 
     def load_state_dict(self, state: dict) -> None:
         self.base.load_state_dict(state["base"])
         self.counter = int(state["counter"])
-        with torch.no_grad():
-            for dst, src in zip(self.slow, state["slow"]):
-                for d, s in zip(dst, src):
-                    d.copy_(s)
+        device = self.base.param_groups[0]["params"][0].device
+        self.slow = [[s.to(device).clone() for s in g] for g in state["slow"]] or None
 
 
 class SWA:
-    """Stochastic weight averaging over the weights seen at new validation minima."""
+    """The CrabNet stochastic weight averaging rule (original ``SWA.update_swa``; SPEC §4).
+
+    ``update(m)`` is called with the validation error m of the current weights:
+
+    1. m < 0.98 * maximum: the average is reset (n_averaged = 0) and maximum = m;
+    2. m < minimum: minimum = m;
+    3. m <= 1.01 * minimum: the weights enter the average with decay d = (1/(n+1))^(1/3):
+       avg += (w - avg) * d, n += 1 (the first addition copies w); ``update`` returns True.
+
+    ``minimum`` and ``maximum`` start at 1e9.
+    """
+
+    RESET_BELOW = 0.98
+    BAND = 1.01
 
     def __init__(self, params):
         self.params = [p for p in params]
         self.avg = [torch.zeros_like(p) for p in self.params]
         self.n_averaged = 0
-        self.best = float("inf")
+        self.minimum = 1e9
+        self.maximum = 1e9
+        self.resets = 0
 
     @torch.no_grad()
     def update(self, val_error: float) -> bool:
-        """Add the current weights to the average if ``val_error`` is a new minimum."""
-        if not val_error < self.best:
+        """Apply the rule for validation error ``val_error``; True if the weights were averaged."""
+        m = float(val_error)
+        if m < self.RESET_BELOW * self.maximum:
+            self.n_averaged = 0  # the next addition has decay 1: the old average is forgotten
+            self.maximum = m
+            self.resets += 1
+        if m < self.minimum:
+            self.minimum = m
+        if not m <= self.BAND * self.minimum:
             return False
-        self.best = float(val_error)
+        decay = (1.0 / (self.n_averaged + 1)) ** (1.0 / 3.0)
+        torch._foreach_lerp_(self.avg, [p.detach() for p in self.params], decay)
         self.n_averaged += 1
-        for a, p in zip(self.avg, self.params):
-            a.add_(p - a, alpha=1.0 / self.n_averaged)
         return True
 
     @torch.no_grad()
@@ -124,14 +156,17 @@ class SWA:
         return True
 
     def state_dict(self) -> dict:
-        return {"avg": [a.clone() for a in self.avg], "n_averaged": self.n_averaged, "best": self.best}
+        return {"avg": [a.clone() for a in self.avg], "n_averaged": self.n_averaged, "minimum": self.minimum,
+                "maximum": self.maximum, "resets": self.resets}
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
             for a, s in zip(self.avg, state["avg"]):
                 a.copy_(s)
         self.n_averaged = int(state["n_averaged"])
-        self.best = float(state["best"])
+        self.minimum = float(state["minimum"])
+        self.maximum = float(state["maximum"])
+        self.resets = int(state["resets"])
 
 
 def triangular_lr(iteration: int, base_lr: float, max_lr: float, half_cycle: int) -> float:

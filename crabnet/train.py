@@ -29,24 +29,68 @@ from crabnet.utils import atomic_path
 
 @dataclass
 class Recipe:
-    """Training settings. Defaults are the published ones (300 epochs, epochs_step 10, SWA stop)."""
+    """Training settings. Build them with :func:`make_recipe` ("immi" or "npj", SPEC §4)."""
 
+    name: str = "immi"  # which published recipe these settings start from
     epochs: int = 300
-    epochs_step: int = 10  # half-cycle of the cyclic LR, in epochs; SWA checks every 2x this
+    epochs_step: int = 1  # half-cycle of the cyclic LR, in epochs; SWA checks every 2x this
     base_lr: float = 1e-4
     max_lr: float = 6e-3
     jitter: float = 0.02  # fraction noise: frac * (1 + N(0,1) * jitter)
     swa: bool = True
-    swa_start: int = 1  # SWA checks start at epoch epochs_step * swa_start - 1
-    early_stop: int = 3  # stop after this many SWA checks without a new minimum (0 = never)
-    batch_size: int = 0  # 0 = the recipe's 2^round(log2(n_train)-4) in [128, 4096]
+    swa_start: int = 2  # SWA checks start at epoch epochs_step * swa_start - 1
+    early_stop: int = 3  # stop after this many SWA epochs in which no batch was averaged (0 = never)
+    batch_size: int = 0  # 0 = the recipe's 2^round(log2(n_train)-4) in [128, max_batch_size]
+    max_batch_size: int = 4096
     eval_batch_size: int = 4096
     lookahead_alpha: float = 0.5
     lookahead_k: int = 6
 
-    def is_published(self) -> bool:
-        """Whether these settings are the published recipe (300 epochs, SWA early stop)."""
-        return self.epochs >= 300 and self.epochs_step == 10 and self.swa and self.early_stop == 3
+    def is_full(self) -> bool:
+        """Whether these are exactly the settings of the named recipe (300 epochs, SWA early stop)."""
+        return self.name in RECIPES and self == make_recipe(self.name, eval_batch_size=self.eval_batch_size)
+
+
+# The two published recipes (SPEC §4): "npj" gave the published MAEs (Wang et al. 2021); "immi" is
+# the default of the explainability paper's scripts (learning rate cycles every 2 epochs).
+RECIPES = {"immi": {"epochs_step": 1}, "npj": {"epochs_step": 10}}
+
+
+def make_recipe(name: str = "immi", **overrides) -> Recipe:
+    """The named recipe with some settings replaced (e.g. ``epochs=8`` for a demo)."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
+    return Recipe(name=name, **{**RECIPES[name], **overrides})
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``auto`` -> "bf16" where the hardware runs bf16 matmuls natively, else "fp32".
+
+    bf16 is chosen on CUDA GPUs that support it and on CPUs with AVX-512 bf16 or AMX tiles (there
+    a bf16 matmul ran ~5x faster than fp32 on this project's 2-core machine); other CPUs emulate
+    bf16 slowly, so they stay in fp32. Weights, optimiser state and the loss are fp32 either way.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        fast = any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+        return "bf16" if fast else "fp32"
+    return "fp32"
+
+
+def autocast(precision: str, device: torch.device | str):
+    """Context for a forward pass at ``precision`` ("fp32" or "bf16"; resolve "auto" first)."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 @dataclass
@@ -100,23 +144,31 @@ def to_tensors(data: CompositionData, device: torch.device) -> tuple[torch.Tenso
 
 
 @torch.no_grad()
-def predict(
-    model: CrabNet, data: CompositionData, scaler: Scaler, *, batch_size: int = 4096,
-    device: torch.device | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Predictions and uncertainties (in target units) for every compound of ``data``."""
-    device = device or next(model.parameters()).device
+def _forward_batches(model: CrabNet, el: torch.Tensor, fr: torch.Tensor, batch_size: int,
+                     precision: str) -> torch.Tensor:
+    """Raw outputs (n, 3) in float32 for tensors already on the model's device (eval mode)."""
     was_training = model.training
     model.eval()
-    el, fr, _ = to_tensors(data, device)
-    preds, uncs = [], []
-    for i in range(0, len(data), batch_size):
-        out = model(el[i : i + batch_size], fr[i : i + batch_size])  # (b, 3)
-        preds.append(out[:, 0].double().cpu())
-        uncs.append(out[:, 2].double().cpu())
+    with autocast(precision, el.device):
+        out = torch.cat([model(el[i : i + batch_size], fr[i : i + batch_size])
+                         for i in range(0, len(el), batch_size)]) if len(el) else torch.empty(0, 3)
     model.train(was_training)
-    pred = scaler.unscale(torch.cat(preds).numpy())
-    unc = torch.exp(torch.cat(uncs)).numpy() * scaler.std
+    return out.float()
+
+
+def predict(
+    model: CrabNet, data: CompositionData, scaler: Scaler, *, batch_size: int = 4096,
+    device: torch.device | None = None, precision: str = "fp32",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predictions and uncertainties (in target units) for every compound of ``data``.
+
+    ``precision`` "fp32" (default, the same answer on every machine) or "bf16"/"auto".
+    """
+    device = device or next(model.parameters()).device
+    el, fr, _ = to_tensors(data, device)
+    out = _forward_batches(model, el, fr, batch_size, resolve_precision(precision, device)).double().cpu()
+    pred = scaler.unscale(out[:, 0].numpy())
+    unc = torch.exp(out[:, 2]).numpy() * scaler.std
     return pred, unc
 
 
@@ -125,19 +177,47 @@ def mae(pred: np.ndarray, target: np.ndarray) -> float:
     return float(np.mean(np.abs(np.asarray(pred, np.float64) - np.asarray(target, np.float64))))
 
 
+class Validator:
+    """Validation MAE of the current weights, as fast as the recipe allows.
+
+    SWA epochs evaluate the validation split after every batch, so the split is moved to the
+    device once and evaluated in large batches without autograd at the training precision.
+    """
+
+    def __init__(self, data: CompositionData, scaler: Scaler, device: torch.device, batch_size: int,
+                 precision: str):
+        self.el, self.fr, _ = to_tensors(data, device)
+        self.target = np.asarray(data.target, np.float64)
+        self.scaler, self.batch_size, self.precision = scaler, batch_size, precision
+
+    def __call__(self, model: CrabNet) -> float:
+        out = _forward_batches(model, self.el, self.fr, self.batch_size, self.precision)
+        return mae(self.scaler.unscale(out[:, 0].double().cpu().numpy()), self.target)
+
+
 @dataclass
 class History:
-    """What happened during ``fit``."""
+    """What happened during ``fit``; the per-epoch lists have one entry per epoch run."""
 
     epochs_run: int = 0
     steps: int = 0
+    precision: str = "fp32"
     train_loss: list[float] = field(default_factory=list)
-    val_mae: list[float] = field(default_factory=list)
+    val_mae: list[float] = field(default_factory=list)  # NaN where not computed (val_every)
+    epoch_lr: list[float] = field(default_factory=list)  # learning rate of the epoch's last batch
+    epoch_swa: list[int] = field(default_factory=list)  # SWA additions in the epoch (-1: no SWA check)
+    lr: list[float] = field(default_factory=list)  # learning rate of every optimiser step
     swa_updates: int = 0
-    swa_discards: int = 0
+    swa_failures: int = 0  # SWA epochs in which no batch was averaged
+    swa_resets: int = 0
     stopped_early: bool = False
     swapped_swa: bool = False
     seconds: float = 0.0
+
+    def per_epoch(self) -> dict:
+        """The per-epoch curves as a dict of lists (for checkpoints and learning-curve figures)."""
+        return {"epoch": list(range(1, self.epochs_run + 1)), "train_loss": self.train_loss,
+                "val_mae": self.val_mae, "lr": self.epoch_lr, "swa_updates": self.epoch_swa}
 
 
 # Callback events: ("start", epoch=-1, step=0), ("step", epoch, step), ("epoch", epoch, step).
@@ -186,43 +266,48 @@ def fit(
     model: CrabNet, train: CompositionData, val: CompositionData, scaler: Scaler, recipe: Recipe, *,
     seed: int = 0, callback: Callback | None = None, progress: bool | None = None,
     val_every: int = 1, desc: str = "train", state_path: Path | str | None = None,
-    state_key: dict | None = None, save_every_s: float | None = None,
+    state_key: dict | None = None, save_every_s: float | None = None, precision: str = "auto",
 ) -> History:
-    """Train ``model`` in place with the CrabNet recipe.
+    """Train ``model`` in place with the CrabNet recipe (SPEC §4).
 
     Args:
         model: the model (already on its device).
         train, val: the splits; ``val`` drives SWA and early stopping.
         scaler: target scaler fitted on ``train``.
-        recipe: training settings.
+        recipe: training settings (:func:`make_recipe`).
         seed: seeds the shuffling and the fraction jitter.
         callback: called as ``callback(event, epoch, step)`` with event "start" before the first
             step, "step" after every optimiser step and "epoch" after every epoch.
         progress: tqdm progress bar (None: only when attached to a terminal).
-        val_every: compute the validation MAE for the progress bar every this many epochs.
+        val_every: compute the validation MAE for the history every this many epochs.
         state_path: if given, the training state is saved there at the end of an epoch at most
             every ``save_every_s`` seconds, and a run finding a state saved for the same
             ``state_key`` goes on from it (bit for bit the same result on CPU as an uninterrupted
-            run). The caller removes the file once the result is saved.
+            run at the same precision). The caller removes the file once the result is saved.
         state_key: identifies the run beyond the split sizes, recipe and seed (e.g. dataset,
             features); a state saved with another key is ignored.
         save_every_s: default ``SAVE_EVERY_S``.
+        precision: "auto" (bf16 autocast where the hardware is fast at it), "fp32" or "bf16".
+            Weights, optimiser, SWA and loss stay fp32.
     """
     device = next(model.parameters()).device
+    precision = resolve_precision(precision, device)
     t0 = time.perf_counter()
     el, fr, y = to_tensors(train, device)
     y = scaler.scale(y)
     n = len(train)
-    bs = recipe.batch_size or batch_size_for(n)
+    bs = recipe.batch_size or batch_size_for(n, recipe.max_batch_size)
     n_batches = math.ceil(n / bs)
     half_cycle = max(1, recipe.epochs_step * n_batches)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = Lookahead(Lamb(params, lr=recipe.base_lr), alpha=recipe.lookahead_alpha, k=recipe.lookahead_k)
     swa = SWA(params)
+    validate = Validator(val, scaler, device, recipe.eval_batch_size, precision)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
-    hist = History()
-    key = {"n_train": n, "n_val": len(val), "recipe": recipe_dict(recipe), "seed": seed, **(state_key or {})}
+    hist = History(precision=precision)
+    key = {"n_train": n, "n_val": len(val), "recipe": recipe_dict(recipe), "seed": seed, "precision": precision,
+           **(state_key or {})}
     save_every_s = SAVE_EVERY_S if save_every_s is None else save_every_s
     stateful = callback is not None and hasattr(callback, "state_dict") and hasattr(callback, "load_state_dict")
     start = 0
@@ -250,49 +335,52 @@ def fit(
                initial=start, total=recipe.epochs) if progress is not False else epochs
     swa_first = recipe.epochs_step * recipe.swa_start - 1
     last_save = time.perf_counter()
-    stop = recipe.early_stop and hist.swa_discards >= recipe.early_stop
+    stop = recipe.early_stop and hist.swa_failures >= recipe.early_stop
     for epoch in ([] if stop else bar):
         swa_epoch = recipe.swa and (epoch + 1) % (2 * recipe.epochs_step) == 0 and epoch >= swa_first
-        improved = False
+        added = 0
         order = torch.randperm(n, generator=gen).to(device)
-        losses = []
+        loss_sum = torch.zeros((), device=device)
         for b in range(n_batches):
             idx = order[b * bs : (b + 1) * bs]
             lr = triangular_lr(hist.steps, recipe.base_lr, recipe.max_lr, half_cycle)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             frac = jitter_fractions(fr[idx], recipe.jitter, noise_gen)
-            out = model(el[idx], frac)  # (b, 3)
+            with autocast(precision, device):
+                out = model(el[idx], frac)  # (b, 3), float32
             loss = robust_l1(out[:, 0], out[:, 2], y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             hist.steps += 1
-            losses.append(loss.detach())
+            hist.lr.append(lr)
+            loss_sum += loss.detach()
             if swa_epoch:
-                pred, _ = predict(model, val, scaler, batch_size=recipe.eval_batch_size)
-                if swa.update(mae(pred, val.target)):
-                    improved = True
-                    hist.swa_updates += 1
+                resets = swa.resets
+                if swa.update(validate(model)):
+                    added += 1
+                hist.swa_resets += swa.resets - resets
             if callback:
                 callback("step", epoch, hist.steps)
-        hist.train_loss.append(float(torch.stack(losses).mean()))
+        hist.train_loss.append(float(loss_sum) / n_batches)
         hist.epochs_run = epoch + 1
-        if swa_epoch and not improved:
-            hist.swa_discards += 1
-        if val_every and (epoch + 1) % val_every == 0:
-            pred, _ = predict(model, val, scaler, batch_size=recipe.eval_batch_size)
-            hist.val_mae.append(mae(pred, val.target))
+        hist.epoch_lr.append(lr)
+        hist.epoch_swa.append(added if swa_epoch else -1)
+        hist.swa_updates += added
+        if swa_epoch and not added:
+            hist.swa_failures += 1
+        hist.val_mae.append(validate(model) if val_every and (epoch + 1) % val_every == 0 else float("nan"))
         if callback:
             callback("epoch", epoch, hist.steps)
         if hasattr(bar, "set_postfix"):
             post = {"loss": f"{hist.train_loss[-1]:.4f}"}
-            if hist.val_mae:
+            if not math.isnan(hist.val_mae[-1]):
                 post["val_mae"] = f"{hist.val_mae[-1]:.4g}"
             if recipe.swa:
-                post["swa"] = f"{hist.swa_updates}/{hist.swa_discards}"
+                post["swa"] = f"{hist.swa_updates}/{hist.swa_failures}"
             bar.set_postfix(post)
-        stop = bool(recipe.early_stop and hist.swa_discards >= recipe.early_stop)
+        stop = bool(recipe.early_stop and hist.swa_failures >= recipe.early_stop)
         hist.stopped_early = stop
         now = time.perf_counter()
         if state_path and (now - last_save >= save_every_s or stop or epoch + 1 == recipe.epochs):
@@ -347,14 +435,15 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tup
     return model, Scaler(**ckpt["scaler"]), dict(ckpt.get("meta", {}))
 
 
-def checkpoint_path(data_dir: Path | str, dataset: str, features: str) -> Path:
-    """``<data_dir>/models/<dataset>__<features>.pt``."""
-    return Path(data_dir) / "models" / f"{dataset}__{features}.pt"
+def checkpoint_path(data_dir: Path | str, dataset: str, features: str, recipe: str = "immi") -> Path:
+    """``<data_dir>/models/<dataset>__<features>.pt`` (recipe immi) or ``…__<recipe>.pt`` (others)."""
+    suffix = "" if recipe == "immi" else f"__{recipe}"
+    return Path(data_dir) / "models" / f"{dataset}__{features}{suffix}.pt"
 
 
-def training_state_path(data_dir: Path | str, dataset: str, features: str) -> Path:
-    """``<data_dir>/models/<dataset>__<features>.state.pt``: the state of an unfinished training."""
-    return Path(data_dir) / "models" / f"{dataset}__{features}.state.pt"
+def training_state_path(data_dir: Path | str, dataset: str, features: str, recipe: str = "immi") -> Path:
+    """The state of an unfinished training: the checkpoint path with ``.state.pt``."""
+    return checkpoint_path(data_dir, dataset, features, recipe).with_suffix(".state.pt")
 
 
 def recipe_dict(recipe: Recipe) -> dict:
@@ -362,15 +451,24 @@ def recipe_dict(recipe: Recipe) -> dict:
     return asdict(recipe)
 
 
+def training_meta(recipe: Recipe, hist: History, **extra) -> dict:
+    """Checkpoint metadata of a training run: recipe, precision, history and ``extra`` fields."""
+    return {**extra, "recipe": recipe_dict(recipe), "full_recipe": recipe.name if recipe.is_full() else None,
+            "precision": hist.precision, "epochs_run": hist.epochs_run, "stopped_early": hist.stopped_early,
+            "swa_updates": hist.swa_updates, "swa_resets": hist.swa_resets,
+            "final_weights": "swa" if hist.swapped_swa else "last", "train_seconds": round(hist.seconds, 1),
+            "history": hist.per_epoch()}
+
+
 def train_and_save(
     data_dir: Path | str, dataset: str, features: str, recipe: Recipe, *, device: torch.device | str = "cpu",
     seed: int = 0, splits: dict[str, CompositionData] | None = None, written_by: str = "",
-    progress: bool | None = None,
+    progress: bool | None = None, precision: str = "auto",
 ) -> tuple[CrabNet, Scaler, dict]:
-    """Train a model on ``dataset`` with ``recipe`` and save it to ``models/<dataset>__<features>.pt``.
+    """Train a model on ``dataset`` with ``recipe`` and save it to :func:`checkpoint_path`.
 
     ``progress``: tqdm bar (None = only on a terminal; True also when logging to a file).
-    The training state is kept in ``models/<dataset>__<features>.state.pt`` while the run goes on
+    The training state is kept beside the checkpoint (``….state.pt``) while the run goes on
     (saved about once a minute), so an interrupted run started again with the same settings goes
     on from there (to the same result). The state file is removed at the end.
 
@@ -384,39 +482,40 @@ def train_and_save(
     seed_everything(seed)
     model = build_model(features, n_elements=splits["train"].width).to(device)
     scaler = Scaler.fit(splits["train"].target)
-    state_path = training_state_path(data_dir, dataset, features)
+    state_path = training_state_path(data_dir, dataset, features, recipe.name)
     hist = fit(model, splits["train"], splits["val"], scaler, recipe, seed=seed, desc=f"{dataset} {features}",
-               progress=progress, state_path=state_path, state_key={"dataset": dataset, "features": features})
+               progress=progress, state_path=state_path, state_key={"dataset": dataset, "features": features},
+               precision=precision)
     pred, _ = predict(model, splits["test"], scaler)
-    meta = {"dataset": dataset, "features": features, "recipe": recipe_dict(recipe),
-            "published_recipe": recipe.is_published(), "seed": seed, "epochs_run": hist.epochs_run,
-            "stopped_early": hist.stopped_early, "test_mae": mae(pred, splits["test"].target),
-            "train_seconds": round(hist.seconds, 1), "written_by": written_by}
-    save_checkpoint(checkpoint_path(data_dir, dataset, features), model, scaler, meta)
+    meta = training_meta(recipe, hist, dataset=dataset, features=features, seed=seed,
+                         test_mae=mae(pred, splits["test"].target), written_by=written_by)
+    save_checkpoint(checkpoint_path(data_dir, dataset, features, recipe.name), model, scaler, meta)
     state_path.unlink(missing_ok=True)
     return model, scaler, meta
 
 
 def checkpoint_suits(meta: dict, recipe: Recipe) -> bool:
-    """A published-recipe request needs a published-recipe checkpoint; a shorter one takes any."""
-    return bool(meta.get("published_recipe")) or not recipe.is_published()
+    """A full-recipe request needs a checkpoint trained with that full recipe; a shorter one takes any."""
+    return not recipe.is_full() or meta.get("full_recipe") == recipe.name
 
 
 def ensure_model(
     data_dir: Path | str, dataset: str, features: str, recipe: Recipe, *, device: torch.device | str = "cpu",
-    seed: int = 0, force: bool = False, written_by: str = "",
+    seed: int = 0, force: bool = False, written_by: str = "", precision: str = "auto",
 ) -> tuple[CrabNet, Scaler, dict]:
-    """Load ``models/<dataset>__<features>.pt`` if it suits ``recipe``, else train and save it.
+    """Load the checkpoint of ``recipe`` (:func:`checkpoint_path`) if it suits it, else train and save it.
 
-    A checkpoint suits a published-recipe request only if it was itself trained with the published
-    recipe; any checkpoint suits a shorter (e.g. ``--quick``) request. ``force`` always retrains.
+    A checkpoint suits a full-recipe request only if it was itself trained with that full recipe
+    (older checkpoints, made before the recipe followed the original exactly, do not); any
+    checkpoint suits a shorter (e.g. ``--quick``) request. ``force`` always retrains.
     """
-    path = checkpoint_path(data_dir, dataset, features)
+    path = checkpoint_path(data_dir, dataset, features, recipe.name)
     if path.exists() and not force:
         model, scaler, meta = load_checkpoint(path, device)
         if checkpoint_suits(meta, recipe):
-            print(f"using {path} ({'published recipe' if meta.get('published_recipe') else 'short run'}, "
-                  f"test MAE {meta.get('test_mae', float('nan')):.4g})")
+            kind = f"full {meta['full_recipe']} recipe" if meta.get("full_recipe") else "short run"
+            print(f"using {path} ({kind}, test MAE {meta.get('test_mae', float('nan')):.4g})")
             return model, scaler, meta
-        print(f"{path} was not trained with the published recipe: training it again")
-    return train_and_save(data_dir, dataset, features, recipe, device=device, seed=seed, written_by=written_by)
+        print(f"{path} was not trained with the full {recipe.name} recipe: training it again")
+    return train_and_save(data_dir, dataset, features, recipe, device=device, seed=seed, written_by=written_by,
+                          precision=precision)

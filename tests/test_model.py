@@ -90,10 +90,16 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def test_checkpoint_suits_recipe():
-    from crabnet.train import Recipe, checkpoint_suits
+    from crabnet.train import checkpoint_suits, make_recipe
 
-    assert Recipe().is_published() and not Recipe(epochs=8).is_published()
-    assert checkpoint_suits({"published_recipe": True}, Recipe())
-    assert not checkpoint_suits({"published_recipe": False}, Recipe())
-    assert checkpoint_suits({"published_recipe": False}, Recipe(epochs=8))
-    assert checkpoint_suits({}, Recipe(epochs=8))
+    immi, npj = make_recipe("immi"), make_recipe("npj")
+    assert immi.is_full() and npj.is_full() and (immi.epochs_step, npj.epochs_step) == (1, 10)
+    assert not make_recipe("immi", epochs=8).is_full() and not make_recipe("npj", epochs_step=2).is_full()
+    assert make_recipe("npj", eval_batch_size=64).is_full()  # evaluation batch size changes no result
+    assert checkpoint_suits({"full_recipe": "immi"}, immi)
+    assert not checkpoint_suits({"full_recipe": "immi"}, npj)
+    assert not checkpoint_suits({"published_recipe": True}, npj)  # made before the exact SWA rule
+    assert checkpoint_suits({"full_recipe": None}, make_recipe("immi", epochs=8))
+    assert checkpoint_suits({}, make_recipe("npj", epochs=8))
+    with pytest.raises(ValueError, match="unknown recipe"):
+        make_recipe("adam")

@@ -39,30 +39,96 @@ def test_lamb_trust_ratio_clamps_weight_norm():
     torch.testing.assert_close(w.data, torch.full((4,), 95.0), rtol=1e-4, atol=1e-3)
 
 
-def test_lookahead_syncs_every_k():
+def test_lamb_matches_per_tensor_formula_for_several_tensors():
+    """The foreach update equals the per-tensor formula, each tensor with its own trust ratio."""
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in [(3, 4), (5,), (2, 2, 2)]]
+    zero = torch.nn.Parameter(torch.zeros(3))  # zero weight norm -> trust ratio 1
+    params = [*ws, zero]
+    grads = [torch.randn(p.shape, generator=g) for p in params]
+    expected = []
+    for p, gr in zip(params, grads):
+        m, v = 0.1 * gr, 0.001 * gr * gr
+        step = m / (v.sqrt() + 1e-6)
+        w_norm = min(float(p.detach().norm()), 10.0)
+        trust = w_norm / float(step.norm()) if w_norm > 0 else 1.0
+        expected.append(p.detach() - 0.01 * trust * step)
+    for p, gr in zip(params, grads):
+        p.grad = gr.clone()
+    Lamb(params, lr=0.01).step()
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e)
+
+
+def test_lookahead_first_sync_is_a_no_op_then_pulls_halfway():
     w = torch.nn.Parameter(torch.zeros(1))
-    base = torch.optim.SGD([w], lr=1.0)
-    opt = Lookahead(base, alpha=0.5, k=2)
-    for _ in range(2):
+    opt = Lookahead(torch.optim.SGD([w], lr=1.0), alpha=0.5, k=2)
+    for _ in range(2):  # fast 0 -> 2; first sync: slow copies fast, nothing moves
         w.grad = torch.tensor([-1.0])
         opt.step()
-    # fast went 0 -> 2; slow moves halfway: 1; fast reset to 1
-    assert w.item() == pytest.approx(1.0)
-    with pytest.raises(ValueError):
-        Lookahead(base, alpha=2.0)
-
-
-def test_swa_averages_only_new_minima():
-    w = torch.nn.Parameter(torch.tensor([1.0]))
-    swa = SWA([w])
-    assert swa.update(5.0)
-    w.data.fill_(3.0)
-    assert not swa.update(6.0)  # worse: not averaged
-    assert swa.update(4.0)  # average of 1 and 3
-    w.data.fill_(10.0)
-    assert swa.swap()
     assert w.item() == pytest.approx(2.0)
+    for _ in range(2):  # fast 2 -> 4; slow moves halfway from 2: 3; fast reset to 3
+        w.grad = torch.tensor([-1.0])
+        opt.step()
+    assert w.item() == pytest.approx(3.0)
+    state = opt.state_dict()
+    opt2 = Lookahead(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), alpha=0.5, k=2)
+    opt2.load_state_dict(state)
+    assert opt2.counter == 4 and opt2.slow[0][0].item() == pytest.approx(3.0)
+    with pytest.raises(ValueError):
+        Lookahead(torch.optim.SGD([w], lr=1.0), alpha=2.0)
+
+
+def _swa_run(maes, values):
+    """Feed SWA one (validation MAE, weight value) pair at a time; return it and the update results."""
+    w = torch.nn.Parameter(torch.tensor([0.0]))
+    swa = SWA([w])
+    added = []
+    for m, value in zip(maes, values):
+        w.data.fill_(value)
+        added.append(swa.update(m))
+    return swa, w, added
+
+
+def test_swa_first_addition_copies_then_decays():
+    swa, w, added = _swa_run([1.0, 1.005, 1.009], [4.0, 8.0, 2.0])
+    assert added == [True, True, True]  # all within 1 % of the minimum 1.0
+    d2, d3 = (1 / 2) ** (1 / 3), (1 / 3) ** (1 / 3)
+    avg = 4.0
+    avg += (8.0 - avg) * d2
+    avg += (2.0 - avg) * d3
+    assert swa.n_averaged == 3 and swa.avg[0].item() == pytest.approx(avg)
+    assert swa.swap() and w.item() == pytest.approx(avg)
+
+
+def test_swa_one_percent_band_and_failures():
+    # 1.02 and 1.5 are more than 1 % above the minimum 1.0: not averaged
+    swa, _, added = _swa_run([1.0, 1.02, 1.5, 1.01], [1.0, 2.0, 3.0, 5.0])
+    assert added == [True, False, False, True]
+    assert swa.n_averaged == 2 and swa.minimum == 1.0
+
+
+def test_swa_resets_below_98_percent_of_last_reset_level():
+    # 1.0 resets (below 0.98 * 1e9); 0.99 is not below 0.98 * 1.0: averaged on top;
+    # 0.97 is below 0.98: reset, the average restarts from these weights
+    swa, w, added = _swa_run([1.0, 0.99, 0.97], [10.0, 20.0, 7.0])
+    assert added == [True, True, True]
+    assert swa.resets == 2 and swa.maximum == 0.97 and swa.n_averaged == 1
+    assert swa.avg[0].item() == pytest.approx(7.0)
+    # a later worse error within the band of the new minimum is averaged with decay (1/2)^(1/3)
+    w.data.fill_(9.0)
+    assert swa.update(0.975)
+    assert swa.avg[0].item() == pytest.approx(7.0 + 2.0 * 0.5 ** (1 / 3))
     assert not SWA([torch.nn.Parameter(torch.zeros(1))]).swap()
+
+
+def test_swa_state_round_trip():
+    swa, _, _ = _swa_run([1.0, 0.97, 0.98], [1.0, 2.0, 3.0])
+    other = SWA([torch.nn.Parameter(torch.zeros(1))])
+    other.load_state_dict(swa.state_dict())
+    assert (other.n_averaged, other.minimum, other.maximum, other.resets) == (
+        swa.n_averaged, swa.minimum, swa.maximum, swa.resets)
+    torch.testing.assert_close(other.avg[0], swa.avg[0])
 
 
 def test_robust_l1():

@@ -206,8 +206,8 @@ def test_interrupted_training_resumes_bit_for_bit(tiny_data, tmp_path):
     m, s, h = _fit_resumable(splits, state)
     np.testing.assert_array_equal(predict(m, splits["test"], s)[0], predict(m_ref, splits["test"], s_ref)[0])
     assert h.train_loss == h_ref.train_loss and h.val_mae == h_ref.val_mae
-    assert (h.epochs_run, h.steps, h.swa_updates, h.swa_discards) == (8, h_ref.steps, h_ref.swa_updates,
-                                                                      h_ref.swa_discards)
+    assert (h.epochs_run, h.steps, h.swa_updates, h.swa_failures) == (8, h_ref.steps, h_ref.swa_updates,
+                                                                      h_ref.swa_failures)
 
 
 def test_state_of_other_run_is_ignored(tiny_data, tmp_path, capsys):
