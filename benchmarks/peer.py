@@ -33,7 +33,6 @@ precision; the peer runs once per round, in fp32.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import resource
@@ -82,28 +81,19 @@ def run_ours(cfg: dict) -> dict:
     splits = load_dataset(cfg["data_dir"], cfg["dataset"], verbose=False)
     train, val, test = splits["train"], splits["val"], splits["test"]
     overrides = {"epochs": cfg["epochs"], "epochs_step": cfg["epochs_step"], "batch_size": cfg["batch_size"]}
-    if hasattr(T, "make_recipe"):
-        recipe, recipe_name = T.make_recipe("npj", **overrides), "npj"
-    else:
-        recipe, recipe_name = T.Recipe(**overrides), "Recipe (published defaults)"
-    # TODO(lead): drop these two signature checks once fit/predict take ``precision`` in main.
-    fit_kw = {"precision": cfg["precision"]} if "precision" in inspect.signature(T.fit).parameters else {}
-    pred_kw = {"precision": cfg["precision"]} if "precision" in inspect.signature(T.predict).parameters else {}
-    if cfg["precision"] == "bf16" and not fit_kw:
-        raise RuntimeError("this checkout's crabnet.train.fit has no precision keyword: bf16 is unavailable")
+    recipe, recipe_name = T.make_recipe("npj", **overrides), "npj"
     seed_everything(cfg["seed"])
     model = T.build_model(cfg["features"], n_elements=train.width).to(device)
     scaler = T.Scaler.fit(train.target)
     t0 = time.perf_counter()
-    hist = T.fit(model, train, val, scaler, recipe, seed=cfg["seed"], progress=False, **fit_kw)
+    hist = T.fit(model, train, val, scaler, recipe, seed=cfg["seed"], progress=False, precision=cfg["precision"])
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    pred, _ = T.predict(model, test, scaler, **pred_kw)
+    pred, _ = T.predict(model, test, scaler)  # fp32 inference of the trained weights on both sides
     return {
         "side": "ours", "package": f"crabnet {crabnet.__version__} (this project)",
-        "precision": cfg["precision"], "precision_used": getattr(hist, "precision", None),
-        "precision_note": "" if fit_kw else "fit has no precision keyword: ran in fp32", "recipe": recipe_name,
+        "precision": cfg["precision"], "precision_used": hist.precision, "recipe": recipe_name,
         "n_train": len(train), "n_val": len(val), "n_test": len(test),
         "batch_size": recipe.batch_size, "epochs_step": recipe.epochs_step,
         "epochs_run": hist.epochs_run, "fit_seconds": seconds, "s_per_epoch": seconds / hist.epochs_run,
@@ -165,7 +155,7 @@ def run_peer(cfg: dict) -> dict:
     swa = model.optimizer
     return {
         "side": "peer", "package": f"crabnet {crabnet.__version__} (PyPI)", "precision": "fp32",
-        "precision_note": "",
+        "precision_used": "fp32",
         "n_train": len(split["train"]), "n_val": len(split["val"]), "n_test": len(split["test"]),
         "batch_size": model.batch_size, "epochs_step": model.epochs_step,
         "lr_half_cycle_batches": model.stepsize, "optimizer": type(swa).__module__ + "." + type(swa).__name__,
@@ -236,15 +226,6 @@ def write_splits(data_dir: Path, dataset: str, out: Path) -> dict[str, int]:
     return {name: len(data) for name, data in splits.items()}
 
 
-def check_precisions(precisions: list[str]) -> None:
-    """Refuse bf16 up front when this checkout's ``fit`` has no precision keyword."""
-    sys.path.insert(0, str(ROOT))
-    from crabnet.train import fit
-
-    if "bf16" in precisions and "precision" not in inspect.signature(fit).parameters:
-        raise SystemExit("--precision bf16: this checkout's crabnet.train.fit has no precision keyword yet")
-
-
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="aflow__ael_bulk_modulus_vrh", help="default: %(default)s")
@@ -279,7 +260,6 @@ def main(dataset: str, features: str, epochs: int, epochs_step: int, batch_size:
         raise SystemExit(f"--precision: one or more of {', '.join(PRECISIONS)}, got {precision!r}")
     if rounds < 1:
         raise SystemExit("--rounds must be at least 1")
-    check_precisions(precisions)
     peer_python = ensure_peer_venv(venv.resolve())
     runs: list[dict] = []
     load_before = os.getloadavg()
@@ -311,13 +291,10 @@ def main(dataset: str, features: str, epochs: int, epochs_step: int, batch_size:
     print(f"\n{'round':>5s} {'side':30s} {'precision':>9s} {'epochs':>6s} {'fit s':>8s} {'s/epoch':>8s} "
           f"{'test MAE':>9s} {'peak RSS MB':>11s} {'ours/peer':>9s}")
     for r in runs:
-        prec = r["precision"] + ("*" if r["precision_note"] else "")
+        prec = r["precision_used"] if r["precision"] == "auto" else r["precision"]
         ratio = f"{r['ratio']:.2f}" if "ratio" in r else "-"
         print(f"{r['round']:5d} {r['package']:30s} {prec:>9s} {r['epochs_run']:6d} {r['fit_seconds']:8.1f} "
               f"{r['s_per_epoch']:8.2f} {r['test_mae']:9.4g} {r['peak_rss_mb']:11.0f} {ratio:>9s}")
-    notes = sorted({r["precision_note"] for r in runs if r["precision_note"]})
-    for note in notes:
-        print(f"* {note}")
     for r in runs[: len(precisions) + 1]:
         print(f"{r['package']} [{r['precision']}]: batch {r['batch_size']}, epochs_step {r['epochs_step']}, "
               f"{r['swa']}; torch {r['torch']}, {r['threads']} threads")
