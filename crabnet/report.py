@@ -39,6 +39,7 @@ from crabnet.utils import atomic_path
 
 REPORT_NAME = "index.html"
 TABLE_ROWS = 60  # rows of a CSV shown in the page (the rest behind the link)
+FOLD_ROWS = 12  # longer tables start folded
 SKIP_DIRS = {"benchmark_data", "matbench_cv", "cache"}  # inputs and caches are not outputs to show
 MEDIA = (".png", ".html", ".mp4", ".csv", ".json", ".svg", ".jpg")
 
@@ -336,7 +337,8 @@ def csv_table(root: Path, path: Path, max_rows: int = TABLE_ROWS, caption: str |
         return f"<p class='muted'>{_esc(path.name)} is empty</p>"
     head, body = rows[0], rows[1:]
     cap = caption or path.relative_to(root).as_posix()
-    more = f" · first {max_rows} of {len(body)} rows" if len(body) > max_rows else f" · {len(body)} rows"
+    more = (f" · first {max_rows} of {len(body)} rows" if len(body) > max_rows
+            else f" · {len(body)} row{'' if len(body) == 1 else 's'}")
     out = [f"<div class='table-wrap'><table class='data'><caption><a href='{_href(root, path)}'>{_esc(cap)}</a>"
            f"<span class='muted'>{more}</span></caption><thead><tr>"]
     out += [f"<th>{_esc(h)}</th>" for h in head]
@@ -344,6 +346,9 @@ def csv_table(root: Path, path: Path, max_rows: int = TABLE_ROWS, caption: str |
     for row in body[:max_rows]:
         out.append("<tr>" + "".join(f"<td>{_esc(_num(v))}</td>" for v in row) + "</tr>")
     out.append("</tbody></table></div>")
+    if len(body) > FOLD_ROWS:  # long tables start folded; the caption stays visible
+        return (f"<details class='table'><summary><b>{_esc(cap)}</b> <span class='muted'>· {len(body)} rows "
+                f"(show)</span></summary>{''.join(out)}</details>")
     return "".join(out)
 
 
@@ -358,10 +363,15 @@ def thumbs(root: Path, images: Iterable[Path], twins: bool = True) -> str:
         target = twin if twins and twin.is_file() else png
         extra = f" · <a href='{_href(root, png)}'>PNG</a>" if target != png else ""
         label = "interactive" if target != png else "full size"
-        cards.append(f"<figure class='thumb'><a href='{_href(root, target)}'><img loading='lazy' src='{_href(root, png)}' "
-                     f"alt='{_esc(png.stem)}'></a><figcaption>{_esc(png.stem)}<br><a href='{_href(root, target)}'>"
+        cards.append(f"<figure class='thumb'><a href='{_href(root, target)}'><img src='{_href(root, png)}' "
+                     f"alt='{_esc(png.stem)}'></a><figcaption>{_breakable(png.stem)}<br><a href='{_href(root, target)}'>"
                      f"{label}</a>{extra}</figcaption></figure>")
     return f"<div class='thumbs'>{''.join(cards)}</div>" if cards else ""
+
+
+def _breakable(name: str) -> str:
+    """Escaped name that may wrap after its ``__`` separators."""
+    return "__<wbr>".join(_esc(part) for part in name.split("__"))
 
 
 def file_links(root: Path, paths: Iterable[Path], label=lambda p: p.name) -> str:
@@ -395,7 +405,7 @@ def _model_section(root: Path, model: Model) -> str:
     rows.append(("checkpoint", f"<a href='{_href(root, model.path)}'>{_esc(model.path.name)}</a> "
                                f"<span class='muted'>{_size(model.path)}</span>"))
     facts = "".join(f"<tr><th>{_esc(a)}</th><td>{b if a == 'checkpoint' else _esc(b)}</td></tr>" for a, b in rows)
-    figure = (f"<a href='{_href(root, model.figure)}'><img class='curve' loading='lazy' src='{_href(root, model.figure)}' "
+    figure = (f"<a href='{_href(root, model.figure)}'><img class='curve' src='{_href(root, model.figure)}' "
               f"alt='learning curve of {_esc(model.path.stem)}'></a>" if model.figure else
               "<p class='muted'>no learning curve (the checkpoint holds no training history)</p>")
     return (f"<div class='model'><h4>{_esc(model.path.stem)}</h4><div class='model-body'>"
@@ -459,8 +469,9 @@ def _embedding_links(root: Path, paths: list[Path]) -> str:
     lines = []
     for features, ps in sorted(by_features.items()):
         layers: dict[str, list[Path]] = {}
-        for p in sorted(ps):
-            layer, kind = p.stem.rsplit("__", 2)[-2:] if p.stem.count("__") >= 2 else (p.stem, "")
+        order = {"Q": 0, "K": 1, "V": 2}
+        for p in sorted(ps, key=lambda p: (p.stem.rsplit("__", 1)[0], order.get(p.stem.rsplit("__", 1)[-1], 3))):
+            layer = p.stem.rsplit("__", 2)[-2] if p.stem.count("__") >= 2 else p.stem
             layers.setdefault(layer, []).append(p)
         groups = [f"{_esc(layer.replace('layer', 'layer '))}: " + " ".join(
                   f"<a href='{_href(root, p)}'>{_esc(p.stem.rsplit('__', 1)[-1])}</a>" for p in files)
@@ -553,6 +564,7 @@ def render_report(found: Found) -> str:
     corr = root / "figures" / "correlation"
     pngs = _files(corr, (".png",))
     if pngs or (corr / "summary.csv").is_file():
+        pngs = _summary_order(corr / "summary.csv", pngs)
         main = [p for p in pngs if not re.search(r"__z\d+$", p.stem)]
         zoom = [p for p in pngs if re.search(r"__z\d+$", p.stem)]
         body = ("<section class='card' id='correlation'><h2>Element correlation</h2>"
@@ -596,6 +608,17 @@ def render_report(found: Found) -> str:
     return (_REPORT_HEAD + f"<header><h1>CrabNet explainability report</h1><span class='muted-light'>written {stamp} by "
             f"crabnet {_esc(crabnet.__version__)} · everything under this folder, linked relatively</span>"
             f"<nav>{nav}</nav></header><main>" + "".join(sections) + "</main></body></html>")
+
+
+def _summary_order(summary: Path, pngs: list[Path]) -> list[Path]:
+    """Figures in the row order of the summary's ``representation`` column (the others after, by name)."""
+    try:
+        with open(summary, newline="", encoding="utf-8") as f:
+            names = [r.get("representation", "") for r in csv.DictReader(f)]
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return pngs
+    rank = {n: i for i, n in enumerate(names)}
+    return sorted(pngs, key=lambda p: (rank.get(re.sub(r"__z\d+$", "", p.stem), len(rank)), p.name))
 
 
 def _other_files(found: Found) -> list[Path]:
@@ -677,7 +700,7 @@ figure figcaption { font-size:12.5px; color:var(--muted); padding-top:3px; }
 .thumbs { display:grid; grid-template-columns:repeat(auto-fill, minmax(230px, 1fr)); gap:12px; margin:8px 0; }
 figure.thumb { margin:0; border:1px solid var(--line); border-radius:6px; padding:6px; background:#fff; }
 figure.thumb img { width:100%; height:190px; object-fit:contain; display:block; }
-figure.thumb figcaption { word-break:break-all; }
+figure.thumb figcaption { overflow-wrap:anywhere; }
 .table-wrap { overflow-x:auto; margin:8px 0 12px; }
 table.data { border-collapse:collapse; font-size:12.5px; font-variant-numeric:tabular-nums; }
 table.data caption { text-align:left; padding-bottom:4px; font-weight:600; }
