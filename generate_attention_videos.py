@@ -107,6 +107,8 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
     if not no_explorer:
         info = write_explorer(store, explorer_path(data_dir, dataset), dataset, rows=rows, n_others=explore)
         print(f"explorer: {info.n_compounds} compounds ({info.size / 1e6:.1f} MB, {info.seconds:.1f} s) -> {info.path}")
+        if info.size > 50e6:
+            print(f"  the page is large for a browser; --explore {max(0, explore // 4)} embeds fewer compounds")
 
     out_dir = Path(data_dir) / "videos" / dataset
     jobs = plan_jobs(store, rows, layers, out_dir, dataset=dataset, fps=fps, dpi=dpi, crf=crf, preset=preset,

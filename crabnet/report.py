@@ -621,17 +621,22 @@ def _summary_order(summary: Path, pngs: list[Path]) -> list[Path]:
     return sorted(pngs, key=lambda p: (rank.get(re.sub(r"__z\d+$", "", p.stem), len(rank)), p.name))
 
 
-def _other_files(found: Found) -> list[Path]:
-    """Output files nothing above shows (inputs, caches and stores excluded)."""
+def _other_files(found: Found, limit: int = 300) -> list[Path]:
+    """Output files nothing above shows (inputs, caches, stores and model files excluded), at most ``limit``."""
+    import os
+
     root, out = found.root, []
     skip_top = SKIP_DIRS | {"models", "attention", "embeddings"}
     for top in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and p.name not in skip_top):
-        for p in sorted(top.rglob("*")):
-            rel = p.relative_to(root).parts
-            if (p.is_file() and p.suffix.lower() in MEDIA and p not in found.used and not p.name.startswith(".")
-                    and not any(part in SKIP_DIRS or part.endswith(".zarr") for part in rel)):
-                out.append(p)
-    return out[:300]
+        for folder, dirs, files in os.walk(top):
+            dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.endswith(".zarr") and not d.startswith("."))
+            for name in sorted(files):
+                p = Path(folder) / name
+                if p.suffix.lower() in MEDIA and not name.startswith(".") and p not in found.used:
+                    out.append(p)
+                    if len(out) >= limit:
+                        return out
+    return out
 
 
 def write_report(data_dir: Path | str) -> Path:
