@@ -17,7 +17,7 @@ from crabnet.capture import AttentionStore
 from crabnet.data import normalise_formula
 from crabnet.explorer import (QUANT_MAX, choose_compounds, decode_weights, encode_weights, explorer_path,
                               write_explorer)
-from test_videos import C, FORMULAS, H, L, write_store
+from test_videos import C, FORMULAS, H, write_store
 
 TOL = 1e-3  # shown weights (4 decimals of a 16-bit code) vs the store
 
