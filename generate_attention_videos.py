@@ -5,6 +5,8 @@ Writes  <data-dir>/videos/<dataset>/<formula>_attention.mp4  all heads of --laye
         <data-dir>/videos/<dataset>/<formula>_progress.mp4   prediction over the captures so far vs target
         <data-dir>/videos/<dataset>/<formula>.mp4            both side by side
         (--layer N other than 0 adds _layerN to the names, --layer all adds _layers)
+        <data-dir>/explorer/<dataset>.html                   the attention explorer (--no-explorer skips it)
+        <data-dir>/index.html                                the report of every output (refreshed)
 Next    guess_oxidation.py
 
 Frame k of every video shows capture k (capture 0 = the untrained model). Heatmap rows are query
@@ -19,10 +21,16 @@ captured split; the others are listed): aflow__ael_bulk_modulus_vrh P1W3, C11N4,
 GaN, Gd2O7Ti2, BN, AlGdO3, Hf2La2O7; mp_bulk_modulus SiO2, FeCO3, YSF, Fe(HO)2, AgSbTe2, NaNO3,
 Al2O3, LiFeO2.
 
+The attention explorer is one offline HTML page: search a compound, pick layer and head (or all
+heads), move a slider over the captures or press play; the view is kept in the URL hash
+(explorer/<dataset>.html#compound=Hf1O2&layer=0&head=2&capture=8). It embeds the paper's
+compounds, the rendered ones and --explore N others chosen across numbers of elements and errors.
+
 Examples:
     python generate_attention_videos.py --quick                       # paper compounds of the demo store
     python generate_attention_videos.py --dataset aflow__Egap --formula GaN --formula Fe2O3 --layer all
     python generate_attention_videos.py --dataset mp_bulk_modulus --index 0 --index 5 --fps 5
+    python generate_attention_videos.py --quick --explore 300         # a larger explorer page
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ from pathlib import Path
 from crabnet.capture import AttentionStore
 from crabnet.cli import DEMO_DATASET, add_common, make_parser
 from crabnet.data import DataError
+from crabnet.explorer import DEFAULT_EXPLORE, explorer_path, write_explorer
+from crabnet.report import refresh_report
 from crabnet.video import (DEFAULT_PRESET, VideoError, default_workers, find_ffmpeg, parse_layers, plan_jobs, run_jobs,
                            select_compounds)
 
@@ -59,16 +69,21 @@ def parse_args(argv=None):
     p.add_argument("--crf", type=int, default=18, help="libx264 quality (0-51, lower = better)")
     p.add_argument("--preset", default=DEFAULT_PRESET,
                    help="libx264 speed preset (ultrafast … veryslow; slower = smaller files, same quality)")
+    p.add_argument("--no-explorer", action="store_true",
+                   help="do not write the attention explorer <data-dir>/explorer/<dataset>.html")
+    p.add_argument("--explore", type=int, default=DEFAULT_EXPLORE,
+                   help="compounds embedded in the explorer besides the paper's and the rendered ones, "
+                        "chosen across numbers of elements and errors")
     return p.parse_args(argv)
 
 
 def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: bool, force: bool,
          formula: list[str], index: list[int], layer: str, fps: float, workers: int, dpi: float, crf: int,
-         preset: str) -> int:
+         preset: str, no_explorer: bool = False, explore: int = DEFAULT_EXPLORE) -> int:
     # device and seed are shared flags; rendering uses neither
     dataset = dataset or (QUICK_DATASET if quick else DEFAULT_DATASET)
-    if fps <= 0 or dpi <= 0 or workers < 0 or not 0 <= crf <= 51:
-        print("error: --fps and --dpi must be > 0, --workers >= 0, --crf in 0..51", file=sys.stderr)
+    if fps <= 0 or dpi <= 0 or workers < 0 or not 0 <= crf <= 51 or explore < 0:
+        print("error: --fps and --dpi must be > 0, --workers and --explore >= 0, --crf in 0..51", file=sys.stderr)
         return 2
     store_path = Path(data_dir) / "attention" / dataset / "attention.zarr"
     try:
@@ -88,6 +103,12 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
         return 2
     if missing:
         print(f"not in the captured {store.attrs.get('split', '')} split of {dataset} (skipped): {', '.join(missing)}")
+
+    if not no_explorer:
+        info = write_explorer(store, explorer_path(data_dir, dataset), dataset, rows=rows, n_others=explore)
+        print(f"explorer: {info.n_compounds} compounds ({info.size / 1e6:.1f} MB, {info.seconds:.1f} s) -> {info.path}")
+        if info.size > 50e6:
+            print(f"  the page is large for a browser; --explore {max(0, explore // 4)} embeds fewer compounds")
 
     out_dir = Path(data_dir) / "videos" / dataset
     jobs = plan_jobs(store, rows, layers, out_dir, dataset=dataset, fps=fps, dpi=dpi, crf=crf, preset=preset,
@@ -112,6 +133,7 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
         return 1
     if jobs:
         print(f"{3 * len(jobs)} videos in {time.perf_counter() - t0:.1f} s -> {out_dir}")
+    refresh_report(data_dir)
     print("next: python guess_oxidation.py")
     return 0
 

@@ -39,6 +39,7 @@ from crabnet.cli import DEMO_DATASET, add_common, add_training, make_parser
 from crabnet.data import DataError, load_dataset
 from crabnet.embeddings import (BENCHMARK_DATASETS, embedding_frames, predictions_frame, predictions_path,
                                 published_mae, write_embeddings, write_predictions)
+from crabnet.report import refresh_report
 from crabnet.train import Recipe, ensure_model, make_recipe, mae, predict
 from crabnet.utils import resolve_device
 
@@ -127,6 +128,7 @@ def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quic
               f"test predictions -> {row['predictions']}")
         rows.append(row)
     print_table(rows)
+    refresh_report(data_dir)
     print("next: python plot_element_correlation.py" + (" --quick" if quick else ""))
     return 0
 

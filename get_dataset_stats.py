@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from crabnet.cli import DEMO_DATASET, add_common, make_parser
 from crabnet.data import DataError
+from crabnet.report import refresh_report
 from crabnet.stats import (BENCHMARK, MATBENCH, REFERENCE_DIR, TABLE_NAME, compare_with_published, counts_table,
                            dataset_stats, matbench_summary, merge_table, plot_diversity, plot_prevalence,
                            read_published, resolve_datasets, stats_table)
@@ -134,6 +135,7 @@ def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quic
     if not no_figures:
         write_figures(results, tables, data_dir)
     check_published(tables, reference_dir)
+    refresh_report(data_dir)
     return 0
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from crabnet.capture import AttentionRecorder, AttentionWriter
 from crabnet.cli import DEMO_DATASET, add_common, add_training, make_parser
 from crabnet.data import SPLITS, DataError, load_dataset
+from crabnet.report import refresh_report
 from crabnet.train import (Scaler, build_model, checkpoint_path, fit, load_checkpoint, make_recipe, mae, predict,
                            recipe_dict, save_checkpoint, training_meta)
 from crabnet.utils import resolve_device, seed_everything
@@ -151,6 +152,7 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
     last_val = hist.val_mae[-1] if hist.val_mae else float("nan")
     print(f"model -> {ckpt}\n{hist.epochs_run} epochs in {hist.seconds:.1f} s; val MAE {last_val:.4g} "
           f"(last epoch), test MAE {test_mae:.4g} ({'SWA weights' if hist.swapped_swa else 'last weights'})")
+    refresh_report(data_dir)
     print("next: python generate_attention_videos.py" + (" --quick" if quick else f" --dataset {dataset}"))
     return 0
 

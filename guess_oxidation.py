@@ -40,6 +40,7 @@ from crabnet.cli import DEMO_DATASET, add_common, make_parser
 from crabnet.data import SPLITS, DataError
 from crabnet.oxidation import (GuessCache, cache_path, default_workers, guess_all, keys_for, progress_bar,
                                read_formulas, results_for, write_element_ox_states, write_split)
+from crabnet.report import refresh_report
 from crabnet.stats import resolve_datasets, split_files
 
 REASONS = ("no_solution", "timeout", "error", "max_sites", "invalid_formula")
@@ -111,6 +112,7 @@ def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quic
               + " ".join(f"{total.get(r, 0):>15}" for r in REASONS))
     print(f"wrote {len(parts)} JSON + CSV pairs and element_ox_states.json to {out_dir}/ "
           f"({time.perf_counter() - t0:.1f} s)")
+    refresh_report(data_dir)
     return 0
 
 

@@ -47,6 +47,7 @@ from crabnet.correlation import (REFERENCE_TABLES, STATIC_TABLES, element_correl
                                  representation_name, static_representation, summarise)
 from crabnet.embeddings import embedding_frames
 from crabnet.plotting import save_html, save_png
+from crabnet.report import refresh_report
 from crabnet.train import build_model
 from crabnet.utils import atomic_path, resolve_device, seed_everything
 
@@ -171,6 +172,7 @@ def main(data_dir: Path, device: str, seed: int, quick: bool, force: bool, sourc
     print_summary(summary, n_perm)
     print(f"\n{n_plotted} representation(s) plotted ({len(corrs) - n_plotted} up to date or not plotted) -> {out_dir}/")
     print(f"summary -> {summary_path}")
+    refresh_report(data_dir)
     print("next: python plot_local_edm_umap.py" + (" --quick" if quick else ""))
     return 0
 

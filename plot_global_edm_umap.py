@@ -42,6 +42,7 @@ import pandas as pd
 
 from crabnet.cli import DEMO_DATASET, add_common, add_html_js, add_training, make_parser
 from crabnet.data import SPLITS, load_dataset
+from crabnet.report import refresh_report
 from crabnet.represent import collect, open_store
 from crabnet.train import Recipe, checkpoint_path, ensure_model, make_recipe
 from crabnet.umap_plots import (UmapParamError, UmapParams, global_metrics, global_min_dist, hover_text,
@@ -176,6 +177,7 @@ def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quic
     print("\nkNN (k=10) R² of the target from the pooled vectors (cosine) and from the 2-D UMAP; "
           "shuffled = targets permuted:")
     print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    refresh_report(data_dir)
     print("next: python get_dataset_stats.py" + (" --quick" if quick else ""))
     return 0
 

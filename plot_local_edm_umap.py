@@ -43,6 +43,7 @@ import pandas as pd
 from crabnet.cli import DEMO_DATASET, add_common, add_html_js, add_training, make_parser
 from crabnet.data import SPLITS, load_dataset
 from crabnet.elements import ATOMIC_NUMBER
+from crabnet.report import refresh_report
 from crabnet.represent import collect, open_store
 from crabnet.train import Recipe, checkpoint_path, ensure_model, make_recipe
 from crabnet.umap_plots import (PAPER_ATOMS, UmapParamError, UmapParams, hover_text, load_oxidation, local_metrics,
@@ -196,6 +197,7 @@ def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quic
         print("\nkNN (k=10) accuracy (acc) and balanced accuracy (bacc) of the rounded oxidation state in the "
               "value vectors (repr) and the 2-D UMAP; shuffled = labels permuted:")
         print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    refresh_report(data_dir)
     print("next: python plot_global_edm_umap.py" + (" --quick" if quick else " " + " ".join(
         f"--dataset {d}" for d in datasets)))
     return 0

@@ -217,7 +217,8 @@ class History:
     def per_epoch(self) -> dict:
         """The per-epoch curves as a dict of lists (for checkpoints and learning-curve figures)."""
         return {"epoch": list(range(1, self.epochs_run + 1)), "train_loss": self.train_loss,
-                "val_mae": self.val_mae, "lr": self.epoch_lr, "swa_updates": self.epoch_swa}
+                "val_mae": self.val_mae, "lr": self.epoch_lr, "swa_updates": [max(0, a) for a in self.epoch_swa],
+                "swa_check": [a >= 0 for a in self.epoch_swa]}
 
 
 # Callback events: ("start", epoch=-1, step=0), ("step", epoch, step), ("epoch", epoch, step).

@@ -39,3 +39,42 @@ def tiny_data(tmp_path: Path) -> Path:
     """A --data-dir holding the dataset 'tiny'."""
     write_dataset(tmp_path)
     return tmp_path
+
+
+# --------------------------------------------------------------------------------------------
+# a real headless Chromium for the browser tests (Debian's `chromium`, driven by Playwright)
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+
+
+def chromium_executable() -> str | None:
+    """The system Chromium ($CHROMIUM, else chromium / chromium-browser on PATH); None if there is none."""
+    import os
+    import shutil
+
+    for name in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium per test module; skips with the reason when Playwright or Chromium is missing.
+
+    Playwright is pointed at the installed executable and never downloads a browser.
+    """
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("browser test: the playwright package is not installed (pip install -r requirements.txt)")
+    exe = chromium_executable()
+    if exe is None:
+        pytest.skip("browser test: no Chromium installed (Debian/Ubuntu: apt-get install chromium; or set $CHROMIUM)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()

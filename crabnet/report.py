@@ -1,0 +1,738 @@
+"""The report: ``<data-dir>/index.html``, one browsable page of every output under ``--data-dir``.
+
+Every workflow script calls :func:`refresh_report` at its end; it rebuilds the page from what
+exists (cheap: it reads checkpoint metadata memory-mapped, store attributes, small CSVs, and
+lists files) and never fails the step that calls it (a problem becomes a warning). All links are
+relative, so the folder can be zipped and opened elsewhere, and nothing is fetched from the
+network.
+
+Shown per dataset: the training summary of each checkpoint (recipe, epochs, test MAE beside the
+published one where known) with its learning curve (``figures/training/<model>.png``, written
+from the checkpoint's history when missing), the attention store, the explorer, the videos (HTML5
+``<video>``), test predictions, oxidation-state guesses, the local and global UMAP figures
+(thumbnails linking to their interactive HTML) and summary tables, element-prevalence figures;
+then the element-correlation figures, the dataset statistics and anything else found.
+
+Run by hand::
+
+    python -m crabnet.report --data-dir data
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import html
+import json
+import math
+import re
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+from urllib.parse import quote
+
+import crabnet
+from crabnet.utils import atomic_path
+
+REPORT_NAME = "index.html"
+TABLE_ROWS = 60  # rows of a CSV shown in the page (the rest behind the link)
+FOLD_ROWS = 12  # longer tables start folded
+SKIP_DIRS = {"benchmark_data", "matbench_cv", "cache"}  # inputs and caches are not outputs to show
+MEDIA = (".png", ".html", ".mp4", ".csv", ".json", ".svg", ".jpg")
+
+
+# --------------------------------------------------------------------------------------------
+# learning curve
+
+
+def write_learning_curve(history: dict, path: Path | str) -> Path:
+    """Plot a training history: train loss, validation MAE, learning rate and SWA updates per epoch.
+
+    Args:
+        history: equal-length per-epoch lists under ``epoch``, ``train_loss``, ``val_mae`` (may
+            hold NaN or None), ``lr`` (learning rate at the end of the epoch) and ``swa_updates``
+            (SWA averaging additions during the epoch); an optional ``recipe`` (str) goes in the
+            title. Missing lists leave their panel saying so.
+        path: the PNG to write (folders are created; written atomically).
+
+    Returns:
+        ``path``.
+    """
+    from matplotlib.figure import Figure
+
+    from crabnet.plotting import save_png
+
+    def series(name: str) -> list[float]:
+        values = history.get(name)
+        if values is None:
+            return []
+        out = []
+        for v in values:
+            try:
+                out.append(float(v))
+            except (TypeError, ValueError):
+                out.append(math.nan)
+        return out
+
+    loss, val, lr, swa = (series(k) for k in ("train_loss", "val_mae", "lr", "swa_updates"))
+    n = max(len(loss), len(val), len(lr), len(swa))
+    epochs = series("epoch") or list(range(1, n + 1))
+    fig = Figure(figsize=(10, 6.2), layout="constrained")
+    axes = fig.subplots(2, 2, sharex=True)
+    panels = [(axes[0, 0], loss, "train loss (RobustL1, scaled)", "#1f77b4"),
+              (axes[0, 1], val, "validation MAE (target units)", "#d62728"),
+              (axes[1, 0], lr, "learning rate (end of epoch)", "#2ca02c"),
+              (axes[1, 1], swa, "SWA updates in the epoch", "#9467bd")]
+    for ax, ys, label, colour in panels:
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+        xs = epochs[: len(ys)]
+        if not ys or all(math.isnan(y) for y in ys):
+            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, color="0.5")
+            continue
+        if ys is swa:
+            ax.bar(xs, [0 if math.isnan(y) else y for y in ys], color=colour, width=0.8)
+            total = int(sum(y for y in ys if not math.isnan(y)))
+            ax.text(0.02, 0.92, f"total {total}", ha="left", va="top", transform=ax.transAxes, fontsize=9)
+            ax.yaxis.get_major_locator().set_params(integer=True)
+        else:
+            finite = [(x, y) for x, y in zip(xs, ys) if not math.isnan(y)]
+            ax.plot([x for x, _ in finite], [y for _, y in finite], color=colour, lw=1.6,
+                    marker="o" if len(finite) <= 60 else None, ms=3)
+        if ys is val:
+            finite = [(y, x) for x, y in zip(xs, ys) if not math.isnan(y)]
+            best, at = min(finite)
+            ax.axhline(best, color=colour, lw=0.8, ls=":")
+            ax.text(0.98, 0.92, f"best {best:.4g} (epoch {at:g})", ha="right", va="top", transform=ax.transAxes,
+                    fontsize=9)
+        if ys is lr:
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    for ax in axes[1]:
+        ax.set_xlabel("epoch")
+    recipe = history.get("recipe")
+    fig.suptitle("Training history" + (f" · {recipe}" if isinstance(recipe, str) and recipe else ""), fontsize=12)
+    return save_png(fig, path, dpi=110)
+
+
+# --------------------------------------------------------------------------------------------
+# reading what exists
+
+
+@dataclass
+class Model:
+    """One checkpoint under ``models/``."""
+
+    path: Path
+    meta: dict
+    figure: Path | None = None
+    published: float | None = None
+
+
+@dataclass
+class Found:
+    """Outputs found under a data folder, by dataset and kind."""
+
+    root: Path
+    datasets: dict[str, dict[str, list]] = field(default_factory=dict)
+    used: set[Path] = field(default_factory=set)  # files shown somewhere (the rest go under "other files")
+
+    def add(self, dataset: str, kind: str, item: Any) -> None:
+        self.datasets.setdefault(dataset, {}).setdefault(kind, []).append(item)
+        for p in (item if isinstance(item, tuple) else (item,)):
+            if isinstance(p, Path):
+                self.used.add(p)
+            elif isinstance(p, Model):
+                self.used.add(p.path)
+                if p.figure:
+                    self.used.add(p.figure)
+
+
+def read_meta(path: Path) -> dict:
+    """The ``meta`` of a checkpoint (memory-mapped: the weights are not read)."""
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # e.g. a file system without mmap
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    meta = ckpt.get("meta", {}) if isinstance(ckpt, dict) else {}
+    return dict(meta) if isinstance(meta, dict) else {}
+
+
+def published_test_mae(dataset: str, features: str) -> float | None:
+    """The published test MAE where the package knows it, else None (never raises)."""
+    try:
+        from crabnet.embeddings import published_mae
+
+        value = published_mae(dataset, features)
+        return float(value) if value is not None and math.isfinite(float(value)) else None
+    except Exception:
+        return None
+
+
+def _files(folder: Path, suffixes: Sequence[str] = MEDIA) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes
+                  and not p.name.startswith("."))
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  and not p.name.endswith(".zarr"))
+
+
+def _history_figure(root: Path, ckpt: Path, meta: dict) -> Path | None:
+    """``figures/training/<checkpoint stem>.png``, written from ``meta['history']`` when missing or older."""
+    fig = root / "figures" / "training" / f"{ckpt.stem}.png"
+    history = meta.get("history")
+    stale = not fig.is_file() or fig.stat().st_mtime < ckpt.stat().st_mtime
+    if stale and isinstance(history, dict) and history:
+        recipe = history.get("recipe") or _recipe_text(meta.get("recipe"))
+        try:
+            write_learning_curve({**history, "recipe": recipe}, fig)
+        except Exception as err:  # a broken history must not hide the rest of the report
+            warnings.warn(f"report: no learning curve for {ckpt.name}: {err}", stacklevel=2)
+    return fig if fig.is_file() else None
+
+
+def _recipe_text(recipe: Any) -> str:
+    if not isinstance(recipe, dict):
+        return str(recipe or "")
+    parts = ([f"{recipe['name']}:"] if recipe.get("name") else []) + [
+        f"{recipe.get('epochs', '?')} epochs", f"epochs_step {recipe.get('epochs_step', '?')}"]
+    if recipe.get("batch_size"):
+        parts.append(f"batch {recipe['batch_size']}")
+    parts.append("SWA" if recipe.get("swa", True) else "no SWA")
+    if recipe.get("early_stop"):
+        parts.append(f"early stop {recipe['early_stop']}")
+    return ", ".join(parts)
+
+
+def scan(root: Path | str) -> Found:
+    """Find every output under ``root`` and sort it by dataset and kind."""
+    root = Path(root)
+    found = Found(root=root)
+    for ckpt in _files(root / "models", (".pt",)):
+        if ckpt.name.endswith(".state.pt"):
+            continue
+        try:
+            meta = read_meta(ckpt)
+        except Exception as err:
+            warnings.warn(f"report: cannot read {ckpt}: {err}", stacklevel=2)
+            meta = {}
+        dataset = str(meta.get("dataset") or _name(ckpt, 1))
+        features = str(meta.get("features") or "")
+        model = Model(path=ckpt, meta=meta, figure=_history_figure(root, ckpt, meta),
+                      published=published_test_mae(dataset, features) if features else None)
+        found.add(dataset, "models", model)
+    for folder in _subdirs(root / "attention"):
+        store = folder / "attention.zarr" / "zarr.json"
+        if store.is_file():
+            found.add(folder.name, "store", store)
+        for p in _files(folder, (".csv", ".png")):
+            found.add(folder.name, "attention_files", p)
+    for p in _files(root / "explorer", (".html",)):
+        found.add(p.stem, "explorer", p)
+    for folder in _subdirs(root / "videos"):
+        for p in _files(folder, (".mp4",)):
+            found.add(folder.name, "videos", p)
+    # dataset names hold "__" themselves (aflow__Egap): the parts after the name are cut from the right
+    for p in _files(root / "predictions", (".csv",)):
+        found.add(_name(p, 2), "predictions", p)  # <dataset>__<features>__test
+    for p in _files(root / "oxidation", (".csv",)):
+        found.add(_name(p, 1), "oxidation", p)  # <dataset>__<split>
+    for p in _files(root / "oxidation", (".json",)):
+        if "__" in p.stem:
+            found.used.add(p)  # the JSON twin of a CSV shown above
+    for features_dir in _subdirs(root / "embeddings"):
+        for p in _files(features_dir, (".csv",)):
+            found.add(_name(p, 2), "embeddings", p)  # <dataset>__layer<L>__<Q|K|V>
+    for scope in ("local", "global"):
+        for folder in _subdirs(root / "figures" / f"umap_{scope}"):
+            for p in _files(folder, (".png",)):
+                found.add(folder.name, f"umap_{scope}", p)
+                found.used.add(p.with_suffix(".html"))
+            for p in _files(folder, (".js",)):
+                found.used.add(p)
+        for folder in _subdirs(root / "umap" / scope):
+            for p in _files(folder, (".csv",)):
+                found.add(folder.name, f"umap_{scope}_csv", p)
+    for p in _files(root / "figures" / "faithfulness", (".png",)):
+        found.add(p.stem, "faithfulness", p)
+    for p in _files(root / "figures" / "stats" / "prevalence", (".png",)):
+        found.add(_name(p, 1), "prevalence", p)  # <dataset>__by_count
+    return found
+
+
+def _name(path: Path, suffixes: int) -> str:
+    """The dataset of a file named ``<dataset>__<part>…`` with ``suffixes`` parts after the name."""
+    parts = path.stem.rsplit("__", suffixes)
+    return parts[0] if len(parts) == suffixes + 1 else path.stem
+
+
+def _store_attrs(zarr_json: Path) -> dict:
+    """Group attributes of a Zarr v3 store (read from its ``zarr.json``; no zarr import)."""
+    try:
+        return dict(json.loads(zarr_json.read_text()).get("attributes", {}))
+    except (OSError, ValueError):
+        return {}
+
+
+# --------------------------------------------------------------------------------------------
+# HTML pieces
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _href(root: Path, path: Path, fragment: str = "") -> str:
+    """Relative, URL-quoted link from the report to ``path``."""
+    rel = path.relative_to(root).as_posix()
+    return _esc(quote(rel, safe="/()-_.,~") + (f"#{fragment}" if fragment else ""))
+
+
+def _size(path: Path) -> str:
+    try:
+        n = path.stat().st_size
+    except OSError:
+        return ""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    """A number with ``digits`` significant digits, integers as such; text unchanged."""
+    if value is None or value == "":
+        return ""
+    if isinstance(value, bool):
+        return str(value)
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if math.isnan(x):
+        return "–"
+    if x == int(x) and abs(x) < 1e15 and (not isinstance(value, str) or "." not in value):
+        return f"{int(x):,}" if abs(x) >= 10000 else str(int(x))
+    return f"{x:.{digits}g}"
+
+
+def csv_table(root: Path, path: Path, max_rows: int = TABLE_ROWS, caption: str | None = None) -> str:
+    """A CSV rendered as an HTML table (first ``max_rows`` rows; numbers to 4 significant digits)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        return f"<p class='muted'>cannot read {_esc(path.name)}: {_esc(err)}</p>"
+    if not rows:
+        return f"<p class='muted'>{_esc(path.name)} is empty</p>"
+    head, body = rows[0], rows[1:]
+    cap = caption or path.relative_to(root).as_posix()
+    more = (f" · first {max_rows} of {len(body)} rows" if len(body) > max_rows
+            else f" · {len(body)} row{'' if len(body) == 1 else 's'}")
+    out = [f"<div class='table-wrap'><table class='data'><caption><a href='{_href(root, path)}'>{_esc(cap)}</a>"
+           f"<span class='muted'>{more}</span></caption><thead><tr>"]
+    out += [f"<th>{_esc(h)}</th>" for h in head]
+    out.append("</tr></thead><tbody>")
+    for row in body[:max_rows]:
+        out.append("<tr>" + "".join(f"<td>{_esc(_num(v))}</td>" for v in row) + "</tr>")
+    out.append("</tbody></table></div>")
+    if len(body) > FOLD_ROWS:  # long tables start folded; the caption stays visible
+        return (f"<details class='table'><summary><b>{_esc(cap)}</b> <span class='muted'>· {len(body)} rows "
+                f"(show)</span></summary>{''.join(out)}</details>")
+    return "".join(out)
+
+
+def thumbs(root: Path, images: Iterable[Path], twins: bool = True) -> str:
+    """A grid of figure thumbnails, each linking to its interactive HTML twin when there is one."""
+    cards = []
+    for png in images:
+        twin = png.with_suffix(".html")
+        if twins and not twin.is_file():
+            # correlation figures: <name>__z92.png belongs to <name>.html
+            twin = png.with_name(re.sub(r"__z\d+$", "", png.stem) + ".html")
+        target = twin if twins and twin.is_file() else png
+        extra = f" · <a href='{_href(root, png)}'>PNG</a>" if target != png else ""
+        label = "interactive" if target != png else "full size"
+        cards.append(f"<figure class='thumb'><a href='{_href(root, target)}'><img src='{_href(root, png)}' "
+                     f"alt='{_esc(png.stem)}'></a><figcaption>{_breakable(png.stem)}<br><a href='{_href(root, target)}'>"
+                     f"{label}</a>{extra}</figcaption></figure>")
+    return f"<div class='thumbs'>{''.join(cards)}</div>" if cards else ""
+
+
+def _breakable(name: str) -> str:
+    """Escaped name that may wrap after its ``__`` separators."""
+    return "__<wbr>".join(_esc(part) for part in name.split("__"))
+
+
+def file_links(root: Path, paths: Iterable[Path], label=lambda p: p.name) -> str:
+    items = [f"<a href='{_href(root, p)}'>{_esc(label(p))}</a> <span class='muted'>{_size(p)}</span>" for p in paths]
+    return "<ul class='files'>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>" if items else ""
+
+
+def _model_section(root: Path, model: Model) -> str:
+    m = model.meta
+    recipe = m.get("recipe")
+    history = m.get("history") if isinstance(m.get("history"), dict) else {}
+    val = [v for v in (history.get("val_mae") or []) if isinstance(v, (int, float)) and math.isfinite(v)]
+    swa = sum(v for v in (history.get("swa_updates") or []) if isinstance(v, (int, float)) and math.isfinite(v))
+    test = m.get("test_mae")
+    rows = [("features", f"{m.get('features', '?')} ({'CrabNet' if m.get('features') == 'mat2vec' else 'HotCrab' if m.get('features') == 'onehot' else 'CrabNet variant'})"),
+            ("recipe", (_recipe_text(recipe) + (" (full recipe)" if m.get("full_recipe") else " (short run)"))
+             if recipe else "–"),
+            ("precision", m.get("precision", "–")),
+            ("epochs run", f"{m.get('epochs_run', '–')}" + (" (stopped early)" if m.get("stopped_early") else "")),
+            ("test MAE", _num(test) if test is not None else "–")]
+    if model.published is not None:
+        ratio = f" · ours/published {float(test) / model.published:.2f}" if isinstance(test, (int, float)) else ""
+        rows.append(("published test MAE", f"{_num(model.published)}{ratio}"))
+    if val:
+        rows.append(("validation MAE", f"last {_num(val[-1])}, best {_num(min(val))}"))
+    if history.get("swa_updates") is not None:
+        rows.append(("SWA updates", _num(swa)))
+    if m.get("train_seconds") is not None:
+        rows.append(("training time", f"{_num(m['train_seconds'], 3)} s"))
+    if m.get("written_by"):
+        rows.append(("written by", m["written_by"]))
+    rows.append(("checkpoint", f"<a href='{_href(root, model.path)}'>{_esc(model.path.name)}</a> "
+                               f"<span class='muted'>{_size(model.path)}</span>"))
+    facts = "".join(f"<tr><th>{_esc(a)}</th><td>{b if a == 'checkpoint' else _esc(b)}</td></tr>" for a, b in rows)
+    figure = (f"<a href='{_href(root, model.figure)}'><img class='curve' src='{_href(root, model.figure)}' "
+              f"alt='learning curve of {_esc(model.path.stem)}'></a>" if model.figure else
+              "<p class='muted'>no learning curve (the checkpoint holds no training history)</p>")
+    return (f"<div class='model'><h4>{_esc(model.path.stem)}</h4><div class='model-body'>"
+            f"<table class='facts'>{facts}</table>{figure}</div></div>")
+
+
+def _videos_section(root: Path, dataset: str, videos: list[Path], explorer: Path | None) -> str:
+    merged = [v for v in videos if not re.search(r"_(attention|progress)$", v.stem)]
+    cards = []
+    for v in merged:
+        parts = [f"<a href='{_href(root, v)}'>video</a>"]
+        for kind in ("attention", "progress"):
+            p = v.with_name(f"{v.stem}_{kind}.mp4")
+            if p.is_file():
+                parts.append(f"<a href='{_href(root, p)}'>{kind} only</a>")
+        formula = re.sub(r"_(layer[\d-]+|layers|row\d+)+$", "", v.stem)
+        if explorer is not None:
+            parts.append(f"<a href='{_href(root, explorer, 'compound=' + quote(formula) + '&layer=0&head=all&capture=last')}'>"
+                         "explore</a>")
+        cards.append(f"<figure class='video'><video controls preload='metadata' src='{_href(root, v, 't=0.01')}'></video>"
+                     f"<figcaption><b>{_esc(v.stem)}</b> · {' · '.join(parts)}</figcaption></figure>")
+    return f"<div class='videos'>{''.join(cards)}</div>" if cards else ""
+
+
+def _oxidation_summary(root: Path, paths: list[Path]) -> str:
+    """Per oxidation CSV: formulas, how many got a charge-balanced guess, and why the others did not."""
+    rows = []
+    for p in paths:
+        try:
+            with open(p, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                records = list(reader)
+                cols = reader.fieldnames or []
+        except (OSError, csv.Error, UnicodeDecodeError):
+            continue
+        elements = [c for c in cols if c not in ("row", "formula", "reduced_formula", "reason", "target")]
+        reasons: dict[str, int] = {}
+        guessed = 0
+        for r in records:
+            reason = (r.get("reason") or "").strip()
+            if any((r.get(c) or "").strip() for c in elements):
+                guessed += 1
+            else:
+                reasons[reason or "none"] = reasons.get(reason or "none", 0) + 1
+        share = f"{100 * guessed / len(records):.1f} %" if records else "–"
+        why = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
+        twin = p.with_suffix(".json")
+        json_link = f" · <a href='{_href(root, twin)}'>JSON</a>" if twin.is_file() else ""
+        rows.append(f"<tr><td><a href='{_href(root, p)}'>{_esc(p.stem)}</a>{json_link}</td><td>{len(records)}</td>"
+                    f"<td>{guessed}</td><td>{share}</td><td>{_esc(why) or '–'}</td></tr>")
+    if not rows:
+        return ""
+    return ("<table class='data'><thead><tr><th>file</th><th>formulas</th><th>charge-balanced guess</th>"
+            f"<th>share</th><th>no guess</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def _embedding_links(root: Path, paths: list[Path]) -> str:
+    by_features: dict[str, list[Path]] = {}
+    for p in paths:
+        by_features.setdefault(p.parent.name, []).append(p)
+    lines = []
+    for features, ps in sorted(by_features.items()):
+        layers: dict[str, list[Path]] = {}
+        order = {"Q": 0, "K": 1, "V": 2}
+        for p in sorted(ps, key=lambda p: (p.stem.rsplit("__", 1)[0], order.get(p.stem.rsplit("__", 1)[-1], 3))):
+            layer = p.stem.rsplit("__", 2)[-2] if p.stem.count("__") >= 2 else p.stem
+            layers.setdefault(layer, []).append(p)
+        groups = [f"{_esc(layer.replace('layer', 'layer '))}: " + " ".join(
+                  f"<a href='{_href(root, p)}'>{_esc(p.stem.rsplit('__', 1)[-1])}</a>" for p in files)
+                  for layer, files in layers.items()]
+        lines.append(f"<li><b>{_esc(features)}</b> — {' · '.join(groups)}</li>")
+    return f"<ul class='plain'>{''.join(lines)}</ul>"
+
+
+def _dataset_section(root: Path, dataset: str, kinds: dict[str, list]) -> str:
+    out = [f"<section class='card' id='{_esc(_anchor(dataset))}'><h2>{_esc(dataset)}</h2>"]
+    if kinds.get("models"):
+        out.append("<h3>Training</h3>")
+        out += [_model_section(root, m) for m in kinds["models"]]
+    explorer = kinds.get("explorer", [None])[0]
+    if kinds.get("store") or explorer or kinds.get("videos"):
+        out.append("<h3>Attention through training</h3>")
+        for store in kinds.get("store", []):
+            a = _store_attrs(store)
+            out.append(f"<p>Store <code>{_esc(store.parent.relative_to(root).as_posix())}</code>: "
+                       f"{_esc(a.get('n_compounds', '?'))} {_esc(a.get('split', ''))} compounds × "
+                       f"{_esc(a.get('n_captures', '?'))} captures (by {_esc(a.get('capture', 'epoch'))}, capture 0 = untrained) × "
+                       f"{_esc(a.get('n_layers', '?'))} layers × {_esc(a.get('n_heads', '?'))} heads; "
+                       f"{_esc(a.get('features', ''))}, {_esc(a.get('epochs_run', '?'))} epochs"
+                       + (f", test MAE {_esc(_num(a['test_mae']))}" if a.get("test_mae") is not None else "") + ".</p>")
+        if explorer:
+            out.append(f"<p class='explorer-link'><a class='button' href='{_href(root, explorer)}'>Open the attention "
+                       f"explorer</a> <span class='muted'>{_size(explorer)} · every head of every layer at every capture "
+                       "for the embedded compounds; search, slider and play</span></p>")
+        out.append(_videos_section(root, dataset, kinds.get("videos", []), explorer))
+        extra = kinds.get("attention_files", [])
+        if extra:
+            out.append(thumbs(root, [p for p in extra if p.suffix == ".png"], twins=False))
+            out += [csv_table(root, p) for p in extra if p.suffix == ".csv"]
+    if kinds.get("faithfulness"):
+        out.append("<h3>Faithfulness of attention</h3>" + thumbs(root, kinds["faithfulness"], twins=False))
+    if kinds.get("predictions") or kinds.get("embeddings"):
+        out.append("<h3>Predictions and element embeddings</h3>")
+        out.append(file_links(root, kinds.get("predictions", [])))
+        if kinds.get("embeddings"):
+            out.append("<p>Q/K/V element embeddings (118 elements × d_model), by layer:</p>"
+                       + _embedding_links(root, kinds["embeddings"]))
+    if kinds.get("oxidation"):
+        out.append("<h3>Oxidation-state guesses</h3>" + _oxidation_summary(root, kinds["oxidation"]))
+    for scope, title in (("local", "Local (per-atom) EDM UMAP"), ("global", "Global (per-compound) EDM UMAP")):
+        pngs, csvs = kinds.get(f"umap_{scope}", []), kinds.get(f"umap_{scope}_csv", [])
+        if pngs or csvs:
+            out.append(f"<h3>{title}</h3>" + thumbs(root, pngs))
+            summary = [p for p in csvs if p.name == "summary.csv"]
+            out += [csv_table(root, p) for p in summary]
+            coords = [p for p in csvs if p.name != "summary.csv"]
+            if coords:
+                out.append(f"<details><summary>{len(coords)} coordinate tables</summary>{file_links(root, coords)}</details>")
+    if kinds.get("prevalence"):
+        out.append("<h3>Element prevalence</h3>" + thumbs(root, kinds["prevalence"], twins=False))
+    out.append("</section>")
+    return "".join(out)
+
+
+def _anchor(name: str) -> str:
+    return "ds-" + re.sub(r"[^A-Za-z0-9_-]+", "-", name)
+
+
+STEPS = [
+    ("get_training_attention.py", "attention", "train CrabNet and capture attention during training"),
+    ("generate_attention_videos.py", "videos", "videos and the attention explorer"),
+    ("guess_oxidation.py", "oxidation", "oxidation-state guesses"),
+    ("get_crabnet_embeddings.py", "embeddings", "CrabNet / HotCrab element embeddings"),
+    ("plot_element_correlation.py", "figures/correlation", "element correlation matrices"),
+    ("plot_local_edm_umap.py", "figures/umap_local", "per-atom EDM UMAP"),
+    ("plot_global_edm_umap.py", "figures/umap_global", "per-compound EDM UMAP"),
+    ("get_dataset_stats.py", "stats", "dataset statistics"),
+]
+
+
+def render_report(found: Found) -> str:
+    """The page for what :func:`scan` found (plus the global sections read here)."""
+    root = found.root
+    sections, toc = [], []
+    steps = []
+    for i, (script, folder, what) in enumerate(STEPS, 1):
+        done = (root / folder).is_dir() and any((root / folder).iterdir())
+        steps.append(f"<li class='{'done' if done else 'todo'}'><span class='tick'>{'✓' if done else '·'}</span> "
+                     f"{i}. <code>{script}</code> <span class='muted'>{_esc(what)}</span></li>")
+    sections.append("<section class='card'><h2>Workflow</h2><ol class='steps'>" + "".join(steps) + "</ol>"
+                    "<p class='muted'>Steps marked · have no outputs in this folder yet; run them (e.g. with "
+                    "<code>--quick</code>) and this page is refreshed at their end.</p></section>")
+    for dataset in sorted(found.datasets, key=str.lower):
+        sections.append(_dataset_section(root, dataset, found.datasets[dataset]))
+        toc.append((_anchor(dataset), dataset))
+    corr = root / "figures" / "correlation"
+    pngs = _files(corr, (".png",))
+    if pngs or (corr / "summary.csv").is_file():
+        pngs = _summary_order(corr / "summary.csv", pngs)
+        main = [p for p in pngs if not re.search(r"__z\d+$", p.stem)]
+        zoom = [p for p in pngs if re.search(r"__z\d+$", p.stem)]
+        body = ("<section class='card' id='correlation'><h2>Element correlation</h2>"
+                "<p class='muted'>Pearson correlation between element vectors (lower triangle); thumbnails link to "
+                "the interactive version.</p>")
+        if (corr / "summary.csv").is_file():
+            body += csv_table(root, corr / "summary.csv")
+        body += thumbs(root, main)
+        if zoom:
+            body += f"<details><summary>{len(zoom)} figures restricted to Z ≤ 92</summary>{thumbs(root, zoom)}</details>"
+        sections.append(body + "</section>")
+        toc.append(("correlation", "element correlation"))
+        found.used.update(pngs + _files(corr, (".html", ".csv", ".js")))
+    stats = root / "stats"
+    stat_figs = _files(root / "figures" / "stats", (".png",))
+    if stats.is_dir() or stat_figs:
+        body = "<section class='card' id='stats'><h2>Dataset statistics</h2>" + thumbs(root, stat_figs, twins=False)
+        for p in _files(stats, (".csv",)):
+            if p.name.startswith("element_counts"):
+                body += f"<p>Element presence counts: <a href='{_href(root, p)}'>{_esc(p.name)}</a> <span class='muted'>{_size(p)}</span></p>"
+            else:
+                body += csv_table(root, p)
+            found.used.add(p)
+        sections.append(body + "</section>")
+        toc.append(("stats", "dataset statistics"))
+        found.used.update(stat_figs)
+    ox = root / "oxidation" / "element_ox_states.json"
+    if ox.is_file():
+        found.used.add(ox)
+    other = _other_files(found)
+    if other or ox.is_file():
+        body = "<section class='card' id='other'><h2>Other outputs</h2>"
+        if ox.is_file():
+            body += (f"<p>Common, ICSD and all oxidation states per element: <a href='{_href(root, ox)}'>"
+                     f"oxidation/element_ox_states.json</a></p>")
+        body += file_links(root, other, label=lambda p: p.relative_to(root).as_posix())
+        sections.append(body + "</section>")
+        toc.append(("other", "other outputs"))
+    nav = "".join(f"<a href='#{_esc(a)}'>{_esc(t)}</a>" for a, t in toc)
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    return (_REPORT_HEAD + f"<header><h1>CrabNet explainability report</h1><span class='muted-light'>written {stamp} by "
+            f"crabnet {_esc(crabnet.__version__)} · everything under this folder, linked relatively</span>"
+            f"<nav>{nav}</nav></header><main>" + "".join(sections) + "</main></body></html>")
+
+
+def _summary_order(summary: Path, pngs: list[Path]) -> list[Path]:
+    """Figures in the row order of the summary's ``representation`` column (the others after, by name)."""
+    try:
+        with open(summary, newline="", encoding="utf-8") as f:
+            names = [r.get("representation", "") for r in csv.DictReader(f)]
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return pngs
+    rank = {n: i for i, n in enumerate(names)}
+    return sorted(pngs, key=lambda p: (rank.get(re.sub(r"__z\d+$", "", p.stem), len(rank)), p.name))
+
+
+def _other_files(found: Found, limit: int = 300) -> list[Path]:
+    """Output files nothing above shows (inputs, caches, stores and model files excluded), at most ``limit``."""
+    import os
+
+    root, out = found.root, []
+    skip_top = SKIP_DIRS | {"models", "attention", "embeddings"}
+    for top in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and p.name not in skip_top):
+        for folder, dirs, files in os.walk(top):
+            dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.endswith(".zarr") and not d.startswith("."))
+            for name in sorted(files):
+                p = Path(folder) / name
+                if p.suffix.lower() in MEDIA and not name.startswith(".") and p not in found.used:
+                    out.append(p)
+                    if len(out) >= limit:
+                        return out
+    return out
+
+
+def write_report(data_dir: Path | str) -> Path:
+    """Rebuild ``<data_dir>/index.html`` from what exists under ``data_dir``; returns its path."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no data folder at {root}")
+    text = render_report(scan(root))
+    path = root / REPORT_NAME
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+def refresh_report(data_dir: Path | str) -> Path | None:
+    """Rebuild the report at the end of a step; a failure is a warning, never the step's failure.
+
+    Returns:
+        the page, or None when it could not be written.
+    """
+    try:
+        path = write_report(data_dir)
+    except Exception as err:  # noqa: BLE001 - the report must never fail the step that calls it
+        print(f"warning: could not refresh the report in {data_dir}: {type(err).__name__}: {err}", file=sys.stderr)
+        return None
+    print(f"report -> {path}")
+    return path
+
+
+_REPORT_HEAD = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>CrabNet explainability report</title>
+<style>
+:root { --fg:#1d2330; --muted:#5f6b7a; --line:#d8dde5; --bg:#f5f7fa; --accent:#1f77b4; }
+* { box-sizing:border-box; }
+body { margin:0; font:14px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
+       color:var(--fg); background:var(--bg); }
+header { background:#17324d; color:#fff; padding:16px 24px 10px; position:sticky; top:0; z-index:2; }
+header h1 { margin:0 0 2px; font-size:21px; font-weight:600; }
+.muted-light { color:#c9d6e3; font-size:13px; }
+header nav { margin-top:8px; display:flex; flex-wrap:wrap; gap:6px; }
+header nav a { color:#fff; background:#25496d; padding:2px 10px; border-radius:12px; text-decoration:none; font-size:13px; }
+header nav a:hover { background:#2f5d8a; }
+main { padding:18px 24px 40px; max-width:1500px; }
+.card { background:#fff; border:1px solid var(--line); border-radius:8px; padding:14px 18px; margin-bottom:18px;
+        scroll-margin-top:110px; }
+h2 { font-size:19px; margin:0 0 8px; }
+h3 { font-size:15px; margin:18px 0 8px; padding-top:10px; border-top:1px solid #edf0f4; }
+h4 { font-size:14px; margin:6px 0; }
+a { color:var(--accent); }
+.muted { color:var(--muted); font-size:12.5px; }
+code { background:#eef1f5; padding:1px 4px; border-radius:4px; font-size:12.5px; }
+ol.steps { list-style:none; padding:0; margin:0; columns:2; }
+ol.steps li { padding:2px 0; }
+ol.steps .tick { display:inline-block; width:18px; text-align:center; font-weight:700; }
+ol.steps li.done .tick { color:#2ca02c; }
+ol.steps li.todo { color:var(--muted); }
+.model-body { display:flex; gap:18px; align-items:flex-start; flex-wrap:wrap; }
+table.facts th { text-align:left; font-weight:500; color:var(--muted); padding:2px 14px 2px 0; vertical-align:top; }
+table.facts td { padding:2px 0; }
+img.curve { max-width:620px; width:100%; border:1px solid var(--line); border-radius:6px; }
+.videos { display:grid; grid-template-columns:repeat(auto-fill, minmax(420px, 1fr)); gap:14px; }
+figure.video { margin:0; }
+figure.video video { width:100%; border-radius:6px; background:#000; }
+figure figcaption { font-size:12.5px; color:var(--muted); padding-top:3px; }
+.thumbs { display:grid; grid-template-columns:repeat(auto-fill, minmax(230px, 1fr)); gap:12px; margin:8px 0; }
+figure.thumb { margin:0; border:1px solid var(--line); border-radius:6px; padding:6px; background:#fff; }
+figure.thumb img { width:100%; height:190px; object-fit:contain; display:block; }
+figure.thumb figcaption { overflow-wrap:anywhere; }
+.table-wrap { overflow-x:auto; margin:8px 0 12px; }
+table.data { border-collapse:collapse; font-size:12.5px; font-variant-numeric:tabular-nums; }
+table.data caption { text-align:left; padding-bottom:4px; font-weight:600; }
+table.data th { background:#eef3f9; text-align:left; padding:4px 8px; border-bottom:1px solid var(--line); white-space:nowrap; }
+table.data td { padding:3px 8px; border-bottom:1px solid #eef0f3; white-space:nowrap; }
+table.data tr:hover td { background:#f7f9fc; }
+ul.files { margin:4px 0; padding-left:18px; columns:2; }
+ul.plain { margin:4px 0; padding-left:18px; }
+a.button { display:inline-block; background:var(--accent); color:#fff; text-decoration:none; padding:6px 14px;
+           border-radius:6px; font-weight:600; }
+a.button:hover { background:#17598a; }
+details summary { cursor:pointer; color:var(--accent); margin:6px 0; }
+</style></head><body>
+"""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", type=Path, default=Path("data"), help="root of inputs and outputs (default data)")
+    return p.parse_args(argv)
+
+
+def main(data_dir: Path) -> int:
+    return 0 if refresh_report(data_dir) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(**vars(parse_args())))

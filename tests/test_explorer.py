@@ -1,0 +1,212 @@
+"""Attention explorer: encoding, the choice of compounds, the step-2 flags, and the page in a real headless Chromium.
+
+The browser tests drive Debian's ``chromium`` through Playwright (see ``conftest.browser``) and
+skip, saying why, where either is missing.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import generate_attention_videos as gav
+from crabnet.capture import AttentionStore
+from crabnet.data import normalise_formula
+from crabnet.explorer import (QUANT_MAX, choose_compounds, decode_weights, encode_weights, explorer_path,
+                              write_explorer)
+from test_videos import C, FORMULAS, H, write_store
+
+TOL = 1e-3  # shown weights (4 decimals of a 16-bit code) vs the store
+
+
+def store_at(data_dir: Path, **kw) -> AttentionStore:
+    return AttentionStore(write_store(data_dir, **kw))
+
+
+def test_weights_round_trip_within_quantisation():
+    rng = np.random.default_rng(1)
+    w = rng.random((3, 2, 4, 5, 5))
+    w[0, 0, 0, 0, 0] = np.nan
+    w[1, 1, 1, 1, 1] = 1.0
+    w[2, 1, 3, 4, 4] = 0.0
+    back = decode_weights(encode_weights(w), w.shape)
+    assert np.isnan(back[0, 0, 0, 0, 0]) and np.isnan(back).sum() == 1
+    finite = np.isfinite(w)
+    assert np.abs(back[finite] - w[finite]).max() <= 0.5 / QUANT_MAX + 1e-12
+    assert back[1, 1, 1, 1, 1] == 1.0 and back[2, 1, 3, 4, 4] == 0.0
+    assert len(encode_weights(w)) == 4 * ((w.size * 2 + 2) // 3)  # 2 bytes a weight, base64
+
+
+def test_choice_paper_first_then_chosen_then_spread(tmp_path):
+    # the paper's aflow compounds HfO2, GaN, BN are in this store (as Hf1O2 …), plus duplicates and
+    # 2-, 3- and 4-element others
+    others = ["Li1F1", "Na1Cl1", "K1Br1", "Mg1O1", "Ca1S1", "Al2O3", "Fe2O3", "Li2O1Ti1", "Na1Nb1O3",
+              "Ba1Ti1O3", "Li1Fe1P1O4", "Ca1Mg1Si2O6", "K1Al1Si3O8"]
+    formulas = ["Ga1N1", "Hf1O2", "Li1F1", "B1N1", "O2Hf1", *others[1:], "Li1F1"]
+    store = store_at(tmp_path, formulas=formulas)
+    chosen = choose_compounds(store, "aflow__ael_bulk_modulus_vrh", rows=[store.find("Fe2O3"), store.find("HfO2")],
+                              n_others=6)
+    groups = [g for _, g in chosen]
+    forms = [store.formulas[i] for i, _ in chosen]
+    # the paper's order (…, HfO2, …, GaN, …, BN …), then the chosen row not already there, then six others
+    assert forms[:4] == ["Hf1O2", "Ga1N1", "B1N1", "Fe2O3"]
+    assert groups == ["paper"] * 3 + ["chosen"] + ["sample"] * 6
+    keys = [normalise_formula(f) for f in forms]
+    assert len(set(keys)) == len(keys)  # O2Hf1 (= Hf1O2) and the second Li1F1 are not embedded twice
+    n_el = [int((store.elements[i] > 0).sum()) for i, g in chosen if g == "sample"]
+    assert sorted(set(n_el)) == [2, 3, 4] and max(n_el.count(k) for k in (2, 3, 4)) == 2  # evenly spread
+    assert n_el == sorted(n_el)
+    assert choose_compounds(store, "synth", n_others=0) == []
+    everything = choose_compounds(store, "synth", n_others=1000)
+    assert len(everything) == len({normalise_formula(f) for f in formulas})
+
+
+def test_choice_spans_the_error_range(tmp_path):
+    formulas = ["Li1F1", "Na1Cl1", "K1Br1", "Mg1O1", "Ca1S1", "Sr1Se1", "Ba1Te1"]
+    store = store_at(tmp_path, formulas=formulas)
+    err = np.abs(np.asarray(store.group["prediction"][:, -1]) - store.targets)
+    picked = [i for i, _ in choose_compounds(store, "synth", n_others=2)]
+    assert set(picked) == {int(np.argmin(err)), int(np.argmax(err))}  # the best and the worst
+
+
+def run_main(data_dir: Path, *args: str) -> int:
+    argv = ["--data-dir", str(data_dir), "--dataset", "synth", "--workers", "1", "--dpi", "40", *args]
+    return gav.main(**vars(gav.parse_args(argv)))
+
+
+def test_step2_writes_offline_explorer_and_no_explorer_skips(tmp_path, capsys):
+    write_store(tmp_path)
+    page = explorer_path(tmp_path, "synth")
+    assert run_main(tmp_path, "--formula", "Fe2O3", "--no-explorer") == 0
+    assert not page.exists()
+    assert run_main(tmp_path, "--formula", "Fe2O3", "--explore", "2") == 0
+    out = capsys.readouterr().out
+    assert "explorer: 3 compounds" in out and str(page) in out
+    text = page.read_text()
+    assert "Fe2O3" in text and "--explore" in text
+    assert not re.search(r"<(script|link|img)[^>]+(src|href)\s*=", text)  # nothing loaded from anywhere
+    assert "https://" not in text
+    assert (tmp_path / "index.html").is_file()  # the report is refreshed at the end of the step
+    assert run_main(tmp_path, "--formula", "Fe2O3", "--explore", "-1") == 2
+
+
+# --------------------------------------------------------------------------------------------
+# in the browser
+
+
+@pytest.fixture(scope="module")
+def page_file(tmp_path_factory) -> tuple[Path, Path]:
+    """A store of the test compounds and its explorer page (every compound embedded)."""
+    root = tmp_path_factory.mktemp("explorer")
+    path = write_store(root)
+    info = write_explorer(AttentionStore(path), explorer_path(root, "synth"), "synth", n_others=10)
+    assert info.n_compounds == len(FORMULAS)
+    return path, info.path
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1300, "height": 900})
+    context.set_default_timeout(5000)
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    yield pg
+    assert errors == []  # no JavaScript errors on the way
+    context.close()
+
+
+def open_page(page, path: Path, fragment: str = "") -> None:
+    page.goto(path.as_uri() + (f"#{fragment}" if fragment else ""))
+    page.wait_for_selector("body[data-ready='1']")
+
+
+def shown_cells(page, table: str = "table.heatmap") -> dict[tuple[str, str], float]:
+    cells = page.eval_on_selector_all(f"{table} td[data-value]",
+                                      "els => els.map(e => [e.dataset.query, e.dataset.key, e.dataset.value])")
+    return {(q, k): float(v) for q, k, v in cells}
+
+
+def expected_cells(store: AttentionStore, formula: str, capture: int, layer: int, head: int) -> dict:
+    h = store.compound(formula)
+    m = h.attention[capture, layer, head]
+    return {(a, b): float(m[i, j]) for i, a in enumerate(h.symbols) for j, b in enumerate(h.symbols)}
+
+
+def assert_same(shown: dict, expected: dict) -> None:
+    assert shown.keys() == expected.keys()
+    for key, value in expected.items():
+        assert abs(shown[key] - value) <= TOL, (key, shown[key], value)
+
+
+def test_browser_search_slider_head_show_store_weights(page, page_file):
+    store_path, html_path = page_file
+    store = AttentionStore(store_path)
+    open_page(page, html_path)
+    page.fill("#search", "Ti2 Gd2O7")  # another order and spacing of Gd2O7Ti2
+    assert page.text_content("#title") == "Gd2O7Ti2"
+    assert page.text_content("#search-msg") == "found Gd2O7Ti2"
+    page.focus("#capture")
+    page.keyboard.press("Home")
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowRight")
+    page.select_option("#layer", "1")
+    page.select_option("#head", "2")
+    assert page.input_value("#capture") == "2"
+    assert "epoch 2" in page.text_content("#capture-label")
+    assert_same(shown_cells(page), expected_cells(store, "Gd2O7Ti2", 2, 1, 2))
+    assert page.evaluate("location.hash") == "#compound=Gd2O7Ti2&layer=1&head=2&capture=2"
+    # the prediction chart marks capture 2 with its prediction
+    point = page.get_attribute("#current-point", "data-prediction")
+    assert float(point) == pytest.approx(float(store.compound("Gd2O7Ti2").prediction[2]), rel=1e-5)
+
+    page.select_option("#head", "all")
+    tables = page.query_selector_all("table.heatmap")
+    assert len(tables) == H
+    for h in range(H):
+        assert_same(shown_cells(page, f"table.heatmap[data-head='{h}']"), expected_cells(store, "Gd2O7Ti2", 2, 1, h))
+
+    assert not page.is_visible("#compound-list li.item[data-formula='P1W3']")  # filtered out by the search
+    page.fill("#search", "")
+    page.click("#compound-list li.item[data-formula='P1W3']")
+    assert page.text_content("#title") == "P1W3"
+    assert "compound=P1W3&layer=1&head=all&capture=2" in page.evaluate("location.hash")
+
+    page.fill("#search", "Xe2F3")
+    assert "not embedded" in page.text_content("#search-msg")
+    assert page.text_content("#title") == "P1W3"  # the view stays
+
+
+def test_browser_hash_link_opens_that_view(page, page_file):
+    store_path, html_path = page_file
+    store = AttentionStore(store_path)
+    last = C - 1
+    open_page(page, html_path, f"compound=HfO2&layer=0&head=0&capture={last}")
+    assert page.text_content("#title") == "Hf1O2"
+    assert page.input_value("#capture") == str(last)
+    assert page.input_value("#layer") == "0" and page.input_value("#head") == "0"
+    assert_same(shown_cells(page), expected_cells(store, "Hf1O2", last, 0, 0))
+    # a changed hash (e.g. a pasted link) is followed
+    page.evaluate("location.hash = '#compound=Al1Gd1O3&layer=1&head=1&capture=0'")
+    page.wait_for_function("document.getElementById('title').textContent === 'Al1Gd1O3'")
+    assert "untrained" in page.text_content("#capture-label")
+    assert_same(shown_cells(page), expected_cells(store, "Al1Gd1O3", 0, 1, 1))
+    # a compound that is not embedded is named, with how to add it
+    open_page(page, html_path, "compound=Cu3Au&capture=1")
+    assert "Cu3Au is not embedded" in page.text_content("#notice")
+    assert "--formula" in page.text_content("#notice")
+
+
+def test_browser_play_advances_and_pauses(page, page_file):
+    _, html_path = page_file
+    open_page(page, html_path, "compound=Fe2O3&layer=0&head=1&capture=0")
+    page.click("#play")
+    page.wait_for_function("Number(document.getElementById('capture').value) >= 1", timeout=3000)
+    page.click("#play")  # pause
+    stopped = page.input_value("#capture")
+    page.wait_for_timeout(800)
+    assert page.input_value("#capture") == stopped
+    assert f"capture={stopped}" in page.evaluate("location.hash")

@@ -1,0 +1,180 @@
+"""The report data/index.html: learning curves, what it shows and links, that it never fails a step,
+and (in a real headless Chromium) that every link, image and video resolves."""
+
+from __future__ import annotations
+
+import math
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+import pytest
+
+import generate_attention_videos as gav
+from crabnet.report import refresh_report, write_learning_curve, write_report
+from crabnet.train import Recipe, Scaler, build_model, recipe_dict, save_checkpoint
+from test_videos import write_store
+
+SMALL = dict(d_model=32, n_heads=2, d_ff=64, head_dims=(32, 16))
+
+
+def history(n: int = 6) -> dict:
+    return {"epoch": list(range(1, n + 1)), "train_loss": [1.0 / (e + 1) for e in range(n)],
+            "val_mae": [10.0, 8.0, math.nan, 6.0, 7.0, 7.5][:n],
+            "lr": [1e-4 * (e + 1) for e in range(n)], "swa_updates": [0, 0, 1, 0, 2, 0][:n]}
+
+
+def read_png(path: Path) -> np.ndarray:
+    from matplotlib.image import imread
+
+    return imread(path)
+
+
+def test_learning_curve_png(tmp_path):
+    path = write_learning_curve({**history(), "recipe": "6 epochs"}, tmp_path / "fig" / "c.png")
+    img = read_png(path)
+    assert img.ndim == 3 and img.shape[0] > 300 and img.shape[1] > 500
+    assert img[..., :3].std() > 0.05  # something is drawn
+    # missing series leave their panel empty instead of failing
+    part = write_learning_curve({"train_loss": [3.0, 2.0, 1.5]}, tmp_path / "part.png")
+    assert read_png(part).shape[0] > 300
+
+
+def imsave(path: Path, image: np.ndarray) -> None:
+    from matplotlib.image import imsave as save
+
+    save(path, image)
+
+
+def save_small(path: Path, meta: dict) -> Path:
+    model = build_model("onehot", n_elements=4, **SMALL)
+    return save_checkpoint(path, model, Scaler(0.0, 1.0), meta)
+
+
+class Links(HTMLParser):
+    """Every href/src of a page."""
+
+    def __init__(self):
+        super().__init__()
+        self.links: list[tuple[str, str]] = []
+
+    def handle_starttag(self, tag, attrs):
+        for name, value in attrs:
+            if name in ("href", "src") and value is not None:
+                self.links.append((tag, value))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A data folder with some output of every kind; step 2 (videos + explorer) refreshes the report."""
+    root = tmp_path_factory.mktemp("report")
+    write_store(root)
+    recipe = recipe_dict(Recipe(epochs=6, epochs_step=1))
+    save_small(root / "models" / "synth__onehot.pt",
+               {"dataset": "synth", "features": "onehot", "recipe": recipe, "epochs_run": 6, "test_mae": 1.2345,
+                "written_by": "test", "history": history()})
+    save_small(root / "models" / "synth__mat2vec.pt", {"dataset": "synth", "features": "mat2vec", "test_mae": 2.5})
+    (root / "models" / "synth__mat2vec.state.pt").write_bytes(b"not shown")
+    figs = root / "figures"
+    for rel in ("umap_local/synth/onehot__test__O.png", "correlation/mat2vec.png", "correlation/mat2vec__z92.png",
+                "stats/diversity_benchmark.png", "stats/prevalence/synth__by_count.png", "faithfulness/synth.png"):
+        path = figs / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        imsave(path, np.random.default_rng(0).random((30, 40)))  # any PNG
+    for rel in ("umap_local/synth/onehot__test__O.html", "correlation/mat2vec.html"):
+        (figs / rel).write_text("<html><body>plot</body></html>")
+    for rel, text in {"umap/local/synth/summary.csv": "atom,layer,knn_accuracy\nO,0,0.8123456\nO,1,0.9\n",
+                      "figures/correlation/summary.csv": "name,mean_abs_r\nmat2vec,0.25\n",
+                      "stats/benchmark.csv": "dataset,samples_total,train_diversity\nsynth,5,0.912345\n",
+                      "oxidation/synth__test.csv": "row,formula,reduced_formula,reason,Hf,O\n1,Hf1O2,HfO2,,4,-2\n"
+                                                   "2,P1W3,PW3,no_solution,,\n",
+                      "predictions/synth__onehot__test.csv": "formula,target,prediction\nHf1O2,60,61\n",
+                      "embeddings/onehot/synth__layer0__Q.csv": "element,0\nH,1\n",
+                      "notes/extra.json": "{}"}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    argv = ["--data-dir", str(root), "--dataset", "synth", "--workers", "1", "--dpi", "40", "--formula", "HfO2",
+            "--formula", "Fe2O3", "--explore", "1"]
+    assert gav.main(**vars(gav.parse_args(argv))) == 0
+    return root
+
+
+def test_report_shows_and_links_everything(data_dir):
+    page = data_dir / "index.html"
+    text = page.read_text()
+    # training summary and a learning curve written from the checkpoint's history
+    assert (data_dir / "figures" / "training" / "synth__onehot.png").is_file()
+    assert "figures/training/synth__onehot.png" in text
+    assert not (data_dir / "figures" / "training" / "synth__mat2vec.png").exists()  # no history, no figure
+    assert "1.234" in text and "6 epochs, epochs_step 1" in text and "last 7.5, best 6" in text
+    assert "state.pt" not in text
+    # attention: explorer, the merged videos with controls, the others as links
+    assert "explorer/synth.html" in text
+    assert len(re.findall(r"<video controls", text)) == 2
+    assert "videos/synth/Hf1O2_attention.mp4" in text and "videos/synth/Fe2O3_progress.mp4" in text
+    # figures as thumbnails linking to their interactive twins; CSV tables rendered
+    assert "href='figures/umap_local/synth/onehot__test__O.html'" in text
+    assert "href='figures/correlation/mat2vec.html'><img" in text
+    assert "<td>0.8123</td>" in text and "<td>0.9123</td>" in text
+    assert "<td>1</td><td>50.0 %</td><td>no solution 1</td>" in text  # oxidation: 1 of 2 guessed
+    assert "figures/faithfulness/synth.png" in text and "notes/extra.json" in text
+    # every link is relative and resolves to a file here
+    parser = Links()
+    parser.feed(text)
+    assert len(parser.links) > 20
+    for tag, link in parser.links:
+        url = urlsplit(link)
+        if not url.path:
+            assert url.fragment, link  # an in-page anchor
+            continue
+        assert not url.scheme and not url.netloc and not link.startswith("/"), link
+        assert (data_dir / unquote(url.path)).exists(), link
+
+
+def test_report_survives_a_broken_checkpoint(data_dir, tmp_path, capsys):
+    root = tmp_path
+    (root / "models").mkdir()
+    (root / "models" / "bad__mat2vec.pt").write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning, match="cannot read"):
+        path = write_report(root)
+    assert "bad__mat2vec" in path.read_text()
+    # a step's refresh never raises: here the folder is a file
+    assert refresh_report(root / "models" / "bad__mat2vec.pt") is None
+    assert "could not refresh the report" in capsys.readouterr().err
+
+
+def test_report_in_browser_every_link_image_and_video_resolves(browser, data_dir):
+    page = browser.new_page()
+    page.set_default_timeout(5000)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto((data_dir / "index.html").as_uri())
+    links = page.eval_on_selector_all("a[href]", "els => els.map(e => e.href)")
+    sources = page.eval_on_selector_all("img[src], video[src]", "els => els.map(e => e.src)")
+    assert len(links) > 20 and len(sources) >= 8
+    for url in links + sources:
+        parts = urlsplit(url)
+        assert parts.scheme == "file", url
+        if parts.fragment and Path(unquote(parts.path)) == data_dir / "index.html":
+            assert page.query_selector(f"[id='{parts.fragment}']"), url  # an anchor of this page
+            continue
+        assert Path(unquote(parts.path)).is_file(), url
+    # images decode and videos load their metadata in the browser
+    page.evaluate("() => document.querySelectorAll('img').forEach(i => i.loading = 'eager')")
+    page.wait_for_function("[...document.images].every(i => i.complete)")
+    assert page.evaluate("[...document.images].every(i => i.naturalWidth > 0)")
+    page.wait_for_function("[...document.querySelectorAll('video')].every(v => v.readyState >= 1 || v.error)")
+    assert page.evaluate("[...document.querySelectorAll('video')].map(v => v.duration > 0)") == [True, True]
+    assert all(urlsplit(u).scheme == "file" for u in requests)  # nothing fetched from a network
+    # the explorer link of a video opens that compound
+    href = page.get_attribute("a:text-is('explore')", "href")
+    assert "compound=Fe2O3" in href or "compound=Hf1O2" in href
+    page.click("a:text-is('explore')")
+    page.wait_for_selector("body[data-ready='1']")
+    assert page.text_content("#title") in ("Fe2O3", "Hf1O2")
+    assert errors == []
+    page.close()
