@@ -152,12 +152,19 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.d_model)
         self.p = cfg.dropout
 
-    def forward(self, x, keep, need_weights=False):  # (B, E, D) -> (B, E, D), (B, H, E, E)?
+    def forward(self, x, keep, need_weights=False, real=None):  # (B, E, D) -> (B, E, D), (B, H, E, E)?
+        """``real``: flat indices of the real element slots; the feed-forward block then runs on them only."""
         a, w = self.self_attn(x, keep, need_weights)
         x = self.norm1(x + dropout(a, self.p, self.training))
+        if real is None:
+            return self._feed_forward(x), w
+        B, E, D = x.shape
+        xr = self._feed_forward(x.reshape(B * E, D).index_select(0, real))  # (N, D): real slots only
+        return xr.new_zeros(B * E, D).index_copy(0, real, xr).view(B, E, D), w  # padding rows 0
+
+    def _feed_forward(self, x):  # (..., D) -> (..., D)
         f = self.linear2(dropout(F.relu(self.linear1(x)), self.p, self.training))
-        x = self.norm2(x + dropout(f, self.p, self.training))
-        return x, w
+        return self.norm2(x + dropout(f, self.p, self.training))
 
 
 class ResidualHead(nn.Module):
@@ -239,19 +246,29 @@ class CrabNet(nn.Module):
             hidden: also return the input of every layer and the encoder output.
         """
         keep = elements > 0  # (B, E)
+        B, E = keep.shape
+        # Per-element work (feed-forward blocks, output head) runs on the real slots only when there
+        # is padding; attention needs the padded (B, E) layout. Real slots get the same result either
+        # way (padding keys are masked), padding rows are 0 instead of unused values.
+        real = keep.reshape(-1).nonzero().squeeze(1) if not bool(keep.all()) else None  # (N,)
         x = self.encode_input(elements, fractions)
         maps, inputs = [], []
         for layer in self.layers:
             if hidden:
                 inputs.append(x)
-            x, w = layer(x, keep, need_weights=attention)
+            x, w = layer(x, keep, need_weights=attention, real=real)
             if attention:
                 maps.append(w)
         x = x * keep.unsqueeze(-1)  # padding rows zeroed after the encoder
         if hidden:
             inputs.append(x)
-        out = self.head(x).float()  # (B, E, 3); pooled and squashed in float32 also under autocast
-        out = (out * keep.unsqueeze(-1)).sum(1) / keep.sum(1, keepdim=True)  # (B, 3) mean over real elements
+        if real is None:
+            out = self.head(x).float().sum(1)  # (B, 3); pooled in float32 also under autocast
+        else:
+            rows = real // E  # compound of each real slot
+            out_r = self.head(x.reshape(B * E, -1).index_select(0, real)).float()  # (N, 3)
+            out = out_r.new_zeros(B, out_r.shape[1]).index_add(0, rows, out_r)  # (B, 3)
+        out = out / keep.sum(1, keepdim=True)  # mean over real elements
         value, logit, log_unc = out.unbind(-1)
         out = torch.stack([value * torch.sigmoid(logit), logit, log_unc], dim=-1)
         return Internals(out, torch.stack(maps, dim=1) if attention else None, inputs if hidden else None)

@@ -71,6 +71,22 @@ def test_padding_width_does_not_change_output():
         torch.testing.assert_close(model(el, fr), model(wide_el, wide_fr), rtol=1e-5, atol=1e-5)
 
 
+def test_packed_padded_batch_equals_each_compound_alone():
+    """With padding the per-element blocks run on real slots only; alone (no padding) they run on all."""
+    torch.manual_seed(3)
+    model = build_model("onehot").eval()
+    el, fr = _batch()
+    with torch.no_grad():
+        batch = model.forward_internals(el, fr, hidden=True)
+        for b in range(len(el)):
+            k = int((el[b] > 0).sum())
+            alone = model.forward_internals(el[b : b + 1, :k], fr[b : b + 1, :k], hidden=True)
+            torch.testing.assert_close(alone.output[0], batch.output[b], rtol=1e-5, atol=1e-5)
+            for h_alone, h_batch in zip(alone.hidden, batch.hidden):
+                torch.testing.assert_close(h_alone[0], h_batch[b, :k], rtol=1e-5, atol=1e-5)
+    assert (batch.hidden[-1][el == 0] == 0).all()
+
+
 def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(3)
     model = build_model("onehot", n_elements=3)
