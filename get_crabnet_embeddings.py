@@ -16,7 +16,7 @@ Writes  <data-dir>/models/<dataset>__<features>[__npj].pt         (only when tra
             the feature table are blank rows
         <data-dir>/predictions/<dataset>__<features>__test.csv   formula,target,prediction,uncertainty
             (test split, single-element compounds dropped as for the published MAE)
-Prints  test MAE beside the published CrabNet / HotCrab MAE (../shared/reference/published_test_mae.csv)
+Prints  test MAE beside the published CrabNet / HotCrab MAE (crabnet/reference/published_test_mae.csv)
 Next    plot_element_correlation.py
 
 Embeddings and predictions are always rewritten (seconds); --force also retrains the models.
@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 from crabnet.cli import DEMO_DATASET, add_common, add_training, make_parser
 from crabnet.data import DataError, load_dataset
 from crabnet.embeddings import (BENCHMARK_DATASETS, embedding_frames, predictions_frame, predictions_path,
-                                published_mae, write_embeddings, write_predictions)
+                                write_embeddings, write_predictions)
+from crabnet.reference import published_mae
 from crabnet.report import refresh_report
 from crabnet.train import Recipe, ensure_model, make_recipe, mae, predict
 from crabnet.utils import resolve_device

@@ -16,8 +16,8 @@ published tables). The diversity index is the Shannon entropy (bits) of the elem
 counts divided by log2 of the number of distinct elements (Pielou's evenness). With --dataset,
 only those datasets are computed and their rows replace the same rows of existing tables.
 
-When the published tables are found (../shared/reference/ beside the repository, or
---reference-dir) the result is compared with them and the outcome printed; the published val and
+The result is compared with the published tables (shipped in crabnet/reference/, or
+--reference-dir) and the outcome is compared with them and the outcome printed; the published val and
 test diversity columns are swapped, so ours are compared with their test and val columns.
 
 Examples:

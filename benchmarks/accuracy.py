@@ -2,7 +2,7 @@
 
 Trains with a full recipe (default npj: up to 300 epochs, epochs_step 10, CrabNet SWA with early
 stop; the recipe of the published MAEs) and prints the test MAE beside the published one from
-``../shared/reference/published_test_mae.csv`` (or --reference).
+``crabnet/reference/published_test_mae.csv`` (or --reference).
 
     python benchmarks/accuracy.py --dataset aflow__ael_bulk_modulus_vrh --features mat2vec onehot
     python benchmarks/accuracy.py --recipe immi --features mat2vec --precision fp32
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from crabnet.data import load_dataset  # noqa: E402
-from crabnet.embeddings import published_mae, reference_path  # noqa: E402
+from crabnet.reference import PUBLISHED_MAE, published_mae  # noqa: E402
 from crabnet.train import make_recipe, train_and_save  # noqa: E402
 from crabnet.utils import atomic_path, resolve_device  # noqa: E402
 
@@ -34,8 +34,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=300, help="maximum epochs (default: %(default)s)")
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="default: %(default)s")
     p.add_argument("--reference", type=Path,
-                   default=reference_path(),
-                   help="published MAE table (default: ../shared/reference/published_test_mae.csv)")
+                   default=PUBLISHED_MAE, help="published MAE table (default: the one shipped in crabnet/reference/)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch default")

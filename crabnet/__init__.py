@@ -2,13 +2,32 @@
 
 The package behind the eight workflow scripts at the repository root:
 
-- ``crabnet.elements``  element symbols and element feature tables (CBFV)
-- ``crabnet.data``      dataset fetching, formula parsing, element-derived matrices (EDM)
-- ``crabnet.model``     the CrabNet transformer with optional per-head attention capture
-- ``crabnet.optim``     Lamb, Lookahead and the SWA scheme of the CrabNet recipe
-- ``crabnet.train``     training loop, prediction, checkpoints
-- ``crabnet.capture``   streaming attention captures to Zarr and reading them back
-- ``crabnet.cli``       command-line flags shared by the scripts
+- ``crabnet.elements``     element symbols and element feature tables (CBFV)
+- ``crabnet.data``         dataset fetching, formula parsing, element-derived matrices (EDM)
+- ``crabnet.model``        the CrabNet transformer with optional per-head attention capture
+- ``crabnet.optim``        Lamb, Lookahead and the CrabNet SWA rule
+- ``crabnet.train``        the recipes (immi, npj), training loop, precision, checkpoints
+- ``crabnet.predict``      ``load_model(path).predict(formulas)`` and ``python -m crabnet.predict``
+- ``crabnet.capture``      streaming attention captures to Zarr and reading them back
+- ``crabnet.video``        attention and prediction-progress videos (step 2)
+- ``crabnet.explorer``     the offline attention explorer page (step 2)
+- ``crabnet.report``       ``data/index.html``, the report of every output
+- ``crabnet.oxidation``    oxidation-state guesses (step 3)
+- ``crabnet.embeddings``   Q/K/V element embeddings (step 4)
+- ``crabnet.correlation``  element correlation matrices (step 5)
+- ``crabnet.represent``, ``crabnet.umap_plots``  local and global EDM vectors and their UMAP (steps 6, 7)
+- ``crabnet.stats``        dataset statistics (step 8)
+- ``crabnet.reference``    published reference tables shipped with the package
+- ``crabnet.cli``, ``crabnet.plotting``, ``crabnet.utils``  shared command-line flags, figure and file helpers
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+
+def __getattr__(name: str):
+    # ``from crabnet import load_model`` without importing torch for light users of the package
+    if name == "load_model":
+        from crabnet.predict import load_model
+
+        return load_model
+    raise AttributeError(f"module 'crabnet' has no attribute {name!r}")

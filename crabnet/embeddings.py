@@ -37,43 +37,6 @@ BENCHMARK_DATASETS: tuple[str, ...] = (
     "OQMD_Formation_Enthalpy", "OQMD_Volume_per_atom",
 )
 
-# Column of the published MAE table for each element representation.
-PUBLISHED_COLUMN = {"mat2vec": "crabnet", "onehot": "hotcrab"}
-
-
-# --------------------------------------------------------------------------------------------
-# published accuracy
-
-
-def reference_path() -> Path:
-    """``../shared/reference/published_test_mae.csv`` relative to the repository root."""
-    return Path(__file__).resolve().parents[2] / "shared" / "reference" / "published_test_mae.csv"
-
-
-def published_mae(dataset: str, features: str, reference: Path | str | None = None) -> float | None:
-    """Published test MAE of CrabNet (mat2vec) or HotCrab (onehot) on a dataset.
-
-    Args:
-        dataset: dataset name as in the reference table (e.g. ``mp_bulk_modulus``).
-        features: ``mat2vec`` (column ``crabnet``) or ``onehot`` (column ``hotcrab``); other
-            names select the column of that name (``roost``, ``elemnet``, ``rf``).
-        reference: the CSV (columns ``dataset,n_test,crabnet,hotcrab,…``); default
-            ``reference_path()``.
-
-    Returns:
-        The MAE, or None when the table, the dataset or the column is not there (or blank).
-    """
-    path = Path(reference) if reference is not None else reference_path()
-    if not path.is_file():
-        return None
-    df = pd.read_csv(path).set_index("dataset")
-    column = PUBLISHED_COLUMN.get(features, features)
-    if dataset not in df.index or column not in df.columns:
-        return None
-    value = df.loc[dataset, column]
-    return None if pd.isna(value) else float(value)
-
-
 # --------------------------------------------------------------------------------------------
 # compute
 
@@ -197,7 +160,7 @@ def write_predictions(frame: pd.DataFrame, path: Path | str) -> Path:
 
 
 __all__ = [
-    "KINDS", "BENCHMARK_DATASETS", "reference_path", "published_mae", "present_elements", "element_qkv",
+    "KINDS", "BENCHMARK_DATASETS", "present_elements", "element_qkv",
     "embedding_frames", "embedding_path", "write_embeddings", "read_embedding_csv", "predictions_path",
     "predictions_frame", "write_predictions",
 ]

@@ -165,7 +165,7 @@ def read_meta(path: Path) -> dict:
 def published_test_mae(dataset: str, features: str) -> float | None:
     """The published test MAE where the package knows it, else None (never raises)."""
     try:
-        from crabnet.embeddings import published_mae
+        from crabnet.reference import published_mae
 
         value = published_mae(dataset, features)
         return float(value) if value is not None and math.isfinite(float(value)) else None

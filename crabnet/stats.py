@@ -15,7 +15,7 @@ compound whatever its amount), and the diversity index of those presence counts,
 the Shannon entropy in bits normalised by its maximum (Pielou's evenness): 1 when every element
 occurs equally often, near 0 when a few elements dominate.
 
-The published tables (``../shared/reference/published_stats_*.csv`` beside the repository) list
+The published tables (``crabnet/reference/published_stats_*.csv``, shipped with the package) list
 val and test diversity swapped; :func:`compare_with_published` accounts for that.
 """
 
@@ -30,10 +30,10 @@ import pandas as pd
 
 from crabnet.data import SPLITS, DataError, dataset_dir, read_split
 from crabnet.elements import N_ELEMENTS, SYMBOLS
+from crabnet.reference import REFERENCE_DIR
 
 BENCHMARK = "benchmark_data"
 MATBENCH = "matbench_cv"
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
 PUBLISHED = {BENCHMARK: "published_stats_benchmark.csv", MATBENCH: "published_stats_matbench_cv.csv"}
 TABLE_NAME = {BENCHMARK: "benchmark", MATBENCH: "matbench_cv"}
 COLUMNS = ["n_elements", "samples_total", "samples_train", "samples_val", "samples_test", "prop_train",

@@ -10,8 +10,9 @@ import torch
 import get_crabnet_embeddings as gce
 from crabnet.elements import SYMBOLS, feature_table
 from crabnet.embeddings import (BENCHMARK_DATASETS, element_qkv, embedding_frames, embedding_path,
-                                predictions_frame, published_mae, read_embedding_csv, reference_path,
+                                predictions_frame, read_embedding_csv,
                                 write_embeddings, write_predictions)
+from crabnet.reference import published_mae
 from crabnet.train import build_model
 from crabnet.utils import seed_everything
 
@@ -103,7 +104,9 @@ def test_published_mae(tmp_path):
     assert published_mae("ds_a", "roost", ref) is None  # blank cell
     assert published_mae("nope", "mat2vec", ref) is None
     assert published_mae("ds_a", "mat2vec", tmp_path / "missing.csv") is None
-    assert reference_path().parts[-3:] == ("shared", "reference", "published_test_mae.csv")
+    # the shipped table: the published CrabNet / HotCrab MAE of the npj paper
+    assert published_mae("aflow__ael_bulk_modulus_vrh", "mat2vec") == pytest.approx(8.6918, abs=1e-4)
+    assert published_mae("mp_bulk_modulus", "onehot") == pytest.approx(11.92, abs=0.01)
 
 
 def test_predictions_frame_roundtrip(tmp_path):
