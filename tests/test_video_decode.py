@@ -11,8 +11,9 @@ produced the video):
 - frame k is much closer to capture k than to any other capture (no frame skipped, repeated or
   out of order);
 - the text that changes from frame to frame (the attention title with the epoch, the progress
-  panel's values) near-exactly: every pixel within a few levels, while the titles of two
-  captures differ by about 120 levels or more somewhere, so a stale epoch number fails.
+  panel's values) near-exactly: every pixel within TEXT_TOL (32 of 255) luma levels (13-19
+  measured), while the texts of two captures differ by 119 levels or more somewhere, so a stale
+  epoch number fails.
 """
 
 from __future__ import annotations
