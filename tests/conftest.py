@@ -1,13 +1,21 @@
-"""Shared fixtures: tiny seeded datasets written to temporary folders."""
+"""Shared fixtures: tiny seeded datasets written to temporary folders; the rule for missing real data.
+
+Tests that compare with the published datasets or reference tables call :func:`require_data`
+when those are missing: the test is skipped on a developer's machine, but fails when the
+environment variable ``CRABNET_REQUIRE_DATA=1`` is set (``.ci/run`` sets it), so CI cannot pass
+without comparing.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 # Formulas of 2-4 elements from a small palette, so tiny runs are quick but not trivial.
+REQUIRE_DATA_ENV = "CRABNET_REQUIRE_DATA"
 PALETTE = ["Li", "Na", "Mg", "Al", "Si", "Ti", "Fe", "Co", "Ni", "Cu", "Zn", "O", "N", "S", "Cl", "F"]
 
 
@@ -41,6 +49,21 @@ def tiny_data(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def require_data(reason: str) -> None:
+    """Skip the calling test because real data or a reference table is missing; fail instead in CI.
+
+    Args:
+        reason: what is missing and how to get it.
+
+    Raises:
+        pytest.fail.Exception: when ``CRABNET_REQUIRE_DATA=1``.
+        pytest.skip.Exception: otherwise.
+    """
+    if os.environ.get(REQUIRE_DATA_ENV, "").strip() == "1":
+        pytest.fail(f"{reason} ({REQUIRE_DATA_ENV}=1: missing data is a failure here, not a skip)", pytrace=False)
+    pytest.skip(reason)
+
+
 # --------------------------------------------------------------------------------------------
 # a real headless Chromium for the browser tests (Debian's `chromium`, driven by Playwright)
 
@@ -68,10 +91,10 @@ def browser():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip("browser test: the playwright package is not installed (pip install -r requirements.txt)")
+        require_data("browser test: the playwright package is not installed (pip install -r requirements.txt)")
     exe = chromium_executable()
     if exe is None:
-        pytest.skip("browser test: no Chromium installed (Debian/Ubuntu: apt-get install chromium; or set $CHROMIUM)")
+        require_data("browser test: no Chromium installed (Debian/Ubuntu: apt-get install chromium; or set $CHROMIUM)")
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
         try:

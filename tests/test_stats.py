@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import get_dataset_stats as gds
-from conftest import write_dataset
+from conftest import require_data, write_dataset
 from crabnet.data import parse_formula
 from crabnet.elements import ATOMIC_NUMBER, SYMBOLS
 from crabnet.stats import (BENCHMARK, COLUMNS, MATBENCH, REFERENCE_DIR, compare_with_published, dataset_stats,
@@ -159,10 +159,11 @@ def test_comparison_allows_for_the_swapped_columns(tmp_path):
 
 
 def _real_data_or_skip() -> None:
+    """Skip without the real data or the published tables (fail with CRABNET_REQUIRE_DATA=1, as in CI)."""
     if not (REAL_DATA / "benchmark_data" / "aflow__Egap").is_dir() or not (REAL_DATA / "matbench_cv").is_dir():
-        pytest.skip(f"the published datasets are not in {REAL_DATA}/ (run any step once to fetch them)")
+        require_data(f"the published datasets are not in {REAL_DATA}/ (run `make data` to fetch them)")
     if read_published(BENCHMARK) is None or read_published(MATBENCH) is None:
-        pytest.skip(f"the published statistics tables are not in {REFERENCE_DIR}/")
+        require_data(f"the published statistics tables are not in {REFERENCE_DIR}/")
 
 
 def _compare_real(names: list[str] | None) -> int:

@@ -37,6 +37,7 @@ def write_store(data_dir: Path, dataset: str = "synth", formulas=FORMULAS, captu
     writer = AttentionWriter(path, data, L, H, {"dataset": dataset, "features": "onehot", "split": "val",
                                                 "capture": "epoch"})
     real = data.elements > 0
+    written = []
     for step in range(captures):
         c = writer.begin_capture(step)
         maps = rng.random((n, L, H, E, E)).astype(np.float32)
@@ -44,7 +45,15 @@ def write_store(data_dir: Path, dataset: str = "synth", formulas=FORMULAS, captu
         maps /= np.maximum(maps.sum(-1, keepdims=True), 1e-12)
         writer.write_batch(c, 0, maps)
         writer.write_prediction(c, np.array([known_prediction(i, c) for i in range(n)], np.float32))
+        written.append(maps)
     writer.finalize(progress=False)
+    # the round trip keeps every map: what the videos show is what was written
+    store, written = AttentionStore(path), np.stack(written, axis=1)  # (n, captures, L, H, E, E)
+    for i in range(n):
+        h = store.compound(i)
+        k = len(h.elements)
+        np.testing.assert_array_equal(h.attention, written[i, :, :, :, :k, :k])
+        np.testing.assert_array_equal(h.prediction, [known_prediction(i, c) for c in range(captures)])
     return path
 
 
