@@ -42,6 +42,18 @@ def write_dataset(root: Path, name: str = "tiny", sizes=(64, 24, 24), seed: int 
     return folder
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tests run tiny models, which a second thread slows down (thread hand-off, and contention when
+    the machine is busy); scripts started as subprocesses keep torch's default."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_data(tmp_path: Path) -> Path:
     """A --data-dir holding the dataset 'tiny'."""
