@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from crabnet.capture import AttentionStore
-from crabnet.cli import DEMO_DATASET, add_common, make_parser
+from crabnet.cli import DEMO_DATASET, add_common, make_parser, run
 from crabnet.data import DataError
 from crabnet.explorer import DEFAULT_EXPLORE, explorer_path, write_explorer
 from crabnet.report import refresh_report
@@ -139,4 +139,4 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(**vars(parse_args())))
+    raise SystemExit(run(main, parse_args()))

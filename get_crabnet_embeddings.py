@@ -35,7 +35,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from crabnet.cli import DEMO_DATASET, add_common, add_training, make_parser
+from crabnet.cli import DEMO_DATASET, add_common, add_training, make_parser, run
 from crabnet.data import DataError, load_dataset
 from crabnet.embeddings import (BENCHMARK_DATASETS, embedding_frames, predictions_frame, predictions_path,
                                 write_embeddings, write_predictions)
@@ -135,4 +135,4 @@ def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quic
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(**vars(parse_args())))
+    raise SystemExit(run(main, parse_args()))

@@ -34,7 +34,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from crabnet.cli import DEMO_DATASET, add_common, make_parser
+from crabnet.cli import DEMO_DATASET, add_common, make_parser, run
 from crabnet.data import DataError
 from crabnet.report import refresh_report
 from crabnet.stats import (BENCHMARK, MATBENCH, REFERENCE_DIR, TABLE_NAME, compare_with_published, counts_table,
@@ -140,4 +140,4 @@ def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quic
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(**vars(parse_args())))
+    raise SystemExit(run(main, parse_args()))

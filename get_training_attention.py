@@ -32,12 +32,12 @@ from pathlib import Path
 
 
 from crabnet.capture import AttentionRecorder, AttentionWriter
-from crabnet.cli import DEMO_DATASET, add_common, add_training, make_parser
+from crabnet.cli import DEMO_DATASET, add_common, add_training, make_parser, run
 from crabnet.data import SPLITS, DataError, load_dataset
 from crabnet.report import refresh_report
 from crabnet.train import (Scaler, build_model, checkpoint_path, fit, load_checkpoint, make_recipe, mae, predict,
                            recipe_dict, save_checkpoint, training_meta)
-from crabnet.utils import resolve_device, seed_everything
+from crabnet.utils import UsageError, resolve_device, seed_everything
 
 DEFAULT_DATASET = "aflow__Egap"
 QUICK = {"dataset": DEMO_DATASET, "epochs": 8}
@@ -87,7 +87,7 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
     dataset = dataset or defaults["dataset"]
     epochs = defaults["epochs"] if epochs is None else epochs
     if epochs < 1 or (epochs_step is not None and epochs_step < 1) or capture_every < 1 or batch_size < 0:
-        raise SystemExit("error: --epochs, --epochs-step and --capture-every must be >= 1, --batch-size >= 0")
+        raise UsageError("--epochs, --epochs-step and --capture-every must be >= 1, --batch-size >= 0")
     recipe = make_recipe(recipe, epochs=epochs, batch_size=batch_size, max_batch_size=ATTENTION_MAX_BATCH,
                          **({} if epochs_step is None else {"epochs_step": epochs_step}))
     epochs_step = recipe.epochs_step
@@ -158,4 +158,4 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(**vars(parse_args())))
+    raise SystemExit(run(main, parse_args()))

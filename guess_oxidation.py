@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from crabnet.cli import DEMO_DATASET, add_common, make_parser
+from crabnet.cli import DEMO_DATASET, add_common, make_parser, run
 from crabnet.data import SPLITS, DataError
 from crabnet.oxidation import (GuessCache, cache_path, default_workers, guess_all, keys_for, progress_bar,
                                read_formulas, results_for, write_element_ox_states, write_split)
@@ -117,4 +117,4 @@ def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quic
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(**vars(parse_args())))
+    raise SystemExit(run(main, parse_args()))

@@ -41,7 +41,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from crabnet.cli import add_common, add_html_js, make_parser
+from crabnet.cli import add_common, add_html_js, make_parser, run
 from crabnet.correlation import (REFERENCE_TABLES, STATIC_TABLES, element_correlation, find_embedding_csvs,
                                  model_of, plot_correlation_html, plot_correlation_png, read_representation_csv,
                                  representation_name, static_representation, summarise)
@@ -196,4 +196,4 @@ def print_summary(summary: pd.DataFrame, n_perm: int) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(**vars(parse_args())))
+    raise SystemExit(run(main, parse_args()))

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from crabnet.cli import DEMO_DATASET, add_common, add_html_js, add_training, make_parser
+from crabnet.cli import DEMO_DATASET, add_common, add_html_js, add_training, make_parser, run
 from crabnet.data import SPLITS, load_dataset
 from crabnet.report import refresh_report
 from crabnet.represent import collect, open_store
@@ -183,4 +183,4 @@ def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quic
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(**vars(parse_args())))
+    raise SystemExit(run(main, parse_args()))

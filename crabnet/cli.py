@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+from typing import Callable
+
+from crabnet.utils import UsageError
 
 
 # the dataset every step's --quick uses, so that the demo steps chain (make demo)
@@ -61,3 +65,13 @@ def add_training(parser: argparse.ArgumentParser, *, recipe: str = "immi") -> No
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                         help="matmul precision of training: auto = bf16 autocast on CUDA and on CPUs with "
                              "AVX-512 bf16/AMX, else fp32; weights, optimiser and loss stay fp32 (default: auto)")
+
+
+def run(main: Callable[..., int], args: argparse.Namespace) -> int:
+    """``main(**vars(args))``; a :class:`~crabnet.utils.UsageError` (bad input, missing prerequisite,
+    unavailable device; ``DataError`` is one) becomes one ``error: …`` line on stderr and exit code 2."""
+    try:
+        return main(**vars(args))
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

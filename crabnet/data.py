@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from crabnet.elements import ATOMIC_NUMBER, SYMBOLS
+from crabnet.utils import UsageError
 
 WHEEL_SPEC = "crabnet==2.0.8"
 WHEEL_NAME = "crabnet-2.0.8-py3-none-any.whl"
@@ -33,7 +34,7 @@ WHEEL_FOLDERS = ("benchmark_data", "matbench_cv")  # under crabnet/data/ in the 
 SPLITS = ("train", "val", "test")
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """A dataset file or formula that cannot be used, with a message naming where."""
 
 

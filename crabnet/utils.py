@@ -13,6 +13,11 @@ from typing import Iterator
 import numpy as np
 
 
+class UsageError(ValueError):
+    """Bad input, a missing prerequisite or an unavailable device: the scripts report it as one
+    ``error: …`` line on stderr with exit code 2 (``crabnet.cli.run``), without a traceback."""
+
+
 def resolve_device(name: str = "auto"):
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error.
 
@@ -22,11 +27,11 @@ def resolve_device(name: str = "auto"):
     import torch  # imported here so that light users of this module (file helpers) stay light
 
     if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+        raise UsageError(f"--device must be auto, cpu or cuda, got {name!r}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was requested but no CUDA GPU is available (use --device cpu)")
+        raise UsageError("--device cuda was requested but no CUDA GPU is available (use --device cpu)")
     return torch.device(name)
 
 

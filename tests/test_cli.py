@@ -1,6 +1,14 @@
-"""The shared help formatter: every default shown once, none invented."""
+"""The command-line contract: help shows every default once; errors are one line with exit code 2."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from crabnet.cli import make_parser
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _help() -> str:
@@ -23,3 +31,32 @@ def test_stated_or_missing_defaults_are_not_repeated():
     assert "(default: False)" not in text
     assert text.count("default: all") == 1
     assert "(default 10) (default" not in text
+
+
+def test_usage_errors_are_one_line_with_exit_code_2(capsys):
+    from crabnet.cli import run
+    from crabnet.data import DataError
+    from crabnet.utils import UsageError
+
+    import argparse
+
+    def main(problem):
+        raise problem
+
+    for problem in (UsageError("bad flag"), DataError("train.csv row 3: bad formula 'Xx'")):
+        assert run(main, argparse.Namespace(problem=problem)) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {problem}\n"
+    # other exceptions are bugs: they keep their traceback
+    with pytest.raises(KeyError):
+        run(main, argparse.Namespace(problem=KeyError("x")))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message of a machine without a GPU")
+@pytest.mark.parametrize("script", ["get_training_attention.py", "get_crabnet_embeddings.py", "plot_global_edm_umap.py"])
+def test_cuda_without_gpu_is_a_clear_error(script, tiny_data):
+    run = subprocess.run([sys.executable, str(ROOT / script), "--data-dir", str(tiny_data), "--dataset", "tiny",
+                          "--device", "cuda"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert "error: --device cuda was requested but no CUDA GPU is available" in run.stderr
+    assert "Traceback" not in run.stderr
