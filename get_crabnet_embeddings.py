@@ -37,8 +37,9 @@ from tqdm.auto import tqdm
 
 from crabnet.cli import DEMO_DATASET, add_common, add_training, make_parser, run
 from crabnet.data import DataError, load_dataset
-from crabnet.embeddings import (BENCHMARK_DATASETS, embedding_frames, predictions_frame, predictions_path,
+from crabnet.embeddings import (embedding_frames, predictions_frame, predictions_path,
                                 write_embeddings, write_predictions)
+from crabnet.layout import BENCHMARK_DATASETS
 from crabnet.reference import published_mae
 from crabnet.report import refresh_report
 from crabnet.train import Recipe, ensure_model, make_recipe, mae, predict

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from crabnet.cli import DEMO_DATASET, add_common, make_parser, run
 from crabnet.data import DataError
+from crabnet.layout import Layout
 from crabnet.report import refresh_report
 from crabnet.stats import (BENCHMARK, MATBENCH, REFERENCE_DIR, TABLE_NAME, compare_with_published, counts_table,
                            dataset_stats, matbench_summary, merge_table, plot_diversity, plot_prevalence,
@@ -64,7 +65,7 @@ def write_tables(results, data_dir: Path) -> dict[str, pd.DataFrame]:
         key = ["mat_prop", "cv"] if kind == MATBENCH else ["mat_prop"]
         for name, new, k in ((f"{TABLE_NAME[kind]}.csv", stats_table(results, kind), key),
                              (f"element_counts_{TABLE_NAME[kind]}.csv", counts_table(results, kind), key + ["split"])):
-            path = data_dir / "stats" / name
+            path = Layout(data_dir).stats() / name
             old = pd.read_csv(path) if path.is_file() else None
             table = merge_table(old, new, k)
             with atomic_path(path) as tmp:
@@ -77,7 +78,7 @@ def write_tables(results, data_dir: Path) -> dict[str, pd.DataFrame]:
 
 def write_figures(results, tables: dict[str, pd.DataFrame], data_dir: Path) -> None:
     """Element prevalence per dataset and the diversity bar charts."""
-    out = data_dir / "figures" / "stats"
+    out = Layout(data_dir).stats_figures()
     first = {}
     for r in results:  # one plot per dataset: matbench sets use their first fold (its splits cover the set)
         first.setdefault((r.kind, r.dataset), r)

@@ -34,6 +34,7 @@ from pathlib import Path
 from crabnet.capture import AttentionRecorder, AttentionWriter
 from crabnet.cli import DEMO_DATASET, add_common, add_training, make_parser, run
 from crabnet.data import SPLITS, DataError, load_dataset
+from crabnet.layout import Layout
 from crabnet.report import refresh_report
 from crabnet.train import (Scaler, build_model, checkpoint_path, fit, load_checkpoint, make_recipe, mae, predict,
                            recipe_dict, save_checkpoint, training_meta)
@@ -92,7 +93,7 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
                          **({} if epochs_step is None else {"epochs_step": epochs_step}))
     epochs_step = recipe.epochs_step
 
-    store = data_dir / "attention" / dataset / "attention.zarr"
+    store = Layout(data_dir).attention_store(dataset)
     settings = {"dataset": dataset, "features": features, "split": split, "capture": capture,
                 "capture_every": capture_every, "epochs": epochs, "epochs_step": epochs_step, "seed": seed,
                 "drop_unary": not keep_unary, "batch_size": batch_size, "recipe_name": recipe.name,

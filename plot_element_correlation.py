@@ -46,6 +46,7 @@ from crabnet.correlation import (REFERENCE_TABLES, STATIC_TABLES, element_correl
                                  model_of, plot_correlation_html, plot_correlation_png, read_representation_csv,
                                  representation_name, static_representation, summarise)
 from crabnet.embeddings import embedding_frames
+from crabnet.layout import Layout
 from crabnet.plotting import save_html, save_png
 from crabnet.report import refresh_report
 from crabnet.train import build_model
@@ -139,7 +140,7 @@ def main(data_dir: Path, device: str, seed: int, quick: bool, force: bool, sourc
             for name, frame in control_frames(seed, resolve_device(device), feat).items():
                 frames[name] = ("untrained", None, frame)
 
-    out_dir = data_dir / "figures" / "correlation"
+    out_dir = Layout(data_dir).correlation_figures()
     corrs, extra, n_plotted = [], {}, 0
     for name, (kind, origin, frame) in tqdm(frames.items(), desc="representations", unit="rep", disable=None):
         try:

@@ -25,13 +25,13 @@ import numpy as np
 import pandas as pd
 
 from crabnet.elements import ATOMIC_NUMBER, SYMBOLS
+from crabnet.layout import BENCHMARK, MATBENCH, SPLITS, Layout, available
 from crabnet.utils import UsageError
 
 WHEEL_SPEC = "crabnet==2.0.8"
 WHEEL_NAME = "crabnet-2.0.8-py3-none-any.whl"
 WHEEL_SHA256 = "4901565abaa5b4cd1a7841b9de647a3906df21676b226a7abf972d113f92054a"
-WHEEL_FOLDERS = ("benchmark_data", "matbench_cv")  # under crabnet/data/ in the wheel
-SPLITS = ("train", "val", "test")
+WHEEL_FOLDERS = (BENCHMARK, MATBENCH)  # under crabnet/data/ in the wheel
 
 
 class DataError(UsageError):
@@ -130,12 +130,12 @@ def dataset_dir(data_dir: Path | str, dataset: str, fetch: bool = True) -> Path:
         dataset: name of a folder under ``<data_dir>/benchmark_data/``.
         fetch: download the published datasets when the folder is absent.
     """
-    data_dir = Path(data_dir)
-    folder = data_dir / "benchmark_data" / dataset
-    if not folder.is_dir() and fetch and not (data_dir / "benchmark_data" / "aflow__Egap").is_dir():
+    layout = Layout(data_dir)
+    folder = layout.dataset(dataset)
+    if not folder.is_dir() and fetch and not layout.dataset("aflow__Egap").is_dir():
         fetch_datasets(data_dir)
     if not folder.is_dir():
-        have = sorted(p.name for p in (data_dir / "benchmark_data").glob("*") if p.is_dir())
+        have = available(data_dir, BENCHMARK)
         raise DataError(
             f"dataset {dataset!r} not found: expected {folder}/ with train.csv, val.csv, test.csv. "
             f"Available: {', '.join(have) or 'none'}"
@@ -432,7 +432,7 @@ def load_dataset(
         files = {s: folder / f"{s}.csv" for s in splits}
     else:
         dataset_dir(data_dir, "aflow__Egap", fetch=fetch)  # triggers the fetch if nothing is there
-        folder = Path(data_dir) / "matbench_cv" / dataset
+        folder = Layout(data_dir).matbench(dataset)
         files = {s: folder / f"{s}{fold}.csv" for s in splits}
     out = {s: read_split(p, drop_unary=drop_unary, skip_invalid=skip_invalid, verbose=verbose)
            for s, p in files.items()}
@@ -467,7 +467,7 @@ def _main() -> int:
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    n = sum(1 for _ in (args.data_dir / "benchmark_data").iterdir())
+    n = len(available(args.data_dir, BENCHMARK))
     print(f"datasets ready: {n} benchmark sets in {folder.parent}")
     return 0
 

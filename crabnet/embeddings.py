@@ -23,19 +23,12 @@ import pandas as pd
 import torch
 
 from crabnet.elements import FEATURE_NAMES, N_ELEMENTS, SYMBOLS, feature_table
+from crabnet.layout import BENCHMARK_DATASETS, Layout
 from crabnet.model import CrabNet
 from crabnet.utils import atomic_path
 
 KINDS = ("Q", "K", "V")
 
-# The 18 "extended benchmark" datasets (SPEC §3), in the order of the published MAE table.
-BENCHMARK_DATASETS: tuple[str, ...] = (
-    "aflow__ael_bulk_modulus_vrh", "aflow__ael_debye_temperature", "aflow__ael_shear_modulus_vrh",
-    "aflow__agl_thermal_conductivity_300K", "aflow__agl_thermal_expansion_300K", "aflow__Egap",
-    "aflow__energy_atom", "CritExam__Ed", "CritExam__Ef", "mp_bulk_modulus", "mp_elastic_anisotropy",
-    "mp_e_hull", "mp_mu_b", "mp_shear_modulus", "OQMD_Bandgap", "OQMD_Energy_per_atom",
-    "OQMD_Formation_Enthalpy", "OQMD_Volume_per_atom",
-)
 
 # --------------------------------------------------------------------------------------------
 # compute
@@ -111,7 +104,7 @@ def embedding_frames(model: CrabNet, *, batch_size: int = 128) -> dict[tuple[int
 
 def embedding_path(data_dir: Path | str, features: str, dataset: str, layer: int, kind: str) -> Path:
     """``<data_dir>/embeddings/<features>/<dataset>__layer<L>__<kind>.csv``."""
-    return Path(data_dir) / "embeddings" / features / f"{dataset}__layer{layer}__{kind}.csv"
+    return Layout(data_dir).embedding(features, dataset, layer, kind)
 
 
 def write_frame(frame: pd.DataFrame, path: Path | str, **to_csv) -> Path:
@@ -144,7 +137,7 @@ def read_embedding_csv(path: Path | str) -> pd.DataFrame:
 
 def predictions_path(data_dir: Path | str, dataset: str, features: str, split: str = "test") -> Path:
     """``<data_dir>/predictions/<dataset>__<features>__<split>.csv``."""
-    return Path(data_dir) / "predictions" / f"{dataset}__{features}__{split}.csv"
+    return Layout(data_dir).predictions(dataset, features, split)
 
 
 def predictions_frame(formula, target, prediction, uncertainty) -> pd.DataFrame:

@@ -30,112 +30,13 @@ import pandas as pd
 
 from crabnet.data import SPLITS, DataError, dataset_dir, read_split
 from crabnet.elements import N_ELEMENTS, SYMBOLS
+from crabnet.layout import BENCHMARK, MATBENCH, SplitFile, available, folds_of, resolve_datasets, split_files
 from crabnet.reference import REFERENCE_DIR
 
-BENCHMARK = "benchmark_data"
-MATBENCH = "matbench_cv"
 PUBLISHED = {BENCHMARK: "published_stats_benchmark.csv", MATBENCH: "published_stats_matbench_cv.csv"}
 TABLE_NAME = {BENCHMARK: "benchmark", MATBENCH: "matbench_cv"}
 COLUMNS = ["n_elements", "samples_total", "samples_train", "samples_val", "samples_test", "prop_train",
            "prop_val", "prop_test", "train_diversity", "val_diversity", "test_diversity", "log2_samples_train"]
-
-
-# --------------------------------------------------------------------------------------------
-# finding datasets
-
-
-@dataclass(frozen=True)
-class SplitFile:
-    """One CSV of a dataset.
-
-    Attributes:
-        kind: ``benchmark_data`` or ``matbench_cv``.
-        dataset: dataset folder name.
-        split: train, val or test.
-        fold: matbench fold, ``None`` for benchmark sets.
-        path: the CSV file.
-    """
-
-    kind: str
-    dataset: str
-    split: str
-    fold: int | None
-    path: Path
-
-    @property
-    def label(self) -> str:
-        """``<dataset>__<split>`` or ``<dataset>__<split><fold>`` (used in output file names)."""
-        return f"{self.dataset}__{self.split}{'' if self.fold is None else self.fold}"
-
-
-def available(data_dir: Path | str, kind: str) -> list[str]:
-    """Dataset folders of one kind under ``data_dir``, sorted case-insensitively."""
-    root = Path(data_dir) / kind
-    if not root.is_dir():
-        return []
-    return sorted((p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=str.lower)
-
-
-def folds_of(data_dir: Path | str, dataset: str) -> list[int]:
-    """Fold numbers present for a matbench set (those with all three split files)."""
-    folder = Path(data_dir) / MATBENCH / dataset
-    folds = []
-    for p in folder.glob("train*.csv"):
-        tail = p.stem[len("train"):]
-        if tail.isdigit() and all((folder / f"{s}{tail}.csv").is_file() for s in SPLITS):
-            folds.append(int(tail))
-    return sorted(folds)
-
-
-def resolve_datasets(data_dir: Path | str, names: list[str] | None) -> list[tuple[str, str]]:
-    """Turn ``--dataset`` values into ``(kind, name)`` pairs, fetching the published data if needed.
-
-    Args:
-        data_dir: the ``--data-dir`` root.
-        names: dataset names; ``None``, empty or ``["all"]`` means every benchmark set and every
-            matbench set present. A name is looked up under ``benchmark_data/`` first, then
-            ``matbench_cv/``.
-
-    Raises:
-        DataError: a name found in neither folder (the message lists what is available).
-    """
-    data_dir = Path(data_dir)
-    if not (data_dir / BENCHMARK).is_dir() and not (data_dir / MATBENCH).is_dir():
-        dataset_dir(data_dir, "aflow__Egap")  # fetches the published sets (or explains how to)
-    if not names or "all" in names:
-        return [(BENCHMARK, n) for n in available(data_dir, BENCHMARK)] + \
-               [(MATBENCH, n) for n in available(data_dir, MATBENCH)]
-    out: list[tuple[str, str]] = []
-    for name in dict.fromkeys(names):
-        if (data_dir / BENCHMARK / name).is_dir():
-            out.append((BENCHMARK, name))
-        elif (data_dir / MATBENCH / name).is_dir():
-            out.append((MATBENCH, name))
-        else:
-            have = available(data_dir, BENCHMARK) + available(data_dir, MATBENCH)
-            raise DataError(f"dataset {name!r} not found under {data_dir}/{BENCHMARK}/ or {data_dir}/{MATBENCH}/. "
-                            f"Available: {', '.join(have) or 'none'}")
-    return out
-
-
-def split_files(data_dir: Path | str, kind: str, dataset: str, splits: tuple[str, ...] = SPLITS) -> list[SplitFile]:
-    """The CSV files of a dataset: one per split, or per split and fold for matbench sets.
-
-    Raises:
-        DataError: a missing split file (benchmark) or no complete fold (matbench).
-    """
-    data_dir = Path(data_dir)
-    folder = data_dir / kind / dataset
-    if kind == BENCHMARK:
-        files = [SplitFile(kind, dataset, s, None, folder / f"{s}.csv") for s in splits]
-        missing = [f.path.name for f in files if not f.path.is_file()]
-        if missing:
-            raise DataError(f"{folder}/: missing {', '.join(missing)} (a dataset needs train.csv, val.csv, test.csv)")
-        return files
-    folds = folds_of(data_dir, dataset)
-    if not folds:
-        raise DataError(f"{folder}/: no complete fold (expected train<k>.csv, val<k>.csv, test<k>.csv)")
-    return [SplitFile(kind, dataset, s, k, folder / f"{s}{k}.csv") for k in folds for s in splits]
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 import crabnet
 from crabnet.data import CompositionData, batch_size_for
 from crabnet.elements import feature_table
+from crabnet.layout import Layout
 from crabnet.model import CrabNet, CrabNetConfig
 from crabnet.optim import SWA, Lamb, Lookahead, triangular_lr
 from crabnet.utils import atomic_path
@@ -437,14 +438,8 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tup
 
 
 def checkpoint_path(data_dir: Path | str, dataset: str, features: str, recipe: str = "immi") -> Path:
-    """``<data_dir>/models/<dataset>__<features>.pt`` (recipe immi) or ``…__<recipe>.pt`` (others)."""
-    suffix = "" if recipe == "immi" else f"__{recipe}"
-    return Path(data_dir) / "models" / f"{dataset}__{features}{suffix}.pt"
-
-
-def training_state_path(data_dir: Path | str, dataset: str, features: str, recipe: str = "immi") -> Path:
-    """The state of an unfinished training: the checkpoint path with ``.state.pt``."""
-    return checkpoint_path(data_dir, dataset, features, recipe).with_suffix(".state.pt")
+    """:meth:`crabnet.layout.Layout.checkpoint`: ``models/<dataset>__<features>[__<recipe>].pt``."""
+    return Layout(data_dir).checkpoint(dataset, features, recipe)
 
 
 def recipe_dict(recipe: Recipe) -> dict:
@@ -483,7 +478,7 @@ def train_and_save(
     seed_everything(seed)
     model = build_model(features, n_elements=splits["train"].width).to(device)
     scaler = Scaler.fit(splits["train"].target)
-    state_path = training_state_path(data_dir, dataset, features, recipe.name)
+    state_path = Layout(data_dir).training_state(dataset, features, recipe.name)
     hist = fit(model, splits["train"], splits["val"], scaler, recipe, seed=seed, desc=f"{dataset} {features}",
                progress=progress, state_path=state_path, state_key={"dataset": dataset, "features": features},
                precision=precision)

@@ -9,9 +9,10 @@ import torch
 
 import get_crabnet_embeddings as gce
 from crabnet.elements import SYMBOLS, feature_table
-from crabnet.embeddings import (BENCHMARK_DATASETS, element_qkv, embedding_frames, embedding_path,
+from crabnet.embeddings import (element_qkv, embedding_frames, embedding_path,
                                 predictions_frame, read_embedding_csv,
                                 write_embeddings, write_predictions)
+from crabnet.layout import BENCHMARK_DATASETS
 from crabnet.reference import published_mae
 from crabnet.train import build_model
 from crabnet.utils import seed_everything

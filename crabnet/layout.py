@@ -1,0 +1,254 @@
+"""The data folder: every path under ``--data-dir``, dataset discovery and the benchmark set list.
+
+One owner for the layout that connects the eight steps (SPEC §5). Scripts and modules ask a
+:class:`Layout` for a path instead of joining folder names themselves; ``OUTPUTS`` describes each
+output for ``data/README.md`` (a test checks that the README lists every one of them).
+
+    layout = Layout("data")
+    layout.checkpoint("mp_bulk_modulus", "mat2vec")        # data/models/mp_bulk_modulus__mat2vec.pt
+    layout.attention_store("aflow__Egap")                  # data/attention/aflow__Egap/attention.zarr
+    resolve_datasets("data", ["all"])                      # [("benchmark_data", "aflow__ael_…"), …]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCHMARK = "benchmark_data"
+MATBENCH = "matbench_cv"
+SPLITS = ("train", "val", "test")
+
+# The 18 "extended benchmark" datasets (SPEC §3), in the order of the published MAE table.
+BENCHMARK_DATASETS: tuple[str, ...] = (
+    "aflow__ael_bulk_modulus_vrh", "aflow__ael_debye_temperature", "aflow__ael_shear_modulus_vrh",
+    "aflow__agl_thermal_conductivity_300K", "aflow__agl_thermal_expansion_300K", "aflow__Egap",
+    "aflow__energy_atom", "CritExam__Ed", "CritExam__Ef", "mp_bulk_modulus", "mp_elastic_anisotropy",
+    "mp_e_hull", "mp_mu_b", "mp_shear_modulus", "OQMD_Bandgap", "OQMD_Energy_per_atom",
+    "OQMD_Formation_Enthalpy", "OQMD_Volume_per_atom",
+)
+
+# (path pattern, written by, content): the outputs table of data/README.md
+OUTPUTS: tuple[tuple[str, str, str], ...] = (
+    ("models/<dataset>__<features>.pt", "1, 4, 6, 7", "checkpoint of the immi recipe (`…__npj.pt`: npj)"),
+    ("models/<dataset>__<features>.state.pt", "1, 4, 6, 7, benchmarks", "state of an unfinished training"),
+    ("attention/<dataset>/attention.zarr", "1", "attention captures (Zarr v3)"),
+    ("videos/<dataset>/<formula>.mp4", "2", "attention and prediction-progress videos"),
+    ("explorer/<dataset>.html", "2", "the offline attention explorer"),
+    ("attention/<dataset>/faithfulness.csv", "2", "agreement of attention with attribution per capture"),
+    ("figures/faithfulness/<dataset>.png", "2", "the agreement through training"),
+    ("oxidation/<dataset>__<split>.json", "3", "oxidation-state guesses in dataset row order"),
+    ("oxidation/element_ox_states.json", "3", "common, ICSD and all oxidation states per element"),
+    ("oxidation/cache/", "3", "every guess as it arrives"),
+    ("embeddings/<features>/<dataset>__layer<L>__<Q|K|V>.csv", "4", "Q/K/V element embeddings"),
+    ("predictions/<dataset>__<features>__test.csv", "4", "test predictions"),
+    ("figures/correlation/", "5", "element correlation matrices and summary.csv"),
+    ("umap/local/<dataset>/", "6", "per-atom UMAP coordinates and summary"),
+    ("umap/global/<dataset>/", "7", "per-compound UMAP coordinates and summary"),
+    ("umap/cache/", "6, 7", "cached representations and UMAP coordinates"),
+    ("stats/", "8", "dataset statistics"),
+    ("figures/training/<dataset>__<features>.png", "the report", "learning curve of a checkpoint"),
+    ("index.html", "every step", "the report"),
+    ("benchmarks/", "benchmarks/*.py", "figures of the benchmark scripts"),
+)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Paths under one ``--data-dir``."""
+
+    root: Path
+
+    def __init__(self, root: Path | str):
+        object.__setattr__(self, "root", Path(root))
+
+    # inputs
+    def dataset(self, dataset: str) -> Path:
+        """``benchmark_data/<dataset>/`` with train.csv, val.csv, test.csv."""
+        return self.root / BENCHMARK / dataset
+
+    def matbench(self, dataset: str) -> Path:
+        """``matbench_cv/<dataset>/`` with train<k>.csv, val<k>.csv, test<k>.csv."""
+        return self.root / MATBENCH / dataset
+
+    def split_csv(self, dataset: str, split: str) -> Path:
+        return self.dataset(dataset) / f"{split}.csv"
+
+    # models (steps 1, 4, 6, 7)
+    def checkpoint(self, dataset: str, features: str, recipe: str = "immi") -> Path:
+        """``models/<dataset>__<features>.pt`` for the immi recipe, ``…__<recipe>.pt`` for others."""
+        suffix = "" if recipe == "immi" else f"__{recipe}"
+        return self.root / "models" / f"{dataset}__{features}{suffix}.pt"
+
+    def training_state(self, dataset: str, features: str, recipe: str = "immi") -> Path:
+        """The state of an unfinished training: the checkpoint path with ``.state.pt``."""
+        return self.checkpoint(dataset, features, recipe).with_suffix(".state.pt")
+
+    def training_figure(self, checkpoint: Path | str) -> Path:
+        """``figures/training/<checkpoint stem>.png``: its learning curve."""
+        return self.root / "figures" / "training" / f"{Path(checkpoint).stem}.png"
+
+    # step 1, 2
+    def attention_store(self, dataset: str) -> Path:
+        return self.root / "attention" / dataset / "attention.zarr"
+
+    def videos(self, dataset: str) -> Path:
+        return self.root / "videos" / dataset
+
+    def explorer(self, dataset: str) -> Path:
+        return self.root / "explorer" / f"{dataset}.html"
+
+    def faithfulness_csv(self, dataset: str) -> Path:
+        return self.root / "attention" / dataset / "faithfulness.csv"
+
+    def faithfulness_figure(self, dataset: str) -> Path:
+        return self.root / "figures" / "faithfulness" / f"{dataset}.png"
+
+    # step 3
+    def oxidation(self) -> Path:
+        return self.root / "oxidation"
+
+    def oxidation_guesses(self, dataset: str, split: str) -> Path:
+        """``oxidation/<dataset>__<split>.json`` (a ``.csv`` twin beside it)."""
+        return self.oxidation() / f"{dataset}__{split}.json"
+
+    def element_ox_states(self) -> Path:
+        return self.oxidation() / "element_ox_states.json"
+
+    def oxidation_cache(self, name: str) -> Path:
+        return self.oxidation() / "cache" / name
+
+    # step 4, 5
+    def embedding(self, features: str, dataset: str, layer: int, kind: str) -> Path:
+        return self.root / "embeddings" / features / f"{dataset}__layer{layer}__{kind}.csv"
+
+    def predictions(self, dataset: str, features: str, split: str = "test") -> Path:
+        return self.root / "predictions" / f"{dataset}__{features}__{split}.csv"
+
+    def correlation_figures(self) -> Path:
+        return self.root / "figures" / "correlation"
+
+    # step 6, 7
+    def umap(self, scope: str, dataset: str) -> Path:
+        """``umap/<local|global>/<dataset>/``: coordinates and summary.csv."""
+        return self.root / "umap" / scope / dataset
+
+    def umap_figures(self, scope: str, dataset: str) -> Path:
+        return self.root / "figures" / f"umap_{scope}" / dataset
+
+    def umap_cache(self, dataset: str) -> Path:
+        return self.root / "umap" / "cache" / dataset
+
+    # step 8, report, benchmarks
+    def stats(self) -> Path:
+        return self.root / "stats"
+
+    def stats_figures(self) -> Path:
+        return self.root / "figures" / "stats"
+
+    def report(self) -> Path:
+        return self.root / "index.html"
+
+    def benchmarks(self) -> Path:
+        return self.root / "benchmarks"
+
+
+# --------------------------------------------------------------------------------------------
+# finding datasets
+
+
+@dataclass(frozen=True)
+class SplitFile:
+    """One CSV of a dataset.
+
+    Attributes:
+        kind: ``benchmark_data`` or ``matbench_cv``.
+        dataset: dataset folder name.
+        split: train, val or test.
+        fold: matbench fold, ``None`` for benchmark sets.
+        path: the CSV file.
+    """
+
+    kind: str
+    dataset: str
+    split: str
+    fold: int | None
+    path: Path
+
+    @property
+    def label(self) -> str:
+        """``<dataset>__<split>`` or ``<dataset>__<split><fold>`` (used in output file names)."""
+        return f"{self.dataset}__{self.split}{'' if self.fold is None else self.fold}"
+
+
+def available(data_dir: Path | str, kind: str) -> list[str]:
+    """Dataset folders of one kind under ``data_dir``, sorted case-insensitively."""
+    root = Path(data_dir) / kind
+    if not root.is_dir():
+        return []
+    return sorted((p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=str.lower)
+
+
+def folds_of(data_dir: Path | str, dataset: str) -> list[int]:
+    """Fold numbers present for a matbench set (those with all three split files)."""
+    folder = Layout(data_dir).matbench(dataset)
+    folds = []
+    for p in folder.glob("train*.csv"):
+        tail = p.stem[len("train"):]
+        if tail.isdigit() and all((folder / f"{s}{tail}.csv").is_file() for s in SPLITS):
+            folds.append(int(tail))
+    return sorted(folds)
+
+
+def resolve_datasets(data_dir: Path | str, names: list[str] | None) -> list[tuple[str, str]]:
+    """Turn ``--dataset`` values into ``(kind, name)`` pairs, fetching the published data if needed.
+
+    Args:
+        data_dir: the ``--data-dir`` root.
+        names: dataset names; ``None``, empty or ``["all"]`` means every benchmark set and every
+            matbench set present. A name is looked up under ``benchmark_data/`` first, then
+            ``matbench_cv/``.
+
+    Raises:
+        DataError: a name found in neither folder (the message lists what is available).
+    """
+    from crabnet.data import DataError, dataset_dir
+
+    data_dir = Path(data_dir)
+    if not (data_dir / BENCHMARK).is_dir() and not (data_dir / MATBENCH).is_dir():
+        dataset_dir(data_dir, "aflow__Egap")  # fetches the published sets (or explains how to)
+    if not names or "all" in names:
+        return [(BENCHMARK, n) for n in available(data_dir, BENCHMARK)] + \
+               [(MATBENCH, n) for n in available(data_dir, MATBENCH)]
+    out: list[tuple[str, str]] = []
+    for name in dict.fromkeys(names):
+        if (data_dir / BENCHMARK / name).is_dir():
+            out.append((BENCHMARK, name))
+        elif (data_dir / MATBENCH / name).is_dir():
+            out.append((MATBENCH, name))
+        else:
+            have = available(data_dir, BENCHMARK) + available(data_dir, MATBENCH)
+            raise DataError(f"dataset {name!r} not found under {data_dir}/{BENCHMARK}/ or {data_dir}/{MATBENCH}/. "
+                            f"Available: {', '.join(have) or 'none'}")
+    return out
+
+
+def split_files(data_dir: Path | str, kind: str, dataset: str, splits: tuple[str, ...] = SPLITS) -> list[SplitFile]:
+    """The CSV files of a dataset: one per split, or per split and fold for matbench sets.
+
+    Raises:
+        DataError: a missing split file (benchmark) or no complete fold (matbench).
+    """
+    from crabnet.data import DataError
+
+    folder = Path(data_dir) / kind / dataset
+    if kind == BENCHMARK:
+        files = [SplitFile(kind, dataset, s, None, folder / f"{s}.csv") for s in splits]
+        missing = [f.path.name for f in files if not f.path.is_file()]
+        if missing:
+            raise DataError(f"{folder}/: missing {', '.join(missing)} (a dataset needs train.csv, val.csv, test.csv)")
+        return files
+    folds = folds_of(data_dir, dataset)
+    if not folds:
+        raise DataError(f"{folder}/: no complete fold (expected train<k>.csv, val<k>.csv, test<k>.csv)")
+    return [SplitFile(kind, dataset, s, k, folder / f"{s}{k}.csv") for k in folds for s in splits]
