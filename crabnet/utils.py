@@ -35,6 +35,25 @@ def resolve_device(name: str = "auto"):
     return torch.device(name)
 
 
+def file_sha256(path: Path | str) -> str:
+    """Hex sha256 digest of a file's content, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def available_cpus() -> int:
+    """The CPU cores this process may use (its affinity mask on Linux)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA)."""
     import torch

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from crabnet.data import (DataError, batch_size_for, compositions_from_formulas, extract_datasets, load_dataset,
-                          normalise_formula, parse_formula, read_split, sha256_of)
+                          normalise_formula, parse_formula, read_split)
+from crabnet.utils import file_sha256
 
 
 @pytest.mark.parametrize("formula, expected", [
@@ -136,7 +137,7 @@ def test_extract_checks_sha_and_extracts(tmp_path):
     with pytest.raises(DataError, match="sha256"):
         extract_datasets(wheel, tmp_path / "data", sha256="0" * 64)
     assert not (tmp_path / "data" / "benchmark_data").exists()
-    names = extract_datasets(wheel, tmp_path / "data", sha256=sha256_of(wheel))
+    names = extract_datasets(wheel, tmp_path / "data", sha256=file_sha256(wheel))
     assert sorted(names) == ["benchmark_data/toy", "matbench_cv/toy2"]
     assert (tmp_path / "data" / "benchmark_data" / "toy" / "train.csv").read_text().startswith("formula")
     assert not list((tmp_path / "data").glob(".extract-*"))
