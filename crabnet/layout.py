@@ -28,29 +28,53 @@ BENCHMARK_DATASETS: tuple[str, ...] = (
     "OQMD_Formation_Enthalpy", "OQMD_Volume_per_atom",
 )
 
-# (path pattern, written by, content): the outputs table of data/README.md
+# (paths, written by, content): the outputs table of data/README.md (``python -m crabnet.layout``
+# prints it; a test checks that data/README.md holds it)
 OUTPUTS: tuple[tuple[str, str, str], ...] = (
-    ("models/<dataset>__<features>.pt", "1, 4, 6, 7", "checkpoint of the immi recipe (`…__npj.pt`: npj)"),
-    ("models/<dataset>__<features>.state.pt", "1, 4, 6, 7, benchmarks", "state of an unfinished training"),
-    ("attention/<dataset>/attention.zarr", "1", "attention captures (Zarr v3)"),
-    ("videos/<dataset>/<formula>.mp4", "2", "attention and prediction-progress videos"),
-    ("explorer/<dataset>.html", "2", "the offline attention explorer"),
-    ("attention/<dataset>/faithfulness.csv", "2", "agreement of attention with attribution per capture"),
-    ("figures/faithfulness/<dataset>.png", "2", "the agreement through training"),
-    ("oxidation/<dataset>__<split>.json", "3", "oxidation-state guesses in dataset row order"),
-    ("oxidation/element_ox_states.json", "3", "common, ICSD and all oxidation states per element"),
-    ("oxidation/cache/", "3", "every guess as it arrives"),
-    ("embeddings/<features>/<dataset>__layer<L>__<Q|K|V>.csv", "4", "Q/K/V element embeddings"),
-    ("predictions/<dataset>__<features>__test.csv", "4", "test predictions"),
-    ("figures/correlation/", "5", "element correlation matrices and summary.csv"),
-    ("umap/local/<dataset>/", "6", "per-atom UMAP coordinates and summary"),
-    ("umap/global/<dataset>/", "7", "per-compound UMAP coordinates and summary"),
-    ("umap/cache/", "6, 7", "cached representations and UMAP coordinates"),
-    ("stats/", "8", "dataset statistics"),
-    ("figures/training/<dataset>__<features>.png", "the report", "learning curve of a checkpoint"),
-    ("index.html", "every step", "the report"),
-    ("benchmarks/", "benchmarks/*.py", "figures of the benchmark scripts"),
+    ("`models/<dataset>__<features>.pt`, `…__npj.pt`", "1, 4, 6, 7",
+     "checkpoint of the immi / npj recipe: weights, model config, target scaler, metadata with the training "
+     "history (`torch.load(..., weights_only=True)`); step 1 writes `…__attention.pt` beside a full-recipe one"),
+    ("`models/<dataset>__<features>[__npj].state.pt`", "1, 4, 6, 7, benchmarks/accuracy.py",
+     "state of an unfinished training (weights, optimiser, SWA, RNGs, history), saved about once a minute; the "
+     "same command goes on from it; removed when the checkpoint is written"),
+    ("`attention/<dataset>/attention.zarr`", "1",
+     "Zarr v3 group of attention captures (layout in `crabnet/capture.py`); `attention.zarr.partial` = an "
+     "unfinished run, ignored by readers, with `attention.zarr.state.pt` its training state"),
+    ("`videos/<dataset>/<formula>.mp4`, `<formula>_attention.mp4`, `<formula>_progress.mp4`", "2",
+     "H.264 videos, one frame per capture: heatmaps of all heads of a layer, prediction vs target, both side by "
+     "side (`_layerN` / `_layers` in the name for `--layer N≠0` / `all`)"),
+    ("`explorer/<dataset>.html`", "2",
+     "the attention explorer: one offline page (search, layer/head, capture slider with play; view in the URL "
+     "hash `#compound=Hf1O2&layer=0&head=2&capture=8`); cells carry `data-query`, `data-key`, `data-value`"),
+    ("`attention/<dataset>/faithfulness.csv`, `figures/faithfulness/<dataset>.png`", "2",
+     "agreement of attention with leave-one-element-out attribution per capture, beside shuffled and "
+     "fraction-only controls"),
+    ("`index.html`", "every step, at its end", "the report: every output below, linked relatively (zip the "
+     "folder to share it)"),
+    ("`figures/training/<checkpoint>.png`", "the report", "learning curve of a checkpoint: train loss, validation "
+     "MAE, learning rate, SWA updates per epoch"),
+    ("`oxidation/<dataset>__<split>.json`, `.csv`, `oxidation/element_ox_states.json`", "3",
+     "{formula: {element: mean oxidation state} or null} in dataset row order; common/ICSD/all states per element"),
+    ("`oxidation/cache/`", "3", "every guess as it arrives, shared by all datasets; an interrupted run resumes "
+     "from it"),
+    ("`embeddings/<features>/<dataset>__layer<L>__<Q|K|V>.csv`", "4", "118 rows (H…Og) × d_model"),
+    ("`predictions/<dataset>__<features>__test.csv`", "4", "formula, target, prediction, uncertainty"),
+    ("`figures/correlation/`", "5", "Pearson matrices (PNG + offline HTML) and `summary.csv`"),
+    ("`umap/local/<dataset>/`, `figures/umap_local/<dataset>/`", "6", "per-atom UMAP coordinates, summary, plots"),
+    ("`umap/global/<dataset>/`, `figures/umap_global/<dataset>/`", "7",
+     "per-compound UMAP coordinates, summary, plots"),
+    ("`umap/cache/`", "6, 7", "cached representations and UMAP coordinates keyed by their inputs"),
+    ("`stats/`, `figures/stats/`", "8", "dataset statistics and element-prevalence / diversity plots"),
+    ("`benchmarks/`", "benchmarks/*.py", "figures of the benchmark scripts as JSON"),
 )
+
+
+def outputs_table() -> str:
+    """The Markdown table of ``OUTPUTS`` (the "Outputs" section of data/README.md)."""
+    rows = ["| path | written by | content |", "|---|---|---|"]
+    esc = lambda text: text.replace("|", "\\|")  # noqa: E731  (a | inside a cell)
+    rows += [f"| {esc(paths)} | {by} | {esc(what)} |" for paths, by, what in OUTPUTS]
+    return "\n".join(rows) + "\n"
 
 
 @dataclass(frozen=True)
@@ -252,3 +276,7 @@ def split_files(data_dir: Path | str, kind: str, dataset: str, splits: tuple[str
     if not folds:
         raise DataError(f"{folder}/: no complete fold (expected train<k>.csv, val<k>.csv, test<k>.csv)")
     return [SplitFile(kind, dataset, s, k, folder / f"{s}{k}.csv") for k in folds for s in splits]
+
+
+if __name__ == "__main__":
+    print(outputs_table(), end="")
