@@ -33,12 +33,11 @@ from pathlib import Path
 
 from crabnet.capture import AttentionRecorder, AttentionWriter
 from crabnet.cli import DEMO_DATASET, add_common, add_training, make_parser, run
-from crabnet.data import SPLITS, DataError, load_dataset
+from crabnet.data import SPLITS, load_dataset
 from crabnet.layout import Layout
 from crabnet.report import refresh_report
-from crabnet.train import (Scaler, build_model, checkpoint_path, fit, load_checkpoint, make_recipe, mae, predict,
-                           recipe_dict, save_checkpoint, training_meta)
-from crabnet.utils import UsageError, resolve_device, seed_everything
+from crabnet.train import fit, make_recipe, new_model, recipe_dict, save_trained
+from crabnet.utils import UsageError, resolve_device
 
 DEFAULT_DATASET = "aflow__Egap"
 QUICK = {"dataset": DEMO_DATASET, "epochs": 8}
@@ -102,15 +101,9 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
         print(f"{store} is up to date (same settings); use --force to recompute")
         return 0
 
-    try:
-        splits = load_dataset(data_dir, dataset, drop_unary=not keep_unary, skip_invalid=skip_invalid)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    splits = load_dataset(data_dir, dataset, drop_unary=not keep_unary, skip_invalid=skip_invalid)
     dev = resolve_device(device)
-    seed_everything(seed)
-    model = build_model(features, n_elements=splits["train"].width).to(dev)
-    scaler = Scaler.fit(splits["train"].target)
+    model, scaler = new_model(features, splits, dev, seed)
     print(f"{dataset}: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test; "
           f"{features}, {model.n_params():,} parameters, {epochs} epochs on {dev}; capturing {split} "
           f"({len(splits[split])} compounds) every {capture if capture_every == 1 else f'{capture_every} steps'}")
@@ -128,8 +121,10 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
         print(f"\ninterrupted: captures staged in {writer.staging} (incomplete, not used by later steps); "
               f"the same command goes on from the last saved epoch ({state_path.name})", file=sys.stderr)
         return 130
-    test_pred, _ = predict(model, splits["test"], scaler)
-    test_mae = mae(test_pred, splits["test"].target)
+    ckpt, meta = save_trained(data_dir, dataset, features, recipe, model, scaler, hist, splits["test"], seed=seed,
+                              written_by="get_training_attention.py", beside_full=True)
+    state_path.unlink(missing_ok=True)
+    test_mae = meta["test_mae"]
     t0 = time.perf_counter()
     writer.finalize({"epochs_run": hist.epochs_run, "stopped_early": hist.stopped_early,
                      "swa_updates": hist.swa_updates, "final_weights": "swa" if hist.swapped_swa else "last",
@@ -138,18 +133,6 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
     print(f"attention: {writer.n_captures} captures x {len(splits[split])} compounds -> {store} "
           f"(reorganised in {time.perf_counter() - t0:.1f} s)")
 
-    ckpt = checkpoint_path(data_dir, dataset, features, recipe.name)
-    if ckpt.exists():
-        try:
-            existing_full = bool(load_checkpoint(ckpt)[2].get("full_recipe"))
-        except Exception:
-            existing_full = False
-        if existing_full:
-            ckpt = ckpt.with_name(f"{ckpt.stem}__attention.pt")
-    save_checkpoint(ckpt, model, scaler, training_meta(
-        recipe, hist, dataset=dataset, features=features, seed=seed, test_mae=test_mae,
-        written_by="get_training_attention.py"))
-    state_path.unlink(missing_ok=True)
     last_val = hist.val_mae[-1] if hist.val_mae else float("nan")
     print(f"model -> {ckpt}\n{hist.epochs_run} epochs in {hist.seconds:.1f} s; val MAE {last_val:.4g} "
           f"(last epoch), test MAE {test_mae:.4g} ({'SWA weights' if hist.swapped_swa else 'last weights'})")

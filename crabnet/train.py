@@ -456,6 +456,43 @@ def training_meta(recipe: Recipe, hist: History, **extra) -> dict:
             "history": hist.per_epoch()}
 
 
+def new_model(features: str, splits: dict[str, CompositionData], device: torch.device | str, seed: int
+              ) -> tuple[CrabNet, Scaler]:
+    """A freshly initialised model (seeded) for ``splits`` and the target scaler of its training split."""
+    from crabnet.utils import seed_everything
+
+    seed_everything(seed)
+    model = build_model(features, n_elements=splits["train"].width).to(device)
+    return model, Scaler.fit(splits["train"].target)
+
+
+def save_trained(
+    data_dir: Path | str, dataset: str, features: str, recipe: Recipe, model: CrabNet, scaler: Scaler,
+    hist: History, test: CompositionData, *, seed: int, written_by: str, beside_full: bool = False,
+) -> tuple[Path, dict]:
+    """Evaluate on ``test`` and save the checkpoint of a finished training at :func:`checkpoint_path`.
+
+    ``beside_full``: if a checkpoint trained with a full recipe is already there, keep it and
+    write ``…__attention.pt`` beside it (step 1's shorter attention run).
+
+    Returns:
+        ``(path, meta)``.
+    """
+    pred, _ = predict(model, test, scaler)
+    meta = training_meta(recipe, hist, dataset=dataset, features=features, seed=seed,
+                         test_mae=mae(pred, test.target), written_by=written_by)
+    path = checkpoint_path(data_dir, dataset, features, recipe.name)
+    if beside_full and path.exists():
+        try:
+            full = bool(load_checkpoint(path)[2].get("full_recipe"))
+        except Exception:  # an unreadable file is replaced
+            full = False
+        if full:
+            path = path.with_name(f"{path.stem}__attention.pt")
+    save_checkpoint(path, model, scaler, meta)
+    return path, meta
+
+
 def train_and_save(
     data_dir: Path | str, dataset: str, features: str, recipe: Recipe, *, device: torch.device | str = "cpu",
     seed: int = 0, splits: dict[str, CompositionData] | None = None, written_by: str = "",
@@ -472,20 +509,15 @@ def train_and_save(
         ``(model, scaler, meta)``; meta holds the recipe, test MAE and training history.
     """
     from crabnet.data import load_dataset
-    from crabnet.utils import seed_everything
 
     splits = splits or load_dataset(data_dir, dataset)
-    seed_everything(seed)
-    model = build_model(features, n_elements=splits["train"].width).to(device)
-    scaler = Scaler.fit(splits["train"].target)
+    model, scaler = new_model(features, splits, device, seed)
     state_path = Layout(data_dir).training_state(dataset, features, recipe.name)
     hist = fit(model, splits["train"], splits["val"], scaler, recipe, seed=seed, desc=f"{dataset} {features}",
                progress=progress, state_path=state_path, state_key={"dataset": dataset, "features": features},
                precision=precision)
-    pred, _ = predict(model, splits["test"], scaler)
-    meta = training_meta(recipe, hist, dataset=dataset, features=features, seed=seed,
-                         test_mae=mae(pred, splits["test"].target), written_by=written_by)
-    save_checkpoint(checkpoint_path(data_dir, dataset, features, recipe.name), model, scaler, meta)
+    _, meta = save_trained(data_dir, dataset, features, recipe, model, scaler, hist, splits["test"], seed=seed,
+                           written_by=written_by)
     state_path.unlink(missing_ok=True)
     return model, scaler, meta
 

@@ -109,3 +109,22 @@ def test_bf16_training_learns_and_keeps_fp32_weights(tiny_data):
     assert all(p.dtype == torch.float32 for p in model.parameters())
     pred, _ = predict(model, splits["test"], scaler)
     assert np.isfinite(pred).all()
+
+
+def test_short_run_is_saved_beside_a_full_recipe_checkpoint(tiny_data):
+    from crabnet.train import History, load_checkpoint, save_checkpoint, save_trained
+
+    splits, model, scaler = _setup(tiny_data)
+    short = make_recipe("immi", epochs=2)
+    hist = History(epochs_run=2, precision="fp32")
+    path, meta = save_trained(tiny_data, "tiny", "onehot", short, model, scaler, hist, splits["test"], seed=0,
+                              written_by="test", beside_full=True)
+    assert path.name == "tiny__onehot.pt" and meta["full_recipe"] is None and np.isfinite(meta["test_mae"])
+    save_checkpoint(path, model, scaler, {"full_recipe": "immi"})  # now a full-recipe checkpoint is there
+    path2, _ = save_trained(tiny_data, "tiny", "onehot", short, model, scaler, hist, splits["test"], seed=0,
+                            written_by="test", beside_full=True)
+    assert path2.name == "tiny__onehot__attention.pt"
+    assert load_checkpoint(path)[2]["full_recipe"] == "immi"  # kept
+    path3, _ = save_trained(tiny_data, "tiny", "onehot", make_recipe("npj", epochs=2), model, scaler, hist,
+                            splits["test"], seed=0, written_by="test")
+    assert path3.name == "tiny__onehot__npj.pt"
