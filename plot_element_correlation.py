@@ -35,22 +35,17 @@ Examples:
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import pandas as pd
 from tqdm.auto import tqdm
 
 from crabnet.cli import add_common, add_html_js, make_parser, run
-from crabnet.correlation import (REFERENCE_TABLES, STATIC_TABLES, element_correlation, find_embedding_csvs,
-                                 model_of, plot_correlation_html, plot_correlation_png, read_representation_csv,
-                                 representation_name, static_representation, summarise)
-from crabnet.embeddings import embedding_frames
+from crabnet.correlation import (REFERENCE_TABLES, collect_sources, control_frames, element_correlation, model_of,
+                                 plot_representation, print_summary, read_representation_csv,
+                                 static_representation, summarise)
 from crabnet.layout import Layout
-from crabnet.plotting import save_html, save_png
 from crabnet.report import refresh_report
-from crabnet.train import build_model
-from crabnet.utils import atomic_path, resolve_device, seed_everything
+from crabnet.utils import UsageError, atomic_path, resolve_device
 
 QUICK_PERMUTATIONS = 999
 PERMUTATIONS = 9999
@@ -74,62 +69,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def collect_sources(data_dir: Path, sources: list[str] | None) -> dict[str, tuple[str, object]]:
-    """{name: (kind, origin)}: origin = table name (static), CSV path (learned) or None (control).
-
-    Raises:
-        ValueError: a --source that matches nothing, with what is available.
-    """
-    found = {representation_name(p): p for p in find_embedding_csvs(data_dir)}
-    every = {**{n: ("static", n) for n in STATIC_TABLES}, **{n: ("learned", p) for n, p in found.items()}}
-    if sources is None:
-        return every
-    out = {}
-    for s in sources:
-        if s in every:
-            out[s] = every[s]
-        elif s == "control":
-            continue
-        elif s.endswith(".csv") and Path(s).is_file():
-            out[representation_name(s)] = ("learned", Path(s))
-        else:
-            raise ValueError(f"--source {s!r}: not a static table, learned embedding or CSV file. Available: "
-                             f"{', '.join(list(every)[:12])}{' …' if len(every) > 12 else ''}")
-    return out
-
-
-def control_frames(seed: int, device, features: str = "onehot") -> dict[str, pd.DataFrame]:
-    """Q/K/V frames of a freshly initialised model (published architecture, seeded), as step 4 makes them.
-
-    Names: ``untrained_<features>__layer<L>__<Q|K|V>``, layers in order, Q, K, V within a layer.
-    """
-    seed_everything(seed)
-    model = build_model(features).to(device)
-    frames = embedding_frames(model)
-    return {f"untrained_{features}__layer{layer}__{kind}": frames[(layer, kind)]
-            for layer in range(model.cfg.n_layers) for kind in "QKV"}
-
-
-def up_to_date(outputs: list[Path], origin) -> bool:
-    """Whether every output exists and is newer than the source CSV (static tables: exists)."""
-    if not all(p.exists() for p in outputs):
-        return False
-    if isinstance(origin, Path):
-        return min(p.stat().st_mtime for p in outputs) >= origin.stat().st_mtime
-    return origin is not None  # static tables do not change; the control is always redrawn
-
-
 def main(data_dir: Path, device: str, seed: int, quick: bool, force: bool, source: list[str] | None,
          no_control: bool, permutations: int | None, z_max: int, no_html: bool, html_js: str = "inline") -> int:
     n_perm = (QUICK_PERMUTATIONS if quick else PERMUTATIONS) if permutations is None else permutations
     if n_perm < 0 or not 2 <= z_max <= 118:
-        print("error: --permutations must be >= 0 and --z-max in 2..118", file=sys.stderr)
-        return 2
-    try:
-        sources = collect_sources(data_dir, source)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise UsageError("--permutations must be >= 0 and --z-max in 2..118")
+    sources = collect_sources(data_dir, source)
     if not any(kind == "learned" for kind, _ in sources.values()):
         print(f"note: no learned embeddings under {data_dir}/embeddings/ (run get_crabnet_embeddings.py first)")
     frames = {}
@@ -143,24 +88,12 @@ def main(data_dir: Path, device: str, seed: int, quick: bool, force: bool, sourc
     out_dir = Layout(data_dir).correlation_figures()
     corrs, extra, n_plotted = [], {}, 0
     for name, (kind, origin, frame) in tqdm(frames.items(), desc="representations", unit="rep", disable=None):
-        try:
-            frame = read_representation_csv(origin) if frame is None else frame
-            corr = element_correlation(frame, name)
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        corr = element_correlation(read_representation_csv(origin) if frame is None else frame, name)
         corrs.append(corr)
         extra[name] = {"kind": kind, "model": "static" if kind == "static" else model_of(name)}
-        outputs = [out_dir / f"{name}.png", out_dir / f"{name}__z{z_max}.png"] + ([] if no_html else [out_dir / f"{name}.html"])
-        if (quick and kind == "untrained") or (not force and up_to_date(outputs, origin)):
-            continue
-        title = (f"{name}\nPearson r between elements over {corr.n_features} z-scored features"
-                 + (f" ({corr.n_dropped} constant dropped)" if corr.n_dropped else ""))
-        save_png(plot_correlation_png(corr.matrix, title), outputs[0])
-        save_png(plot_correlation_png(corr.matrix, title, z_max=z_max), outputs[1])
-        if not no_html:
-            save_html(plot_correlation_html(corr.matrix, title, z_maxes=(118, z_max)), outputs[2], js=html_js)
-        n_plotted += 1
+        if not (quick and kind == "untrained"):
+            n_plotted += plot_representation(corr, origin, out_dir, z_max=z_max, html=not no_html,
+                                             html_js=html_js, force=force)
 
     refs = {c.name: c for c in corrs if c.name in REFERENCE_TABLES}
     missing = [r for r in REFERENCE_TABLES if r not in refs]
@@ -176,24 +109,6 @@ def main(data_dir: Path, device: str, seed: int, quick: bool, force: bool, sourc
     refresh_report(data_dir)
     print("next: python plot_local_edm_umap.py" + (" --quick" if quick else ""))
     return 0
-
-
-def print_summary(summary: pd.DataFrame, n_perm: int) -> None:
-    """Print the main columns, then the means over each model's 3 layers x Q/K/V."""
-    cols = ["representation", "separation", "p_value", "spearman_oliynyk", "spearman_magpie"]
-    fmt = {"float_format": lambda v: f"{v:.3f}", "formatters": {"p_value": lambda v: f"{v:.4f}",
-                                                                "max_p": lambda v: f"{v:.4f}"}}
-    with pd.option_context("display.width", 160, "display.max_rows", 500, "display.max_colwidth", 60):
-        print(summary[cols].to_string(index=False, **fmt))
-        learned = summary[summary["kind"] != "static"]
-        if len(learned):
-            by = learned.groupby(["kind", "model"], sort=False)
-            means = by[["separation", "spearman_oliynyk", "spearman_magpie"]].mean()
-            means.insert(0, "n", by.size())
-            means["max_p"] = by["p_value"].max()
-            print(f"\nmean over each model's layers x Q/K/V (p-values from {n_perm} permutations; "
-                  "static tables above for scale):")
-            print(means.to_string(**fmt))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from crabnet.elements import ATOMIC_NUMBER, N_ELEMENTS, SYMBOLS, feature_frame
+from crabnet.utils import UsageError
 
 STATIC_TABLES = ("oliynyk", "magpie", "jarvis", "mat2vec", "onehot")
 REFERENCE_TABLES = ("oliynyk", "magpie")  # Spearman agreement is measured against these
@@ -98,10 +99,10 @@ def read_representation_csv(path: Path | str) -> pd.DataFrame:
     frame.index = frame.index.astype(str).str.strip()
     unknown = [s for s in frame.index if s not in ATOMIC_NUMBER]
     if unknown:
-        raise ValueError(f"{path}: unknown element symbol(s) in the first column: {', '.join(unknown[:5])}")
+        raise UsageError(f"{path}: unknown element symbol(s) in the first column: {', '.join(unknown[:5])}")
     frame = frame.apply(pd.to_numeric, errors="coerce")
     if frame.shape[1] == 0:
-        raise ValueError(f"{path}: no feature columns")
+        raise UsageError(f"{path}: no feature columns")
     return frame.dropna(how="all")
 
 
@@ -203,9 +204,9 @@ def element_correlation(frame: pd.DataFrame, name: str = "") -> Correlation:
     frame = frame.dropna(how="all")
     unknown = [s for s in frame.index if s not in ATOMIC_NUMBER]
     if unknown:
-        raise ValueError(f"{name or 'representation'}: unknown element symbol(s) {', '.join(map(str, unknown[:5]))}")
+        raise UsageError(f"{name or 'representation'}: unknown element symbol(s) {', '.join(map(str, unknown[:5]))}")
     if frame.index.has_duplicates:
-        raise ValueError(f"{name or 'representation'}: duplicate element rows")
+        raise UsageError(f"{name or 'representation'}: duplicate element rows")
     z, kept = zscore_columns(frame.to_numpy(dtype=np.float64))
     matrix = reindex_by_z(row_pearson(z), list(frame.index))
     present = np.zeros(N_ELEMENTS, dtype=bool)
@@ -444,10 +445,100 @@ def plot_correlation_html(matrix: np.ndarray, title: str = "", *, z_maxes: tuple
     return fig
 
 
+# --------------------------------------------------------------------------------------------
+# sources, figures and the printed summary of step 5
+
+
+def collect_sources(data_dir: Path, sources: list[str] | None) -> dict[str, tuple[str, object]]:
+    """{name: (kind, origin)}: origin = table name (static), CSV path (learned) or None (control).
+
+    Raises:
+        UsageError: a --source that matches nothing, with what is available.
+    """
+    found = {representation_name(p): p for p in find_embedding_csvs(data_dir)}
+    every = {**{n: ("static", n) for n in STATIC_TABLES}, **{n: ("learned", p) for n, p in found.items()}}
+    if sources is None:
+        return every
+    out = {}
+    for s in sources:
+        if s in every:
+            out[s] = every[s]
+        elif s == "control":
+            continue
+        elif s.endswith(".csv") and Path(s).is_file():
+            out[representation_name(s)] = ("learned", Path(s))
+        else:
+            raise UsageError(f"--source {s!r}: not a static table, learned embedding or CSV file. Available: "
+                             f"{', '.join(list(every)[:12])}{' …' if len(every) > 12 else ''}")
+    return out
+
+
+def control_frames(seed: int, device, features: str = "onehot") -> dict[str, pd.DataFrame]:
+    """Q/K/V frames of a freshly initialised model (published architecture, seeded), as step 4 makes them.
+
+    Names: ``untrained_<features>__layer<L>__<Q|K|V>``, layers in order, Q, K, V within a layer.
+    """
+    from crabnet.embeddings import embedding_frames
+    from crabnet.train import build_model
+    from crabnet.utils import seed_everything
+
+    seed_everything(seed)
+    model = build_model(features).to(device)
+    frames = embedding_frames(model)
+    return {f"untrained_{features}__layer{layer}__{kind}": frames[(layer, kind)]
+            for layer in range(model.cfg.n_layers) for kind in "QKV"}
+
+
+def up_to_date(outputs: list[Path], origin) -> bool:
+    """Whether every output exists and is newer than the source CSV (static tables: exists)."""
+    if not all(p.exists() for p in outputs):
+        return False
+    if isinstance(origin, Path):
+        return min(p.stat().st_mtime for p in outputs) >= origin.stat().st_mtime
+    return origin is not None  # static tables do not change; the control is always redrawn
+
+
+def plot_representation(corr: Correlation, origin, out_dir: Path, *, z_max: int = 92, html: bool = True,
+                        html_js: str = "inline", force: bool = False) -> bool:
+    """Write ``<name>.png``, ``<name>__z<z_max>.png`` and ``<name>.html`` unless up to date; True if written."""
+    from crabnet.plotting import save_html, save_png
+
+    name = corr.name
+    outputs = [out_dir / f"{name}.png", out_dir / f"{name}__z{z_max}.png"] + ([out_dir / f"{name}.html"] if html else [])
+    if not force and up_to_date(outputs, origin):
+        return False
+    title = (f"{name}\nPearson r between elements over {corr.n_features} z-scored features"
+             + (f" ({corr.n_dropped} constant dropped)" if corr.n_dropped else ""))
+    save_png(plot_correlation_png(corr.matrix, title), outputs[0])
+    save_png(plot_correlation_png(corr.matrix, title, z_max=z_max), outputs[1])
+    if html:
+        save_html(plot_correlation_html(corr.matrix, title, z_maxes=(N_ELEMENTS, z_max)), outputs[2], js=html_js)
+    return True
+
+
+def print_summary(summary: pd.DataFrame, n_perm: int) -> None:
+    """Print the main columns, then the means over each model's 3 layers x Q/K/V."""
+    cols = ["representation", "separation", "p_value", "spearman_oliynyk", "spearman_magpie"]
+    fmt = {"float_format": lambda v: f"{v:.3f}", "formatters": {"p_value": lambda v: f"{v:.4f}",
+                                                                "max_p": lambda v: f"{v:.4f}"}}
+    with pd.option_context("display.width", 160, "display.max_rows", 500, "display.max_colwidth", 60):
+        print(summary[cols].to_string(index=False, **fmt))
+        learned = summary[summary["kind"] != "static"]
+        if len(learned):
+            by = learned.groupby(["kind", "model"], sort=False)
+            means = by[["separation", "spearman_oliynyk", "spearman_magpie"]].mean()
+            means.insert(0, "n", by.size())
+            means["max_p"] = by["p_value"].max()
+            print(f"\nmean over each model's layers x Q/K/V (p-values from {n_perm} permutations; "
+                  "static tables above for scale):")
+            print(means.to_string(**fmt))
+
+
 __all__ = [
     "STATIC_TABLES", "REFERENCE_TABLES", "GROUPS", "Correlation", "static_representation",
     "read_representation_csv", "representation_name", "representation_sort_key", "model_of",
     "find_embedding_csvs", "zscore_columns", "row_pearson",
     "reindex_by_z", "element_correlation", "lower_triangle", "restrict_z", "group_labels", "group_separation",
-    "matrix_spearman", "summarise", "plot_correlation_png", "plot_correlation_html",
+    "matrix_spearman", "summarise", "plot_correlation_png", "plot_correlation_html", "collect_sources",
+    "control_frames", "up_to_date", "plot_representation", "print_summary",
 ]

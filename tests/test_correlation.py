@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import plot_element_correlation as pec
-from crabnet.correlation import (GROUPS, Correlation, element_correlation, group_labels, group_separation,
+from crabnet.correlation import (GROUPS, Correlation, collect_sources, control_frames, element_correlation, group_labels, group_separation,
                                  lower_triangle, matrix_spearman, plot_correlation_html, plot_correlation_png,
                                  read_representation_csv, reindex_by_z, representation_name, restrict_z,
                                  row_pearson, summarise, zscore_columns)
@@ -210,18 +210,22 @@ def test_script_subset_summary_and_up_to_date(tmp_path, capsys):
 def test_script_finds_all_learned_and_bad_source(tmp_path, capsys):
     for kind in "KQV":
         _learned_csv(tmp_path, kind=kind)
-    sources = pec.collect_sources(tmp_path, None)
+    sources = collect_sources(tmp_path, None)
     names = list(sources)
     assert names[:5] == ["oliynyk", "magpie", "jarvis", "mat2vec", "onehot"]
     assert names[5:] == [f"tiny__mat2vec__layer0__{k}" for k in "QKV"]  # Q, K, V order
-    rc = pec.main(data_dir=tmp_path, device="cpu", seed=0, quick=True, force=False, source=["nonsense"],
-                  no_control=True, permutations=9, z_max=92, no_html=True)
+    from argparse import Namespace
+
+    from crabnet.cli import run
+
+    rc = run(pec.main, Namespace(data_dir=tmp_path, device="cpu", seed=0, quick=True, force=False,
+                                 source=["nonsense"], no_control=True, permutations=9, z_max=92, no_html=True))
     assert rc == 2 and "--source 'nonsense'" in capsys.readouterr().err
 
 
 def test_untrained_control_frames():
-    a = pec.control_frames(seed=3, device="cpu")
-    b = pec.control_frames(seed=3, device="cpu")
+    a = control_frames(seed=3, device="cpu")
+    b = control_frames(seed=3, device="cpu")
     assert list(a)[:4] == ["untrained_onehot__layer0__Q", "untrained_onehot__layer0__K",
                            "untrained_onehot__layer0__V", "untrained_onehot__layer1__Q"] and len(a) == 9
     frame = a["untrained_onehot__layer2__V"]
