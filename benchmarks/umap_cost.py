@@ -55,7 +55,7 @@ def load(data_dir: Path, dataset: str, split: str, max_compounds: int):
     ckpt = checkpoint_path(data_dir, dataset, "mat2vec")
     if ckpt.is_file():
         model, scaler, meta = load_checkpoint(ckpt)
-        what = f"{ckpt.name} ({'published recipe' if meta.get('published_recipe') else 'short run'})"
+        what = f"{ckpt.name} ({'full ' + meta['full_recipe'] + ' recipe' if meta.get('full_recipe') else 'short run'})"
     else:
         seed_everything(0)
         model, scaler = build_model("mat2vec", n_elements=data.width).eval(), Scaler(0.0, 1.0)
