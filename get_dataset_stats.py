@@ -45,7 +45,8 @@ from crabnet.utils import atomic_path
 
 def parse_args(argv=None):
     p = make_parser(__doc__)
-    add_common(p, dataset=None, quick_help=f"demo: only {DEMO_DATASET} (unless --dataset is given)")
+    add_common(p, dataset=None, quick_help=f"demo: only {DEMO_DATASET} (unless --dataset is given)", device=False,
+               seed=False, force=False)
     p.add_argument("--dataset", action="append", default=None,
                    help="dataset under benchmark_data/ or matbench_cv/, repeatable; 'all' = every one present "
                         "(default: all; with --quick the demo dataset)")
@@ -122,7 +123,7 @@ def check_published(tables: dict[str, pd.DataFrame], reference_dir: Path) -> int
     return bad
 
 
-def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quick: bool, force: bool,
+def main(data_dir: Path, dataset: list[str] | None, quick: bool,
          no_figures: bool, skip_invalid: bool, reference_dir: Path) -> int:
     try:
         chosen = resolve_datasets(data_dir, dataset or ([DEMO_DATASET] if quick else None))

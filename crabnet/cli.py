@@ -42,18 +42,22 @@ def add_html_js(parser: argparse.ArgumentParser) -> None:
 
 
 def add_common(parser: argparse.ArgumentParser, *, dataset: str | None = "aflow__Egap",
-               quick_help: str = "small settings for a CPU demo") -> None:
-    """Add --data-dir, --dataset, --device, --seed, --quick and --force."""
+               quick_help: str = "small settings for a CPU demo", device: bool = True, seed: bool = True,
+               force: bool = True) -> None:
+    """Add --data-dir, --dataset, --quick and, where the script uses them, --device, --seed and --force."""
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="root of inputs and outputs")
     if dataset is not None:
         parser.add_argument("--dataset", default=None,
                             help=f"dataset folder under <data-dir>/benchmark_data/ (default {dataset}; "
                                  "with --quick the demo dataset)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                        help="auto = CUDA when available, else CPU")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (runs on CPU are deterministic)")
+    if device:
+        parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                            help="auto = CUDA when available, else CPU")
+    if seed:
+        parser.add_argument("--seed", type=int, default=0, help="random seed (runs on CPU are deterministic)")
     parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--force", action="store_true", help="recompute even if outputs are up to date")
+    if force:
+        parser.add_argument("--force", action="store_true", help="recompute even if outputs are up to date")
 
 
 def add_training(parser: argparse.ArgumentParser, *, recipe: str = "immi") -> None:
