@@ -98,7 +98,7 @@ def run_ours(cfg: dict) -> dict:
         "batch_size": recipe.batch_size, "epochs_step": recipe.epochs_step,
         "epochs_run": hist.epochs_run, "fit_seconds": seconds, "s_per_epoch": seconds / hist.epochs_run,
         "test_mae": T.mae(pred, test.target),
-        "swa": f"{hist.swa_updates} SWA updates, {hist.swa_discards} failed checks, "
+        "swa": f"{hist.swa_updates} SWA updates, {hist.swa_failures} failed SWA epochs, "
                f"averaged weights swapped in: {hist.swapped_swa}",
         "threads": torch.get_num_threads(), "torch": torch.__version__,
     }
