@@ -204,14 +204,13 @@ def _history_figure(root: Path, ckpt: Path, meta: dict) -> Path | None:
 def _recipe_text(recipe: Any) -> str:
     if not isinstance(recipe, dict):
         return str(recipe or "")
-    parts = ([f"{recipe['name']}:"] if recipe.get("name") else []) + [
-        f"{recipe.get('epochs', '?')} epochs", f"epochs_step {recipe.get('epochs_step', '?')}"]
+    parts = [f"{recipe.get('epochs', '?')} epochs", f"epochs_step {recipe.get('epochs_step', '?')}"]
     if recipe.get("batch_size"):
         parts.append(f"batch {recipe['batch_size']}")
     parts.append("SWA" if recipe.get("swa", True) else "no SWA")
     if recipe.get("early_stop"):
         parts.append(f"early stop {recipe['early_stop']}")
-    return ", ".join(parts)
+    return (f"{recipe['name']}: " if recipe.get("name") else "") + ", ".join(parts)
 
 
 def scan(root: Path | str) -> Found:
