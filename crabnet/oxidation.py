@@ -421,7 +421,7 @@ def _worker_main(conn, max_seconds: float | None) -> None:  # pragma: no cover -
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     install_cpu_bound()
     warnings.simplefilter("ignore")
-    guess_states("Na1 Cl1")  # loads pymatgen's ICSD occurrence table before the clock starts
+    guess_states("Na1 Cl1")  # reads pymatgen's tables (pymatgen_tables) before the clock starts
     conn.send(("ready", time.process_time()))
     while True:
         try:
@@ -526,7 +526,7 @@ class GuessPool:
         if _start_method() == "fork":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                guess_states("Na1 Cl1")  # load pymatgen's ICSD table once, here, for all forked workers
+                guess_states("Na1 Cl1")  # read pymatgen's tables once, here, for all forked workers
         self._workers = [_Worker(self.soft) for _ in range(self.n_workers)]
         return self
 

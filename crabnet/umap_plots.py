@@ -317,7 +317,7 @@ def local_metrics(x: np.ndarray, coords: np.ndarray, oxidation: np.ndarray, *, k
 
 
 def global_metrics(x: np.ndarray, coords: np.ndarray, target: np.ndarray, *, k: int = K_NEIGHBOURS,
-                   metric: str = "cosine", seed: int = 0, max_eval: int = MAX_EVAL) -> dict:
+                   metric: str = GLOBAL_METRIC, seed: int = 0, max_eval: int = MAX_EVAL) -> dict:
     """How well the pooled compound vectors and their UMAP carry the target.
 
     Leave-one-out kNN regression (mean of k = 10 neighbours) R² of the target from the vectors
