@@ -3,7 +3,8 @@
 For each layer input x_l (l = n_layers is the encoder output) every compound of the --split
 becomes one vector: [mean, range, variance, max, min] of x_l over its *real* elements (5·d_model,
 2560 for the published model; padding never enters). UMAP (cosine, n_neighbors 15, seeded,
-min_dist by dataset size) projects it to 2-D. Points are coloured by the number of elements, the
+min_dist by dataset size as in the paper: 0.2, 0.4 above 4,000 compounds, 0.5 above 100,000)
+projects it to 2-D. Points are coloured by the number of elements, the
 target, the model's prediction, the error (prediction − target) and the fraction-weighted mean
 absolute deviation of Pauling electronegativity (Oliynyk table); marker size and opacity follow
 the dataset size.
@@ -45,9 +46,9 @@ from crabnet.data import SPLITS, load_dataset
 from crabnet.report import refresh_report
 from crabnet.represent import collect, open_store
 from crabnet.train import Recipe, checkpoint_path, ensure_model, make_recipe
-from crabnet.umap_plots import (UmapParamError, UmapParams, global_metrics, global_min_dist, hover_text,
-                                make_colouring, pauling_en_mad, plot_html, plot_png, project, update_summary,
-                                run_datasets, validate_umap, write_csv)
+from crabnet.umap_plots import (GLOBAL_METRIC, UmapParamError, UmapParams, global_metrics, global_min_dist,
+                                hover_text, make_colouring, pauling_en_mad, plot_html, plot_png, project,
+                                update_summary, run_datasets, validate_umap, write_csv)
 from crabnet.utils import resolve_device, seed_everything
 
 DEFAULT_DATASET = "OQMD_Bandgap"
@@ -70,8 +71,8 @@ def parse_args(argv=None):
                    help="layer inputs, 0..n_layers where n_layers = the encoder output (default all)")
     p.add_argument("--n-neighbors", type=int, default=15, help="UMAP n_neighbors")
     p.add_argument("--min-dist", type=float, default=None,
-                   help="UMAP min_dist (default by dataset size: 0.5 below 2,000 compounds, 0.3 below 20,000, "
-                        "else 0.1)")
+                   help="UMAP min_dist (default by dataset size, as in the paper: 0.2, 0.4 above 4,000 compounds, "
+                        "0.5 above 100,000)")
     p.add_argument("--umap-parallel", action="store_true",
                    help="run UMAP on all cores without a seed (faster, not reproducible)")
     p.add_argument("--batch-size", type=int, default=512, help="compounds per inference batch")
@@ -95,7 +96,7 @@ def run_dataset(data_dir: Path, dataset: str, features: str, split: str, layers:
     if bad:
         raise ValueError(f"--layers must be in 0..{n_layers} for this model ({n_layers} = encoder output), got {bad}")
     n = len(data)
-    params = UmapParams(n_neighbors, global_min_dist(n) if min_dist is None else min_dist, "cosine", umap_seed)
+    params = UmapParams(n_neighbors, global_min_dist(n) if min_dist is None else min_dist, GLOBAL_METRIC, umap_seed)
     validate_umap(params, n)
 
     store = open_store(data_dir, dataset, features, split, checkpoint_path(data_dir, dataset, features, recipe.name),
@@ -158,7 +159,7 @@ def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quic
          recipe: str = "immi", precision: str = "auto") -> int:
     datasets = dataset or [QUICK["dataset"] if quick else DEFAULT_DATASET]
     try:
-        validate_umap(UmapParams(n_neighbors, 0.1 if min_dist is None else min_dist, "cosine", seed))
+        validate_umap(UmapParams(n_neighbors, 0.2 if min_dist is None else min_dist, GLOBAL_METRIC, seed))
         if batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     except (ValueError, UmapParamError) as err:

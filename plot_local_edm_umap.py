@@ -4,13 +4,14 @@ For each --atom and encoder layer l, the value vector V = x_l·W_in^T + b_in of 
 position inside every compound of the --split that contains it is projected to 2-D with UMAP
 (n_neighbors 5, min_dist 0.3, 0.8 for layer 0, Euclidean, seeded), as in the paper (OQMD_Bandgap
 test set). Points are coloured by the atom's fraction, the target, the model's prediction and the
-atom's guessed oxidation state (from step 3, matched by composition; grey when unknown).
+atom's guessed mean oxidation state (from step 3, matched by formula; continuous, e.g. 8/3 for Fe
+in Fe3O4; grey when unknown). The kNN accuracy of the summary votes on the rounded state.
 
 Reads   <data-dir>/benchmark_data/<dataset>/<split>.csv
         <data-dir>/models/<dataset>__<features>.pt        (trained here if missing, as step 4 does)
         <data-dir>/oxidation/<dataset>__<split>.json      (optional; guess_oxidation.py, step 3)
 Writes  <data-dir>/umap/local/<dataset>/<features>__<split>__<atom>__layer<l>.csv   coordinates
-        <data-dir>/umap/local/<dataset>/summary.csv       kNN accuracy of the oxidation state,
+        <data-dir>/umap/local/<dataset>/summary.csv       kNN accuracy of the rounded oxidation state,
                                                           trustworthiness (printed at the end)
         <data-dir>/figures/umap_local/<dataset>/<features>__<split>__<atom>.png / .html
         <data-dir>/umap/cache/<dataset>/…                 cached vectors and UMAP coordinates
@@ -155,9 +156,9 @@ def run_dataset(data_dir: Path, dataset: str, features: str, split: str, layers:
         colourings = [make_colouring("fraction", f"fraction of {atom}", frac, cmap="viridis"),
                       make_colouring("target", "target", target, cmap="plasma", limits=lim),
                       make_colouring("prediction", "prediction", pred, cmap="plasma", limits=lim),
-                      make_colouring("oxidation_state", f"oxidation state of {atom} (rounded)"
-                                     + ("" if np.isfinite(ox).any() else "; none known"), ox,
-                                     style="discrete_diverging")]
+                      make_colouring("oxidation_state", f"mean oxidation state of {atom}"
+                                     + ("; kNN accuracy uses it rounded" if np.isfinite(ox).any() else "; none known"),
+                                     ox, style="diverging", cmap="RdYlBu_r")]
         title = f"{atom} in {len(idx)} {dataset} {split} compounds: value vectors ({features}), UMAP"
         stem = fig_dir / f"{features}__{split}__{atom}"
         plot_png(coords, colourings, stem.with_suffix(".png"), title=title, seed=seed)

@@ -1,24 +1,35 @@
-"""Oxidation-state guesses with pymatgen (step 3): once per reduced formula, in parallel, time-bounded.
+"""Oxidation-state guesses (step 3): pymatgen's answer, exactly, by dynamic programming.
 
-For each formula, pymatgen's ``Composition.oxi_state_guesses()`` ranks the charge-balanced
-assignments of the elements' ICSD oxidation states by their occurrence in the ICSD; we keep the
-most probable one as ``{element: mean oxidation state}`` (the mean over the sites of an element,
-so Fe in Fe3O4 is 8/3), or ``None`` with a reason:
+For each formula we want what ``pymatgen.core.Composition(formula).oxi_state_guesses()[0]``
+gives: among the charge-balanced assignments of the elements' ICSD oxidation states, the one
+whose states occur most often in the ICSD, kept as ``{element: mean oxidation state}`` (the mean
+over the atoms of an element, so Fe in Fe3O4 is 8/3), or ``None`` with a reason:
 
 - ``no_solution``: no charge-balanced assignment (common for intermetallics, e.g. CuZn);
-- ``timeout``: the guess took longer than the time bound;
-- ``max_sites``: the reduced formula has more atoms than the ``max_sites`` bound (not tried);
+- ``timeout``: the guess took longer than the time bound (a safety net; it should not happen);
+- ``max_sites``: the composition has more atoms than the ``max_sites`` bound (not tried);
 - ``invalid_formula: …``: the formula could not be parsed;
-- ``error: …``: pymatgen raised an exception (its type and message are kept).
+- ``error: …``: an exception was raised (its type and message are kept).
+
+pymatgen finds it by brute force (every multiset of states per element, then every combination
+of the elements' sums), which is exponential in the number of atoms: minutes, or never, for some
+formulas of the benchmark sets. :func:`element_sums` and :func:`guess_amounts` compute the same
+answer with polynomial dynamic programmes over pymatgen's own data, read from the installed
+pymatgen at run time (:func:`pymatgen_tables`: the states it tries per element and its ICSD
+occurrence counts), including its order among solutions of equal score. pymatgen's defaults are
+reproduced (``all_oxi_states=False``, no ``oxi_states_override``, ``target_charge=0``,
+``max_sites=None``: the composition is not reduced). Scores are sums of integer counts, so the
+arithmetic is exact.
 
 How the work is shared and bounded:
 
-- Every formula is parsed with :func:`crabnet.data.parse_formula` and turned into its *reduced*
-  integer composition (fractional amounts are first scaled to the smallest integer formula with
-  pymatgen's ``get_integer_formula_and_factor``, e.g. Li0.5Co0.5O2 -> LiCoO4). That composition
-  is the unit of work: written as pymatgen's formula text (``"Fe3 O4"``), it is the key under
-  which results are shared across formulas, splits and datasets. This is what pymatgen does
-  itself with ``oxi_state_guesses(max_sites=-1)``.
+- Every formula is parsed with :func:`crabnet.data.parse_formula` and turned into its integer
+  composition, *not reduced* (pymatgen's answer depends on the amounts: N2O4 has one, NO2 none),
+  elements in order of first appearance as pymatgen reads them (:func:`composition_key`).
+  Fractional amounts are first scaled to the smallest integer formula with pymatgen's
+  ``get_integer_formula_and_factor`` (Li0.5Co0.5O2 -> LiCoO4), since pymatgen refuses them.
+  That composition, as text (``"N2 O4"``), is the unit of work and the key under which results
+  are shared across formulas, splits and datasets.
 - :class:`GuessPool` runs the guesses in worker processes. Each worker bounds every guess by the
   CPU time it spends (a ``SIGPROF`` interval timer), so that the outcome does not depend on how
   busy the machine is; should a guess not return (stuck outside the interpreter), the parent
@@ -32,10 +43,10 @@ How the work is shared and bounded:
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import multiprocessing
-import os
 import signal
 import sys
 import threading
@@ -47,8 +58,11 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
+
 from crabnet.data import DataError, parse_formula, read_text_table
 from crabnet.elements import ATOMIC_NUMBER, SYMBOLS
+from crabnet.layout import Layout
 
 NO_SOLUTION = "no_solution"
 TIMEOUT = "timeout"
@@ -59,7 +73,7 @@ STARTUP_SECONDS = 300  # a worker that is not ready by then means something is b
 
 
 # --------------------------------------------------------------------------------------------
-# single guesses
+# single guesses: pymatgen's answer by dynamic programming
 
 
 @dataclass(frozen=True)
@@ -67,7 +81,7 @@ class Guess:
     """The outcome of one guess.
 
     Attributes:
-        key: the reduced composition the guess was made for (pymatgen formula text, ``"Fe3 O4"``).
+        key: the integer composition the guess was made for (:func:`composition_key`, ``"N2 O4"``).
         states: ``{element: mean oxidation state}`` of the most probable solution, or ``None``.
         reason: why ``states`` is ``None`` (see the module docstring); ``None`` when it is not.
         seconds: CPU time of the guess (wall time for a worker killed at the hard bound).
@@ -79,46 +93,285 @@ class Guess:
     seconds: float = 0.0
 
 
-def reduced_key(formula: str) -> tuple[str, int]:
-    """The reduced integer composition of a formula, as pymatgen formula text, and its atom count.
+def composition_key(formula: str) -> tuple[str, int]:
+    """The integer composition a formula is guessed as, as text, and its number of atoms.
+
+    Integer formulas keep their amounts and their order of elements (first appearance), which
+    is what ``pymatgen.core.Composition(formula)`` sees: ``N2O4`` -> ``"N2 O4"`` (not reduced:
+    pymatgen's answer depends on the amounts as written), ``O4Fe3`` -> ``"O4 Fe3"``. Formulas with
+    fractional amounts are replaced by pymatgen's ``get_integer_formula_and_factor()`` formula,
+    the smallest integer formula in its order of elements (``Li0.5Co0.5O2`` -> ``"Li1 Co1 O4"``).
 
     Args:
         formula: a formula understood by :func:`crabnet.data.parse_formula`.
 
     Returns:
-        (key, number of atoms of the reduced composition), e.g. ``("Fe3 O4", 7)`` for ``Fe6O8``
-        and ``("Li1 Co1 O4", 6)`` for ``Li0.5Co0.5O2``.
+        (key, number of atoms), e.g. ``("Fe6 O8", 14)``.
 
     Raises:
         DataError: the formula cannot be parsed.
     """
-    from pymatgen.core import Composition
-
     amounts = parse_formula(formula)
-    with warnings.catch_warnings():  # e.g. "No Pauling electronegativity for He" while ordering elements
-        warnings.simplefilter("ignore")
-        comp = Composition(amounts)
-        if any(float(a) != int(a) for a in comp.values()):
-            comp = Composition(comp.get_integer_formula_and_factor()[0])
-        reduced = comp.reduced_composition
-        return reduced.formula, int(round(reduced.num_atoms))
+    if any(a != int(a) for a in amounts.values()):
+        from pymatgen.core import Composition
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            text = Composition(amounts).get_integer_formula_and_factor()[0]
+        amounts = parse_formula(text)
+    counts = [(el, int(a)) for el, a in amounts.items()]
+    return " ".join(f"{el}{n}" for el, n in counts), sum(n for _, n in counts)
+
+
+@functools.lru_cache(maxsize=1)
+def pymatgen_tables() -> tuple[dict[str, tuple[int, ...]], dict[tuple[str, float], int]]:
+    """What pymatgen's ``oxi_state_guesses()`` uses by default, read from the installed pymatgen.
+
+    Returns:
+        (states, occurrence): per element symbol the oxidation states tried, in pymatgen's order
+        (``Element.icsd_oxidation_states``, or ``common_oxidation_states`` when that is empty;
+        empty for e.g. the noble gases He, Ne, Ar); and the ICSD occurrence count of each
+        ``(symbol, oxidation state)`` from pymatgen's ``icsd_bv.yaml`` (missing pairs count 0).
+
+    Raises:
+        RuntimeError: the occurrence table holds something other than integer counts (the exact
+            integer arithmetic of :func:`element_sums` would not reproduce pymatgen's scores).
+    """
+    import pymatgen.core.composition as pmg_composition
+    from monty.serialization import loadfn
+    from pymatgen.core import Element, Species
+
+    table = loadfn(Path(pmg_composition.__file__).parent / "icsd_bv.yaml")["occurrence"]
+    occurrence: dict[tuple[str, float], int] = {}
+    for name, count in table.items():
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise RuntimeError(f"pymatgen's ICSD occurrence of {name} is {count!r}, not an integer count")
+        sp = Species.from_str(name)
+        occurrence[(sp.symbol, float(sp.oxi_state))] = count
+    states = {}
+    for sym in SYMBOLS:
+        el = Element(sym)
+        tried = el.icsd_oxidation_states or el.common_oxidation_states
+        if any(o != int(o) for o in tried):
+            raise RuntimeError(f"pymatgen lists a non-integer oxidation state of {sym}: {tried}")
+        states[sym] = tuple(int(o) for o in tried)
+    return states, occurrence
+
+
+_UNREACHED = -(1 << 62)  # "no multiset has this sum"; scores are >= 0 and stay far from it
+
+
+@functools.lru_cache(maxsize=4096)
+def element_sums(symbol: str, sites: int) -> tuple[tuple[int, int], ...]:
+    """The sums of oxidation states ``sites`` atoms of an element can have, with the best score of each.
+
+    pymatgen enumerates every multiset of ``sites`` states of the element (its list, in order,
+    with repetition: ``itertools.combinations_with_replacement``), scores a multiset by the sum of
+    the ICSD occurrences of its states and keeps, per sum of states, the highest score. The sums
+    are listed in the order they first appear in that enumeration, which decides pymatgen's order
+    of solutions. Both are computed here without the enumeration, in
+    O(states x sites x range of sums) time and O(states x range of sums) memory:
+
+    - score: best[i][k][s] = the highest score of k sites using states 0..i with sum s, by the
+      knapsack recurrence best[i][k] = max(best[i-1][k], best[i][k-1] shifted by state i + its count);
+    - order: the multisets appear in lexicographic order of their (non-decreasing) index tuples,
+      so first[j][k], the sums of k sites using states j.., in order of first appearance, is
+      first[j][k-1] shifted by state j, followed by the sums of first[j+1][k] not seen yet.
+
+    Args:
+        symbol: element symbol.
+        sites: number of atoms of the element (>= 1).
+
+    Returns:
+        ``((sum, score), …)`` in pymatgen's order; empty when the element has no states to try.
+    """
+    states, occurrence = pymatgen_tables()
+    ox = states[symbol]
+    if not ox or sites < 1:
+        return ()
+    low = min(ox)
+    shift = [o - low for o in ox]  # >= 0; k sites have shifted sums in 0..k*width
+    width = max(shift)
+    size = sites * width + 1
+    score = [occurrence.get((symbol, float(o)), 0) for o in ox]
+    m = len(ox)
+
+    # best[i] holds best[i][k] for the current k, by k: only k-1 is needed to make k
+    best_prev = [np.full(size, _UNREACHED, dtype=np.int64) for _ in range(m)]
+    for b in best_prev:
+        b[0] = 0
+    # first[j][k] for the current k, by j; first[m][k] is empty for k >= 1
+    first_prev: list[np.ndarray] = [np.zeros(1, dtype=np.int64) for _ in range(m + 1)]
+    empty = np.zeros(0, dtype=np.int64)
+    for _k in range(1, sites + 1):
+        best_cur = []
+        below = np.full(size, _UNREACHED, dtype=np.int64)  # best[i-1][k]
+        for i in range(m):
+            cand = np.full(size, _UNREACHED, dtype=np.int64)
+            d = shift[i]
+            cand[d:] = best_prev[i][: size - d] + score[i]
+            np.maximum(cand, below, out=cand)
+            best_cur.append(cand)
+            below = cand
+        first_cur: list[np.ndarray] = [empty] * (m + 1)
+        for j in range(m - 1, -1, -1):
+            head = first_prev[j] + shift[j]
+            tail = first_cur[j + 1]
+            if tail.size:
+                seen = np.zeros(size, dtype=bool)
+                seen[head] = True
+                tail = tail[~seen[tail]]
+                head = np.concatenate([head, tail])
+            first_cur[j] = head
+        best_prev, first_prev = best_cur, first_cur
+
+    order, best = first_prev[0], best_prev[m - 1]
+    if not (best[order] >= 0).all() or int((best >= 0).sum()) != order.size:  # pragma: no cover - a bug
+        raise AssertionError(f"sums and scores of {symbol}{sites} do not match")
+    base = sites * low
+    return tuple((int(s) + base, int(best[s])) for s in order)
+
+
+@functools.lru_cache(maxsize=4096)
+def _element_arrays(symbol: str, sites: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`element_sums` as two int64 arrays (sums, scores), in the same order."""
+    pairs = element_sums(symbol, sites)
+    return (np.array([v for v, _ in pairs], dtype=np.int64).reshape(-1),
+            np.array([sc for _, sc in pairs], dtype=np.int64).reshape(-1))
+
+
+_DENSE_ABOVE = 4096  # (sums so far) x (sums of the element) above which numpy arrays replace dicts
+
+
+class _Reach:
+    """Best score per sum of states of the elements e.. (a suffix of the composition).
+
+    Small ones are dicts ``{sum: best score}``; large ones a dense int64 array over
+    ``low .. low + len - 1`` with ``_UNREACHED`` (negative) where no assignment has that sum.
+    """
+
+    def __init__(self, table: dict[int, int] | None = None, low: int = 0, dense: np.ndarray | None = None):
+        self.table, self.low, self.dense = table, low, dense
+
+    def size(self) -> int:
+        return len(self.table) if self.table is not None else int(self.dense.size)
+
+    def to_dense(self) -> tuple[int, np.ndarray]:
+        if self.dense is not None:
+            return self.low, self.dense
+        low = min(self.table)
+        arr = np.full(max(self.table) - low + 1, _UNREACHED, dtype=np.int64)
+        arr[np.fromiter(self.table.keys(), dtype=np.int64, count=len(self.table)) - low] = \
+            np.fromiter(self.table.values(), dtype=np.int64, count=len(self.table))
+        return low, arr
+
+    def extend(self, symbol: str, sites: int) -> "_Reach":
+        """The best scores of (element symbol with sites atoms) followed by this suffix."""
+        if self.size() * len(element_sums(symbol, sites)) <= _DENSE_ABOVE and self.table is not None:
+            out: dict[int, int] = {}
+            opts = element_sums(symbol, sites)
+            for rest, rest_score in self.table.items():
+                for v, sc in opts:
+                    total = sc + rest_score
+                    if total > out.get(rest + v, -1):
+                        out[rest + v] = total
+            return _Reach(table=out)
+        low, arr = self.to_dense()
+        vs, scs = _element_arrays(symbol, sites)
+        v_min = int(vs.min())
+        out_arr = np.full(arr.size + int(vs.max()) - v_min, _UNREACHED, dtype=np.int64)
+        for v, sc in zip((vs - v_min).tolist(), scs.tolist()):
+            window = out_arr[v: v + arr.size]
+            np.maximum(window, arr + sc, out=window)
+        return _Reach(low=low + v_min, dense=out_arr)
+
+    def choose(self, symbol: str, sites: int, need: int) -> int | None:
+        """The first sum of the element (in pymatgen's order) that, with this suffix adding up to
+        ``need`` minus it, reaches the best total score; ``None`` when none adds up to ``need``."""
+        if self.table is not None:
+            opts = element_sums(symbol, sites)
+            best = max((sc + self.table[need - v] for v, sc in opts if need - v in self.table), default=None)
+            if best is None:
+                return None
+            return next(v for v, sc in opts if need - v in self.table and sc + self.table[need - v] == best)
+        vs, scs = _element_arrays(symbol, sites)
+        idx = need - vs - self.low
+        ok = (idx >= 0) & (idx < self.dense.size)
+        rest = np.full(vs.size, _UNREACHED, dtype=np.int64)
+        rest[ok] = self.dense[idx[ok]]
+        ok &= rest >= 0
+        if not ok.any():
+            return None
+        total = np.where(ok, scs + rest, -1)
+        return int(vs[int(np.argmax(total))])  # argmax: the first of the best
+
+
+def guess_amounts(counts: list[tuple[str, int]]) -> dict[str, float] | None:
+    """pymatgen's first ``oxi_state_guesses()`` answer for an integer composition, exactly.
+
+    pymatgen walks the Cartesian product of the elements' sums (each in the order of
+    :func:`element_sums`, elements in the order of the composition), keeps those that add up to
+    0, scores each by the sum of the elements' best scores and sorts them by score, highest first
+    (a stable sort: among equal scores the first in the product comes first). Here a dynamic
+    programme over the elements, from the last, gives the best score the elements e.. can reach
+    for every sum; the answer is then built element by element, taking for each the first sum in
+    its order that still reaches the best total score (the first in product order among the best).
+    Time O(elements x sums per element x range of sums), instead of the product of the sizes.
+
+    Args:
+        counts: ``[(symbol, number of atoms), …]`` in the composition's order (distinct symbols).
+
+    Returns:
+        ``{symbol: mean oxidation state}`` (sum over its atoms / its number of atoms), or ``None``
+        when no charge-balanced assignment exists. A single element gives ``{symbol: 0.0}``, as
+        pymatgen does.
+    """
+    if len(counts) == 1:
+        return {counts[0][0]: 0.0}
+    if any(not element_sums(el, n) for el, n in counts):
+        return None
+    reach = [_Reach(table={0: 0})]  # reach[i]: the suffix of the last i elements
+    for el, n in reversed(counts[1:]):
+        reach.append(reach[-1].extend(el, n))
+    chosen = []
+    need = 0  # what the elements e.. must add up to
+    for e, (el, n) in enumerate(counts):
+        v = reach[len(counts) - 1 - e].choose(el, n, need)
+        if v is None:
+            return None
+        chosen.append(v)
+        need -= v
+    return {el: v / float(n) for (el, n), v in zip(counts, chosen)}
+
+
+def parse_key(key: str) -> list[tuple[str, int]]:
+    """``"N2 O4"`` -> ``[("N", 2), ("O", 4)]``.
+
+    Raises:
+        ValueError: a fractional amount (keys are integer compositions) or an unparseable key.
+    """
+    amounts = parse_formula(key)
+    if any(a != int(a) for a in amounts.values()):
+        raise ValueError(f"charge balance needs integer amounts, got {key!r}")
+    return [(el, int(a)) for el, a in amounts.items()]
 
 
 def guess_states(key: str) -> dict[str, float] | None:
-    """pymatgen's most probable oxidation states of a composition, as mean state per element.
+    """pymatgen's most probable oxidation states of an integer composition, as mean state per element.
+
+    Equal to ``pymatgen.core.Composition(key).oxi_state_guesses()[0]`` (or ``None`` where that
+    tuple is empty), computed by :func:`guess_amounts`.
 
     Args:
-        key: an integer composition in any form pymatgen's ``Composition`` reads.
+        key: an integer composition, e.g. ``"N2 O4"`` (see :func:`composition_key`).
 
     Returns:
         ``{element: mean oxidation state}``, or ``None`` when no charge-balanced solution exists.
-    """
-    from pymatgen.core import Composition
 
-    guesses = Composition(key).oxi_state_guesses()
-    if not guesses:
-        return None
-    return {str(el): float(v) for el, v in guesses[0].items()}
+    Raises:
+        ValueError: the key has fractional amounts or cannot be parsed.
+    """
+    return guess_amounts(parse_key(key))
 
 
 class _Timeout(BaseException):
@@ -168,7 +421,7 @@ def _worker_main(conn, max_seconds: float | None) -> None:  # pragma: no cover -
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     install_cpu_bound()
     warnings.simplefilter("ignore")
-    guess_states("Na1 Cl1")  # loads pymatgen's ICSD occurrence table before the clock starts
+    guess_states("Na1 Cl1")  # reads pymatgen's tables (pymatgen_tables) before the clock starts
     conn.send(("ready", time.process_time()))
     while True:
         try:
@@ -273,7 +526,7 @@ class GuessPool:
         if _start_method() == "fork":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                guess_states("Na1 Cl1")  # load pymatgen's ICSD table once, here, for all forked workers
+                guess_states("Na1 Cl1")  # read pymatgen's tables once, here, for all forked workers
         self._workers = [_Worker(self.soft) for _ in range(self.n_workers)]
         return self
 
@@ -440,10 +693,14 @@ class GuessCache:
 
 
 def cache_path(data_dir: Path | str) -> Path:
-    """The shared cache file, one per pymatgen version (its ICSD tables may change)."""
+    """The shared cache file, one per pymatgen version (its ICSD tables may change).
+
+    Keyed by the exact integer composition (``guesses-exact__…``; the earlier
+    ``guesses__pymatgen-<version>.jsonl`` of reduced compositions is not read).
+    """
     from importlib.metadata import version
 
-    return Path(data_dir) / "oxidation" / "cache" / f"guesses__pymatgen-{version('pymatgen')}.jsonl"
+    return Layout(data_dir).oxidation_cache(f"guesses-exact__pymatgen-{version('pymatgen')}.jsonl")
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,7 +714,7 @@ class SplitFormulas:
     Attributes:
         label: ``<dataset>__<split>[<fold>]``.
         formulas: formulas in file order.
-        keys: reduced-composition key per row, or ``None`` when the row is not guessed.
+        keys: composition key per row, or ``None`` when the row is not guessed.
         reasons: per row, ``None`` or why it is not guessed (invalid formula, too many sites).
     """
 
@@ -478,12 +735,12 @@ def read_formulas(path: Path | str) -> list[str]:
 
 def keys_for(label: str, formulas: list[str], max_sites: int | None,
              memo: dict[str, tuple[str | None, int, str | None]] | None = None) -> SplitFormulas:
-    """Reduced-composition keys of formulas; unparseable ones and those over ``max_sites`` get a reason.
+    """Composition keys of formulas (:func:`composition_key`); unparseable ones and those over ``max_sites`` get a reason.
 
     Args:
         label: name of the split (for the result).
         formulas: formulas in file order.
-        max_sites: skip reduced compositions with more atoms than this (``None``: no bound).
+        max_sites: skip compositions with more atoms than this (``None``: no bound).
         memo: formula -> (key, sites, parse error) shared between calls to avoid re-parsing.
     """
     memo = {} if memo is None else memo
@@ -492,7 +749,7 @@ def keys_for(label: str, formulas: list[str], max_sites: int | None,
         hit = memo.get(f)
         if hit is None:
             try:
-                key, sites = reduced_key(f)
+                key, sites = composition_key(f)
                 hit = (key, sites, None)
             except DataError as err:
                 hit = (None, 0, f"{INVALID}: {err}")
@@ -585,8 +842,9 @@ def write_split(split: SplitFormulas, results: list[tuple[dict | None, str | Non
     """Write ``<label>.json`` ({formula: states or null}, first-appearance order) and ``<label>.csv``.
 
     The CSV has one line per row of the split file: ``row`` (1-based), ``formula``,
-    ``reduced_formula`` (the key), ``reason`` (empty when guessed) and one column per element
-    present in the split (by atomic number) holding its mean oxidation state.
+    ``composition`` (the key: the integer composition guessed), ``reason`` (empty when guessed)
+    and one column per element present in the split (by atomic number) holding its mean
+    oxidation state.
 
     Returns:
         Counts: ``rows``, ``formulas`` (distinct), ``guessed`` and one entry per reason (by rows).
@@ -601,19 +859,23 @@ def write_split(split: SplitFormulas, results: list[tuple[dict | None, str | Non
     with atomic_path(out_dir / f"{split.label}.json") as tmp:
         tmp.write_text("{\n" + ",\n".join(lines) + ("\n" if lines else "") + "}\n", encoding="utf-8")
 
-    elements = [el for el in SYMBOLS if el in _symbols_of(split)]
+    present = _symbols_of(split)
+    elements = [el for el in SYMBOLS if el in present]
+    column = {el: i for i, el in enumerate(elements)}
     counts: dict[str, int] = {"rows": len(split.formulas), "formulas": len(mapping), "guessed": 0}
     with atomic_path(out_dir / f"{split.label}.csv") as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
-            w.writerow(["row", "formula", "reduced_formula", "reason", *elements])
+            w.writerow(["row", "formula", "composition", "reason", *elements])
             for i, (f, key, (states, reason)) in enumerate(zip(split.formulas, split.keys, results), start=1):
                 if states is not None:
                     counts["guessed"] += 1
                 else:
                     r = (reason or ERROR).split(":")[0]
                     counts[r] = counts.get(r, 0) + 1
-                cells = ["" if states is None or el not in states else repr(float(states[el])) for el in elements]
+                cells = [""] * len(elements)
+                for el, v in (states or {}).items():
+                    cells[column[el]] = repr(float(v))
                 w.writerow([i, f, key or "", reason or "", *cells])
     return counts
 
@@ -649,17 +911,10 @@ def write_element_ox_states(path: Path | str) -> None:
         tmp.write_text("{\n" + ",\n".join(lines) + "\n}\n", encoding="utf-8")
 
 
-def default_workers() -> int:
-    """CPU cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 __all__ = [
-    "Guess", "GuessPool", "install_cpu_bound", "GuessCache", "SplitFormulas", "reduced_key", "guess_states",
+    "Guess", "GuessPool", "install_cpu_bound", "GuessCache", "SplitFormulas", "composition_key", "guess_states",
+    "guess_amounts", "element_sums", "pymatgen_tables", "parse_key",
     "guess_bounded",
     "cache_path", "read_formulas", "keys_for", "guess_all", "results_for", "write_split", "element_ox_states",
-    "write_element_ox_states", "default_workers", "progress_bar", "NO_SOLUTION", "TIMEOUT", "MAX_SITES", "INVALID", "ERROR",
+    "write_element_ox_states", "progress_bar", "NO_SOLUTION", "TIMEOUT", "MAX_SITES", "INVALID", "ERROR",
 ]

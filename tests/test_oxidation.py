@@ -1,22 +1,27 @@
-"""Oxidation-state guesses (step 3): known answers, time bounds, worker failures, resuming."""
+"""Oxidation-state guesses (step 3): pymatgen's answers, known answers, time bounds, worker failures, resuming."""
 
 from __future__ import annotations
 
 import csv
+import functools
+import itertools
 import json
 import os
+import random
 import signal
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
 
 import guess_oxidation as go
 from conftest import write_dataset
-from crabnet.oxidation import (TIMEOUT, Guess, GuessCache, GuessPool, cache_path, element_ox_states, guess_all,
-                               keys_for, reduced_key)
+import crabnet.oxidation as ox
+from crabnet.oxidation import (TIMEOUT, Guess, GuessCache, GuessPool, cache_path, composition_key, element_ox_states,
+                               element_sums, guess_all, guess_states, keys_for, pymatgen_tables)
 
-SLOW = "Co30Mn31O59"  # several seconds of pymatgen work (combinations of Co and Mn states)
+SLOW = "Mn20000N20000"  # tens of CPU seconds of dynamic programming (2e4 atoms of an element with 6 states)
 
 
 def run(data_dir: Path, *args: str) -> int:
@@ -36,16 +41,17 @@ def read_json(path: Path) -> dict:
 
 
 def test_known_answers_and_bad_formula(tmp_path):
-    formulas = ["Al2O3", "LiFeO2", "Fe3O4", "CuZn", "Xx2O3", "Fe6O8", "Al2O3"]
+    formulas = ["Al2O3", "LiFeO2", "Fe3O4", "CuZn", "Xx2O3", "Fe6O8", "Al2O3", "N2O4", "NO2"]
     write_split(tmp_path, "known", formulas)
     assert run(tmp_path, "--dataset", "known") == 0
     out = read_json(tmp_path / "oxidation" / "known__test.json")
-    assert list(out) == ["Al2O3", "LiFeO2", "Fe3O4", "CuZn", "Xx2O3", "Fe6O8"]  # row order, once each
+    assert list(out) == ["Al2O3", "LiFeO2", "Fe3O4", "CuZn", "Xx2O3", "Fe6O8", "N2O4", "NO2"]  # row order, once each
     assert out["Al2O3"] == {"Al": 3.0, "O": -2.0}
     assert out["LiFeO2"] == {"Li": 1.0, "Fe": 3.0, "O": -2.0}
     assert out["Fe3O4"]["O"] == -2.0 and out["Fe3O4"]["Fe"] == pytest.approx(8 / 3)
     assert out["Fe6O8"] == out["Fe3O4"]
     assert out["CuZn"] is None and out["Xx2O3"] is None
+    assert out["N2O4"] == {"N": 4.0, "O": -2.0} and out["NO2"] is None  # not shared per reduced formula
 
     with open(tmp_path / "oxidation" / "known__test.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -54,7 +60,8 @@ def test_known_answers_and_bad_formula(tmp_path):
     assert by["CuZn"]["reason"] == "no_solution"
     assert by["Xx2O3"]["reason"].startswith("invalid_formula") and "Xx" in by["Xx2O3"]["reason"]
     assert by["Fe3O4"]["reason"] == "" and float(by["Fe3O4"]["Fe"]) == pytest.approx(8 / 3)
-    assert by["Fe6O8"]["reduced_formula"] == by["Fe3O4"]["reduced_formula"]
+    assert by["Fe6O8"]["composition"] == "Fe6 O8" and by["Fe3O4"]["composition"] == "Fe3 O4"
+    assert by["NO2"]["reason"] == "no_solution" and by["N2O4"]["N"] == "4.0"
     assert by["Al2O3"]["Fe"] == ""
 
     states = read_json(tmp_path / "oxidation" / "element_ox_states.json")
@@ -62,19 +69,23 @@ def test_known_answers_and_bad_formula(tmp_path):
     assert {2, 3} <= set(states["Fe"]["icsd"]) and set(states["Fe"]["common"]) <= set(states["Fe"]["all"])
 
 
-def test_reduced_keys():
-    assert reduced_key("Fe6O8") == reduced_key("Fe3O4") == reduced_key("O4Fe3")
-    key, sites = reduced_key("Li0.5Co0.5O2")  # fractional -> smallest integer formula, reduced
-    assert sites == 6 and sorted(key.split()) == ["Co1", "Li1", "O4"]
-    split = keys_for("x", ["Al4O6", "K6Si2Te6", "fe2o3"], max_sites=6)
-    assert split.keys[0] is not None and split.reasons[0] is None
-    assert split.keys[1] is None and split.reasons[1] == "max_sites"  # K3SiTe3 has 7 atoms
+def test_composition_keys():
+    # integer formulas: the amounts and the order of elements as written (as pymatgen reads them)
+    assert composition_key("Fe6O8") == ("Fe6 O8", 14)
+    assert composition_key("O4Fe3") == ("O4 Fe3", 7)
+    assert composition_key("Ca(OH)2") == ("Ca1 O2 H2", 5)
+    assert composition_key("Fe2.0O3") == ("Fe2 O3", 5)
+    # fractional -> pymatgen's smallest integer formula
+    assert composition_key("Li0.5Co0.5O2") == ("Li1 Co1 O4", 6)
+    split = keys_for("x", ["Al2O3", "K6Si2Te6", "fe2o3"], max_sites=6)
+    assert split.keys[0] == "Al2 O3" and split.reasons[0] is None
+    assert split.keys[1] is None and split.reasons[1] == "max_sites"  # 14 atoms (not reduced)
     assert split.keys[2] is None and split.reasons[2].startswith("invalid_formula")
 
 
 def test_timeout_is_recorded_and_the_run_goes_on():
     cache = GuessCache(None)
-    keys = [reduced_key(f)[0] for f in (SLOW, "Al2O3", "NaCl")]
+    keys = [composition_key(f)[0] for f in (SLOW, "Al2O3", "NaCl")]
     run_info = guess_all(keys, cache, workers=1, max_seconds=0.2, progress=False)
     slow = cache.get(keys[0], 0.2)
     assert slow.states is None and slow.reason == TIMEOUT
@@ -86,7 +97,7 @@ def test_timeout_is_recorded_and_the_run_goes_on():
 
 
 def test_hard_bound_kills_a_stuck_worker():
-    key = reduced_key(SLOW)[0]
+    key = composition_key(SLOW)[0]
     with GuessPool(1, max_seconds=0.2, hard_seconds=0.5, soft_timeout=False) as pool:
         got = list(pool.run([key, "Na1 Cl1"]))
         assert pool.kills == 1
@@ -96,7 +107,7 @@ def test_hard_bound_kills_a_stuck_worker():
 
 def test_wall_clock_bound_kills_a_blocked_worker():
     """A worker that stops using CPU (here: stopped by a signal) is killed at the wall-clock bound."""
-    key = reduced_key(SLOW)[0]
+    key = composition_key(SLOW)[0]
     with GuessPool(1, max_seconds=30.0, hard_seconds=20.0, wall_seconds=1.0) as pool:
         results = pool.run(["Na1 Cl1", key, "Al2 O3"])
         first = next(results)  # the worker is ready and has now been sent SLOW
@@ -110,7 +121,7 @@ def test_wall_clock_bound_kills_a_blocked_worker():
 
 
 def test_worker_errors_and_deaths_are_recorded():
-    key = reduced_key(SLOW)[0]
+    key = composition_key(SLOW)[0]
     with GuessPool(1, max_seconds=60.0) as pool:
         results = pool.run(["Fe0.5 O1", key, "Na1 Cl1"])
         first = next(results)  # the worker has now been sent SLOW, which takes seconds
@@ -183,3 +194,142 @@ def test_pool_without_fork_when_threads_run():
         stop.set()
     assert cache.get("Al2 O3", 30.0).states == {"Al": 3.0, "O": -2.0}
     assert cache.get("Zn1 Cu1", 30.0).reason == "no_solution"
+
+
+# --------------------------------------------------------------------------------------------
+# the dynamic programme against pymatgen
+
+HAND_PICKED = [
+    # mixed valence and many sites
+    "Fe3O4", "Mn3O4", "Co3O4", "Pb3O4", "V6O13", "Fe7O8", "Mn5O8", "Ti4O7", "V3O5", "Eu3O4", "U3O8", "Sb2O4",
+    "Co6Mn7O13", "LiMn2O4", "Li4Ti5O12", "Fe2O3Fe", "Cr5O12", "Mo4O11", "W18O49", "Nb12O29",
+    # amounts as written (not reduced)
+    "N2O4", "NO2", "Fe6O8", "Mn6O8", "S2O6", "Cl2O6", "P4O10", "Fe4O6",
+    # many elements
+    "LiNaKMgCaAlSiO8", "Ba2YCu3O7", "CaCu3Ti4O12", "NaAlSi3O8", "KAl2AlSi3O10F2", "LiFePO4", "Cs2AgBiBr6",
+    "Ca(OH)2", "(NH4)2SO4", "[Co(NH3)6]Cl3", "CH3COOH",
+    # no solution, intermetallics
+    "CuZn", "Ni3Al", "MgCu2", "FeSi", "Cu3Au", "NaTl", "Ti3Al", "LaNi5",
+    # single element
+    "Fe", "O2", "C60", "He", "Xe2",
+    # noble gases
+    "HeO", "XeF2", "XeF4", "XeF6", "XeO3", "XeO4", "KrF2", "ArCl", "NeO", "RnF2", "Xe2Na4O6",
+    # states without ICSD counts (ties broken by pymatgen's order), fractional amounts
+    "Xe3Po2S3", "Np2O5", "Pu2O3", "Tc2O7", "PoO2", "Li0.5Co0.5O2", "Fe0.5Mn0.5O", "NbO1.9S0.1",
+]
+
+
+def random_formulas(n: int, seed: int, max_atoms: int = 4) -> list[str]:
+    """Random compositions over elements of every kind; small enough for pymatgen to be fast."""
+    rng = random.Random(seed)
+    pool = ["H", "Li", "Na", "K", "Mg", "Ca", "Ba", "Al", "Ga", "Si", "Ge", "Sn", "Pb", "Ti", "V", "Cr", "Mn",
+            "Fe", "Co", "Ni", "Cu", "Zn", "Mo", "W", "Nb", "Ta", "Ru", "Ag", "Au", "Hg", "La", "Ce", "Eu", "U",
+            "Pu", "Np", "Tc", "Po", "Xe", "Kr", "He", "Ar", "B", "C", "N", "P", "As", "Sb", "Bi", "O", "S", "Se",
+            "Te", "F", "Cl", "Br", "I"]
+    out = []
+    for _ in range(n):
+        els = rng.sample(pool, rng.choice((2, 2, 3, 3, 4, 5)))
+        out.append("".join(f"{e}{rng.randint(1, max_atoms if len(els) <= 3 else 2)}" for e in els))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _pymatgen_answer(formula: str) -> str:
+    return json.dumps(pymatgen_answer_uncached(formula))
+
+
+def pymatgen_answer(formula: str) -> dict | None:
+    """:func:`pymatgen_answer_uncached`, remembered (several tests compare with the same formulas)."""
+    return json.loads(_pymatgen_answer(formula))
+
+
+def pymatgen_answer_uncached(formula: str) -> dict | None:
+    """``Composition(formula).oxi_state_guesses()[0]`` (fractional formulas: pymatgen's integer formula)."""
+    from pymatgen.core import Composition
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        comp = Composition(formula)
+        if any(a != int(a) for a in comp.values()):
+            comp = Composition(comp.get_integer_formula_and_factor()[0])
+        guesses = comp.oxi_state_guesses()
+    return {str(el): float(v) for el, v in guesses[0].items()} if guesses else None
+
+
+def ours(formula: str) -> dict | None:
+    return guess_states(composition_key(formula)[0])
+
+
+def assert_same_as_pymatgen(formulas: list[str]) -> tuple[int, int]:
+    """Every answer equal to pymatgen's, including the order of elements; returns (solutions, none)."""
+    found = 0
+    for f in formulas:
+        mine, ref = ours(f), pymatgen_answer(f)
+        assert mine == ref and (ref is None or list(mine) == list(ref)), (f, mine, ref)
+        found += ref is not None
+    return found, len(formulas) - found
+
+
+def test_n2o4_has_pymatgens_answer():
+    assert ours("N2O4") == {"N": 4.0, "O": -2.0}  # mixed +3/+5 over two sites, mean +4
+    assert ours("NO2") is None
+
+
+def test_same_answers_as_pymatgen_on_many_shapes():
+    found, none = assert_same_as_pymatgen(HAND_PICKED + random_formulas(300, seed=11))
+    assert found > 100 and none > 100  # both outcomes are well represented
+
+
+def test_large_sums_take_the_dense_path_with_the_same_answers(monkeypatch):
+    monkeypatch.setattr(ox, "_DENSE_ABOVE", -1)  # numpy arrays everywhere
+    assert_same_as_pymatgen(HAND_PICKED + random_formulas(60, seed=12))
+
+
+def test_ties_follow_pymatgens_order(monkeypatch):
+    """Xe and Po states have no ICSD counts: several solutions of Xe3Po2S3 tie; pymatgen takes the first
+    in its enumeration, and listing each element's sums in the reverse order gives another answer."""
+    assert ours("Xe3Po2S3") == pymatgen_answer("Xe3Po2S3") == {"Xe": 2.0, "Po": 0.0, "S": -2.0}
+    reversed_sums = lambda el, n, f=element_sums: tuple(reversed(f(el, n)))  # noqa: E731
+    monkeypatch.setattr(ox, "element_sums", reversed_sums)
+    assert ours("Xe3Po2S3") != {"Xe": 2.0, "Po": 0.0, "S": -2.0}
+
+
+@pytest.mark.parametrize("symbol,sites", [("N", 1), ("N", 4), ("Mn", 5), ("Fe", 3), ("O", 6), ("Xe", 3),
+                                          ("Sb", 4), ("He", 2)])
+def test_element_sums_enumerate_like_pymatgen(symbol, sites):
+    """Sums in order of first appearance among the multisets of states, with the best ICSD score of each."""
+    states, occurrence = pymatgen_tables()
+    best: dict[int, int] = {}
+    for combo in itertools.combinations_with_replacement(states[symbol], sites):
+        score = sum(occurrence.get((symbol, float(o)), 0) for o in combo)
+        best[sum(combo)] = max(score, best.get(sum(combo), -1))
+    assert element_sums(symbol, sites) == tuple(best.items())
+
+
+def test_pymatgen_tables_are_read_from_pymatgen():
+    from pymatgen.core import Element
+
+    states, occurrence = pymatgen_tables()
+    assert states["Fe"] == tuple(Element("Fe").icsd_oxidation_states)
+    assert states["Xe"] == tuple(Element("Xe").common_oxidation_states) and states["He"] == ()
+    assert occurrence[("O", -2.0)] > occurrence.get(("O", -1.0), 0) > 0
+
+
+@pytest.mark.slow
+def test_same_answers_as_pymatgen_on_a_larger_sample():
+    assert_same_as_pymatgen(random_formulas(4000, seed=13, max_atoms=5))
+
+
+def test_dataset_all_means_the_benchmark_sets_and_matbench_is_asked_for(tmp_path):
+    write_split(tmp_path, "one", ["Fe3O4", "NaCl"], split="train")
+    write_split(tmp_path, "two", ["N2O4"], split="val")
+    mb = tmp_path / "matbench_cv" / "mb"
+    mb.mkdir(parents=True)
+    for s in ("train", "val", "test"):
+        (mb / f"{s}0.csv").write_text("formula,target\nAl2O3,1.0\n")
+    assert run(tmp_path, "--dataset", "all", "--split", "all") == 0
+    names = sorted(p.name for p in (tmp_path / "oxidation").glob("*.json") if p.name != "element_ox_states.json")
+    assert names == sorted(f"{d}__{s}.json" for d in ("one", "two") for s in ("train", "val", "test"))
+    assert read_json(tmp_path / "oxidation" / "two__val.json") == {"N2O4": {"N": 4.0, "O": -2.0}}
+    assert run(tmp_path, "--dataset", "all", "--matbench") == 0
+    assert read_json(tmp_path / "oxidation" / "mb__test0.json") == {"Al2O3": {"Al": 3.0, "O": -2.0}}

@@ -185,7 +185,10 @@ def test_umap_input_rejected():
 def test_paper_settings():
     assert up.local_params(0) == up.UmapParams(5, 0.8, "euclidean", 0)
     assert up.local_params(2) == up.UmapParams(5, 0.3, "euclidean", 0)
-    assert up.global_min_dist(700) > up.global_min_dist(51000)
+    # the paper's global min_dist: 0.2, 0.4 above 4,000 compounds, 0.5 above 100,000; cosine
+    sizes = {30: 0.2, 700: 0.2, 4000: 0.2, 4001: 0.4, 51000: 0.4, 100_000: 0.4, 100_001: 0.5, 500_000: 0.5}
+    assert {n: up.global_min_dist(n) for n in sizes} == sizes
+    assert up.GLOBAL_METRIC == "cosine"
     assert up.marker_style(700)[0] > up.marker_style(51000)[0]
 
 
@@ -247,11 +250,15 @@ def script_data(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_local_script(script_data, capsys):
+def test_local_script(script_data, capsys, monkeypatch):
     ox = up.oxidation_path(script_data, "tiny", "test")
     ox.parent.mkdir(parents=True)
     formulas = pd.read_csv(script_data / "benchmark_data" / "tiny" / "test.csv")["formula"]
-    ox.write_text(json.dumps({f: ({"O": -2.0} if i % 2 else None) for i, f in enumerate(formulas)}))
+    ox.write_text(json.dumps({f: ({"O": -2.0, "Fe": 8 / 3} if i % 2 else None) for i, f in enumerate(formulas)}))
+    drawn = {}
+    draw = pl.plot_png
+    monkeypatch.setattr(pl, "plot_png", lambda coords, colourings, path, **kw: drawn.update({path.stem: colourings})
+                        or draw(coords, colourings, path, **kw))
     args = dict(data_dir=script_data, dataset=["tiny"], device="cpu", seed=0, quick=True, force=False,
                 features="mat2vec", split="test", layers=[0, 2], atom=["O", "Fe", "Ne"], n_neighbors=3,
                 min_dist=0.3, min_dist_layer0=0.8, umap_parallel=False, batch_size=32)
@@ -270,7 +277,14 @@ def test_local_script(script_data, capsys):
     figs = script_data / "figures" / "umap_local" / "tiny"
     assert (figs / "mat2vec__test__O.png").stat().st_size > 10_000
     html = (figs / "mat2vec__test__O.html").read_text()
-    assert "<script src=\"https://cdn" not in html and "oxidation state of O" in html
+    assert "<script src=\"https://cdn" not in html and "mean oxidation state of O" in html
+    # coloured by the continuous mean state (Fe 8/3 stays 8/3), the legend saying the kNN vote rounds it
+    fe = {c.name: c for c in drawn["mat2vec__test__Fe"]}["oxidation_state"]
+    assert fe.style == "diverging" and "rounded" in fe.label and fe.vmin < 0 < fe.vmax
+    assert np.nanmax(fe.values) == pytest.approx(8 / 3) and np.isnan(fe.values).any()
+    fe_csv = pd.read_csv(script_data / "umap" / "local" / "tiny" / "mat2vec__test__Fe__layer2.csv")
+    known = fe_csv["oxidation_state"].dropna()
+    assert len(known) and np.allclose(known, 8 / 3, atol=1e-6)
     assert pl.main(**{**args, "atom": ["Xx"]}) == 2
     assert "unknown element symbol" in capsys.readouterr().err
 
@@ -288,6 +302,7 @@ def test_global_script(script_data, capsys):
     assert len(csv) == 90 and np.allclose(csv["error"], csv["prediction"] - csv["target"], atol=1e-5)
     assert (csv["n_elements"] >= 2).all() and csv["en_pauling_mad"].notna().all()
     assert (script_data / "figures" / "umap_global" / "tiny" / "mat2vec__test.png").is_file()
+    assert (summary["min_dist"] == 0.2).all() and (summary["metric"] == "cosine").all()  # 90 compounds
     assert "kNN (k=10) R²" in capsys.readouterr().out
     assert pg.main(**{**args, "layers": [7]}) == 2
     assert "--layers must be in 0..3" in capsys.readouterr().err
