@@ -70,8 +70,8 @@ def worker(stage: str, data_dir: Path, dataset: str, split: str, max_compounds: 
 
     from crabnet.elements import ATOMIC_NUMBER
     from crabnet.represent import RepresentationStore, collect
-    from crabnet.umap_plots import (PAPER_ATOMS, UmapParams, global_metrics, global_min_dist, local_metrics,
-                                    local_params, project)
+    from crabnet.edm_maps import PAPER_ATOMS
+    from crabnet.projection import UmapParams, global_metrics, global_min_dist, local_metrics, local_params, project
 
     if threads:
         torch.set_num_threads(threads)
@@ -117,7 +117,7 @@ def worker(stage: str, data_dir: Path, dataset: str, split: str, max_compounds: 
         out["html_mb"] = html.stat().st_size / 1e6
         out["n_compounds"] = len(comp)
     else:
-        from crabnet.umap_plots import fit_umap
+        from crabnet.projection import fit_umap
 
         store = RepresentationStore(store_dir)
         seed = None if stage.endswith("_parallel") else 0

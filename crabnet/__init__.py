@@ -15,7 +15,11 @@ The package behind the eight workflow scripts at the repository root:
 - ``crabnet.oxidation``    oxidation-state guesses (step 3)
 - ``crabnet.embeddings``   Q/K/V element embeddings (step 4)
 - ``crabnet.correlation``  element correlation matrices (step 5)
-- ``crabnet.represent``, ``crabnet.umap_plots``  local and global EDM vectors and their UMAP (steps 6, 7)
+- ``crabnet.represent``    local and global EDM vectors, cached (steps 6, 7)
+- ``crabnet.projection``   UMAP parameters, cached projection, kNN metrics (steps 6, 7)
+- ``crabnet.umap_plots``   colourings and layer × colouring figures (steps 6, 7)
+- ``crabnet.edm_maps``     the chain of steps 6 and 7: model -> vectors -> UMAP -> metrics -> figures
+- ``crabnet.layout``       every path under --data-dir, dataset discovery, the benchmark set list
 - ``crabnet.stats``        dataset statistics (step 8)
 - ``crabnet.reference``    published reference tables shipped with the package
 - ``crabnet.cli``, ``crabnet.plotting``, ``crabnet.utils``  shared command-line flags, figure and file helpers

@@ -911,10 +911,78 @@ def write_element_ox_states(path: Path | str) -> None:
         tmp.write_text("{\n" + ",\n".join(lines) + "\n}\n", encoding="utf-8")
 
 
+# --------------------------------------------------------------------------------------------
+# reading the guesses back (steps 6 and the report)
+
+
+def lookup_key(formula: str) -> str | None:
+    """Formula-independent key of a composition: elements alphabetical with fractions to 6 digits.
+
+    ``HfO2``, ``Hf1O2``, ``O2Hf`` and ``Hf2O4`` share a key. None for an unparsable formula.
+    """
+    try:
+        amounts = parse_formula(str(formula))
+    except DataError:
+        return None
+    total = sum(amounts.values())
+    return "".join(f"{el}{amounts[el] / total:.6f}" for el in sorted(amounts))
+
+
+def oxidation_path(data_dir: Path | str, dataset: str, split: str) -> Path:
+    """``<data_dir>/oxidation/<dataset>__<split>.json`` (written by guess_oxidation.py, step 3)."""
+    return Layout(data_dir).oxidation_guesses(dataset, split)
+
+
+def load_oxidation(path: Path | str) -> dict[str, dict[str, float] | None] | None:
+    """Oxidation guesses of step 3 keyed by ``lookup_key``; None when the file is absent.
+
+    The file maps formula -> {element: mean oxidation state} or null (no charge-balanced guess).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err}); re-run guess_oxidation.py") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: expected an object {{formula: {{element: state}} or null}}")
+    out: dict[str, dict[str, float] | None] = {}
+    for formula, guess in raw.items():
+        key = lookup_key(formula)
+        if key is not None:
+            out[key] = guess if isinstance(guess, dict) else None
+    return out
+
+
+def oxidation_states(guesses: dict[str, dict[str, float] | None] | None, formulas, symbol: str) -> np.ndarray:
+    """The mean oxidation state of ``symbol`` in each formula; NaN when unknown.
+
+    Args:
+        guesses: from ``load_oxidation`` (None: all unknown).
+        formulas: the compounds' formulas (matched by composition, not by text).
+        symbol: the element.
+    """
+    out = np.full(len(formulas), np.nan)
+    if not guesses:
+        return out
+    for i, f in enumerate(formulas):
+        guess = guesses.get(lookup_key(f) or "")
+        if guess and guess.get(symbol) is not None:
+            try:
+                out[i] = float(guess[symbol])
+            except (TypeError, ValueError):
+                pass
+    return out
+
+
+
+
 __all__ = [
     "Guess", "GuessPool", "install_cpu_bound", "GuessCache", "SplitFormulas", "composition_key", "guess_states",
     "guess_amounts", "element_sums", "pymatgen_tables", "parse_key",
     "guess_bounded",
     "cache_path", "read_formulas", "keys_for", "guess_all", "results_for", "write_split", "element_ox_states",
-    "write_element_ox_states", "progress_bar", "NO_SOLUTION", "TIMEOUT", "MAX_SITES", "INVALID", "ERROR",
+    "write_element_ox_states", "progress_bar", "lookup_key", "oxidation_path", "load_oxidation",
+    "oxidation_states", "NO_SOLUTION", "TIMEOUT", "MAX_SITES", "INVALID", "ERROR",
 ]

@@ -22,7 +22,7 @@ single-element rule::
     compounds.npz            formula (unicode), row, target, prediction, elements, fractions
     local__<Z>__layer<l>.npy (n_atom_compounds, d_model) float32, rows = compounds containing Z
     global__layer<l>.npy     (n_compounds, 5·d_model) float32
-    umap/…                   2-D coordinates written by ``crabnet.umap_plots``
+    umap/…                   2-D coordinates written by ``crabnet.projection``
 
 Every file is written to a temporary name and renamed when complete, so an interrupted pass
 leaves no file that looks finished. Nothing is pickled; loading uses ``allow_pickle=False``.

@@ -11,6 +11,9 @@ import torch
 
 import plot_global_edm_umap as pg
 import plot_local_edm_umap as pl
+from crabnet import edm_maps as em
+from crabnet import oxidation as oxm
+from crabnet import projection as proj
 from crabnet import umap_plots as up
 from crabnet.data import compositions_from_formulas, load_dataset
 from crabnet.represent import collect, open_store, pool_elements, value_vectors
@@ -120,19 +123,19 @@ def test_store_key_follows_checkpoint(tiny_data):
 
 
 def test_oxidation_alignment_by_formula(tmp_path):
-    path = up.oxidation_path(tmp_path, "tiny", "test")
+    path = oxm.oxidation_path(tmp_path, "tiny", "test")
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"Hf1O2": {"Hf": 4.0, "O": -2.0}, "Fe2O3": {"Fe": 3.0, "O": -2.0},
                                 "CuZn": None, "Zz": {"Zz": 1}}))
-    guesses = up.load_oxidation(path)
+    guesses = oxm.load_oxidation(path)
     formulas = ["NaCl", "HfO2", "O3Fe2", "Fe4O6", "ZnCu"]  # reordered, differently written, absent
-    np.testing.assert_array_equal(up.oxidation_states(guesses, formulas, "O"), [np.nan, -2, -2, -2, np.nan])
-    np.testing.assert_array_equal(up.oxidation_states(guesses, formulas, "Fe"), [np.nan, np.nan, 3, 3, np.nan])
-    assert up.load_oxidation(tmp_path / "missing.json") is None
-    assert np.isnan(up.oxidation_states(None, formulas, "O")).all()
+    np.testing.assert_array_equal(oxm.oxidation_states(guesses, formulas, "O"), [np.nan, -2, -2, -2, np.nan])
+    np.testing.assert_array_equal(oxm.oxidation_states(guesses, formulas, "Fe"), [np.nan, np.nan, 3, 3, np.nan])
+    assert oxm.load_oxidation(tmp_path / "missing.json") is None
+    assert np.isnan(oxm.oxidation_states(None, formulas, "O")).all()
     path.write_text("{not json")
     with pytest.raises(ValueError, match="guess_oxidation"):
-        up.load_oxidation(path)
+        oxm.load_oxidation(path)
 
 
 def test_pauling_deviation():
@@ -171,37 +174,37 @@ def test_oxidation_colouring_is_centred_and_greys_unknown():
     ({"n_neighbors": 15}, 15, "more points than n_neighbors"),
 ])
 def test_umap_parameters_rejected(kwargs, n, match):
-    with pytest.raises(up.UmapParamError, match=match):
-        up.validate_umap(up.UmapParams(**kwargs), n)
+    with pytest.raises(proj.UmapParamError, match=match):
+        proj.validate_umap(proj.UmapParams(**kwargs), n)
 
 
 def test_umap_input_rejected():
-    with pytest.raises(up.UmapParamError, match="NaN"):
-        up.fit_umap(np.full((30, 3), np.nan), up.UmapParams(n_neighbors=5))
-    with pytest.raises(up.UmapParamError, match="2-D"):
-        up.fit_umap(np.zeros(30), up.UmapParams(n_neighbors=5))
+    with pytest.raises(proj.UmapParamError, match="NaN"):
+        proj.fit_umap(np.full((30, 3), np.nan), proj.UmapParams(n_neighbors=5))
+    with pytest.raises(proj.UmapParamError, match="2-D"):
+        proj.fit_umap(np.zeros(30), proj.UmapParams(n_neighbors=5))
 
 
 def test_paper_settings():
-    assert up.local_params(0) == up.UmapParams(5, 0.8, "euclidean", 0)
-    assert up.local_params(2) == up.UmapParams(5, 0.3, "euclidean", 0)
+    assert proj.local_params(0) == proj.UmapParams(5, 0.8, "euclidean", 0)
+    assert proj.local_params(2) == proj.UmapParams(5, 0.3, "euclidean", 0)
     # the paper's global min_dist: 0.2, 0.4 above 4,000 compounds, 0.5 above 100,000; cosine
     sizes = {30: 0.2, 700: 0.2, 4000: 0.2, 4001: 0.4, 51000: 0.4, 100_000: 0.4, 100_001: 0.5, 500_000: 0.5}
-    assert {n: up.global_min_dist(n) for n in sizes} == sizes
-    assert up.GLOBAL_METRIC == "cosine"
-    assert up.marker_style(700)[0] > up.marker_style(51000)[0]
+    assert {n: proj.global_min_dist(n) for n in sizes} == sizes
+    assert proj.GLOBAL_METRIC == "cosine"
+    assert proj.marker_style(700)[0] > proj.marker_style(51000)[0]
 
 
 def test_project_is_cached(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(up, "fit_umap", lambda x, p: calls.append(1) or np.asarray(x[:, :2], np.float32))
+    monkeypatch.setattr(proj, "fit_umap", lambda x, p: calls.append(1) or np.asarray(x[:, :2], np.float32))
     x = np.random.default_rng(0).normal(size=(40, 6))
-    p = up.UmapParams(n_neighbors=5)
-    a, cached_a = up.project(x, p, tmp_path, "local__O__layer0")
-    b, cached_b = up.project(x, p, tmp_path, "local__O__layer0")
+    p = proj.UmapParams(n_neighbors=5)
+    a, cached_a = proj.project(x, p, tmp_path, "local__O__layer0")
+    b, cached_b = proj.project(x, p, tmp_path, "local__O__layer0")
     assert (cached_a, cached_b) == (False, True) and len(calls) == 1
     np.testing.assert_array_equal(a, b)
-    up.project(x, up.UmapParams(n_neighbors=5, min_dist=0.5), tmp_path, "local__O__layer0")
+    proj.project(x, proj.UmapParams(n_neighbors=5, min_dist=0.5), tmp_path, "local__O__layer0")
     assert len(calls) == 2  # other settings, other file
 
 
@@ -209,30 +212,30 @@ def test_knn_metrics_separate_structure_from_chance():
     rng = np.random.default_rng(0)
     labels = np.repeat([-2, 0, 3], 40)
     x = rng.normal(size=(120, 8)) + labels[:, None] * 5.0  # three well separated clusters
-    nb = up.knn_indices(x, 10, "euclidean")
+    nb = proj.knn_indices(x, 10, "euclidean")
     assert (nb != np.arange(120)[:, None]).all()  # never itself
     q = np.arange(120)
-    assert up.vote_accuracy(nb, labels, q) == 1.0
-    assert up.vote_accuracy(nb, rng.permutation(labels), q) < 0.7
-    assert up.knn_r2(nb, labels.astype(float), q) > 0.95
-    m = up.local_metrics(x, x[:, :2], np.where(np.arange(120) % 7 == 0, np.nan, labels))
+    assert proj.vote_accuracy(nb, labels, q) == 1.0
+    assert proj.vote_accuracy(nb, rng.permutation(labels), q) < 0.7
+    assert proj.knn_r2(nb, labels.astype(float), q) > 0.95
+    m = proj.local_metrics(x, x[:, :2], np.where(np.arange(120) % 7 == 0, np.nan, labels))
     assert m["knn_acc_repr"] == 1.0 and m["knn_acc_shuffled"] < 0.6 and m["n_known_ox"] == 102
     assert 0 < m["trustworthiness"] <= 1
-    few = up.local_metrics(x[:25], x[:25, :2], labels[:25].astype(float))  # < 3k known: no vote
+    few = proj.local_metrics(x[:25], x[:25, :2], labels[:25].astype(float))  # < 3k known: no vote
     assert np.isnan(few["knn_acc_repr"]) and few["n_known_ox"] == 25
 
 
 def test_knn_with_duplicates_still_excludes_self():
     x = np.zeros((12, 3))
-    nb = up.knn_indices(x, 3, "euclidean")
+    nb = proj.knn_indices(x, 3, "euclidean")
     assert nb.shape == (12, 3) and (nb != np.arange(12)[:, None]).all()
 
 
 def test_summary_replaces_rows(tmp_path):
     path = tmp_path / "summary.csv"
-    up.update_summary(path, [{"atom": "O", "layer": 0, "v": 1.0}, {"atom": "Fe", "layer": 0, "v": 2.0}],
+    em.update_summary(path, [{"atom": "O", "layer": 0, "v": 1.0}, {"atom": "Fe", "layer": 0, "v": 2.0}],
                       ["atom", "layer"])
-    df = up.update_summary(path, [{"atom": "O", "layer": 0, "v": 3.0}], ["atom", "layer"])
+    df = em.update_summary(path, [{"atom": "O", "layer": 0, "v": 3.0}], ["atom", "layer"])
     assert len(df) == 2 and df.set_index("atom").loc["O", "v"] == 3.0
     assert len(pd.read_csv(path)) == 2
 
@@ -246,23 +249,32 @@ def script_data(tmp_path, monkeypatch):
     write_dataset(tmp_path, sizes=(40, 16, 90))
     save_checkpoint(checkpoint_path(tmp_path, "tiny", "mat2vec"), build_model("mat2vec", **SMALL),
                     Scaler(4.0, 1.5), {"published_recipe": False})
-    monkeypatch.setattr(up, "fit_umap", lambda x, p: np.asarray(x, np.float32)[:, :2] * (1 + p.min_dist))
+    monkeypatch.setattr(proj, "fit_umap", lambda x, p: np.asarray(x, np.float32)[:, :2] * (1 + p.min_dist))
     return tmp_path
 
 
+def _main(script, args: dict) -> int:
+    """The script's main as its command line runs it (usage errors: one line, exit code 2)."""
+    from argparse import Namespace
+
+    from crabnet.cli import run
+
+    return run(script.main, Namespace(**args))
+
+
 def test_local_script(script_data, capsys, monkeypatch):
-    ox = up.oxidation_path(script_data, "tiny", "test")
+    ox = oxm.oxidation_path(script_data, "tiny", "test")
     ox.parent.mkdir(parents=True)
     formulas = pd.read_csv(script_data / "benchmark_data" / "tiny" / "test.csv")["formula"]
     ox.write_text(json.dumps({f: ({"O": -2.0, "Fe": 8 / 3} if i % 2 else None) for i, f in enumerate(formulas)}))
     drawn = {}
-    draw = pl.plot_png
-    monkeypatch.setattr(pl, "plot_png", lambda coords, colourings, path, **kw: drawn.update({path.stem: colourings})
+    draw = em.plot_png
+    monkeypatch.setattr(em, "plot_png", lambda coords, colourings, path, **kw: drawn.update({path.stem: colourings})
                         or draw(coords, colourings, path, **kw))
     args = dict(data_dir=script_data, dataset=["tiny"], device="cpu", seed=0, quick=True, force=False,
                 features="mat2vec", split="test", layers=[0, 2], atom=["O", "Fe", "Ne"], n_neighbors=3,
                 min_dist=0.3, min_dist_layer0=0.8, umap_parallel=False, batch_size=32)
-    assert pl.main(**args) == 0
+    assert _main(pl, args) == 0
     out = capsys.readouterr().out
     assert "skipping Ne: in 0 test compound(s)" in out
     csv = pd.read_csv(script_data / "umap" / "local" / "tiny" / "mat2vec__test__O__layer2.csv")
@@ -285,7 +297,7 @@ def test_local_script(script_data, capsys, monkeypatch):
     fe_csv = pd.read_csv(script_data / "umap" / "local" / "tiny" / "mat2vec__test__Fe__layer2.csv")
     known = fe_csv["oxidation_state"].dropna()
     assert len(known) and np.allclose(known, 8 / 3, atol=1e-6)
-    assert pl.main(**{**args, "atom": ["Xx"]}) == 2
+    assert _main(pl, {**args, "atom": ["Xx"]}) == 2
     assert "unknown element symbol" in capsys.readouterr().err
 
 
@@ -293,7 +305,7 @@ def test_global_script(script_data, capsys):
     args = dict(data_dir=script_data, dataset=["tiny"], device="cpu", seed=0, quick=True, force=False,
                 features="mat2vec", split="test", layers=None, n_neighbors=15, min_dist=None, umap_parallel=False,
                 batch_size=32)
-    assert pg.main(**args) == 0
+    assert _main(pg, args) == 0
     out_dir = script_data / "umap" / "global" / "tiny"
     summary = pd.read_csv(out_dir / "summary.csv")
     assert summary["layer"].tolist() == [0, 1, 2, 3] and summary["layer_is"].iloc[-1] == "encoder output"
@@ -304,9 +316,9 @@ def test_global_script(script_data, capsys):
     assert (script_data / "figures" / "umap_global" / "tiny" / "mat2vec__test.png").is_file()
     assert (summary["min_dist"] == 0.2).all() and (summary["metric"] == "cosine").all()  # 90 compounds
     assert "kNN (k=10) R²" in capsys.readouterr().out
-    assert pg.main(**{**args, "layers": [7]}) == 2
+    assert _main(pg, {**args, "layers": [7]}) == 2
     assert "--layers must be in 0..3" in capsys.readouterr().err
-    assert pg.main(**{**args, "n_neighbors": 1}) == 2
+    assert _main(pg, {**args, "n_neighbors": 1}) == 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,11 +329,11 @@ def test_global_script(script_data, capsys):
 def test_umap_smoke_seeded():
     rng = np.random.default_rng(0)
     x = np.r_[rng.normal(size=(30, 5)), rng.normal(size=(30, 5)) + 8]
-    p = up.UmapParams(n_neighbors=5, min_dist=0.3, seed=0, n_epochs=50)
-    a, b = up.fit_umap(x, p), up.fit_umap(x, p)
+    p = proj.UmapParams(n_neighbors=5, min_dist=0.3, seed=0, n_epochs=50)
+    a, b = proj.fit_umap(x, p), proj.fit_umap(x, p)
     assert a.shape == (60, 2) and a.dtype == np.float32
     np.testing.assert_array_equal(a, b)  # seeded: reproducible
-    m = up.global_metrics(x, a, np.r_[np.zeros(30), np.ones(30)], metric="euclidean")
+    m = proj.global_metrics(x, a, np.r_[np.zeros(30), np.ones(30)], metric="euclidean")
     assert m["knn_r2_umap"] > 0.9 and m["trustworthiness"] > 0.8
 
 
@@ -329,10 +341,10 @@ def test_balanced_accuracy_is_not_fooled_by_the_majority():
     labels = np.array([0] * 18 + [1] * 2)
     nb = np.zeros((20, 3), dtype=int)  # every query's neighbours are class-0 points
     q = np.arange(20)
-    assert up.vote_accuracy(nb, labels, q) == 0.9
-    assert up.vote_accuracy(nb, labels, q, balanced=True) == 0.5
+    assert proj.vote_accuracy(nb, labels, q) == 0.9
+    assert proj.vote_accuracy(nb, labels, q, balanced=True) == 0.5
 
 
 def test_summary_without_rows_writes_nothing(tmp_path):
-    df = up.update_summary(tmp_path / "summary.csv", [], ["atom", "layer"])
+    df = em.update_summary(tmp_path / "summary.csv", [], ["atom", "layer"])
     assert len(df) == 0 and not (tmp_path / "summary.csv").exists()

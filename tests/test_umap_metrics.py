@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from conftest import make_formulas
-from crabnet import umap_plots as up
+from crabnet import projection as proj
 from crabnet.data import compositions_from_formulas
 from crabnet.represent import collect
 from crabnet.train import Scaler, build_model
@@ -92,16 +92,16 @@ def test_knn_r2_on_a_line_by_hand():
     coords = np.c_[pos, np.zeros(10)].astype(np.float32)
     expected = 1 - 4.5 / 82.5
     q = np.arange(10)
-    assert up.knn_r2(up.knn_indices(x, 2, "euclidean"), pos, q) == pytest.approx(expected, abs=1e-12)
-    m = up.global_metrics(x, coords, pos, k=2, metric="euclidean")
+    assert proj.knn_r2(proj.knn_indices(x, 2, "euclidean"), pos, q) == pytest.approx(expected, abs=1e-12)
+    m = proj.global_metrics(x, coords, pos, k=2, metric="euclidean")
     assert m["knn_r2_repr"] == pytest.approx(expected, abs=1e-12)
     assert m["knn_r2_umap"] == pytest.approx(expected, abs=1e-12)
     # the embedding is an isometric copy: perfectly trustworthy; k lowered to (10 - 1) // 2 = 4
     assert (m["trustworthiness"], m["trust_k"]) == (1.0, 4)
     # a mirrored map keeps every neighbourhood, a shuffled one does not
-    assert up.trustworthiness_of(x, -coords, "euclidean", k=4)[0] == 1.0  # even k: no ties at the cut
+    assert proj.trustworthiness_of(x, -coords, "euclidean", k=4)[0] == 1.0  # even k: no ties at the cut
     shuffled = coords[np.random.default_rng(0).permutation(10)]
-    assert up.trustworthiness_of(x, shuffled, "euclidean", k=4)[0] < 0.9
+    assert proj.trustworthiness_of(x, shuffled, "euclidean", k=4)[0] < 0.9
 
 
 def test_trustworthiness_swap_by_hand():
@@ -116,8 +116,8 @@ def test_trustworthiness_swap_by_hand():
     coords = np.c_[emb, np.zeros(8)]
     expected = 1 - 32 / 96
     assert trustworthiness_by_ranks(x, coords, 1, "euclidean") == pytest.approx(expected, abs=1e-12)
-    assert up.trustworthiness_of(x, coords, "euclidean", k=1)[0] == pytest.approx(expected, abs=1e-12)
-    assert up.trustworthiness_of(x, np.c_[pos, np.zeros(8)], "euclidean", k=1)[0] == 1.0
+    assert proj.trustworthiness_of(x, coords, "euclidean", k=1)[0] == pytest.approx(expected, abs=1e-12)
+    assert proj.trustworthiness_of(x, np.c_[pos, np.zeros(8)], "euclidean", k=1)[0] == 1.0
 
 
 def test_metrics_equal_full_distance_matrices():
@@ -126,7 +126,7 @@ def test_metrics_equal_full_distance_matrices():
     x = rng.normal(size=(70, 6)) + np.repeat(rng.normal(scale=2.0, size=(5, 6)), 14, axis=0)
     y = x[:, 0] * 2 + rng.normal(scale=0.3, size=70)
     coords = (x[:, :2] + rng.normal(scale=0.5, size=(70, 2))).astype(np.float32)
-    m = up.global_metrics(x, coords, y)  # k = 10, cosine
+    m = proj.global_metrics(x, coords, y)  # k = 10, cosine
     assert m["n_eval"] == 70
     assert m["knn_r2_repr"] == pytest.approx(r2_by_neighbours(x, y, 10, "cosine"), abs=1e-9)
     assert m["knn_r2_umap"] == pytest.approx(r2_by_neighbours(coords, y, 10, "euclidean"), abs=1e-9)
@@ -137,7 +137,7 @@ def test_metrics_equal_full_distance_matrices():
     ox = np.repeat([-2.0, -1.0, 0.0, 2.0, 3.0], 14)
     ox[::9] = np.nan  # unknown states are left out of the vote
     known = np.isfinite(ox)
-    lm = up.local_metrics(x, coords, ox)
+    lm = proj.local_metrics(x, coords, ox)
     assert lm["n_known_ox"] == int(known.sum()) and lm["n_ox_classes"] == 5
     labels = ox[known].astype(int)
     assert lm["knn_acc_repr"] == pytest.approx(vote_by_neighbours(x[known], labels, 10))
@@ -151,7 +151,7 @@ def test_metrics_equal_full_distance_matrices():
 UMAP_RUN = """
 import sys
 import numpy as np
-from crabnet.umap_plots import UmapParams, fit_umap
+from crabnet.projection import UmapParams, fit_umap
 x = np.load(sys.argv[1], allow_pickle=False)
 p = UmapParams(n_neighbors=5, min_dist=0.3, metric=sys.argv[2], seed=0, n_epochs=60)
 np.save(sys.argv[3], np.stack([fit_umap(x, p), fit_umap(x, p)]))
@@ -173,12 +173,12 @@ def test_tiny_seeded_umap_keeps_the_clusters(tmp_path):
     a, b = np.load(tmp_path / "xy.npy", allow_pickle=False)
     assert a.shape == (60, 2) and a.dtype == np.float32 and np.isfinite(a).all()
     np.testing.assert_array_equal(a, b)  # seeded: the same layout twice
-    m = up.global_metrics(x, a, target, metric="euclidean")
+    m = proj.global_metrics(x, a, target, metric="euclidean")
     assert m["knn_r2_repr"] > 0.95 and m["knn_r2_umap"] > 0.95 and m["knn_r2_shuffled"] < 0.3
     assert m["trustworthiness"] > 0.9
     assert m["trustworthiness"] == pytest.approx(trustworthiness_by_ranks(x, a, 10, "euclidean"), abs=1e-9)
     assert m["knn_r2_umap"] == pytest.approx(r2_by_neighbours(a, target, 10, "euclidean"), abs=1e-9)
-    lm = up.local_metrics(x, a, cluster.astype(float))
+    lm = proj.local_metrics(x, a, cluster.astype(float))
     assert lm["knn_acc_repr"] == 1.0 and lm["knn_acc_umap"] == 1.0 and lm["knn_acc_shuffled"] < 0.6
 
 

@@ -1,0 +1,330 @@
+"""Steps 6 and 7: the chain from a trained model to UMAP maps of its element-derived representations.
+
+Both steps run the same chain for each dataset: load the split and the model of the recipe
+(:func:`prepare`: trained if missing), collect vectors in one inference pass (cached by
+``crabnet.represent``), project each group of vectors (``crabnet.projection.project``, cached),
+score the map (kNN metrics), write its coordinates, draw the layer × colouring grid
+(:func:`draw`), and merge the rows into ``summary.csv``. What differs is the vectors and colours:
+
+- :func:`local_maps` (step 6): the value vector of one atom at its own position in every compound
+  containing it, per layer; coloured by fraction, target, prediction, mean oxidation state.
+- :func:`global_maps` (step 7): each layer input pooled over the compound's real elements;
+  coloured by number of elements, target, prediction, error, electronegativity spread.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from crabnet.data import CompositionData, load_dataset
+from crabnet.elements import ATOMIC_NUMBER
+from crabnet.layout import Layout
+from crabnet.model import CrabNet
+from crabnet.oxidation import load_oxidation, oxidation_path, oxidation_states
+from crabnet.projection import (GLOBAL_METRIC, UmapParams, global_metrics, global_min_dist, local_metrics,
+                                local_params, project, validate_umap)
+from crabnet.represent import RepresentationStore, collect, open_store
+from crabnet.train import Recipe, Scaler, ensure_model
+from crabnet.umap_plots import Colouring, hover_text, make_colouring, pauling_en_mad, plot_html, plot_png
+from crabnet.utils import UsageError, atomic_path
+
+# The atoms of the paper's local-EDM figures (SPEC §6 step 6).
+PAPER_ATOMS = ("Al", "Fe", "O", "C", "B", "N", "Ti", "Cu", "Li", "W", "Na", "Si", "Ag", "Te", "As", "Cr", "Pt",
+               "Tl", "Sb")
+LOCAL_KEYS = ["features", "split", "atom", "layer"]
+GLOBAL_KEYS = ["features", "split", "layer"]
+EN_LABEL = "fraction-weighted mean absolute\ndeviation of Pauling electronegativity"
+
+
+@dataclass
+class MapSettings:
+    """What steps 6 and 7 share: where, which model, and how to run."""
+
+    data_dir: Path
+    features: str
+    split: str
+    recipe: Recipe
+    device: object
+    seed: int
+    force: bool = False
+    batch_size: int = 512
+    umap_seed: int | None = 0  # None: UMAP on all cores, not reproducible
+    html_js: str = "inline"
+    precision: str = "auto"
+
+
+def add_map_flags(parser, *, default_dataset: str, quick_dataset: str) -> None:
+    """The flags steps 6 and 7 share (after ``crabnet.cli.add_common`` without ``--dataset``)."""
+    from crabnet.cli import add_html_js, add_training
+    from crabnet.layout import SPLITS
+
+    parser.add_argument("--dataset", action="append", default=None,
+                        help=f"dataset folder under <data-dir>/benchmark_data/, repeatable (default {default_dataset}; "
+                             f"--quick {quick_dataset})")
+    parser.add_argument("--features", default="mat2vec", choices=["mat2vec", "onehot"],
+                        help="element features of the model: mat2vec = CrabNet, onehot = HotCrab")
+    parser.add_argument("--split", default="test", choices=list(SPLITS), help="split whose compounds are projected")
+    parser.add_argument("--umap-parallel", action="store_true",
+                        help="run UMAP on all cores without a seed (faster, not reproducible)")
+    parser.add_argument("--batch-size", type=int, default=512, help="compounds per inference batch")
+    add_html_js(parser)
+    add_training(parser)
+
+
+def map_settings(data_dir: Path, features: str, split: str, recipe: str, quick_epochs: int | None, device: str,
+                 seed: int, force: bool, batch_size: int, umap_parallel: bool, html_js: str,
+                 precision: str) -> MapSettings:
+    """Settings from the shared flags; ``quick_epochs``: the short recipe of ``--quick``."""
+    from crabnet.train import make_recipe
+    from crabnet.utils import resolve_device
+
+    return MapSettings(data_dir, features, split, make_recipe(recipe, **({"epochs": quick_epochs} if quick_epochs
+                                                                          else {})),
+                       resolve_device(device), seed, force, batch_size, None if umap_parallel else seed, html_js,
+                       precision)
+
+
+@dataclass
+class Prepared:
+    """A dataset's split, its model and the cache of its representations."""
+
+    data: CompositionData
+    model: CrabNet
+    scaler: Scaler
+    store: RepresentationStore
+    t0: float
+
+
+def prepare(s: MapSettings, dataset: str, written_by: str) -> Prepared:
+    """Load the split, load (or train) the model of the recipe and open the representation cache."""
+    t0 = time.perf_counter()
+    layout = Layout(s.data_dir)
+    data = load_dataset(s.data_dir, dataset, splits=(s.split,))[s.split]
+    model, scaler, _ = ensure_model(s.data_dir, dataset, s.features, s.recipe, device=s.device, seed=s.seed,
+                                    precision=s.precision, written_by=written_by)
+    store = open_store(s.data_dir, dataset, s.features, s.split, layout.checkpoint(dataset, s.features, s.recipe.name),
+                       layout.split_csv(dataset, s.split), force=s.force)
+    return Prepared(data, model, scaler, store, t0)
+
+
+def check_layers(layers: list[int] | None, n: int, what: str) -> list[int]:
+    """``layers`` (default all of 0..n-1), each checked to be in range."""
+    layers = list(range(n)) if layers is None else layers
+    bad = [l for l in layers if not 0 <= l < n]
+    if bad:
+        raise UsageError(f"--layers must be in 0..{n - 1} for this model ({what}), got {bad}")
+    return layers
+
+
+def draw(coords: dict[int, np.ndarray], colourings: list[Colouring], hover: list[str], stem: Path, title: str,
+         s: MapSettings, row_label: Callable[[int], str] | None = None) -> None:
+    """The grid of layers × colourings as ``<stem>.png`` and an offline ``<stem>.html``."""
+    extra = {} if row_label is None else {"row_label": row_label}
+    plot_png(coords, colourings, stem.with_suffix(".png"), title=title, seed=s.seed, **extra)
+    plot_html(coords, colourings, hover, stem.with_suffix(".html"), title=title, js=s.html_js, **extra)
+
+
+def write_csv(df: pd.DataFrame, path: Path | str) -> Path:
+    """Write a CSV atomically (no index; floats to 7 significant digits, the precision of float32)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.7g")
+    return path
+
+
+def update_summary(path: Path | str, rows: list[dict], keys: list[str]) -> pd.DataFrame:
+    """Merge ``rows`` into the summary CSV at ``path``, replacing rows with the same ``keys``."""
+    path = Path(path)
+    if not rows:
+        return pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=keys)
+    new = pd.DataFrame(rows)
+    if path.is_file():
+        old = pd.read_csv(path)
+        if set(keys) <= set(old.columns) and len(new):
+            new_keys = set(map(tuple, new[keys].astype(str).to_numpy()))
+            old = old[[tuple(r) not in new_keys for r in old[keys].astype(str).to_numpy()]]
+        new = pd.concat([old, new], ignore_index=True) if len(old) else new
+    if len(new):
+        new = new.sort_values(keys, kind="stable").reset_index(drop=True)
+    write_csv(new, path)
+    return new
+
+
+def run_datasets(datasets: list[str], label: str, run: Callable[[str], pd.DataFrame]) -> pd.DataFrame:
+    """``run(dataset)`` for each dataset in turn, its summary rows tagged with ``dataset``.
+
+    A bad dataset stops the run with a :class:`~crabnet.utils.UsageError` naming it.
+    """
+    results = []
+    for ds in datasets:
+        print(f"{ds} ({label}):")
+        try:
+            results.append(run(ds).assign(dataset=ds))
+        except (UsageError, FileNotFoundError) as err:
+            raise UsageError(f"{ds}: {err}") from None
+    return pd.concat(results, ignore_index=True)
+
+
+def _projected(x: np.ndarray, params: UmapParams, store: RepresentationStore, name: str) -> tuple[np.ndarray, float]:
+    """2-D coordinates and the UMAP seconds (NaN when they came from the cache)."""
+    t1 = time.perf_counter()
+    xy, cached = project(x, params, store.umap_dir, name)
+    return xy, (np.nan if cached else round(time.perf_counter() - t1, 2))
+
+
+# --------------------------------------------------------------------------------------------
+# step 6
+
+
+def check_local_args(atoms: list[str], n_neighbors: int, min_dist: float, min_dist_layer0: float, seed: int,
+                     batch_size: int) -> None:
+    """Reject bad flags of step 6 before any work, with one message each."""
+    unknown = [a for a in atoms if a not in ATOMIC_NUMBER]
+    if unknown:
+        raise UsageError(f"unknown element symbol(s) for --atom: {', '.join(unknown)}")
+    validate_umap(UmapParams(n_neighbors, min_dist, "euclidean", seed))
+    validate_umap(UmapParams(n_neighbors, min_dist_layer0, "euclidean", seed))
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+
+
+def local_maps(s: MapSettings, dataset: str, layers: list[int] | None, atoms: list[str], n_neighbors: int,
+               min_dist: float, min_dist_layer0: float) -> pd.DataFrame:
+    """Step 6 for one dataset: per-atom value-vector maps; returns the summary rows."""
+    p = prepare(s, dataset, "plot_local_edm_umap.py")
+    layers = check_layers(layers, p.model.cfg.n_layers, "encoder layers")
+    counts = {a: int((p.data.elements == ATOMIC_NUMBER[a]).any(1).sum()) for a in atoms}
+    keep = [a for a in atoms if counts[a] >= 2 * n_neighbors]
+    for a in atoms:
+        if a not in keep:
+            print(f"  skipping {a}: in {counts[a]} {s.split} compound(s) of {dataset}, fewer than "
+                  f"2·n_neighbors = {2 * n_neighbors}")
+    collect(p.model, p.data, p.scaler, p.store.folder, local={l: [ATOMIC_NUMBER[a] for a in keep] for l in layers},
+            batch_size=s.batch_size, device=s.device)
+    comp = p.store.compounds
+    print(f"  vectors of {len(keep)} atoms x {len(layers)} layers ready in {time.perf_counter() - p.t0:.1f} s "
+          f"({p.store.folder})")
+    ox_file = oxidation_path(s.data_dir, dataset, s.split)
+    guesses = load_oxidation(ox_file)
+    if guesses is None:
+        print(f"  no oxidation guesses at {ox_file} (run guess_oxidation.py --dataset {dataset} --split {s.split}); "
+              f"oxidation states shown grey")
+    layout = Layout(s.data_dir)
+    out_dir, fig_dir = layout.umap("local", dataset), layout.umap_figures("local", dataset)
+    rows = []
+    for atom in keep:
+        z = ATOMIC_NUMBER[atom]
+        idx, pos = comp.rows_with(z)
+        frac = comp.fractions[idx, pos].astype(np.float64)
+        target, pred = comp.target[idx], comp.prediction[idx]
+        ox = oxidation_states(guesses, comp.formula[idx], atom)
+        coords = {}
+        for layer in layers:
+            x = p.store.local(z, layer)
+            params = local_params(layer, n_neighbors, min_dist, min_dist_layer0, s.umap_seed)
+            coords[layer], seconds = _projected(x, params, p.store, f"local__{atom}__layer{layer}")
+            m = local_metrics(np.asarray(x), coords[layer], ox, seed=s.seed)
+            rows.append({"features": s.features, "split": s.split, "atom": atom, "layer": layer, **m,
+                         "n_neighbors": params.n_neighbors, "min_dist": params.min_dist, "umap_seconds": seconds})
+            write_csv(pd.DataFrame({"row": comp.row[idx], "formula": comp.formula[idx], "fraction": frac,
+                                    "target": target, "prediction": pred, "oxidation_state": ox,
+                                    "umap_x": coords[layer][:, 0], "umap_y": coords[layer][:, 1]}),
+                      out_dir / f"{s.features}__{s.split}__{atom}__layer{layer}.csv")
+        lim = tuple(np.nanpercentile(np.r_[target, pred], [1, 99]))
+        colourings = [make_colouring("fraction", f"fraction of {atom}", frac, cmap="viridis"),
+                      make_colouring("target", "target", target, cmap="plasma", limits=lim),
+                      make_colouring("prediction", "prediction", pred, cmap="plasma", limits=lim),
+                      make_colouring("oxidation_state", f"mean oxidation state of {atom}"
+                                     + ("; kNN accuracy uses it rounded" if np.isfinite(ox).any() else "; none known"),
+                                     ox, style="diverging", cmap="RdYlBu_r")]
+        stem = fig_dir / f"{s.features}__{s.split}__{atom}"
+        hover = hover_text(comp.formula[idx], {"fraction": frac, "target": target, "prediction": pred,
+                                               f"oxidation state of {atom}": ox})
+        draw(coords, colourings, hover, stem,
+             f"{atom} in {len(idx)} {dataset} {s.split} compounds: value vectors ({s.features}), UMAP", s)
+        print(f"  {atom}: {len(idx)} compounds, {int(np.isfinite(ox).sum())} with an oxidation guess -> "
+              f"{stem}.png/.html")
+    update_summary(out_dir / "summary.csv", rows, LOCAL_KEYS)
+    print(f"  coordinates -> {out_dir}/, summary -> {out_dir / 'summary.csv'} ({time.perf_counter() - p.t0:.1f} s)")
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# step 7
+
+
+def check_global_args(n_neighbors: int, min_dist: float | None, seed: int, batch_size: int) -> None:
+    """Reject bad flags of step 7 before any work, with one message each."""
+    validate_umap(UmapParams(n_neighbors, 0.2 if min_dist is None else min_dist, GLOBAL_METRIC, seed))
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+
+
+def global_maps(s: MapSettings, dataset: str, layers: list[int] | None, n_neighbors: int,
+                min_dist: float | None) -> pd.DataFrame:
+    """Step 7 for one dataset: pooled compound-vector maps per layer input; returns the summary rows."""
+    p = prepare(s, dataset, "plot_global_edm_umap.py")
+    n_layers = p.model.cfg.n_layers
+    layers = check_layers(layers, n_layers + 1, f"{n_layers} = the encoder output")
+    n = len(p.data)
+    params = validate_umap(UmapParams(n_neighbors, global_min_dist(n) if min_dist is None else min_dist,
+                                      GLOBAL_METRIC, s.umap_seed), n)
+    collect(p.model, p.data, p.scaler, p.store.folder, global_layers=layers, batch_size=s.batch_size,
+            device=s.device)
+    comp = p.store.compounds
+    print(f"  pooled vectors of {n} compounds x {len(layers)} layer inputs ready in "
+          f"{time.perf_counter() - p.t0:.1f} s ({p.store.folder})")
+    n_el = comp.n_elements.astype(np.float64)
+    error = comp.prediction - comp.target
+    en = pauling_en_mad(comp.elements, comp.fractions)
+    layout = Layout(s.data_dir)
+    out_dir = layout.umap("global", dataset)
+    rows, coords = [], {}
+    for layer in layers:
+        x = np.asarray(p.store.global_(layer))
+        coords[layer], seconds = _projected(x, params, p.store, f"global__layer{layer}")
+        m = global_metrics(x, coords[layer], comp.target, seed=s.seed)
+        rows.append({"features": s.features, "split": s.split, "layer": layer,
+                     "layer_is": "encoder output" if layer == n_layers else "layer input", **m,
+                     "n_neighbors": params.n_neighbors, "min_dist": params.min_dist, "metric": params.metric,
+                     "umap_seconds": seconds})
+        write_csv(pd.DataFrame({"row": comp.row, "formula": comp.formula, "n_elements": comp.n_elements,
+                                "target": comp.target, "prediction": comp.prediction, "error": error,
+                                "en_pauling_mad": en, "umap_x": coords[layer][:, 0], "umap_y": coords[layer][:, 1]}),
+                  out_dir / f"{s.features}__{s.split}__layer{layer}.csv")
+        print(f"  layer {layer}: UMAP {'(cached)' if np.isnan(seconds) else f'{seconds:.1f} s'}, "
+              f"kNN R² {m['knn_r2_repr']:.3f}")
+        del x
+    lim = tuple(np.nanpercentile(np.r_[comp.target, comp.prediction], [1, 99]))
+    colourings = [make_colouring("n_elements", "number of elements", n_el, style="discrete", cmap="viridis",
+                                 title="number of elements"),
+                  make_colouring("target", "target", comp.target, cmap="plasma", limits=lim),
+                  make_colouring("prediction", "prediction", comp.prediction, cmap="plasma", limits=lim),
+                  make_colouring("error", "prediction − target", error, style="diverging"),
+                  make_colouring("EN_deviation", EN_LABEL, en, cmap="cividis",
+                                 title="Pauling electronegativity deviation")]
+    stem = layout.umap_figures("global", dataset) / f"{s.features}__{s.split}"
+    hover = hover_text(comp.formula, {"elements": n_el, "target": comp.target, "prediction": comp.prediction,
+                                      "error": error, "Pauling EN deviation": en})
+    draw(coords, colourings, hover, stem,
+         f"{dataset} {s.split}: {n} compounds, pooled layer inputs ({s.features}), UMAP cosine", s,
+         row_label=lambda l: f"encoder output (layer {l})" if l == n_layers else f"layer {l} input")
+    update_summary(out_dir / "summary.csv", rows, GLOBAL_KEYS)
+    print(f"  figures -> {stem}.png/.html\n  coordinates -> {out_dir}/, summary -> {out_dir / 'summary.csv'} "
+          f"({time.perf_counter() - p.t0:.1f} s)")
+    return pd.DataFrame(rows)
+
+
+def print_table(table: pd.DataFrame, columns: list[str], heading: str) -> None:
+    """The summary columns of every dataset, printed at the end of a step."""
+    if len(table):
+        print(f"\n{heading}")
+        print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    sys.stdout.flush()
