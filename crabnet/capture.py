@@ -88,6 +88,7 @@ class AttentionWriter:
                       "complete": False}
         self.with_attribution = bool(attribution)
         self.attr = None
+        self.attr_missing: set[int] = set()  # captures begun whose attribution was not written
         self.staging = partial_path(self.path)
         self.steps: list[int] = []
         self.resumed = resume and self._reopen()
@@ -129,6 +130,7 @@ class AttentionWriter:
         if self.attr is not None:
             self.attr.resize((self.n, c, self.E))
         self.steps = [int(s) for s in steps]
+        self.attr_missing = set()  # kept captures were made by capture_split, with their attribution
 
     @property
     def n_captures(self) -> int:
@@ -141,6 +143,7 @@ class AttentionWriter:
         self.pred.resize((self.n, c + 1))
         if self.attr is not None:
             self.attr.resize((self.n, c + 1, self.E))
+            self.attr_missing.add(c)
         self.steps.append(int(step))
         return c
 
@@ -156,14 +159,23 @@ class AttentionWriter:
         """Write the attribution (n, E) of every compound for capture c (ignored without attribution)."""
         if self.attr is not None:
             self.attr[:, c] = attribution
+            self.attr_missing.discard(c)
 
     def finalize(self, extra_attrs: dict | None = None, progress: bool | None = None) -> Path:
-        """Reorganise compound-major and sharded; atomically replace ``path``; drop staging."""
+        """Reorganise compound-major and sharded; atomically replace ``path``; drop staging.
+
+        ``attribution`` is written only if every capture has it (a writer fed by hand that never
+        called :meth:`write_attribution` makes a store without it; group attribute ``attribution``).
+        """
         c = self.n_captures
+        with_attr = self.attr is not None and not self.attr_missing
+        if self.attr is not None and self.attr_missing and len(self.attr_missing) < c:
+            print(f"warning: {len(self.attr_missing)} of {c} captures have no attribution; "
+                  f"{self.path.name} is written without it")
         per_compound = c * self.bytes_per_map
         shard_n = int(np.clip(SHARD_BYTES // per_compound, 1, self.n))
         block_n = max(shard_n, (BLOCK_BYTES // per_compound) // shard_n * shard_n)
-        attrs = {**self.attrs, **(extra_attrs or {}), "n_captures": c, "complete": True}
+        attrs = {**self.attrs, **(extra_attrs or {}), "n_captures": c, "attribution": with_attr, "complete": True}
         with atomic_path(self.path) as tmp:
             g = zarr.open_group(tmp, mode="w", zarr_format=3)
             d = self.data
@@ -173,7 +185,7 @@ class AttentionWriter:
                               ("target", d.target.astype(np.float32)), ("step", np.asarray(self.steps, np.int64))):
                 g.create_array(name, data=arr, chunks=arr.shape or (1,))
             g.create_array("prediction", data=self.pred[:], chunks=(min(self.n, 4096), c))
-            if self.attr is not None:  # compound-major: whole histories of a few thousand compounds per chunk
+            if with_attr:  # compound-major: whole histories of a few thousand compounds per chunk
                 rows = int(np.clip(SMALL_CHUNK_BYTES // max(1, 4 * c * self.E), 1, min(self.n, 4096)))
                 g.create_array("attribution", data=self.attr[:], chunks=(rows, c, self.E))
             att = g.create_array("attention", shape=(self.n, c, *self.map_shape), dtype="float32",
