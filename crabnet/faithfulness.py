@@ -27,7 +27,9 @@ read).
 Agreement per capture (:func:`faithfulness_table`): Kendall τ-b between |attribution| and each
 importance, per compound with ≥ 3 elements, averaged over compounds; top-1 agreement (the element
 with the largest |attribution| is the most important one; ties count as the chance of agreeing
-under a random tie break), per compound with ≥ 2 elements, averaged. Step 2
+under a random tie break), per compound with ≥ 2 elements, averaged; and the paired difference of
+each attention importance from the fraction-only control (the same compounds, so its standard
+error is the one that decides whether attention tells more than the composition). Step 2
 (``generate_attention_videos.py``) writes ``attention/<dataset>/faithfulness.csv`` and
 ``figures/faithfulness/<dataset>.png``::
 
@@ -44,6 +46,7 @@ from typing import Any
 import numpy as np
 
 IMPORTANCES = ("attention", "rollout", "shuffled", "fraction")  # the columns of the table, in this order
+PAIRED = ("attention", "rollout")  # compared with the fraction-only control compound by compound
 LABELS = {"attention": "attention (raw)", "rollout": "attention rollout", "shuffled": "shuffled (control)",
           "fraction": "fraction only (control)"}
 BLOCK_BYTES = 64 << 20  # faithfulness_table reads about this many bytes of attention at once
@@ -265,7 +268,10 @@ def faithfulness_table(store: Any, seed: int = 0, block_bytes: int = BLOCK_BYTES
         :data:`IMPORTANCES` ``tau_<name>``, ``tau_<name>_se``, ``top1_<name>``, ``top1_<name>_se``
         (means over those compounds and their standard errors; a compound where τ is undefined,
         because |attribution| or the importance is constant over its elements, or where a value
-        is not finite, is left out of that mean).
+        is not finite, is left out of that mean); and for attention and rollout the paired
+        difference from the fraction-only control, compound by compound: ``tau_<name>_vs_fraction``,
+        ``top1_<name>_vs_fraction`` with ``_se`` (> 0: attention ranks the elements more like the
+        attribution than the fractions alone do).
 
     Raises:
         ValueError: if the store has no attribution.
@@ -282,7 +288,9 @@ def faithfulness_table(store: Any, seed: int = 0, block_bytes: int = BLOCK_BYTES
     block = int(np.clip(block_bytes // per_compound, 1, max(n, 1)))
     elements = np.asarray(store.elements)
     fractions = np.asarray(store.fractions, dtype=np.float64)
-    sums = {f"{m}_{k}": np.zeros((3, c)) for m in ("tau", "top1") for k in IMPORTANCES}  # count, sum, sum sq
+    names = [f"{m}_{k}" for m in ("tau", "top1") for k in IMPORTANCES]
+    names += [f"{m}_{k}_vs_fraction" for m in ("tau", "top1") for k in PAIRED]
+    sums = {name: np.zeros((3, c)) for name in names}  # count, sum, sum of squares per capture
     captures = np.arange(c)
     n_real = (elements > 0).sum(axis=1)
     n_tau, n_top1 = int((n_real >= 3).sum()), int((n_real >= 2).sum())
@@ -293,26 +301,31 @@ def faithfulness_table(store: Any, seed: int = 0, block_bytes: int = BLOCK_BYTES
         a = np.abs(np.asarray(attr[i : i + block], dtype=np.float64))  # (b, c, E)
         imps = block_importances(maps, fractions[i : i + block], keep, seed, np.arange(i, i + len(keep)), captures)
         keep_c = np.broadcast_to(keep[:, None, :], a.shape)
+        per: dict[str, np.ndarray] = {}  # (b, c) per compound, NaN where left out
         for name, imp in imps.items():
             for metric, values, need in (("tau", kendall_tau(a, imp, keep_c), 3),
                                          ("top1", top1_agreement(a, imp, keep_c), 2)):
-                ok = np.isfinite(values) & (k >= need)[:, None]
-                v = np.where(ok, values, 0.0)
-                acc = sums[f"{metric}_{name}"]
-                acc[0] += ok.sum(axis=0)
-                acc[1] += v.sum(axis=0)
-                acc[2] += (v * v).sum(axis=0)
+                per[f"{metric}_{name}"] = np.where((k >= need)[:, None], values, np.nan)
+        for metric in ("tau", "top1"):
+            for name in PAIRED:
+                per[f"{metric}_{name}_vs_fraction"] = per[f"{metric}_{name}"] - per[f"{metric}_fraction"]
+        for name, values in per.items():
+            ok = np.isfinite(values)
+            v = np.where(ok, values, 0.0)
+            acc = sums[name]
+            acc[0] += ok.sum(axis=0)
+            acc[1] += v.sum(axis=0)
+            acc[2] += (v * v).sum(axis=0)
     out: dict[str, Any] = {"capture": captures, "step": np.asarray(store.steps, dtype=np.int64)}
     out["n_tau"] = np.full(c, n_tau, dtype=np.int64)
     out["n_top1"] = np.full(c, n_top1, dtype=np.int64)
-    for metric in ("tau", "top1"):
-        for name in IMPORTANCES:
-            cnt, s, ss = sums[f"{metric}_{name}"]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                mean = np.where(cnt > 0, s / np.maximum(cnt, 1), np.nan)
-                var = np.where(cnt > 1, (ss - cnt * mean**2) / np.maximum(cnt - 1, 1), np.nan)
-                out[f"{metric}_{name}"] = mean
-                out[f"{metric}_{name}_se"] = np.sqrt(np.maximum(var, 0.0) / np.maximum(cnt, 1))
+    for name in names:
+        cnt, s, ss = sums[name]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(cnt > 0, s / np.maximum(cnt, 1), np.nan)
+            var = np.where(cnt > 1, (ss - cnt * mean**2) / np.maximum(cnt - 1, 1), np.nan)
+            out[name] = mean
+            out[f"{name}_se"] = np.sqrt(np.maximum(var, 0.0) / np.maximum(cnt, 1))
     return pd.DataFrame(out)
 
 
@@ -358,14 +371,21 @@ def plot_faithfulness(table, path: Path | str, title: str = "", capture: str = "
 
 
 def summary_rows(table, captures: tuple[int, ...] = (0, -1)) -> str:
-    """A plain-text table of τ and top-1 for every importance at the given captures (for the console)."""
-    lines = [f"{'capture (step)':16s}{'':4s}" + "".join(f"{LABELS[k]:>26s}" for k in IMPORTANCES)]
+    """A plain-text table of τ and top-1 (mean ± SE) for every importance at the given captures, with the
+    paired difference of attention and rollout from the fraction-only control (for the console)."""
+    cell = "{:>+19.3f} ±{:.3f}"
+    lines = [f"{'capture (step)':16s}{'':16s}" + "".join(f"{LABELS[k]:>26s}" for k in IMPORTANCES)]
     for c in captures:
         row = table.iloc[c]
         label = f"{int(row['capture'])} ({int(row['step'])})"
         for metric in ("tau", "top1"):
-            cells = "".join(f"{row[f'{metric}_{k}']:>19.3f} ±{row[f'{metric}_{k}_se']:.3f}" for k in IMPORTANCES)
-            lines.append(f"{label:16s}{metric:>4s}{cells}")
+            cells = "".join(cell.format(row[f"{metric}_{k}"], row[f"{metric}_{k}_se"]).replace("+", " ")
+                            for k in IMPORTANCES)
+            lines.append(f"{label:16s}{metric:16s}{cells}")
+            if f"{metric}_attention_vs_fraction" in row:
+                cells = "".join(cell.format(row[f"{metric}_{k}_vs_fraction"], row[f"{metric}_{k}_vs_fraction_se"])
+                                for k in PAIRED)
+                lines.append(f"{'':16s}{'  minus fraction':16s}{cells}")
             label = ""
     return "\n".join(lines)
 

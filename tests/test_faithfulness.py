@@ -353,3 +353,17 @@ def test_step2_writes_faithfulness_csv_and_figure_and_report_shows_them(tmp_path
     # up to date: not recomputed
     assert gav.main(**vars(gav.parse_args(argv))) == 0
     assert "faithfulness.csv is up to date" in capsys.readouterr().out
+
+
+def test_paired_difference_from_the_fraction_control(tmp_path):
+    seed_everything(2)
+    model = build_model("onehot", **SMALL).eval()
+    data = compositions_from_formulas(FORMULAS + ["Ca1Ti1O3", "Ba1Ti1O3", "Li1Co1O2", "Na1Nb1O3"])
+    store = capture_store(tmp_path, model, data, Scaler(0.0, 1.0), steps=(0, 1))
+    table = faithfulness_table(store)
+    for metric in ("tau", "top1"):
+        for name in ("attention", "rollout"):
+            # every compound has all four values here, so the mean difference is the difference of means
+            diff = table[f"{metric}_{name}"] - table[f"{metric}_fraction"]
+            np.testing.assert_allclose(table[f"{metric}_{name}_vs_fraction"], diff, atol=1e-12)
+            assert (table[f"{metric}_{name}_vs_fraction_se"] >= 0).all()
