@@ -60,13 +60,15 @@ def leave_one_out(model: Any, elements, fractions, full=None, max_rows: int = 40
     """Leave-one-element-out effect on the raw model output for a batch of compounds.
 
     Every (compound, real element) pair of a compound with ≥ 2 elements becomes one variant: the
-    element's slot is emptied (atomic number 0, fraction 0) and the other fractions are divided
-    by their sum. The variants run through ``model(elements, fractions)`` in chunks of
-    ``max_rows`` rows, in eval mode, without autograd, in float32 (autocast disabled).
+    element is removed, the other fractions are divided by their sum, and the remaining elements
+    keep their order. Identical variants (e.g. the single elements left by the binary compounds)
+    run once, and variants run in groups of equal size trimmed to their width (padding slots cost
+    as much as real ones), in chunks of ``max_rows`` rows, through ``model(elements, fractions)``
+    without autograd in float32 (autocast disabled). The model should be in eval mode.
 
     Args:
-        model: a :class:`crabnet.model.CrabNet` (or anything with the same ``__call__``), in eval mode.
-        elements: (b, E) long tensor of atomic numbers, 0 = padding.
+        model: a :class:`crabnet.model.CrabNet` (or anything with the same ``__call__``).
+        elements: (b, E) long tensor of atomic numbers, 0 = padding (real elements first).
         fractions: (b, E) float tensor.
         full: (b,) raw output column 0 of the full compounds if already computed (else computed).
         max_rows: largest number of variants in one forward pass.
@@ -89,16 +91,26 @@ def leave_one_out(model: Any, elements, fractions, full=None, max_rows: int = 40
         effect = torch.zeros(elements.shape, dtype=torch.float64)
         if len(rows) == 0:
             return effect
-        out = torch.empty(len(rows), dtype=torch.float64)
-        for a in range(0, len(rows), max_rows):
-            r, s = rows[a : a + max_rows], slots[a : a + max_rows]
-            ar = torch.arange(len(r), device=device)
-            el = elements[r].clone()
-            fr = fractions[r].clone()
-            el[ar, s] = 0
-            fr[ar, s] = 0.0
-            fr = fr / fr.sum(1, keepdim=True).clamp_min(1e-12)
-            out[a : a + len(r)] = model(el, fr)[:, 0].double().cpu()
+        ar = torch.arange(len(rows), device=device)
+        el = elements[rows].clone()
+        fr = fractions[rows].clone()
+        el[ar, slots] = 0
+        fr[ar, slots] = 0.0
+        fr = fr / fr.sum(1, keepdim=True).clamp_min(1e-12)
+        order = torch.argsort((el == 0).to(torch.int8), dim=1, stable=True)  # real elements first, in order
+        el, fr = el.gather(1, order), fr.gather(1, order)
+        key = torch.cat([el, fr.view(torch.int32).long()], dim=1)  # exact identity of a variant
+        unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+        u_el = unique[:, : el.shape[1]]
+        u_fr = unique[:, el.shape[1] :].int().view(torch.float32)
+        width = (u_el > 0).sum(1)
+        out_u = torch.empty(len(unique), dtype=torch.float64)
+        for w in torch.unique(width).tolist():
+            idx = (width == w).nonzero(as_tuple=True)[0]
+            for a in range(0, len(idx), max_rows):
+                part = idx[a : a + max_rows]
+                out_u[part.cpu()] = model(u_el[part, :w].contiguous(), u_fr[part, :w].contiguous())[:, 0].double().cpu()
+        out = out_u[inverse.cpu()]
         effect[rows.cpu(), slots.cpu()] = out - full.double().cpu()[rows.cpu()]
     return effect
 
