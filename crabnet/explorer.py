@@ -596,7 +596,8 @@ footer code, .card code { background:#eef1f5; padding:1px 4px; border-radius:4px
         track.appendChild(bar);
       }
       tr.insertCell().appendChild(track);
-      const num = tr.insertCell(); num.className = "num"; num.textContent = v === null ? "–" : (v > 0 ? "+" : "") + fmtNum(v);
+      const num = tr.insertCell(); num.className = "num";
+      num.textContent = v === null ? "–" : (v > 0 ? "+" : "") + fmtNum(v);
       const itrack = document.createElement("div"); itrack.className = "track imp";
       if (imp !== null) {
         const bar = document.createElement("span"); bar.className = "fill";
