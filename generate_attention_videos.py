@@ -6,6 +6,9 @@ Writes  <data-dir>/videos/<dataset>/<formula>_attention.mp4  all heads of --laye
         <data-dir>/videos/<dataset>/<formula>.mp4            both side by side
         (--layer N other than 0 adds _layerN to the names, --layer all adds _layers)
         <data-dir>/explorer/<dataset>.html                   the attention explorer (--no-explorer skips it)
+        <data-dir>/attention/<dataset>/faithfulness.csv      agreement of attention with leave-one-element-out
+                                                             attribution per capture, with controls
+        <data-dir>/figures/faithfulness/<dataset>.png        the same against epoch/step
         <data-dir>/index.html                                the report of every output (refreshed)
 Next    guess_oxidation.py
 
@@ -24,7 +27,15 @@ Al2O3, LiFeO2.
 The attention explorer is one offline HTML page: search a compound, pick layer and head (or all
 heads), move a slider over the captures or press play; the view is kept in the URL hash
 (explorer/<dataset>.html#compound=Hf1O2&layer=0&head=2&capture=8). It embeds the paper's
-compounds, the rendered ones and --explore N others chosen across numbers of elements and errors.
+compounds, the rendered ones and --explore N others chosen across numbers of elements and errors;
+where the store holds attribution it shows each element's leave-one-out effect beside the map.
+
+Faithfulness (stores with attribution, crabnet/faithfulness.py): at every capture, Kendall tau
+between |attribution| and the attention-based importance of the elements (raw attention received
+as a key, fraction-weighted over queries, averaged over heads and layers; attention rollout), for
+compounds with >= 3 elements, and top-1 agreement for >= 2 elements, beside a shuffled control
+(seeded by --seed) and the fraction-only importance. Skipped when newer than the store (--force
+recomputes).
 
 Examples:
     python generate_attention_videos.py --quick                       # paper compounds of the demo store
@@ -43,8 +54,11 @@ from crabnet.capture import AttentionStore
 from crabnet.cli import DEMO_DATASET, add_common, make_parser, run
 from crabnet.data import DataError
 from crabnet.explorer import DEFAULT_EXPLORE, explorer_path, write_explorer
+from crabnet.faithfulness import faithfulness_paths, summary_rows, write_faithfulness
+from crabnet.layout import Layout
 from crabnet.report import refresh_report
-from crabnet.video import (DEFAULT_PRESET, VideoError, default_workers, find_ffmpeg, parse_layers, plan_jobs, run_jobs,
+from crabnet.utils import available_cpus
+from crabnet.video import (DEFAULT_PRESET, VideoError, find_ffmpeg, parse_layers, plan_jobs, run_jobs,
                            select_compounds)
 
 DEFAULT_DATASET = "aflow__Egap"  # as step 1
@@ -64,7 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--layer", default="0", help="layer whose heads are shown (0-based), or 'all' for one row per layer")
     p.add_argument("--fps", type=float, default=10.0, help="frames (captures) per second")
     p.add_argument("--workers", type=int, default=0,
-                   help=f"processes rendering compounds in parallel (0 = all cores, {default_workers()} here)")
+                   help=f"processes rendering compounds in parallel (0 = all cores, {available_cpus()} here)")
     p.add_argument("--dpi", type=float, default=100.0, help="resolution of the frames")
     p.add_argument("--crf", type=int, default=18, help="libx264 quality (0-51, lower = better)")
     p.add_argument("--preset", default=DEFAULT_PRESET,
@@ -80,12 +94,12 @@ def parse_args(argv=None):
 def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: bool, force: bool,
          formula: list[str], index: list[int], layer: str, fps: float, workers: int, dpi: float, crf: int,
          preset: str, no_explorer: bool = False, explore: int = DEFAULT_EXPLORE) -> int:
-    # device and seed are shared flags; rendering uses neither
+    # device is a shared flag that rendering does not use; seed seeds the shuffled faithfulness control
     dataset = dataset or (QUICK_DATASET if quick else DEFAULT_DATASET)
     if fps <= 0 or dpi <= 0 or workers < 0 or not 0 <= crf <= 51 or explore < 0:
         print("error: --fps and --dpi must be > 0, --workers and --explore >= 0, --crf in 0..51", file=sys.stderr)
         return 2
-    store_path = Path(data_dir) / "attention" / dataset / "attention.zarr"
+    store_path = Layout(data_dir).attention_store(dataset)
     try:
         store = AttentionStore(store_path)
         layers = parse_layers(layer, int(store.attrs["n_layers"]))
@@ -110,10 +124,12 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
         if info.size > 50e6:
             print(f"  the page is large for a browser; --explore {max(0, explore // 4)} embeds fewer compounds")
 
-    out_dir = Path(data_dir) / "videos" / dataset
+    store_time = (store_path / "zarr.json").stat().st_mtime
+    faithfulness(store, data_dir, dataset, seed, force, store_time)
+
+    out_dir = Layout(data_dir).videos(dataset)
     jobs = plan_jobs(store, rows, layers, out_dir, dataset=dataset, fps=fps, dpi=dpi, crf=crf, preset=preset,
                      ffmpeg=ffmpeg)
-    store_time = (store_path / "zarr.json").stat().st_mtime
     todo = []
     for job in jobs:
         if not force and job.up_to_date(store_time):
@@ -136,6 +152,25 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
     refresh_report(data_dir)
     print("next: python guess_oxidation.py")
     return 0
+
+
+def faithfulness(store: AttentionStore, data_dir: Path, dataset: str, seed: int, force: bool,
+                 store_time: float) -> None:
+    """Write faithfulness.csv and its figure unless the store has no attribution or they are up to date."""
+    csv, png = faithfulness_paths(data_dir, dataset)
+    if not store.has_attribution:
+        print(f"faithfulness: {store.path} has no attribution (made before it was captured); "
+              f"run get_training_attention.py --force for {csv.name}")
+        return
+    if not force and csv.is_file() and png.is_file() and min(csv.stat().st_mtime, png.stat().st_mtime) > store_time:
+        print(f"faithfulness: {csv} is up to date (--force recomputes)")
+        return
+    t0 = time.perf_counter()
+    table, csv, png = write_faithfulness(store, data_dir, dataset, seed=seed)
+    print(f"faithfulness ({time.perf_counter() - t0:.1f} s) -> {csv}, {png}\n"
+          f"  Kendall tau(|attribution|, importance) over {int(table['n_tau'].iloc[0])} compounds with >= 3 "
+          f"elements, top-1 agreement over {int(table['n_top1'].iloc[0])} with >= 2 (mean ± SE):\n"
+          + "\n".join("  " + line for line in summary_rows(table).splitlines()))
 
 
 if __name__ == "__main__":

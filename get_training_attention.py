@@ -96,9 +96,10 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
     settings = {"dataset": dataset, "features": features, "split": split, "capture": capture,
                 "capture_every": capture_every, "epochs": epochs, "epochs_step": epochs_step, "seed": seed,
                 "drop_unary": not keep_unary, "batch_size": batch_size, "recipe_name": recipe.name,
-                "precision": precision}
+                "precision": precision, "attribution": True}  # stores made before attribution are redone
     if not force and settings_match(store, settings):
         print(f"{store} is up to date (same settings); use --force to recompute")
+        refresh_report(data_dir)
         return 0
 
     splits = load_dataset(data_dir, dataset, drop_unary=not keep_unary, skip_invalid=skip_invalid)

@@ -1,19 +1,28 @@
-"""Cost of attention capture, side by side: no capture vs epoch capture vs step capture.
+"""Cost of attention capture, side by side: no capture, epoch capture of attention alone, epoch
+capture with leave-one-element-out attribution too, and step capture (attention alone).
 
     python benchmarks/capture.py                      # aflow__ael_bulk_modulus_vrh, 2 epochs each
     python benchmarks/capture.py --epochs 3 --capture-every 2 --threads 2
+    python benchmarks/capture.py --modes epoch,attribution --repeats 2   # the attribution overhead only
 
 Each configuration runs in its own process (so peak RSS is its own) on the same data, model and
 seed, and reports: seconds per epoch (training + captures), peak RSS, bytes on disk per capture,
 time to reorganise the store, and milliseconds to read one compound's whole history from the
-final compound-major store and from the capture-major staging layout it was written in.
+final compound-major store and from the capture-major staging layout it was written in. With
+``--repeats N`` the configurations run N times in turn (interleaved, so a change in the machine's
+load hits them alike) and the table shows the median. The capture modes also time one capture of
+the trained model's split with attention alone and with attribution too, in the same process
+(best of 3, interleaved): the cost of attribution without the noise of training. The 1-minute load
+average before and after is printed, since the machine may be shared.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,7 +42,7 @@ def worker(mode: str, dataset: str, epochs: int, every: int, data_dir: Path, thr
     import numpy as np
     import torch
 
-    from crabnet.capture import AttentionRecorder, AttentionStore, AttentionWriter
+    from crabnet.capture import AttentionRecorder, AttentionStore, AttentionWriter, capture_split
     from crabnet.data import load_dataset
     from crabnet.train import Scaler, build_model, fit, make_recipe
     from crabnet.utils import seed_everything
@@ -50,12 +59,23 @@ def worker(mode: str, dataset: str, epochs: int, every: int, data_dir: Path, thr
         writer = rec = None
         if mode != "none":
             writer = AttentionWriter(Path(tmp) / "attention.zarr", splits["val"], model.cfg.n_layers,
-                                     model.cfg.n_heads, {"dataset": dataset})
-            rec = AttentionRecorder(model, splits["val"], scaler, writer, mode=mode, every=every)
+                                     model.cfg.n_heads, {"dataset": dataset}, attribution=mode == "attribution")
+            rec = AttentionRecorder(model, splits["val"], scaler, writer, mode="step" if mode == "step" else "epoch",
+                                    every=every)
         hist = fit(model, splits["train"], splits["val"], scaler, recipe, seed=seed, callback=rec, progress=False)
         out["s_per_epoch"] = hist.seconds / hist.epochs_run
         out["steps"] = hist.steps
         if writer is not None:
+            times: dict[bool, list[float]] = {False: [], True: []}
+            for _ in range(3):  # one capture of the trained model: attention alone vs with attribution
+                for with_attr in (False, True):
+                    w = AttentionWriter(Path(tmp) / f"probe{int(with_attr)}.zarr", splits["val"], model.cfg.n_layers,
+                                        model.cfg.n_heads, {"dataset": dataset}, attribution=with_attr)
+                    t0 = time.perf_counter()
+                    capture_split(model, splits["val"], scaler, w, 0)
+                    times[with_attr].append(time.perf_counter() - t0)
+            out["capture_s"] = min(times[False])
+            out["capture_attr_s"] = min(times[True])
             rng = np.random.default_rng(0)
             rows = rng.integers(0, len(splits["val"]), 20)
             t0 = time.perf_counter()
@@ -80,6 +100,10 @@ def worker(mode: str, dataset: str, epochs: int, every: int, data_dir: Path, thr
     return out
 
 
+MODES = ("none", "epoch", "attribution", "step")
+LABELS = {"none": "no capture", "epoch": "epoch capture", "attribution": "+ attribution", "step": "step capture"}
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="aflow__ael_bulk_modulus_vrh", help="default: %(default)s")
@@ -88,48 +112,77 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="default: %(default)s")
     p.add_argument("--threads", type=int, default=0, help="torch threads, 0 = default")
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    p.add_argument("--modes", default=",".join(MODES), help="configurations to run, of %(default)s")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each configuration, interleaved (median shown)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args()
 
 
 def main(dataset: str, epochs: int, capture_every: int, data_dir: Path, threads: int, seed: int,
-         worker_mode: str | None = None) -> int:
+         modes: str = ",".join(MODES), repeats: int = 1, worker_mode: str | None = None) -> int:
     if worker_mode:
         print(json.dumps(worker(worker_mode, dataset, epochs, capture_every, data_dir, threads, seed)))
         return 0
-    results = {}
-    for mode in ("none", "epoch", "step"):
-        cmd = [sys.executable, __file__, "--worker", mode, "--dataset", dataset, "--epochs", str(epochs),
-               "--capture-every", str(capture_every), "--data-dir", str(data_dir), "--threads", str(threads),
-               "--seed", str(seed)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            print(proc.stderr, file=sys.stderr)
-            return proc.returncode
-        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"  {mode}: done", file=sys.stderr, flush=True)
-    base = results["none"]["s_per_epoch"]
-    r0 = results["none"]
+    chosen = [m.strip() for m in modes.split(",") if m.strip()]
+    if not chosen or any(m not in MODES for m in chosen) or repeats < 1:
+        print(f"error: --modes must name some of {', '.join(MODES)}; --repeats >= 1", file=sys.stderr)
+        return 2
+    load_before = os.getloadavg()[0]
+    runs: dict[str, list[dict]] = {m: [] for m in chosen}
+    for r in range(repeats):
+        for mode in chosen:
+            cmd = [sys.executable, __file__, "--worker", mode, "--dataset", dataset, "--epochs", str(epochs),
+                   "--capture-every", str(capture_every), "--data-dir", str(data_dir), "--threads", str(threads),
+                   "--seed", str(seed)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                print(proc.stderr, file=sys.stderr)
+                return proc.returncode
+            runs[mode].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(f"  {mode} (run {r + 1}/{repeats}): {runs[mode][-1]['s_per_epoch']:.2f} s/epoch",
+                  file=sys.stderr, flush=True)
+    load_after = os.getloadavg()[0]
+
+    def median(mode: str, key: str):
+        values = [r[key] for r in runs[mode] if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    keys = {k for rs in runs.values() for r in rs for k in r}
+    results = {m: {k: median(m, k) for k in keys if not isinstance(runs[m][0].get(k, 0), str)} for m in chosen}
+    r0 = runs[chosen[0]][0]
     print(f"\n{dataset}: {r0['n_val']} val compounds captured, {epochs} epochs per run, "
-          f"{r0['steps'] // epochs} steps/epoch, torch threads {r0['threads']}; step capture every {capture_every}")
-    head = f"{'':28s}{'no capture':>14s}{'epoch capture':>16s}{'step capture':>16s}"
+          f"{r0['steps'] // epochs} steps/epoch, torch threads {r0['threads']}; step capture every {capture_every}; "
+          f"{repeats} run(s) each, median; load average (1 min) {load_before:.2f} before, {load_after:.2f} after "
+          f"on {os.cpu_count()} CPUs")
+    head = f"{'':32s}" + "".join(f"{LABELS[m]:>16s}" for m in chosen)
     print(head)
     print("-" * len(head))
 
     def row(label, key, fmt, scale=1.0):
         cells = []
-        for mode in ("none", "epoch", "step"):
+        for mode in chosen:
             v = results[mode].get(key)
-            cells.append("-" if v is None else format(v * scale if scale != 1.0 else v, fmt))
-        print(f"{label:28s}{cells[0]:>14s}{cells[1]:>16s}{cells[2]:>16s}")
+            cells.append("-" if v is None else format(v * scale, fmt))
+        print(f"{label:32s}" + "".join(f"{c:>16s}" for c in cells))
+
+    def ratio_row(label: str, base_mode: str) -> None:
+        if base_mode not in results:
+            return
+        base = results[base_mode]["s_per_epoch"]
+        print(f"{label:32s}" + "".join(f"{results[m]['s_per_epoch'] / base:>15.2f}x" for m in chosen))
 
     row("seconds / epoch", "s_per_epoch", ".2f")
-    ratios = [f"{results[m]['s_per_epoch'] / base:.2f}x" for m in ("none", "epoch", "step")]
-    print(f"{'  ratio to no capture':28s}{ratios[0]:>14s}{ratios[1]:>16s}{ratios[2]:>16s}")
+    ratio_row("  ratio to no capture", "none")
+    ratio_row("  ratio to epoch capture", "epoch")
+    if repeats > 1:
+        cells = ["/".join(format(r["s_per_epoch"], ".1f") for r in runs[m]) for m in chosen]
+        print(f"{'  all runs':32s}" + "".join(f"{c:>16s}" for c in cells))
+    row("one capture, attention (s)", "capture_s", ".2f")
+    row("one capture, + attribution (s)", "capture_attr_s", ".2f")
     row("peak RSS (MB)", "peak_rss_mb", ".0f")
-    row("captures", "captures", "d")
+    row("captures", "captures", ".0f")
     row("KB on disk / capture", "bytes_per_capture", ".1f", 1 / 1024)
-    row("files in final store", "files", "d")
+    row("files in final store", "files", ".0f")
     row("reorganise (s)", "finalize_s", ".2f")
     row("read 1 compound, final (ms)", "read_ms_final", ".2f")
     row("read 1 compound, staging (ms)", "read_ms_staging", ".2f")
@@ -138,4 +191,5 @@ def main(dataset: str, epochs: int, capture_every: int, data_dir: Path, threads:
 
 if __name__ == "__main__":
     a = parse_args()
-    raise SystemExit(main(a.dataset, a.epochs, a.capture_every, a.data_dir, a.threads, a.seed, a.worker))
+    raise SystemExit(main(a.dataset, a.epochs, a.capture_every, a.data_dir, a.threads, a.seed, a.modes, a.repeats,
+                          a.worker))

@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from crabnet.capture import AttentionStore, AttentionWriter  # noqa: E402
 from crabnet.data import compositions_from_formulas  # noqa: E402
-from crabnet.video import (PAPER_COMPOUNDS, FrameRenderer, VideoInput, VideoJob, default_workers,  # noqa: E402
+from crabnet.utils import available_cpus  # noqa: E402
+from crabnet.video import (PAPER_COMPOUNDS, FrameRenderer, VideoInput, VideoJob,  # noqa: E402
                            render_job, run_jobs, video_paths)
 
 DATASET = "aflow__ael_bulk_modulus_vrh"
@@ -75,7 +76,7 @@ def main() -> int:
     p.add_argument("--dpi", type=float, default=100, help="default: %(default)s")
     p.add_argument("--workers", type=int, default=0, help="processes for part 3 (0 = all cores)")
     a = p.parse_args()
-    workers = a.workers or default_workers()
+    workers = a.workers or available_cpus()
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -86,7 +87,7 @@ def main() -> int:
         c = data.n_captures
         print(f"store: {'synthetic' if a.store is None else path}; {c} captures, {store.attrs['n_layers']} layers x "
               f"{store.attrs['n_heads']} heads; compound {data.formula} ({len(data.symbols)} elements), "
-              f"dpi {a.dpi:g}; {default_workers()} cores")
+              f"dpi {a.dpi:g}; {available_cpus()} cores")
 
         # 1. rendering alone
         rows = []

@@ -6,6 +6,10 @@ L layers, H heads, E element slots:
     formula (n,) str · elements (n, E) int · fractions (n, E) float32 · target (n,) float32
     step (c,) int         epoch or optimiser step of each capture; capture 0 = untrained model
     prediction (n, c)     prediction in target units
+    attribution (n, c, E) leave-one-element-out effect on the prediction, target units: the
+                          prediction with the element removed (other fractions renormalised)
+                          minus the full one; 0 at padding and for single-element compounds
+                          (:func:`crabnet.faithfulness.leave_one_out`); absent in older stores
     attention (n, c, L, H, E, E) float32: row q is query element q's distribution over the keys
 
 While training, captures are appended to ``<store>.partial`` in capture-major chunks (one batch
@@ -30,12 +34,14 @@ from tqdm.auto import tqdm
 import crabnet
 from crabnet.data import CompositionData, DataError, normalise_formula
 from crabnet.elements import SYMBOLS
+from crabnet.faithfulness import leave_one_out
 from crabnet.model import CrabNet
 from crabnet.train import Scaler
 from crabnet.utils import atomic_path, remove_path
 
 STAGING_CHUNK_BYTES = 8 << 20  # staging chunk: this many bytes of one capture
 SHARD_BYTES = 32 << 20  # final shard: about this many bytes
+SMALL_CHUNK_BYTES = 4 << 20  # final chunk of the per-compound histories of prediction/attribution
 BLOCK_BYTES = 256 << 20  # reorganisation reads at most about this much at once
 
 
@@ -64,10 +70,12 @@ class AttentionWriter:
         resume: reopen the staging store of an interrupted run made with the same ``attrs``
             (``resumed`` says whether there was one); :meth:`restore` then keeps its first
             captures. Otherwise the staging store is created afresh.
+        attribution: also store the leave-one-element-out attribution of every capture (the
+            group attribute ``attribution`` says whether a store has it).
     """
 
     def __init__(self, path: Path | str, data: CompositionData, n_layers: int, n_heads: int, attrs: dict,
-                 resume: bool = False):
+                 resume: bool = False, attribution: bool = True):
         self.path = Path(path)
         self.data = data
         self.n = len(data)
@@ -76,7 +84,11 @@ class AttentionWriter:
         self.bytes_per_map = 4 * int(np.prod(self.map_shape))
         self.chunk_n = int(np.clip(STAGING_CHUNK_BYTES // self.bytes_per_map, 1, self.n))
         self.attrs = {**attrs, "n_layers": n_layers, "n_heads": n_heads, "n_elements": self.E,
-                      "n_compounds": self.n, "created_with": crabnet.__version__, "complete": False}
+                      "n_compounds": self.n, "created_with": crabnet.__version__, "attribution": bool(attribution),
+                      "complete": False}
+        self.with_attribution = bool(attribution)
+        self.attr = None
+        self.attr_missing: set[int] = set()  # captures begun whose attribution was not written
         self.staging = partial_path(self.path)
         self.steps: list[int] = []
         self.resumed = resume and self._reopen()
@@ -87,6 +99,9 @@ class AttentionWriter:
         self.att = self.group.create_array("attention", shape=(self.n, 0, *self.map_shape),
                                            chunks=(self.chunk_n, 1, *self.map_shape), dtype="float32")
         self.pred = self.group.create_array("prediction", shape=(self.n, 0), chunks=(self.n, 1), dtype="float32")
+        if self.with_attribution:
+            self.attr = self.group.create_array("attribution", shape=(self.n, 0, self.E), chunks=(self.n, 1, self.E),
+                                                dtype="float32")
 
     def _reopen(self) -> bool:
         """Open an existing staging store made with the same attributes; False if there is none."""
@@ -94,11 +109,14 @@ class AttentionWriter:
             group = zarr.open_group(self.staging, mode="r+")
             same = _plain(dict(group.attrs)) == _plain(self.attrs)
             att, pred = group["attention"], group["prediction"]
+            attr = group["attribution"] if self.with_attribution else None
         except Exception:  # missing or unreadable: start afresh
             return False
         if not same or att.shape[0] != self.n or tuple(att.shape[2:]) != self.map_shape:
             return False
-        self.group, self.att, self.pred = group, att, pred
+        if attr is not None and (attr.shape[0] != self.n or attr.shape[2] != self.E or attr.shape[1] != att.shape[1]):
+            return False
+        self.group, self.att, self.pred, self.attr = group, att, pred, attr
         return True
 
     def restore(self, steps: list[int]) -> None:
@@ -109,7 +127,10 @@ class AttentionWriter:
             raise DataError(f"{self.staging} holds {self.att.shape[1]} captures, the training state expects {c}")
         self.att.resize((self.n, c, *self.map_shape))
         self.pred.resize((self.n, c))
+        if self.attr is not None:
+            self.attr.resize((self.n, c, self.E))
         self.steps = [int(s) for s in steps]
+        self.attr_missing = set()  # kept captures were made by capture_split, with their attribution
 
     @property
     def n_captures(self) -> int:
@@ -120,6 +141,9 @@ class AttentionWriter:
         c = self.n_captures
         self.att.resize((self.n, c + 1, *self.map_shape))
         self.pred.resize((self.n, c + 1))
+        if self.attr is not None:
+            self.attr.resize((self.n, c + 1, self.E))
+            self.attr_missing.add(c)
         self.steps.append(int(step))
         return c
 
@@ -128,15 +152,30 @@ class AttentionWriter:
         self.att[start : start + len(attention), c] = attention
 
     def write_prediction(self, c: int, prediction: np.ndarray) -> None:
+        """Write the predictions (n,) of every compound for capture c."""
         self.pred[:, c] = prediction
 
+    def write_attribution(self, c: int, attribution: np.ndarray) -> None:
+        """Write the attribution (n, E) of every compound for capture c (ignored without attribution)."""
+        if self.attr is not None:
+            self.attr[:, c] = attribution
+            self.attr_missing.discard(c)
+
     def finalize(self, extra_attrs: dict | None = None, progress: bool | None = None) -> Path:
-        """Reorganise compound-major and sharded; atomically replace ``path``; drop staging."""
+        """Reorganise compound-major and sharded; atomically replace ``path``; drop staging.
+
+        ``attribution`` is written only if every capture has it (a writer fed by hand that never
+        called :meth:`write_attribution` makes a store without it; group attribute ``attribution``).
+        """
         c = self.n_captures
+        with_attr = self.attr is not None and not self.attr_missing
+        if self.attr is not None and self.attr_missing and len(self.attr_missing) < c:
+            print(f"warning: {len(self.attr_missing)} of {c} captures have no attribution; "
+                  f"{self.path.name} is written without it")
         per_compound = c * self.bytes_per_map
         shard_n = int(np.clip(SHARD_BYTES // per_compound, 1, self.n))
         block_n = max(shard_n, (BLOCK_BYTES // per_compound) // shard_n * shard_n)
-        attrs = {**self.attrs, **(extra_attrs or {}), "n_captures": c, "complete": True}
+        attrs = {**self.attrs, **(extra_attrs or {}), "n_captures": c, "attribution": with_attr, "complete": True}
         with atomic_path(self.path) as tmp:
             g = zarr.open_group(tmp, mode="w", zarr_format=3)
             d = self.data
@@ -146,6 +185,9 @@ class AttentionWriter:
                               ("target", d.target.astype(np.float32)), ("step", np.asarray(self.steps, np.int64))):
                 g.create_array(name, data=arr, chunks=arr.shape or (1,))
             g.create_array("prediction", data=self.pred[:], chunks=(min(self.n, 4096), c))
+            if with_attr:  # compound-major: whole histories of a few thousand compounds per chunk
+                rows = int(np.clip(SMALL_CHUNK_BYTES // max(1, 4 * c * self.E), 1, min(self.n, 4096)))
+                g.create_array("attribution", data=self.attr[:], chunks=(rows, c, self.E))
             att = g.create_array("attention", shape=(self.n, c, *self.map_shape), dtype="float32",
                                  chunks=(1, c, *self.map_shape), shards=(shard_n, c, *self.map_shape))
             for i in tqdm(range(0, self.n, block_n), desc="reorganise", unit="block", disable=None if progress is None else not progress):
@@ -160,21 +202,32 @@ def capture_split(
     model: CrabNet, data: CompositionData, scaler: Scaler, writer: AttentionWriter, step: int,
     batch_size: int | None = None,
 ) -> np.ndarray:
-    """Run the model on ``data`` with attention capture and store one capture. Returns predictions."""
+    """Run the model on ``data`` with attention capture and store one capture. Returns predictions.
+
+    Eval mode, no autograd, float32 (autocast disabled), no random numbers drawn: training goes on
+    exactly as without capture. With ``writer.with_attribution`` the leave-one-element-out
+    variants of each batch follow its attention pass (about one extra pass per element).
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     bs = batch_size or writer.chunk_n
     c = writer.begin_capture(step)
     preds = np.empty(len(data), dtype=np.float64)
-    for i in range(0, len(data), bs):
-        el = torch.as_tensor(data.elements[i : i + bs], dtype=torch.long, device=device)
-        fr = torch.as_tensor(data.fractions[i : i + bs], dtype=torch.float32, device=device)
-        out = model.forward_internals(el, fr, attention=True)
-        writer.write_batch(c, i, out.attention.float().cpu().numpy())  # (b, L, H, E, E)
-        preds[i : i + bs] = out.output[:, 0].double().cpu().numpy()
+    effects = np.zeros((len(data), writer.E), dtype=np.float64) if writer.with_attribution else None
+    with torch.autocast(device.type, enabled=False):
+        for i in range(0, len(data), bs):
+            el = torch.as_tensor(data.elements[i : i + bs], dtype=torch.long, device=device)
+            fr = torch.as_tensor(data.fractions[i : i + bs], dtype=torch.float32, device=device)
+            out = model.forward_internals(el, fr, attention=True)
+            writer.write_batch(c, i, out.attention.float().cpu().numpy())  # (b, L, H, E, E)
+            preds[i : i + bs] = out.output[:, 0].double().cpu().numpy()
+            if effects is not None:
+                effects[i : i + bs] = leave_one_out(model, el, fr, full=out.output[:, 0], max_rows=bs).numpy()
     pred = scaler.unscale(preds)
     writer.write_prediction(c, pred.astype(np.float32))
+    if effects is not None:
+        writer.write_attribution(c, (effects * scaler.std).astype(np.float32))  # target units
     model.train(was_training)
     return pred
 
@@ -230,6 +283,8 @@ class CompoundHistory:
         step: (c,) epoch or optimiser step of each capture.
         prediction: (c,) predictions.
         attention: (c, L, H, k, k) maps restricted to the real elements.
+        attribution: (c, k) leave-one-element-out effects (target units), or None for a store
+            made without attribution.
     """
 
     index: int
@@ -240,6 +295,7 @@ class CompoundHistory:
     step: np.ndarray
     prediction: np.ndarray
     attention: np.ndarray
+    attribution: np.ndarray | None = None
 
     @property
     def symbols(self) -> list[str]:
@@ -273,6 +329,8 @@ class AttentionStore:
         self.fractions: np.ndarray = self.group["fractions"][:]
         self.targets: np.ndarray = self.group["target"][:]
         self._norm: dict[str, int] | None = None
+        # stores made before attribution was captured have none
+        self.has_attribution: bool = "attribution" in set(self.group.array_keys())
 
     def __len__(self) -> int:
         return len(self.formulas)
@@ -312,4 +370,5 @@ class AttentionStore:
             index=i, formula=self.formulas[i], elements=self.elements[i, :k], fractions=self.fractions[i, :k],
             target=float(self.targets[i]), step=self.steps, prediction=self.group["prediction"][i],
             attention=att[..., :k, :k],
+            attribution=self.group["attribution"][i][:, :k] if self.has_attribution else None,
         )

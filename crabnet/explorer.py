@@ -16,6 +16,10 @@ What the page offers:
 - the attention map of the chosen head with element symbols and fractions on both axes and the
   weights written in the cells; the prediction at every capture with the target as a line and the
   current capture marked;
+- where the store holds attribution (:mod:`crabnet.faithfulness`), the leave-one-element-out
+  effect of every element at the current capture as signed bars beside the map (rows carry
+  ``data-element`` and ``data-value``, the store's value), with the attention each element
+  receives (fraction-weighted queries, all layers and heads) beside it for comparison;
 - the view in the URL hash (``#compound=Hf1O2&layer=0&head=2&capture=8``; ``head=all`` for the
   grid), so a link opens exactly that view.
 
@@ -46,6 +50,8 @@ import numpy as np
 
 import crabnet
 from crabnet.data import DataError, normalise_formula
+from crabnet.faithfulness import attention_importance
+from crabnet.layout import Layout
 from crabnet.utils import atomic_path
 
 DEFAULT_EXPLORE = 100  # compounds embedded besides the paper's and the chosen ones
@@ -74,7 +80,7 @@ class ExplorerInfo:
 
 def explorer_path(data_dir: Path | str, dataset: str) -> Path:
     """``<data_dir>/explorer/<dataset>.html``."""
-    return Path(data_dir) / "explorer" / f"{dataset}.html"
+    return Layout(data_dir).explorer(dataset)
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,12 +224,16 @@ def explorer_payload(store: Any, chosen: Sequence[tuple[int, str]], dataset: str
             "fractions": _round(h.fractions, 4), "target": _round([h.target])[0],
             "prediction": _round(h.prediction), "attention": encode_weights(h.attention),
         })
+        if h.attribution is not None:  # (c, k), row-major like the maps
+            compounds[-1]["attribution"] = _round(h.attribution)
+            compounds[-1]["importance"] = _round(attention_importance(h.attention, h.fractions), 4)
     config = attrs.get("model_config") or {}
     return {
         "dataset": dataset, "split": attrs.get("split", ""), "capture": attrs.get("capture", "epoch"),
         "steps": [int(s) for s in store.steps], "n_layers": int(attrs["n_layers"]), "n_heads": int(attrs["n_heads"]),
         "features": attrs.get("features", config.get("features", "")), "n_store": len(store),
         "test_mae": attrs.get("test_mae"), "epochs_run": attrs.get("epochs_run"), "n_others": int(n_others),
+        "attribution": bool(getattr(store, "has_attribution", False)),
         "store": f"attention/{dataset}/attention.zarr", "quant_max": QUANT_MAX, "quant_nan": QUANT_NAN,
         "created": time.strftime("%Y-%m-%d %H:%M"), "version": crabnet.__version__, "compounds": compounds,
     }
@@ -323,6 +333,18 @@ table.heatmap td { text-align:center; border-radius:3px; font-variant-numeric:ta
 .facts-table { border-collapse:collapse; margin-top:10px; font-size:13px; }
 .facts-table td { padding:2px 10px 2px 0; }
 .facts-table td:first-child { color:var(--muted); }
+#attribution-box { margin-top:16px; border-top:1px solid var(--line); padding-top:10px; }
+#attribution-box[hidden] { display:none; }
+table.bars { border-collapse:collapse; font-size:13px; font-variant-numeric:tabular-nums; }
+table.bars th { font-weight:400; color:var(--muted); font-size:11.5px; text-align:left; padding:0 8px 3px 0; }
+table.bars td { padding:2px 8px 2px 0; }
+table.bars td.sym { font-weight:600; text-align:right; }
+table.bars td.num { text-align:right; min-width:64px; }
+.track { position:relative; width:240px; height:16px; background:#f1f3f6; border-radius:3px; }
+.track .zero { position:absolute; left:50%; top:-2px; bottom:-2px; width:1px; background:#8894a3; }
+.track .fill { position:absolute; top:2px; bottom:2px; border-radius:2px; }
+.track.imp { width:120px; }
+.note { color:var(--muted); font-size:12px; margin:6px 0 0; max-width:640px; }
 #notice { display:none; margin:0 0 10px; padding:8px 12px; border-radius:6px; background:#fdecea; color:#8a1c14; }
 footer { padding:0 22px 22px; color:var(--muted); font-size:12.5px; }
 footer code, .card code { background:#eef1f5; padding:1px 4px; border-radius:4px; }
@@ -362,6 +384,15 @@ footer code, .card code { background:#eef1f5; padding:1px 4px; border-radius:4px
         <div id="maps"></div>
         <div class="legend"><span>0</span><span class="bar"></span><span>1</span>
           <span>· row = query element, its weights over the key elements (columns) sum to 1</span></div>
+        <div id="attribution-box" hidden>
+          <h2 id="attribution-title">Leave-one-element-out effect</h2>
+          <table class="bars" id="attribution"></table>
+          <p class="note">Bar: the prediction with the element removed (the other fractions renormalised) minus
+            the full prediction, in target units, scaled to the largest effect on this compound over all
+            captures. Grey: the attention the element receives as a key (queries weighted by fraction,
+            averaged over all layers and heads). If attention explained the prediction, the two would rank
+            the elements alike; <code>figures/faithfulness/</code> measures this over the whole split.</p>
+        </div>
       </div>
       <div class="card" id="progress">
         <h2>Prediction through training</h2>
@@ -533,6 +564,52 @@ footer code, .card code { background:#eef1f5; padding:1px 4px; border-radius:4px
     return table;
   }
 
+  // ---------------------------------------------------------------- attribution bars
+  function attributionPanel(c) {
+    const box = $("attribution-box");
+    if (!c.attribution) { box.hidden = true; return; }
+    box.hidden = false;
+    const n = c.symbols.length, k = state.capture;
+    const scale = Math.max(1e-12, ...c.attribution.filter((v) => v !== null).map(Math.abs));
+    $("attribution-title").textContent = "Leave-one-element-out effect · " + captureLabel(k);
+    const t = $("attribution");
+    t.replaceChildren();
+    const head = t.createTHead().insertRow();
+    for (const s of ["element", "effect on the prediction (−" + fmtNum(scale) + " … +" + fmtNum(scale) + ")", "",
+                     "attention received", ""]) {
+      const th = document.createElement("th"); th.textContent = s; head.appendChild(th);
+    }
+    const body = t.createTBody();
+    for (let j = 0; j < n; j++) {
+      const v = c.attribution[k * n + j], imp = c.importance[k * n + j];
+      const tr = body.insertRow();
+      tr.dataset.element = c.symbols[j];
+      tr.dataset.value = v === null ? "nan" : String(v);
+      tr.dataset.importance = imp === null ? "nan" : String(imp);
+      const sym = tr.insertCell(); sym.className = "sym"; sym.textContent = c.symbols[j];
+      const track = document.createElement("div"); track.className = "track";
+      track.innerHTML = "<span class='zero'></span>";
+      if (v !== null) {
+        const bar = document.createElement("span"); bar.className = "fill";
+        const w = Math.min(50, Math.abs(v) / scale * 50);
+        bar.style.left = (v >= 0 ? 50 : 50 - w) + "%"; bar.style.width = w + "%";
+        bar.style.background = v >= 0 ? "#d62728" : "#1f77b4";
+        track.appendChild(bar);
+      }
+      tr.insertCell().appendChild(track);
+      const num = tr.insertCell(); num.className = "num";
+      num.textContent = v === null ? "–" : (v > 0 ? "+" : "") + fmtNum(v);
+      const itrack = document.createElement("div"); itrack.className = "track imp";
+      if (imp !== null) {
+        const bar = document.createElement("span"); bar.className = "fill";
+        bar.style.left = "0"; bar.style.width = Math.min(100, imp * 100) + "%"; bar.style.background = "#8894a3";
+        itrack.appendChild(bar);
+      }
+      tr.insertCell().appendChild(itrack);
+      const inum = tr.insertCell(); inum.className = "num"; inum.textContent = imp === null ? "–" : imp.toFixed(3);
+    }
+  }
+
   // ---------------------------------------------------------------- progress chart (SVG)
   function niceTicks(lo, hi, n) {
     const span = hi - lo || Math.abs(hi) || 1;
@@ -624,6 +701,7 @@ footer code, .card code { background:#eef1f5; padding:1px 4px; border-radius:4px
       maps.appendChild(heatmap(c, state.layer, state.head, "big"));
       $("maps-title").textContent = "Attention · layer " + state.layer + " · head " + state.head + " · " + captureLabel(k);
     }
+    attributionPanel(c);
     $("chart").replaceChildren(chart(c));
     const p = c.prediction[k];
     const rows = [["target", fmtNum(c.target)], ["prediction at " + captureLabel(k), fmtNum(p)],

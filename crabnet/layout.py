@@ -38,8 +38,9 @@ OUTPUTS: tuple[tuple[str, str, str], ...] = (
      "state of an unfinished training (weights, optimiser, SWA, RNGs, history), saved about once a minute; the "
      "same command goes on from it; removed when the checkpoint is written"),
     ("`attention/<dataset>/attention.zarr`", "1",
-     "Zarr v3 group of attention captures (layout in `crabnet/capture.py`); `attention.zarr.partial` = an "
-     "unfinished run, ignored by readers, with `attention.zarr.state.pt` its training state"),
+     "Zarr v3 group of attention captures and the leave-one-element-out attribution of every element at every "
+     "capture (layout in `crabnet/capture.py`; stores made before attribution have none); `attention.zarr.partial` "
+     "= an unfinished run, ignored by readers, with `attention.zarr.state.pt` its training state"),
     ("`videos/<dataset>/<formula>.mp4`, `<formula>_attention.mp4`, `<formula>_progress.mp4`", "2",
      "H.264 videos, one frame per capture: heatmaps of all heads of a layer, prediction vs target, both side by "
      "side (`_layerN` / `_layers` in the name for `--layer N≠0` / `all`)"),

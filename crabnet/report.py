@@ -9,9 +9,10 @@ network.
 Shown per dataset: the training summary of each checkpoint (recipe, epochs, test MAE beside the
 published one where known) with its learning curve (``figures/training/<model>.png``, written
 from the checkpoint's history when missing), the attention store, the explorer, the videos (HTML5
-``<video>``), test predictions, oxidation-state guesses, the local and global UMAP figures
-(thumbnails linking to their interactive HTML) and summary tables, element-prevalence figures;
-then the element-correlation figures, the dataset statistics and anything else found.
+``<video>``), the faithfulness of attention (figure and table of step 2), test predictions,
+oxidation-state guesses, the local and global UMAP figures (thumbnails linking to their
+interactive HTML) and summary tables, element-prevalence figures; then the element-correlation
+figures, the dataset statistics and anything else found.
 
 Run by hand::
 
@@ -31,7 +32,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 from urllib.parse import quote
 
 import crabnet
@@ -235,7 +236,7 @@ def scan(root: Path | str) -> Found:
         if store.is_file():
             found.add(folder.name, "store", store)
         for p in _files(folder, (".csv", ".png")):
-            found.add(folder.name, "attention_files", p)
+            found.add(folder.name, "faithfulness_csv" if p.name == "faithfulness.csv" else "attention_files", p)
     for p in _files(root / "explorer", (".html",)):
         found.add(p.stem, "explorer", p)
     for folder in _subdirs(root / "videos"):
@@ -326,8 +327,12 @@ def _num(value: Any, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
-def csv_table(root: Path, path: Path, max_rows: int = TABLE_ROWS, caption: str | None = None) -> str:
-    """A CSV rendered as an HTML table (first ``max_rows`` rows; numbers to 4 significant digits)."""
+def csv_table(root: Path, path: Path, max_rows: int = TABLE_ROWS, caption: str | None = None,
+              keep: Callable[[str], bool] | None = None) -> str:
+    """A CSV rendered as an HTML table (first ``max_rows`` rows; numbers to 4 significant digits).
+
+    ``keep``: show only the columns whose name it accepts (all by default).
+    """
     try:
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
@@ -335,6 +340,9 @@ def csv_table(root: Path, path: Path, max_rows: int = TABLE_ROWS, caption: str |
         return f"<p class='muted'>cannot read {_esc(path.name)}: {_esc(err)}</p>"
     if not rows:
         return f"<p class='muted'>{_esc(path.name)} is empty</p>"
+    if keep is not None:
+        cols = [i for i, name in enumerate(rows[0]) if keep(name)]
+        rows = [[row[i] for i in cols if i < len(row)] for row in rows]
     head, body = rows[0], rows[1:]
     cap = caption or path.relative_to(root).as_posix()
     more = (f" · first {max_rows} of {len(body)} rows" if len(body) > max_rows
@@ -506,8 +514,15 @@ def _dataset_section(root: Path, dataset: str, kinds: dict[str, list]) -> str:
         if extra:
             out.append(thumbs(root, [p for p in extra if p.suffix == ".png"], twins=False))
             out += [csv_table(root, p) for p in extra if p.suffix == ".csv"]
-    if kinds.get("faithfulness"):
-        out.append("<h3>Faithfulness of attention</h3>" + thumbs(root, kinds["faithfulness"], twins=False))
+    if kinds.get("faithfulness") or kinds.get("faithfulness_csv"):
+        out.append("<h3>Faithfulness of attention</h3><p class='muted'>Does attention rank the elements as the "
+                   "leave-one-element-out attribution does? Kendall τ between |attribution| and the attention an "
+                   "element receives (raw, and rollout across layers) over compounds with ≥ 3 elements, and top-1 "
+                   "agreement over compounds with ≥ 2, at every capture; beside a shuffled control and the "
+                   "element's fraction alone (columns <code>_se</code>: standard errors, in the CSV).</p>")
+        out.append(thumbs(root, kinds.get("faithfulness", []), twins=False))
+        out += [csv_table(root, p, keep=lambda name: not name.endswith("_se"))
+                for p in kinds.get("faithfulness_csv", [])]
     if kinds.get("predictions") or kinds.get("embeddings"):
         out.append("<h3>Predictions and element embeddings</h3>")
         out.append(file_links(root, kinds.get("predictions", [])))

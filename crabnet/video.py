@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import math
 import multiprocessing
-import os
 import re
 import shutil
 import subprocess
@@ -34,7 +33,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from crabnet.utils import atomic_path
+from crabnet.utils import atomic_path, available_cpus
 
 HIGHLIGHT = "#d62728"  # the current capture in the progress panel (used by nothing else there)
 LINE = "#1f77b4"
@@ -772,14 +771,6 @@ def _render_job_quiet(job: VideoJob) -> dict[str, Path]:
     return render_job(job, progress=False)
 
 
-def default_workers() -> int:
-    """The CPU cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def _pool_context():
     """A start method that does not fork this (multi-threaded: zarr, torch) process.
 
@@ -813,7 +804,7 @@ def run_jobs(jobs: Sequence[VideoJob], workers: int = 0, progress: bool | None =
     """
     from tqdm.auto import tqdm
 
-    workers = workers or default_workers()
+    workers = workers or available_cpus()
     results: list[dict[str, Path] | None] = [None] * len(jobs)
     disable = None if progress is None else not progress
     if workers <= 1 or len(jobs) <= 1:

@@ -210,3 +210,52 @@ def test_browser_play_advances_and_pauses(page, page_file):
     page.wait_for_timeout(800)
     assert page.input_value("#capture") == stopped
     assert f"capture={stopped}" in page.evaluate("location.hash")
+
+
+@pytest.fixture(scope="module")
+def attributed_page(tmp_path_factory) -> tuple[Path, Path]:
+    """A store with known attributions added (as step 1 writes them) and its explorer page."""
+    import zarr
+
+    root = tmp_path_factory.mktemp("explorer_attr")
+    path = write_store(root)
+    g = zarr.open_group(path, mode="r+")
+    el = g["elements"][:]
+    n, E = el.shape
+    i, c, j = np.meshgrid(np.arange(n), np.arange(C), np.arange(E), indexing="ij")
+    values = ((i + 1) * (j - 1.2) * (c + 1) * 0.37).astype(np.float32) * (el > 0)[:, None, :]
+    g.create_array("attribution", data=values, chunks=(n, C, E))
+    store = AttentionStore(path)
+    assert store.has_attribution
+    info = write_explorer(store, explorer_path(root, "synth"), "synth", n_others=10)
+    return path, info.path
+
+
+def test_browser_attribution_bars_show_the_store_values(page, attributed_page, page_file):
+    store_path, html_path = attributed_page
+    store = AttentionStore(store_path)
+    open_page(page, html_path, "compound=Gd2O7Ti2&layer=0&head=0&capture=3")
+    assert page.is_visible("#attribution-box") and "epoch 3" in page.text_content("#attribution-title")
+
+    def shown() -> dict[str, tuple[float, float]]:
+        rows = page.eval_on_selector_all("#attribution tbody tr", "els => els.map(e => "
+                                         "[e.dataset.element, e.dataset.value, e.dataset.importance])")
+        return {s: (float(v), float(m)) for s, v, m in rows}
+
+    h = store.compound("Gd2O7Ti2")
+    raw = (h.attention * h.fractions[None, None, None, :, None]).sum(-2).mean(axis=(1, 2))  # (c, k) by hand
+    rows = shown()
+    assert list(rows) == h.symbols
+    for j, s in enumerate(h.symbols):
+        assert rows[s][0] == pytest.approx(float(h.attribution[3, j]), rel=1e-5)
+        assert rows[s][1] == pytest.approx(float(raw[3, j]), abs=1e-4)
+    assert any(v < 0 for v, _ in rows.values()) and any(v > 0 for v, _ in rows.values())  # signed bars
+    page.focus("#capture")
+    page.keyboard.press("Home")  # the slider moves the bars to capture 0
+    assert "untrained" in page.text_content("#attribution-title")
+    rows = shown()
+    for j, s in enumerate(h.symbols):
+        assert rows[s][0] == pytest.approx(float(h.attribution[0, j]), rel=1e-5)
+    # a store without attribution (the module's other page) shows no bars
+    open_page(page, page_file[1], "compound=Gd2O7Ti2")
+    assert page.is_hidden("#attribution-box")
