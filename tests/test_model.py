@@ -119,3 +119,14 @@ def test_checkpoint_suits_recipe():
     assert checkpoint_suits({}, make_recipe("npj", epochs=8))
     with pytest.raises(ValueError, match="unknown recipe"):
         make_recipe("adam")
+
+
+def test_encoder_layers_start_identical():
+    """As nn.TransformerEncoder does: one layer initialised, then copied (SPEC §4)."""
+    torch.manual_seed(4)
+    model = build_model("mat2vec")
+    first = model.layers[0].state_dict()
+    for layer in model.layers[1:]:
+        for name, tensor in layer.state_dict().items():
+            assert torch.equal(tensor, first[name]), name
+        assert all(p is not q for p, q in zip(layer.parameters(), model.layers[0].parameters()))  # copies, not shared
