@@ -100,6 +100,19 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * (keep.view(x.shape).to(x.dtype) * (1.0 / (1.0 - p)))
 
 
+# Under bf16 autocast on the CPU every new matrix shape makes oneDNN build (and cache) a new kernel,
+# which cost more than the matmul itself when each batch had its own number of real elements; the
+# real rows are therefore padded with zero rows to a multiple of this many (a few shapes in all).
+ROW_BUCKET = 64
+
+
+def gather_rows(x: torch.Tensor, real: torch.Tensor, multiple: int = 1) -> torch.Tensor:
+    """Rows ``real`` of ``x`` (M, D) -> (N, D), then zero rows up to a multiple of ``multiple``."""
+    xr = x.index_select(0, real)
+    extra = -len(real) % multiple
+    return F.pad(xr, (0, 0, 0, extra)) if extra else xr
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with the parameter layout of ``nn.MultiheadAttention``."""
 
@@ -152,14 +165,15 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.d_model)
         self.p = cfg.dropout
 
-    def forward(self, x, keep, need_weights=False, real=None):  # (B, E, D) -> (B, E, D), (B, H, E, E)?
-        """``real``: flat indices of the real element slots; the feed-forward block then runs on them only."""
+    def forward(self, x, keep, need_weights=False, real=None, bucket=1):  # (B, E, D) -> (B, E, D), (B, H, E, E)?
+        """``real``: flat indices of the real element slots; the feed-forward block then runs on them
+        only (padded with zero rows to a multiple of ``bucket``, whose results are dropped)."""
         a, w = self.self_attn(x, keep, need_weights)
         x = self.norm1(x + dropout(a, self.p, self.training))
         if real is None:
             return self._feed_forward(x), w
         B, E, D = x.shape
-        xr = self._feed_forward(x.reshape(B * E, D).index_select(0, real))  # (N, D): real slots only
+        xr = self._feed_forward(gather_rows(x.reshape(B * E, D), real, bucket))[: len(real)]  # (N, D): real slots
         return xr.new_zeros(B * E, D).index_copy(0, real, xr).view(B, E, D), w  # padding rows 0
 
     def _feed_forward(self, x):  # (..., D) -> (..., D)
@@ -251,12 +265,13 @@ class CrabNet(nn.Module):
         # is padding; attention needs the padded (B, E) layout. Real slots get the same result either
         # way (padding keys are masked), padding rows are 0 instead of unused values.
         real = keep.reshape(-1).nonzero().squeeze(1) if not bool(keep.all()) else None  # (N,)
+        bucket = ROW_BUCKET if torch.is_autocast_enabled(elements.device.type) else 1
         x = self.encode_input(elements, fractions)
         maps, inputs = [], []
         for layer in self.layers:
             if hidden:
                 inputs.append(x)
-            x, w = layer(x, keep, need_weights=attention, real=real)
+            x, w = layer(x, keep, need_weights=attention, real=real, bucket=bucket)
             if attention:
                 maps.append(w)
         x = x * keep.unsqueeze(-1)  # padding rows zeroed after the encoder
@@ -266,7 +281,7 @@ class CrabNet(nn.Module):
             out = self.head(x).float().sum(1)  # (B, 3); pooled in float32 also under autocast
         else:
             rows = real // E  # compound of each real slot
-            out_r = self.head(x.reshape(B * E, -1).index_select(0, real)).float()  # (N, 3)
+            out_r = self.head(gather_rows(x.reshape(B * E, -1), real, bucket))[: len(real)].float()  # (N, 3)
             out = out_r.new_zeros(B, out_r.shape[1]).index_add(0, rows, out_r)  # (B, 3)
         out = out / keep.sum(1, keepdim=True)  # mean over real elements
         value, logit, log_unc = out.unbind(-1)

@@ -40,13 +40,17 @@ class Lamb(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p)
             m = [self.state[p]["exp_avg"] for p in params]
             v = [self.state[p]["exp_avg_sq"] for p in params]
-            torch._foreach_mul_(m, beta1)
-            torch._foreach_add_(m, grads, alpha=1 - beta1)
+            steps = self._step_buffers(params)
+            torch._foreach_lerp_(m, grads, 1 - beta1)  # m = beta1 m + (1 - beta1) g
             torch._foreach_mul_(v, beta2)
             torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
-            denom = torch._foreach_sqrt(v)
-            torch._foreach_add_(denom, group["eps"])
-            steps = torch._foreach_div(m, denom)  # m / (sqrt(v) + eps)
+            # Every operation below writes into a buffer kept between steps: a fresh multi-megabyte
+            # tensor per step costs page faults that took longer than the arithmetic itself on the CPU.
+            torch._foreach_copy_(steps, v)
+            torch._foreach_sqrt_(steps)
+            torch._foreach_add_(steps, group["eps"])
+            for mi, si in zip(m, steps):
+                torch.div(mi, si, out=si)  # m / (sqrt(v) + eps)
             if group["weight_decay"]:
                 torch._foreach_add_(steps, params, alpha=group["weight_decay"])
             w_norm = torch.stack(torch._foreach_norm(params)).clamp(0, group["max_weight_norm"])  # (n,)
@@ -55,6 +59,17 @@ class Lamb(torch.optim.Optimizer):
             torch._foreach_mul_(steps, list((trust * -group["lr"]).unbind()))
             torch._foreach_add_(params, steps)
         return loss
+
+    def _step_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Scratch tensors for the update, one per parameter, kept between steps (not saved)."""
+        bufs = self.__dict__.setdefault("_bufs", {})
+        out = []
+        for p in params:
+            b = bufs.get(p)
+            if b is None or b.shape != p.shape or b.device != p.device:
+                b = bufs[p] = torch.empty_like(p)
+            out.append(b)
+        return out
 
 
 class Lookahead:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from crabnet.model import CrabNetConfig, FractionalEncoder
+from crabnet import model as model_module
+from crabnet.model import CrabNetConfig, FractionalEncoder, gather_rows
 from crabnet.train import Scaler, build_model, load_checkpoint, predict, save_checkpoint
 from crabnet.data import compositions_from_formulas
 
@@ -130,3 +131,32 @@ def test_encoder_layers_start_identical():
         for name, tensor in layer.state_dict().items():
             assert torch.equal(tensor, first[name]), name
         assert all(p is not q for p, q in zip(layer.parameters(), model.layers[0].parameters()))  # copies, not shared
+
+
+def test_gather_rows_pads_to_bucket():
+    x = torch.arange(20.0).view(10, 2)
+    real = torch.tensor([1, 4, 7])
+    out = gather_rows(x, real, 4)
+    assert out.shape == (4, 2)
+    torch.testing.assert_close(out[:3], x[real])
+    assert (out[3] == 0).all()
+    assert gather_rows(x, real, 1).shape == (3, 2)  # no bucket: the real rows only
+    assert gather_rows(x, torch.tensor([0, 1, 2, 3]), 4).shape == (4, 2)  # already a multiple
+
+
+def test_row_buckets_under_autocast_change_no_real_result(monkeypatch):
+    """bf16 autocast pads the real rows to a multiple of ROW_BUCKET; real slots and outputs are as without it."""
+    torch.manual_seed(3)
+    model = build_model("onehot").eval()
+    el, fr = _batch()
+    rows, bucket = [], model_module.ROW_BUCKET
+    model.layers[0].linear1.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        bucketed = model.forward_internals(el, fr, hidden=True)
+        monkeypatch.setattr(model_module, "ROW_BUCKET", 1)
+        plain = model.forward_internals(el, fr, hidden=True)
+    torch.testing.assert_close(bucketed.output, plain.output, rtol=2e-2, atol=2e-2)
+    for hb, hp in zip(bucketed.hidden, plain.hidden):
+        torch.testing.assert_close(hb.float(), hp.float(), rtol=2e-2, atol=2e-2)
+    assert (bucketed.hidden[-1][el == 0] == 0).all()  # padding rows still 0
+    assert rows == [bucket, int((el > 0).sum())]  # 13 real slots -> 64 rows, then 13

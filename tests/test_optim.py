@@ -60,6 +60,23 @@ def test_lamb_matches_per_tensor_formula_for_several_tensors():
         torch.testing.assert_close(p.detach(), e)
 
 
+def test_lamb_several_steps_match_the_formula():
+    """Moments carry over between steps and the reused scratch buffers leave nothing behind."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.nn.Parameter(torch.randn(6, generator=g))
+    opt = Lamb([w], lr=0.05)
+    ref, m, v = w.detach().clone(), torch.zeros(6), torch.zeros(6)
+    for _ in range(3):
+        grad = torch.randn(6, generator=g)
+        m = 0.9 * m + 0.1 * grad
+        v = 0.999 * v + 0.001 * grad * grad
+        step = m / (v.sqrt() + 1e-6)
+        ref = ref - 0.05 * (min(float(ref.norm()), 10.0) / float(step.norm())) * step
+        w.grad = grad
+        opt.step()
+        torch.testing.assert_close(w.detach(), ref)
+
+
 def test_lookahead_first_sync_is_a_no_op_then_pulls_halfway():
     w = torch.nn.Parameter(torch.zeros(1))
     opt = Lookahead(torch.optim.SGD([w], lr=1.0), alpha=0.5, k=2)
