@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable, Sequence
 from urllib.parse import quote
 
 import crabnet
+from crabnet.elements import SYMBOLS
 from crabnet.utils import atomic_path
 
 REPORT_NAME = "index.html"
@@ -450,7 +451,7 @@ def _oxidation_summary(root: Path, paths: list[Path]) -> str:
                 cols = reader.fieldnames or []
         except (OSError, csv.Error, UnicodeDecodeError):
             continue
-        elements = [c for c in cols if c not in ("row", "formula", "reduced_formula", "reason", "target")]
+        elements = [c for c in cols if c in SYMBOLS]  # the state columns (not formula, composition, reason)
         reasons: dict[str, int] = {}
         guessed = 0
         for r in records:

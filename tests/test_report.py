@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import generate_attention_videos as gav
+from crabnet.oxidation import SplitFormulas, write_split
 from crabnet.report import refresh_report, write_learning_curve, write_report
 from crabnet.train import Recipe, Scaler, build_model, recipe_dict, save_checkpoint
 from test_videos import write_store
@@ -88,13 +89,14 @@ def data_dir(tmp_path_factory) -> Path:
     for rel, text in {"umap/local/synth/summary.csv": "atom,layer,knn_accuracy\nO,0,0.8123456\nO,1,0.9\n",
                       "figures/correlation/summary.csv": "name,mean_abs_r\nmat2vec,0.25\n",
                       "stats/benchmark.csv": "dataset,samples_total,train_diversity\nsynth,5,0.912345\n",
-                      "oxidation/synth__test.csv": "row,formula,reduced_formula,reason,Hf,O\n1,Hf1O2,HfO2,,4,-2\n"
-                                                   "2,P1W3,PW3,no_solution,,\n",
                       "predictions/synth__onehot__test.csv": "formula,target,prediction\nHf1O2,60,61\n",
                       "embeddings/onehot/synth__layer0__Q.csv": "element,0\nH,1\n",
                       "notes/extra.json": "{}"}.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
+    # the oxidation table as step 3 writes it: one guess, one formula without a charge-balanced solution
+    split = SplitFormulas("synth__test", ["Hf1O2", "P1W3"], ["Hf1 O2", "P1 W3"], [None, None])
+    write_split(split, [({"Hf": 4.0, "O": -2.0}, None), (None, "no_solution")], root / "oxidation")
     argv = ["--data-dir", str(root), "--dataset", "synth", "--workers", "1", "--dpi", "40", "--formula", "HfO2",
             "--formula", "Fe2O3", "--explore", "1"]
     assert gav.main(**vars(gav.parse_args(argv))) == 0
