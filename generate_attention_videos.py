@@ -54,10 +54,10 @@ from crabnet.capture import AttentionStore
 from crabnet.cli import DEMO_DATASET, add_common, make_parser, run
 from crabnet.data import DataError
 from crabnet.explorer import DEFAULT_EXPLORE, explorer_path, write_explorer
-from crabnet.faithfulness import faithfulness_paths, summary_rows, write_faithfulness
+from crabnet.faithfulness import refresh_faithfulness
 from crabnet.layout import Layout
 from crabnet.report import refresh_report
-from crabnet.utils import available_cpus
+from crabnet.utils import UsageError, available_cpus
 from crabnet.video import (DEFAULT_PRESET, VideoError, find_ffmpeg, parse_layers, plan_jobs, run_jobs,
                            select_compounds)
 
@@ -97,8 +97,7 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
     # device is a shared flag that rendering does not use; seed seeds the shuffled faithfulness control
     dataset = dataset or (QUICK_DATASET if quick else DEFAULT_DATASET)
     if fps <= 0 or dpi <= 0 or workers < 0 or not 0 <= crf <= 51 or explore < 0:
-        print("error: --fps and --dpi must be > 0, --workers and --explore >= 0, --crf in 0..51", file=sys.stderr)
-        return 2
+        raise UsageError("--fps and --dpi must be > 0, --workers and --explore >= 0, --crf in 0..51")
     store_path = Layout(data_dir).attention_store(dataset)
     try:
         store = AttentionStore(store_path)
@@ -106,15 +105,12 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
         rows, missing = select_compounds(store, formula, index, dataset)
         ffmpeg = find_ffmpeg()
     except KeyError as err:
-        print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
-        return 2
+        raise UsageError(err.args[0] if err.args else str(err)) from err
     except FileNotFoundError as err:
         step1 = "--quick" if quick and dataset == QUICK_DATASET else f"--dataset {dataset}"
-        print(f"error: {err}:\n  python get_training_attention.py {step1} --data-dir {data_dir}", file=sys.stderr)
-        return 2
+        raise UsageError(f"{err}:\n  python get_training_attention.py {step1} --data-dir {data_dir}") from err
     except (DataError, ValueError, IndexError, VideoError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise UsageError(str(err)) from err
     if missing:
         print(f"not in the captured {store.attrs.get('split', '')} split of {dataset} (skipped): {', '.join(missing)}")
 
@@ -125,7 +121,7 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
             print(f"  the page is large for a browser; --explore {max(0, explore // 4)} embeds fewer compounds")
 
     store_time = (store_path / "zarr.json").stat().st_mtime
-    faithfulness(store, data_dir, dataset, seed, force, store_time)
+    refresh_faithfulness(store, data_dir, dataset, seed=seed, force=force, store_time=store_time)
 
     out_dir = Layout(data_dir).videos(dataset)
     jobs = plan_jobs(store, rows, layers, out_dir, dataset=dataset, fps=fps, dpi=dpi, crf=crf, preset=preset,
@@ -152,25 +148,6 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
     refresh_report(data_dir)
     print("next: python guess_oxidation.py")
     return 0
-
-
-def faithfulness(store: AttentionStore, data_dir: Path, dataset: str, seed: int, force: bool,
-                 store_time: float) -> None:
-    """Write faithfulness.csv and its figure unless the store has no attribution or they are up to date."""
-    csv, png = faithfulness_paths(data_dir, dataset)
-    if not store.has_attribution:
-        print(f"faithfulness: {store.path} has no attribution (made before it was captured); "
-              f"run get_training_attention.py --force for {csv.name}")
-        return
-    if not force and csv.is_file() and png.is_file() and min(csv.stat().st_mtime, png.stat().st_mtime) > store_time:
-        print(f"faithfulness: {csv} is up to date (--force recomputes)")
-        return
-    t0 = time.perf_counter()
-    table, csv, png = write_faithfulness(store, data_dir, dataset, seed=seed)
-    print(f"faithfulness ({time.perf_counter() - t0:.1f} s) -> {csv}, {png}\n"
-          f"  Kendall tau(|attribution|, importance) over {int(table['n_tau'].iloc[0])} compounds with >= 3 "
-          f"elements, top-1 agreement over {int(table['n_top1'].iloc[0])} with >= 2 (mean ± SE):\n"
-          + "\n".join("  " + line for line in summary_rows(table).splitlines()))
 
 
 if __name__ == "__main__":

@@ -30,20 +30,19 @@ Examples:
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from crabnet.cli import DEMO_DATASET, add_common, add_training, make_parser, run
-from crabnet.data import DataError, load_dataset
+from crabnet.data import load_dataset
 from crabnet.embeddings import (embedding_frames, predictions_frame, predictions_path,
                                 write_embeddings, write_predictions)
 from crabnet.layout import BENCHMARK_DATASETS
 from crabnet.reference import published_mae
 from crabnet.report import refresh_report
 from crabnet.train import Recipe, ensure_model, make_recipe, mae, predict
-from crabnet.utils import resolve_device
+from crabnet.utils import UsageError, resolve_device
 
 DEFAULT_DATASETS = ("aflow__ael_bulk_modulus_vrh", "mp_bulk_modulus")
 QUICK = {"datasets": (DEMO_DATASET,), "epochs": 2}
@@ -114,18 +113,13 @@ def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quic
     defaults = QUICK if quick else FULL
     epochs = defaults["epochs"] if epochs is None else epochs
     if epochs < 1 or (epochs_step is not None and epochs_step < 1):
-        print("error: --epochs and --epochs-step must be >= 1", file=sys.stderr)
-        return 2
+        raise UsageError("--epochs and --epochs-step must be >= 1")
     recipe = make_recipe(recipe, epochs=epochs, **({} if epochs_step is None else {"epochs_step": epochs_step}))
     dev = resolve_device(device)
     rows = []
     jobs = [(ds, feat) for ds in expand_datasets(dataset, quick) for feat in dict.fromkeys(features)]
     for ds, feat in tqdm(jobs, desc="models", unit="model", disable=None):
-        try:
-            row = run_one(data_dir, ds, feat, recipe, dev, seed, force, precision)
-        except DataError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        row = run_one(data_dir, ds, feat, recipe, dev, seed, force, precision)  # DataError: exit 2 via run()
         print(f"{ds} {feat}: {row['n_csv']} embedding CSVs -> {row['embeddings']}/; "
               f"test predictions -> {row['predictions']}")
         rows.append(row)

@@ -28,14 +28,12 @@ Examples:
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pandas as pd
 from tqdm import tqdm
 
 from crabnet.cli import DEMO_DATASET, add_common, make_parser, run
-from crabnet.data import DataError
 from crabnet.layout import Layout
 from crabnet.report import refresh_report
 from crabnet.stats import (BENCHMARK, MATBENCH, REFERENCE_DIR, TABLE_NAME, compare_with_published, counts_table,
@@ -125,14 +123,11 @@ def check_published(tables: dict[str, pd.DataFrame], reference_dir: Path) -> int
 
 def main(data_dir: Path, dataset: list[str] | None, quick: bool,
          no_figures: bool, skip_invalid: bool, reference_dir: Path) -> int:
-    try:
-        chosen = resolve_datasets(data_dir, dataset or ([DEMO_DATASET] if quick else None))
-        results = []
-        for kind, name in tqdm(chosen, desc="datasets", unit="dataset", disable=None):
-            results.extend(dataset_stats(data_dir, kind, name, skip_invalid=skip_invalid))
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    # a DataError (unknown dataset, bad row) ends the script with one error line via crabnet.cli.run
+    chosen = resolve_datasets(data_dir, dataset or ([DEMO_DATASET] if quick else None))
+    results = []
+    for kind, name in tqdm(chosen, desc="datasets", unit="dataset", disable=None):
+        results.extend(dataset_stats(data_dir, kind, name, skip_invalid=skip_invalid))
     tables = write_tables(results, data_dir)
     if not no_figures:
         write_figures(results, tables, data_dir)

@@ -41,12 +41,12 @@ import time
 from pathlib import Path
 
 from crabnet.cli import DEMO_DATASET, add_common, make_parser, run
-from crabnet.data import SPLITS, DataError
+from crabnet.data import SPLITS
 from crabnet.oxidation import (GuessCache, cache_path, guess_all, keys_for, progress_bar,
                                read_formulas, results_for, write_element_ox_states, write_split)
 from crabnet.layout import BENCHMARK, MATBENCH, Layout, available, resolve_datasets, split_files
 from crabnet.report import refresh_report
-from crabnet.utils import available_cpus
+from crabnet.utils import UsageError, available_cpus
 
 REASONS = ("no_solution", "timeout", "error", "max_sites", "invalid_formula")
 
@@ -71,25 +71,21 @@ def parse_args(argv=None):
 def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quick: bool, force: bool,
          split: str, workers: int, max_seconds: float, max_sites: int | None, matbench: bool = False) -> int:
     if workers < 1 or not max_seconds > 0 or (max_sites is not None and max_sites < 1):
-        print("error: --workers and --max-sites must be >= 1 and --max-seconds > 0", file=sys.stderr)
-        return 2
+        raise UsageError("--workers and --max-sites must be >= 1 and --max-seconds > 0")
     names = dataset or ([DEMO_DATASET] if quick else ["all"])
     splits = SPLITS if split == "all" else (split,)
-    try:
-        pairs = resolve_datasets(data_dir, names)  # fetches the published sets if needed
-        if "all" in names:  # every benchmark set, and the matbench sets named beside 'all'
-            named = [n for n in names if n != "all"]
-            pairs = [p for p in pairs if p[0] == BENCHMARK] + \
-                    [p for p in (resolve_datasets(data_dir, named) if named else []) if p[0] == MATBENCH]
-        if matbench:
-            pairs += [(MATBENCH, n) for n in available(data_dir, MATBENCH) if (MATBENCH, n) not in pairs]
-        files = [f for kind, name in pairs for f in split_files(data_dir, kind, name, splits)]
-        memo: dict = {}
-        parts = [keys_for(f.label, read_formulas(f.path), max_sites, memo)
-                 for f in progress_bar(files, desc="reading formulas", unit="file")]
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    # a DataError (unknown dataset, unreadable file) ends the script with one error line via crabnet.cli.run
+    pairs = resolve_datasets(data_dir, names)  # fetches the published sets if needed
+    if "all" in names:  # every benchmark set, and the matbench sets named beside 'all'
+        named = [n for n in names if n != "all"]
+        pairs = [p for p in pairs if p[0] == BENCHMARK] + \
+                [p for p in (resolve_datasets(data_dir, named) if named else []) if p[0] == MATBENCH]
+    if matbench:
+        pairs += [(MATBENCH, n) for n in available(data_dir, MATBENCH) if (MATBENCH, n) not in pairs]
+    files = [f for kind, name in pairs for f in split_files(data_dir, kind, name, splits)]
+    memo: dict = {}
+    parts = [keys_for(f.label, read_formulas(f.path), max_sites, memo)
+             for f in progress_bar(files, desc="reading formulas", unit="file")]
 
     cache_file = cache_path(data_dir)
     if force and cache_file.exists():

@@ -418,3 +418,27 @@ def write_faithfulness(store: Any, data_dir: Path | str, dataset: str, seed: int
         table.to_csv(tmp, index=False, float_format="%.6g")
     plot_faithfulness(table, png, title=dataset, capture=str(store.attrs.get("capture", "epoch")))
     return table, csv, png
+
+
+def refresh_faithfulness(store: Any, data_dir: Path | str, dataset: str, seed: int = 0, force: bool = False,
+                         store_time: float | None = None) -> None:
+    """Step 2: write faithfulness.csv and its figure unless the store has no attribution or they
+    are newer than the store (``store_time``, its modification time; ``force`` recomputes); prints
+    what it did and the table's first and last capture."""
+    import time
+
+    csv, png = faithfulness_paths(data_dir, dataset)
+    if not store.has_attribution:
+        print(f"faithfulness: {store.path} has no attribution (made before it was captured); "
+              f"run get_training_attention.py --force for {csv.name}")
+        return
+    if (not force and store_time is not None and csv.is_file() and png.is_file()
+            and min(csv.stat().st_mtime, png.stat().st_mtime) > store_time):
+        print(f"faithfulness: {csv} is up to date (--force recomputes)")
+        return
+    t0 = time.perf_counter()
+    table, csv, png = write_faithfulness(store, data_dir, dataset, seed=seed)
+    print(f"faithfulness ({time.perf_counter() - t0:.1f} s) -> {csv}, {png}\n"
+          f"  Kendall tau(|attribution|, importance) over {int(table['n_tau'].iloc[0])} compounds with >= 3 "
+          f"elements, top-1 agreement over {int(table['n_top1'].iloc[0])} with >= 2 (mean ± SE):\n"
+          + "\n".join("  " + line for line in summary_rows(table).splitlines()))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 import get_crabnet_embeddings as gce
+from crabnet.cli import run
 from crabnet.elements import SYMBOLS, feature_table
 from crabnet.embeddings import (element_qkv, embedding_frames, embedding_path,
                                 predictions_frame, read_embedding_csv,
@@ -150,8 +153,8 @@ def test_script_trains_writes_and_reuses(tiny_data, capsys):
 
 def test_script_missing_dataset_clear_error(tmp_path, capsys):
     (tmp_path / "benchmark_data" / "aflow__Egap").mkdir(parents=True)  # so nothing is fetched
-    rc = gce.main(data_dir=tmp_path, dataset=["nope"], device="cpu", seed=0, quick=False, force=False,
-                  features=["onehot"], epochs=1, epochs_step=1)
+    rc = run(gce.main, argparse.Namespace(data_dir=tmp_path, dataset=["nope"], device="cpu", seed=0, quick=False,
+                                          force=False, features=["onehot"], epochs=1, epochs_step=1))
     assert rc == 2 and "dataset 'nope' not found" in capsys.readouterr().err
     assert not (tmp_path / "embeddings").exists()
 

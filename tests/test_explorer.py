@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import generate_attention_videos as gav
+from crabnet.cli import run
 from crabnet.capture import AttentionStore
 from crabnet.data import normalise_formula
 from crabnet.explorer import (QUANT_MAX, choose_compounds, decode_weights, encode_weights, explorer_path,
@@ -74,7 +75,7 @@ def test_choice_spans_the_error_range(tmp_path):
 
 def run_main(data_dir: Path, *args: str) -> int:
     argv = ["--data-dir", str(data_dir), "--dataset", "synth", "--workers", "1", "--dpi", "40", *args]
-    return gav.main(**vars(gav.parse_args(argv)))
+    return run(gav.main, gav.parse_args(argv))  # as the script runs: usage errors -> exit 2
 
 
 def test_step2_writes_offline_explorer_and_no_explorer_skips(tmp_path, capsys):

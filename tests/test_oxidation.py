@@ -17,6 +17,7 @@ import pytest
 
 import guess_oxidation as go
 from conftest import write_dataset
+from crabnet.cli import run as cli_run
 import crabnet.oxidation as ox
 from crabnet.oxidation import (TIMEOUT, Guess, GuessCache, GuessPool, cache_path, composition_key, element_ox_states,
                                element_sums, guess_all, guess_states, keys_for, pymatgen_tables)
@@ -25,7 +26,7 @@ SLOW = "Mn20000N20000"  # tens of CPU seconds of dynamic programming (2e4 atoms 
 
 
 def run(data_dir: Path, *args: str) -> int:
-    return go.main(**vars(go.parse_args(["--data-dir", str(data_dir), "--workers", "2", *args])))
+    return cli_run(go.main, go.parse_args(["--data-dir", str(data_dir), "--workers", "2", *args]))
 
 
 def write_split(root: Path, name: str, formulas: list[str], split: str = "test") -> None:

@@ -11,6 +11,7 @@ import pytest
 
 import get_dataset_stats as gds
 from conftest import require_data, write_dataset
+from crabnet.cli import run as cli_run
 from crabnet.data import parse_formula
 from crabnet.elements import ATOMIC_NUMBER, SYMBOLS
 from crabnet.stats import (BENCHMARK, COLUMNS, MATBENCH, REFERENCE_DIR, compare_with_published, dataset_stats,
@@ -22,7 +23,7 @@ REAL_DATA = ROOT / "data"
 
 
 def run(data_dir: Path, *args: str) -> int:
-    return gds.main(**vars(gds.parse_args(["--data-dir", str(data_dir), *args])))
+    return cli_run(gds.main, gds.parse_args(["--data-dir", str(data_dir), *args]))
 
 
 def write_matbench(root: Path, name: str = "tinymb", folds: int = 2, seed: int = 1) -> None:

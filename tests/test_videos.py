@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import generate_attention_videos as gav
+from crabnet.cli import run
 from crabnet.capture import AttentionStore, AttentionWriter
 from crabnet.data import compositions_from_formulas
 from crabnet.video import (HIGHLIGHT, AttentionFigure, ProgressFigure, VideoError, VideoInput, VideoJob,
@@ -69,7 +70,7 @@ def history_input(path: Path, key, layers=(0,)) -> VideoInput:
 
 def run_main(data_dir: Path, *args: str) -> int:
     argv = ["--data-dir", str(data_dir), "--dataset", "synth", "--workers", "1", "--dpi", str(DPI), *args]
-    return gav.main(**vars(gav.parse_args(argv)))
+    return run(gav.main, gav.parse_args(argv))  # as the script runs: usage errors -> exit 2
 
 
 def test_script_three_videos_frames_duration_format(store_dir, capsys):
@@ -162,7 +163,7 @@ def test_unknown_formula_lists_close_matches(store_dir, capsys):
 
 
 def test_missing_store_points_to_step_1(tmp_path, capsys):
-    assert gav.main(**vars(gav.parse_args(["--data-dir", str(tmp_path), "--quick"]))) == 2
+    assert run(gav.main, gav.parse_args(["--data-dir", str(tmp_path), "--quick"])) == 2
     err = capsys.readouterr().err
     assert "no attention store" in err and "get_training_attention.py" in err
 
