@@ -46,8 +46,8 @@ class Lamb(torch.optim.Optimizer):
             torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
             # Every operation below writes into a buffer kept between steps: a fresh multi-megabyte
             # tensor per step costs page faults that took longer than the arithmetic itself on the CPU.
-            torch._foreach_copy_(steps, v)
-            torch._foreach_sqrt_(steps)
+            for vi, si in zip(v, steps):
+                torch.sqrt(vi, out=si)
             torch._foreach_add_(steps, group["eps"])
             for mi, si in zip(m, steps):
                 torch.div(mi, si, out=si)  # m / (sqrt(v) + eps)
@@ -56,8 +56,8 @@ class Lamb(torch.optim.Optimizer):
             w_norm = torch.stack(torch._foreach_norm(params)).clamp(0, group["max_weight_norm"])  # (n,)
             s_norm = torch.stack(torch._foreach_norm(steps))  # (n,)
             trust = torch.where((w_norm > 0) & (s_norm > 0), w_norm / s_norm, torch.ones_like(w_norm))
-            torch._foreach_mul_(steps, list((trust * -group["lr"]).unbind()))
-            torch._foreach_add_(params, steps)
+            # w -= lr * trust * step in one pass per tensor (a 0-dim factor each, no host sync)
+            torch._foreach_addcmul_(params, steps, list((trust * -group["lr"]).unbind()))
         return loss
 
     def _step_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
