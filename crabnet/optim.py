@@ -23,6 +23,7 @@ class Lamb(torch.optim.Optimizer):
                  weight_decay: float = 0.0, max_weight_norm: float = 10.0):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_weight_norm=max_weight_norm)
         super().__init__(params, defaults)
+        self._bufs: dict[torch.Tensor, torch.Tensor] = {}  # scratch per parameter, kept between steps
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -44,8 +45,8 @@ class Lamb(torch.optim.Optimizer):
             torch._foreach_lerp_(m, grads, 1 - beta1)  # m = beta1 m + (1 - beta1) g
             torch._foreach_mul_(v, beta2)
             torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
-            # Every operation below writes into a buffer kept between steps: a fresh multi-megabyte
-            # tensor per step costs page faults that took longer than the arithmetic itself on the CPU.
+            # The step is computed in buffers kept between steps: a fresh multi-megabyte tensor per
+            # step costs page faults that took longer than the arithmetic itself on the CPU.
             for vi, si in zip(v, steps):
                 torch.sqrt(vi, out=si)
             torch._foreach_add_(steps, group["eps"])
@@ -62,12 +63,11 @@ class Lamb(torch.optim.Optimizer):
 
     def _step_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """Scratch tensors for the update, one per parameter, kept between steps (not saved)."""
-        bufs = self.__dict__.setdefault("_bufs", {})
         out = []
         for p in params:
-            b = bufs.get(p)
+            b = self._bufs.get(p)
             if b is None or b.shape != p.shape or b.device != p.device:
-                b = bufs[p] = torch.empty_like(p)
+                b = self._bufs[p] = torch.empty_like(p)
             out.append(b)
         return out
 
