@@ -40,6 +40,7 @@ error is the one that decides whether attention tells more than the composition)
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -425,8 +426,6 @@ def refresh_faithfulness(store: Any, data_dir: Path | str, dataset: str, seed: i
     """Step 2: write faithfulness.csv and its figure unless the store has no attribution or they
     are newer than the store (``store_time``, its modification time; ``force`` recomputes); prints
     what it did and the table's first and last capture."""
-    import time
-
     csv, png = faithfulness_paths(data_dir, dataset)
     if not store.has_attribution:
         print(f"faithfulness: {store.path} has no attribution (made before it was captured); "
