@@ -1,8 +1,9 @@
 """Optimisation pieces of the CrabNet recipe: Lamb, Lookahead, the CrabNet SWA scheme, the cyclic LR.
 
 - ``Lamb``: Adam-style moments without bias correction; each tensor's step is scaled by the
-  trust ratio clamp(||w||, 0, 10) / ||step|| (1 when either norm is 0). All tensors of a group
-  are updated together with ``torch._foreach_*`` kernels (one launch per operation, not per tensor).
+  trust ratio clamp(||w||, 0, 10) / ||step|| (1 when either norm is 0). The moments and the Adam
+  direction come from PyTorch's fused Adam kernel where it applies (one pass over memory), else
+  from ``torch._foreach_*`` kernels; the update is one foreach pass for all tensors of a group.
 - ``Lookahead``: every ``k`` steps the slow weights move ``alpha`` of the way to the fast weights
   and the fast weights are reset to them. As in the original code the slow copy is made at the
   *first* sync from the fast weights of that moment, so the first sync changes nothing.
@@ -20,16 +21,17 @@ class Lamb(torch.optim.Optimizer):
     """Layer-wise adaptive moments (You et al. 2019), as used by CrabNet."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.0, max_weight_norm: float = 10.0):
+                 weight_decay: float = 0.0, max_weight_norm: float = 10.0, fused: bool = True):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_weight_norm=max_weight_norm)
         super().__init__(params, defaults)
+        self.fused = fused  # use PyTorch's fused Adam kernel for the moments where it applies
         self._bufs: dict[torch.Tensor, torch.Tensor] = {}  # scratch per parameter, kept between steps
+        self._counts: dict[torch.device, list[torch.Tensor]] = {}  # the fused kernel's step counts
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
@@ -42,34 +44,72 @@ class Lamb(torch.optim.Optimizer):
             m = [self.state[p]["exp_avg"] for p in params]
             v = [self.state[p]["exp_avg_sq"] for p in params]
             steps = self._step_buffers(params)
-            torch._foreach_lerp_(m, grads, 1 - beta1)  # m = beta1 m + (1 - beta1) g
-            torch._foreach_mul_(v, beta2)
-            torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
-            # The step is computed in buffers kept between steps: a fresh multi-megabyte tensor per
-            # step costs page faults that took longer than the arithmetic itself on the CPU.
-            for vi, si in zip(v, steps):
-                torch.sqrt(vi, out=si)
-            torch._foreach_add_(steps, group["eps"])
-            for mi, si in zip(m, steps):
-                torch.div(mi, si, out=si)  # m / (sqrt(v) + eps)
+            self._adam_direction(group, params, grads, m, v, steps)  # steps = m / (sqrt(v) + eps)
             if group["weight_decay"]:
                 torch._foreach_add_(steps, params, alpha=group["weight_decay"])
-            w_norm = torch.stack(torch._foreach_norm(params)).clamp(0, group["max_weight_norm"])  # (n,)
-            s_norm = torch.stack(torch._foreach_norm(steps))  # (n,)
+            w_norm = _norms(params).clamp(0, group["max_weight_norm"])  # (n,)
+            s_norm = _norms(steps)  # (n,)
             trust = torch.where((w_norm > 0) & (s_norm > 0), w_norm / s_norm, torch.ones_like(w_norm))
             # w -= lr * trust * step in one pass per tensor (a 0-dim factor each, no host sync)
             torch._foreach_addcmul_(params, steps, list((trust * -group["lr"]).unbind()))
         return loss
 
+    def _adam_direction(self, group: dict, params, grads, m, v, steps) -> None:
+        """Update the moments in place and write m / (sqrt(v) + eps) into ``steps``.
+
+        Where PyTorch has its fused Adam kernel for these tensors, it does all of this in one pass
+        over memory (the separate operations took ~3x longer on the CPU): told that the step count
+        is 1e9 (bias corrections 1 - beta^t = 1 exactly), learning rate -1 and decoupled weight
+        decay -1, it first sets each step buffer to s * (1 - (-1)(-1)) = 0 and then adds
+        m / (sqrt(v) + eps) to it. The buffers start at 0, so they never hold inf or NaN of their own.
+        """
+        beta1, beta2 = group["betas"]
+        if self._fused_ok(params, grads, beta1, beta2):
+            counts = self._counts.get(params[0].device)
+            if counts is None or len(counts) != len(params):
+                counts = self._counts[params[0].device] = [torch.full((), 1e9, device=params[0].device)
+                                                           for _ in params]
+            torch._fused_adamw_(steps, grads, m, v, [], counts, lr=-1.0, beta1=beta1, beta2=beta2,
+                                weight_decay=-1.0, eps=group["eps"], amsgrad=False, maximize=False)
+            return
+        torch._foreach_lerp_(m, grads, 1 - beta1)  # m = beta1 m + (1 - beta1) g
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+        for vi, si in zip(v, steps):
+            torch.sqrt(vi, out=si)
+        torch._foreach_add_(steps, group["eps"])
+        for mi, si in zip(m, steps):
+            torch.div(mi, si, out=si)
+
+    def _fused_ok(self, params, grads, beta1: float, beta2: float) -> bool:
+        """Whether the fused kernel can stand in for the formula here (see ``_adam_direction``)."""
+        if not self.fused or not hasattr(torch, "_fused_adamw_"):
+            return False
+        if any(1.0 - b ** 1e9 != 1.0 for b in (beta1, beta2)):  # bias correction would not be exactly 1
+            return False
+        dev = params[0].device
+        return dev.type in ("cpu", "cuda") and all(
+            t.device == dev and t.dtype == torch.float32 and t.is_contiguous() for t in (*params, *grads))
+
     def _step_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Scratch tensors for the update, one per parameter, kept between steps (not saved)."""
+        """Scratch tensors for the update, one per parameter, kept between steps (not saved).
+
+        A fresh multi-megabyte tensor per step costs page faults that took longer than the
+        arithmetic itself on the CPU. They start at 0 (the fused path relies on finite values).
+        """
         out = []
         for p in params:
             b = self._bufs.get(p)
             if b is None or b.shape != p.shape or b.device != p.device:
-                b = self._bufs[p] = torch.empty_like(p)
+                b = self._bufs[p] = torch.zeros_like(p)
             out.append(b)
         return out
+
+
+def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Euclidean norm of each tensor, (n,). A dot product per tensor: on the CPU this took half the
+    time of ``torch._foreach_norm``."""
+    return torch.stack([torch.dot(t.reshape(-1), t.reshape(-1)) for t in tensors]).sqrt()
 
 
 class Lookahead:

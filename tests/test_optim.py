@@ -77,6 +77,28 @@ def test_lamb_several_steps_match_the_formula():
         torch.testing.assert_close(w.detach(), ref)
 
 
+def test_lamb_fused_kernel_equals_the_separate_operations():
+    """The fused Adam kernel path (used on CPU/CUDA float32) and the foreach path agree step by step."""
+    g = torch.Generator().manual_seed(2)
+    shapes = [(7, 5), (300,), (4, 3, 2), (3,)]
+    a = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    a[-1].data.zero_()  # zero weight norm -> trust ratio 1
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    fused, plain = Lamb(a, lr=0.02), Lamb(b, lr=0.02, fused=False)
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(4)]
+    assert fused._fused_ok(a, grads[0], 0.9, 0.999) == hasattr(torch, "_fused_adamw_")
+    assert not plain._fused_ok(b, grads[0], 0.9, 0.999)
+    assert not fused._fused_ok(a, grads[0], 0.9, 1 - 1e-12)  # 1 - beta^1e9 would not be 1
+    for gs in grads:
+        for pa, pb, gr in zip(a, b, gs):
+            pa.grad, pb.grad = gr.clone(), gr.clone()
+        fused.step()
+        plain.step()
+        for pa, pb in zip(a, b):
+            torch.testing.assert_close(pa.detach(), pb.detach(), rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(fused.state[pa]["exp_avg_sq"], plain.state[pb]["exp_avg_sq"])
+
+
 def test_lookahead_first_sync_is_a_no_op_then_pulls_halfway():
     w = torch.nn.Parameter(torch.zeros(1))
     opt = Lookahead(torch.optim.SGD([w], lr=1.0), alpha=0.5, k=2)
