@@ -7,9 +7,9 @@ element to (value, logit, log-uncertainty); the compound's output is the mean ov
 elements, and its prediction is value * sigmoid(logit).
 
 Per-head attention weights of every layer are available on demand (``capture=True``) without
-patching PyTorch: the layer output always comes from the fused ``scaled_dot_product_attention``,
-and the weights are computed beside it only when asked for, so capturing changes nothing in the
-predictions.
+patching PyTorch: the layer output always comes from the same attention computation, and the
+weights are computed beside it (in float32) only when asked for, so capturing changes nothing in
+the predictions.
 
 Shapes: B compounds, E element slots (0-padded), D = d_model, H heads, L layers.
 """
@@ -84,20 +84,22 @@ class FractionalEncoder(nn.Module):
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Inverted dropout; on the CPU with a mask drawn from 15-bit random integers.
+    """Inverted dropout; on the CPU with a mask drawn from 16-bit random integers.
 
-    ``torch.bernoulli_`` draws one float per element and dominated the CPU training step; two
-    15-bit integers per 32-bit draw are ~7x cheaper. The drop rate is round(p * 2^15) / 2^15
-    (0.1 -> 0.1000061). On other devices PyTorch's fused dropout is used.
+    ``torch.bernoulli_`` draws one float per element and dominated the CPU training step; here
+    numpy's PCG64 generator gives four 16-bit integers per 64-bit draw (seeded from PyTorch's
+    generator, so runs stay reproducible and resumable from ``torch.get_rng_state``). The drop
+    rate is round(p * 2^16) / 2^16 (0.1 -> 0.1000061). On other devices PyTorch's fused dropout.
     """
     if not training or p <= 0.0:
         return x
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or p >= 1.0:
         return F.dropout(x, p, training=True)
     n = x.numel()
-    bits = torch.empty((n + 1) // 2, dtype=torch.int32).random_().view(torch.int16)[:n]  # 2 x 15 random bits
-    keep = (bits & 0x7FFF) >= round(p * 32768)  # (n,) True with probability 1 - p
-    return x * (keep.view(x.shape).to(x.dtype) * (1.0 / (1.0 - p)))
+    seed = int(torch.randint(2**62, ()))
+    bits = np.random.PCG64(seed).random_raw((n + 3) // 4).view(np.uint16)[:n]  # (n,) uniform 16-bit
+    keep = torch.from_numpy(bits >= round(p * 65536)).view(x.shape)  # True with probability 1 - p
+    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
 
 
 # Under bf16 autocast on the CPU every new matrix shape makes oneDNN build (and cache) a new kernel,
@@ -136,12 +138,13 @@ class SelfAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, E, D = x.shape
         h = self.n_heads
-        q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x (B, E, D)
-        q, k, v = (t.view(B, E, h, D // h).transpose(1, 2) for t in (q, k, v))  # (B, H, E, Dh)
+        q, k, v = self.qkv(x).view(B, E, 3, h, D // h).permute(2, 0, 3, 1, 4)  # 3 x (B, H, E, Dh)
         attn_mask = keep[:, None, None, :]  # (B, 1, 1, E): True where the key is a real element
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, H, E, Dh)
+        # Written out rather than F.scaled_dot_product_attention: with a handful of elements per
+        # compound its CPU kernels spent their time on copies (training) and tiling (inference).
+        scores = (q @ k.transpose(-2, -1)).float() * (D // h) ** -0.5  # (B, H, E, E), softmax in float32
+        p = torch.softmax(scores.masked_fill(~attn_mask, float("-inf")), dim=-1)  # (B, H, E, E)
+        y = dropout(p, self.dropout, self.training).to(v.dtype) @ v  # (B, H, E, Dh)
         weights = None
         if need_weights:
             with torch.no_grad():  # in float32 also under bf16 autocast
@@ -177,7 +180,7 @@ class EncoderLayer(nn.Module):
         return xr.new_zeros(B * E, D).index_copy(0, real, xr).view(B, E, D), w  # padding rows 0
 
     def _feed_forward(self, x):  # (..., D) -> (..., D)
-        f = self.linear2(dropout(F.relu(self.linear1(x)), self.p, self.training))
+        f = self.linear2(dropout(F.relu(self.linear1(x), inplace=True), self.p, self.training))
         return self.norm2(x + dropout(f, self.p, self.training))
 
 

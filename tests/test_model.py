@@ -160,3 +160,20 @@ def test_row_buckets_under_autocast_change_no_real_result(monkeypatch):
         torch.testing.assert_close(hb.float(), hp.float(), rtol=2e-2, atol=2e-2)
     assert (bucketed.hidden[-1][el == 0] == 0).all()  # padding rows still 0
     assert rows == [bucket, int((el > 0).sum())]  # 13 real slots -> 64 rows, then 13
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_rate_scale_and_seeding(dtype):
+    """The CPU dropout drops ~p of the elements, scales the rest by 1/(1-p) and follows torch's seed."""
+    x = torch.ones(400_000, dtype=dtype)
+    torch.manual_seed(3)
+    a = model_module.dropout(x, 0.1, training=True)
+    torch.manual_seed(3)
+    b = model_module.dropout(x, 0.1, training=True)
+    assert torch.equal(a, b)  # reproducible from torch's generator alone
+    dropped = float((a == 0).float().mean())
+    assert abs(dropped - 0.1) < 5 * math.sqrt(0.1 * 0.9 / len(x))  # 5 standard errors
+    kept = a[a != 0].float()
+    torch.testing.assert_close(kept, torch.full_like(kept, 1 / 0.9), rtol=4e-3, atol=0)  # bf16 rounds 1/0.9
+    assert not torch.equal(a, model_module.dropout(x, 0.1, training=True))  # a new mask per call
+    assert model_module.dropout(x, 0.1, training=False) is x
