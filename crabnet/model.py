@@ -7,9 +7,9 @@ element to (value, logit, log-uncertainty); the compound's output is the mean ov
 elements, and its prediction is value * sigmoid(logit).
 
 Per-head attention weights of every layer are available on demand (``capture=True``) without
-patching PyTorch: the layer output always comes from the same attention computation, and the
-weights are computed beside it (in float32) only when asked for, so capturing changes nothing in
-the predictions.
+patching PyTorch: the layer output always comes from the same attention computation (written out
+on the CPU, PyTorch's fused ``scaled_dot_product_attention`` elsewhere), and the weights are
+computed beside it (in float32) only when asked for, so capturing changes nothing in the predictions.
 
 Shapes: B compounds, E element slots (0-padded), D = d_model, H heads, L layers.
 """
@@ -123,6 +123,21 @@ def gather_rows(x: torch.Tensor, real: torch.Tensor, multiple: int = 1) -> torch
     return F.pad(xr, (0, 0, 0, extra)) if extra else xr
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor, p: float,
+           fused: bool) -> torch.Tensor:
+    """softmax(q kᵀ / √Dh, masked) with dropout ``p``, times v: 3 x (B, H, E, Dh) -> (B, H, E, Dh).
+
+    ``fused``: PyTorch's ``scaled_dot_product_attention`` (used off the CPU). On the CPU it is
+    written out: with a handful of elements per compound the fused kernels spent their time on
+    copies (training) and tiling (inference); the softmax is then taken in float32.
+    """
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+    scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5  # (B, H, E, E)
+    weights = torch.softmax(scores.masked_fill(~attn_mask, float("-inf")), dim=-1)  # (B, H, E, E)
+    return dropout(weights, p, p > 0).to(v.dtype) @ v
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with the parameter layout of ``nn.MultiheadAttention``."""
 
@@ -148,11 +163,7 @@ class SelfAttention(nn.Module):
         h = self.n_heads
         q, k, v = self.qkv(x).view(B, E, 3, h, D // h).permute(2, 0, 3, 1, 4)  # 3 x (B, H, E, Dh)
         attn_mask = keep[:, None, None, :]  # (B, 1, 1, E): True where the key is a real element
-        # Written out rather than F.scaled_dot_product_attention: with a handful of elements per
-        # compound its CPU kernels spent their time on copies (training) and tiling (inference).
-        scores = (q @ k.transpose(-2, -1)).float() * (D // h) ** -0.5  # (B, H, E, E), softmax in float32
-        p = torch.softmax(scores.masked_fill(~attn_mask, float("-inf")), dim=-1)  # (B, H, E, E)
-        y = dropout(p, self.dropout, self.training).to(v.dtype) @ v  # (B, H, E, Dh)
+        y = attend(q, k, v, attn_mask, self.dropout if self.training else 0.0, fused=x.device.type != "cpu")
         weights = None
         if need_weights:
             with torch.no_grad():  # in float32 also under bf16 autocast

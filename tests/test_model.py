@@ -177,3 +177,20 @@ def test_cpu_dropout_rate_scale_and_seeding(dtype):
     torch.testing.assert_close(kept, torch.full_like(kept, 1 / 0.9), rtol=4e-3, atol=0)  # bf16 rounds 1/0.9
     assert not torch.equal(a, model_module.dropout(x, 0.1, training=True))  # a new mask per call
     assert model_module.dropout(x, 0.1, training=False) is x
+
+
+def test_written_out_attention_equals_the_fused_kernel():
+    """The CPU's written-out attention and F.scaled_dot_product_attention (used off the CPU) agree."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(5, 4, 6, 8, generator=g) for _ in range(3))  # (B, H, E, Dh)
+    keep = torch.ones(5, 6, dtype=torch.bool)
+    keep[1, 4:] = False
+    keep[3, 2:] = False
+    mask = keep[:, None, None, :]
+    written = model_module.attend(q, k, v, mask, 0.0, fused=False)
+    fused = model_module.attend(q, k, v, mask, 0.0, fused=True)
+    torch.testing.assert_close(written, fused, rtol=1e-5, atol=1e-6)
+    # a masked key gets no weight: changing its value changes nothing
+    v2 = v.clone()
+    v2[3, :, 2:] = 100.0
+    torch.testing.assert_close(model_module.attend(q, k, v2, mask, 0.0, fused=False), written)
