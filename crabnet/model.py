@@ -9,7 +9,8 @@ elements, and its prediction is value * sigmoid(logit).
 Per-head attention weights of every layer are available on demand (``capture=True``) without
 patching PyTorch: the layer output always comes from the same attention computation (written out
 on the CPU, PyTorch's fused ``scaled_dot_product_attention`` elsewhere), and the weights are
-computed beside it (in float32) only when asked for, so capturing changes nothing in the predictions.
+computed beside it (softmax in float32) only when asked for, so capturing changes nothing in the
+predictions.
 
 Shapes: B compounds, E element slots (0-padded), D = d_model, H heads, L layers.
 """
@@ -17,7 +18,6 @@ Shapes: B compounds, E element slots (0-padded), D = d_model, H heads, L layers.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -133,9 +133,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.T
     """
     if fused:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+    return dropout(attention_weights(q, k, attn_mask), p, p > 0).to(v.dtype) @ v
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / √Dh) over the keys ``attn_mask`` lets through: (B, H, E, Dh) x 2 -> (B, H, E, E).
+
+    The softmax is taken in float32 (the q kᵀ matmul itself follows autocast).
+    """
     scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5  # (B, H, E, E)
-    weights = torch.softmax(scores.masked_fill(~attn_mask, float("-inf")), dim=-1)  # (B, H, E, E)
-    return dropout(weights, p, p > 0).to(v.dtype) @ v
+    return torch.softmax(scores.masked_fill(~attn_mask, float("-inf")), dim=-1)
 
 
 class SelfAttention(nn.Module):
@@ -165,12 +172,9 @@ class SelfAttention(nn.Module):
         attn_mask = keep[:, None, None, :]  # (B, 1, 1, E): True where the key is a real element
         y = attend(q, k, v, attn_mask, self.dropout if self.training else 0.0, fused=x.device.type != "cpu")
         weights = None
-        if need_weights:
-            with torch.no_grad():  # in float32 also under bf16 autocast
-                scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(D // h)  # (B, H, E, E)
-                scores = scores.masked_fill(~attn_mask, float("-inf"))
-                weights = torch.softmax(scores, dim=-1)
-                weights = weights * keep[:, None, :, None]  # rows of padding queries -> 0
+        if need_weights:  # on the CPU the very weights the layer used (before dropout)
+            with torch.no_grad():
+                weights = attention_weights(q, k, attn_mask) * keep[:, None, :, None]  # padding query rows -> 0
         y = y.transpose(1, 2).reshape(B, E, D)
         return self.out_proj(y), weights
 
