@@ -7,8 +7,9 @@
 - ``Lookahead``: every ``k`` steps the slow weights move ``alpha`` of the way to the fast weights
   and the fast weights are reset to them. As in the original code the slow copy is made at the
   *first* sync from the fast weights of that moment, so the first sync changes nothing.
-- ``SWA``: the CrabNet averaging rule (SPEC §4): reset below 98 % of the last reset level,
-  average every weight set within 1 % of the best validation error with decay (1/(n+1))^(1/3).
+- ``SWA``: the CrabNet averaging rule (SPEC §4): below 98 % of the last reset level the average
+  restarts from the current weights, and every weight set within 1 % of the best validation error
+  is added with decay (1/(n+1))^(1/3).
 - ``triangular_lr``: the triangular cyclic schedule, stepped per batch.
 """
 
@@ -163,16 +164,20 @@ class SWA:
 
     ``update(m)`` is called with the validation error m of the current weights:
 
-    1. m < 0.98 * maximum: the average is reset (n_averaged = 0) and maximum = m;
+    1. m < 0.98 * maximum: reset, and add the current weights at once: avg = w, n_averaged = 1
+       (the original zeroes its buffer and then falls through to its addition), maximum = m;
     2. m < minimum: minimum = m;
     3. m <= 1.01 * minimum: the weights enter the average with decay d = (1/(n+1))^(1/3):
        avg += (w - avg) * d, n += 1 (the first addition copies w); ``update`` returns True.
+       After a reset that also passes this test the same weights are in twice (n = 2), so the
+       next addition has decay (1/3)^(1/3). Only this step marks a minimum found.
 
     ``minimum`` and ``maximum`` start at 1e9.
     """
 
     RESET_BELOW = 0.98
     BAND = 1.01
+    RULE = 2  # 2: a reset adds the current weights at once, as the original does (1: it only reset the count)
 
     def __init__(self, params):
         self.params = [p for p in params]
@@ -187,17 +192,22 @@ class SWA:
         """Apply the rule for validation error ``val_error``; True if the weights were averaged."""
         m = float(val_error)
         if m < self.RESET_BELOW * self.maximum:
-            self.n_averaged = 0  # the next addition has decay 1: the old average is forgotten
+            self.n_averaged = 0
+            self._add()  # decay 1: the average restarts as a copy of the current weights
             self.maximum = m
             self.resets += 1
         if m < self.minimum:
             self.minimum = m
         if not m <= self.BAND * self.minimum:
             return False
+        self._add()
+        return True
+
+    def _add(self) -> None:
+        """avg += (w - avg) * (1/(n+1))^(1/3); n += 1."""
         decay = (1.0 / (self.n_averaged + 1)) ** (1.0 / 3.0)
         torch._foreach_lerp_(self.avg, [p.detach() for p in self.params], decay)
         self.n_averaged += 1
-        return True
 
     @torch.no_grad()
     def swap(self) -> bool:

@@ -309,7 +309,7 @@ def fit(
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
     hist = History(precision=precision)
     key = {"n_train": n, "n_val": len(val), "recipe": recipe_dict(recipe), "seed": seed, "precision": precision,
-           **(state_key or {})}
+           "swa_rule": SWA.RULE, **(state_key or {})}
     save_every_s = SAVE_EVERY_S if save_every_s is None else save_every_s
     stateful = callback is not None and hasattr(callback, "state_dict") and hasattr(callback, "load_state_dict")
     start = 0
@@ -450,6 +450,7 @@ def recipe_dict(recipe: Recipe) -> dict:
 def training_meta(recipe: Recipe, hist: History, **extra) -> dict:
     """Checkpoint metadata of a training run: recipe, precision, history and ``extra`` fields."""
     return {**extra, "recipe": recipe_dict(recipe), "full_recipe": recipe.name if recipe.is_full() else None,
+            "swa_rule": SWA.RULE,
             "precision": hist.precision, "epochs_run": hist.epochs_run, "stopped_early": hist.stopped_early,
             "swa_updates": hist.swa_updates, "swa_resets": hist.swa_resets,
             "final_weights": "swa" if hist.swapped_swa else "last", "train_seconds": round(hist.seconds, 1),
@@ -523,8 +524,9 @@ def train_and_save(
 
 
 def checkpoint_suits(meta: dict, recipe: Recipe) -> bool:
-    """A full-recipe request needs a checkpoint trained with that full recipe; a shorter one takes any."""
-    return not recipe.is_full() or meta.get("full_recipe") == recipe.name
+    """A full-recipe request needs a checkpoint trained with that full recipe and today's SWA rule
+    (``SWA.RULE``); a shorter one takes any."""
+    return not recipe.is_full() or (meta.get("full_recipe") == recipe.name and meta.get("swa_rule") == SWA.RULE)
 
 
 def ensure_model(
@@ -534,7 +536,7 @@ def ensure_model(
     """Load the checkpoint of ``recipe`` (:func:`checkpoint_path`) if it suits it, else train and save it.
 
     A checkpoint suits a full-recipe request only if it was itself trained with that full recipe
-    (older checkpoints, made before the recipe followed the original exactly, do not); any
+    and the current SWA rule (older checkpoints, made before the recipe followed the original exactly, do not); any
     checkpoint suits a shorter (e.g. ``--quick``) request. ``force`` always retrains.
     """
     path = checkpoint_path(data_dir, dataset, features, recipe.name)

@@ -113,8 +113,9 @@ def test_checkpoint_suits_recipe():
     assert immi.is_full() and npj.is_full() and (immi.epochs_step, npj.epochs_step) == (1, 10)
     assert not make_recipe("immi", epochs=8).is_full() and not make_recipe("npj", epochs_step=2).is_full()
     assert make_recipe("npj", eval_batch_size=64).is_full()  # evaluation batch size changes no result
-    assert checkpoint_suits({"full_recipe": "immi"}, immi)
-    assert not checkpoint_suits({"full_recipe": "immi"}, npj)
+    assert checkpoint_suits({"full_recipe": "immi", "swa_rule": 2}, immi)
+    assert not checkpoint_suits({"full_recipe": "immi", "swa_rule": 2}, npj)
+    assert not checkpoint_suits({"full_recipe": "immi"}, immi)  # made before the reset added the weights
     assert not checkpoint_suits({"published_recipe": True}, npj)  # made before the exact SWA rule
     assert checkpoint_suits({"full_recipe": None}, make_recipe("immi", epochs=8))
     assert checkpoint_suits({}, make_recipe("npj", epochs=8))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -132,11 +133,12 @@ def _swa_run(maes, values):
 def test_swa_first_addition_copies_then_decays():
     swa, w, added = _swa_run([1.0, 1.005, 1.009], [4.0, 8.0, 2.0])
     assert added == [True, True, True]  # all within 1 % of the minimum 1.0
-    d2, d3 = (1 / 2) ** (1 / 3), (1 / 3) ** (1 / 3)
+    # the first check resets (below 0.98 * 1e9): avg = 4, then the band adds 4 again (n = 2)
+    d3, d4 = (1 / 3) ** (1 / 3), (1 / 4) ** (1 / 3)
     avg = 4.0
-    avg += (8.0 - avg) * d2
-    avg += (2.0 - avg) * d3
-    assert swa.n_averaged == 3 and swa.avg[0].item() == pytest.approx(avg)
+    avg += (8.0 - avg) * d3
+    avg += (2.0 - avg) * d4
+    assert swa.n_averaged == 4 and swa.avg[0].item() == pytest.approx(avg)
     assert swa.swap() and w.item() == pytest.approx(avg)
 
 
@@ -144,21 +146,90 @@ def test_swa_one_percent_band_and_failures():
     # 1.02 and 1.5 are more than 1 % above the minimum 1.0: not averaged
     swa, _, added = _swa_run([1.0, 1.02, 1.5, 1.01], [1.0, 2.0, 3.0, 5.0])
     assert added == [True, False, False, True]
-    assert swa.n_averaged == 2 and swa.minimum == 1.0
+    assert swa.n_averaged == 3 and swa.minimum == 1.0  # the reset's addition, then two in the band
 
 
 def test_swa_resets_below_98_percent_of_last_reset_level():
-    # 1.0 resets (below 0.98 * 1e9); 0.99 is not below 0.98 * 1.0: averaged on top;
-    # 0.97 is below 0.98: reset, the average restarts from these weights
+    # 1.0 resets (below 0.98 * 1e9): avg = 10, n = 1, then the band adds the same weights (n = 2);
+    # 0.99 is not below 0.98 * 1.0: averaged on top with decay (1/3)^(1/3);
+    # 0.97 is below 0.98: reset, the average restarts from these weights and they are added twice
     swa, w, added = _swa_run([1.0, 0.99, 0.97], [10.0, 20.0, 7.0])
     assert added == [True, True, True]
-    assert swa.resets == 2 and swa.maximum == 0.97 and swa.n_averaged == 1
+    assert swa.resets == 2 and swa.maximum == 0.97 and swa.n_averaged == 2
     assert swa.avg[0].item() == pytest.approx(7.0)
-    # a later worse error within the band of the new minimum is averaged with decay (1/2)^(1/3)
+    # a later worse error within the band of the new minimum is averaged with decay (1/3)^(1/3)
     w.data.fill_(9.0)
     assert swa.update(0.975)
-    assert swa.avg[0].item() == pytest.approx(7.0 + 2.0 * 0.5 ** (1 / 3))
+    assert swa.avg[0].item() == pytest.approx(7.0 + 2.0 * (1 / 3) ** (1 / 3))
     assert not SWA([torch.nn.Parameter(torch.zeros(1))]).swap()
+
+
+def test_swa_reset_outside_the_band_holds_the_reset_weights_alone():
+    # From a fresh start a reset is always a new minimum (minimum >= 0.98 * maximum holds throughout);
+    # from a constructed state whose minimum lies further below, the reset weights are the average alone.
+    p = torch.nn.Parameter(torch.tensor([42.0]))
+    swa = SWA([p])
+    swa.minimum, swa.maximum = 0.5, 1.0
+    assert not swa.update(0.9)  # 0.9 < 0.98 resets, but 0.9 > 1.01 * 0.5: no minimum found
+    assert swa.resets == 1 and swa.n_averaged == 1 and swa.avg[0].item() == pytest.approx(42.0)
+    assert swa.swap() and p.item() == pytest.approx(42.0)
+
+
+class _SpecSWA:
+    """The CrabNet SWA rule written out from SPEC §4, on numpy vectors, independent of crabnet.optim."""
+
+    def __init__(self, size: int, minimum: float = 1e9, maximum: float = 1e9):
+        self.buffer = np.zeros(size)
+        self.n_avg = 0
+        self.minimum = minimum
+        self.maximum = maximum
+
+    def add(self, w: np.ndarray) -> None:
+        d = (1.0 / (self.n_avg + 1)) ** (1.0 / 3.0)
+        self.buffer = self.buffer + (w - self.buffer) * d
+        self.n_avg += 1
+
+    def update(self, m: float, w: np.ndarray) -> bool:
+        if m < 0.98 * self.maximum:  # 1. reset: buffer zeroed, n_avg 0, then one addition
+            self.buffer = np.zeros_like(self.buffer)
+            self.n_avg = 0
+            self.add(w)
+            self.maximum = m
+        if m < self.minimum:  # 2.
+            self.minimum = m
+        if m <= 1.01 * self.minimum:  # 3.
+            self.add(w)
+            return True
+        return False
+
+
+SWA_SEQUENCES = {
+    # (validation MAEs after each batch of SWA epochs, starting minimum and maximum)
+    "first check only": ([1.0], 1e9, 1e9),
+    "band without reset": ([1.0, 1.005, 1.009, 1.02, 1.001], 1e9, 1e9),
+    "reset inside the band": ([1.0, 0.97, 0.975, 0.95], 1e9, 1e9),
+    "several resets": ([2.0, 1.9, 1.95, 1.5, 1.49, 1.2, 1.21, 1.3, 1.0, 0.99], 1e9, 1e9),
+    "ends right after a reset": ([1.0, 1.004, 1.2, 0.9], 1e9, 1e9),
+    "worse after resets": ([1.0, 0.5, 1.5, 0.49, 0.6, 0.48, 0.485], 1e9, 1e9),
+    "reset outside the band": ([0.9, 0.95, 0.505, 0.8, 0.7], 0.5, 1.0),  # constructed start state
+}
+
+
+@pytest.mark.parametrize("name", list(SWA_SEQUENCES))
+def test_swa_equals_the_rule_written_out_from_the_spec(name):
+    maes, minimum, maximum = SWA_SEQUENCES[name]
+    rng = np.random.default_rng(len(maes))
+    ws = rng.normal(size=(len(maes), 5))  # (steps, weights)
+    p = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    ours, spec = SWA([p]), _SpecSWA(5, minimum, maximum)
+    ours.minimum, ours.maximum = minimum, maximum
+    for m, w in zip(maes, ws):
+        p.data.copy_(torch.from_numpy(w))
+        assert ours.update(m) == spec.update(m, w)
+        assert (ours.n_averaged, ours.minimum, ours.maximum) == (spec.n_avg, spec.minimum, spec.maximum)
+        np.testing.assert_allclose(ours.avg[0].numpy(), spec.buffer, rtol=1e-12, atol=1e-12)
+    assert ours.swap()
+    np.testing.assert_allclose(p.detach().numpy(), spec.buffer, rtol=1e-12, atol=1e-12)
 
 
 def test_swa_state_round_trip():
