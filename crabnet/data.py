@@ -5,7 +5,9 @@ Datasets are folders ``<data-dir>/benchmark_data/<name>/{train,val,test}.csv`` (
 The published sets are fetched on first need from the ``crabnet==2.0.8`` wheel on PyPI.
 
 A compound becomes two rows of an EDM: atomic numbers (0 = padding) and fractions (summing to 1),
-ordered by descending amount, padded to a common width ``E``.
+ordered by descending amount, padded to a common width ``E``. Rows of a split with the same model
+input (the same elements and fractions) are merged into one with the mean target, as the original
+code averages duplicate formulas.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -267,8 +269,13 @@ class CompositionData:
         elements: (n, E) int64 atomic numbers, 0 = padding, by descending fraction.
         fractions: (n, E) float32 fractions summing to 1 over real elements, 0 at padding.
         target: (n,) float32 targets.
-        rows: (n,) row numbers in the source file (1-based data rows, header excluded).
+        rows: (n,) row numbers in the source file (1-based data rows, header excluded); a row
+            merged from duplicates has the number of the first of them.
         source: where the data came from (for messages).
+        n_csv_rows: data rows of the source CSV before anything was dropped, skipped or merged
+            (the recipe's batch size counts these, as the original code); ``len`` by default.
+        n_merged: rows with a duplicate model input that were merged (:func:`merge_same_inputs`).
+        n_merged_into: the compositions those ``n_merged`` rows became.
     """
 
     formula: np.ndarray
@@ -277,9 +284,22 @@ class CompositionData:
     target: np.ndarray
     rows: np.ndarray
     source: str = ""
+    n_csv_rows: int | None = None
+    n_merged: int = 0
+    n_merged_into: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_csv_rows is None:
+            self.n_csv_rows = len(self.formula)
 
     def __len__(self) -> int:
         return len(self.formula)
+
+    def subset(self, index: np.ndarray) -> "CompositionData":
+        """The rows at ``index`` (a boolean mask or integer positions), keeping ``source``,
+        ``n_csv_rows`` and the merge counts (they describe the file the rows came from)."""
+        return replace(self, formula=self.formula[index], elements=self.elements[index],
+                       fractions=self.fractions[index], target=self.target[index], rows=self.rows[index])
 
     @property
     def width(self) -> int:
@@ -297,15 +317,10 @@ class CompositionData:
             need = int(self.n_real.max()) if len(self) else 0
             if need > width:
                 raise DataError(f"{self.source}: compounds with {need} elements do not fit width {width}")
-            return CompositionData(self.formula, self.elements[:, :width], self.fractions[:, :width],
-                                   self.target, self.rows, self.source)
+            return replace(self, elements=self.elements[:, :width], fractions=self.fractions[:, :width])
         pad = width - self.width
-        return CompositionData(
-            self.formula,
-            np.pad(self.elements, ((0, 0), (0, pad))),
-            np.pad(self.fractions, ((0, 0), (0, pad))),
-            self.target, self.rows, self.source,
-        )
+        return replace(self, elements=np.pad(self.elements, ((0, 0), (0, pad))),
+                       fractions=np.pad(self.fractions, ((0, 0), (0, pad))))
 
 
 def compositions_from_formulas(
@@ -322,6 +337,76 @@ def compositions_from_formulas(
     target = np.zeros(len(parsed), np.float32) if targets is None else np.asarray(targets, np.float32)
     rows = np.arange(1, len(parsed) + 1) if rows is None else rows
     return CompositionData(np.asarray(formulas, dtype=object), elements, fractions, target, rows, source)
+
+
+def input_keys(data: CompositionData) -> np.ndarray:
+    """One key per row that identifies the model input: its (atomic number, fraction) pairs.
+
+    Two rows get the same key when their EDM rows, the int64 atomic numbers and the float32
+    fractions the model sees, hold exactly the same pairs in any order. Fractions are thus compared
+    exactly after normalisation and the cast to float32: ``Fe2O3`` and ``Fe4O6`` match, and so do
+    ``Li0.1Co0.2O0.3`` and ``Li1Co2O3`` although their float64 fractions differ in the last bit.
+    Keys compare only between data of the same width.
+
+    Args:
+        data: compounds as an EDM.
+
+    Returns:
+        (n,) numpy void (fixed-size bytes) keys.
+    """
+    order = np.argsort(data.elements, axis=1, kind="stable")
+    z = np.take_along_axis(data.elements, order, axis=1).astype(np.int64)
+    x = np.take_along_axis(data.fractions, order, axis=1).astype(np.float32).view(np.int32).astype(np.int64)
+    pairs = np.ascontiguousarray(np.concatenate([z, x], axis=1))
+    return pairs.view(np.dtype((np.void, pairs.shape[1] * pairs.itemsize))).reshape(-1)
+
+
+def merge_same_inputs(data: CompositionData, target: np.ndarray | None = None) -> CompositionData:
+    """Merge rows with the same model input (:func:`input_keys`) into one row with their mean target.
+
+    A merged row keeps the first row's formula, element order and row number; rows stay in order
+    of first occurrence. ``n_merged`` and ``n_merged_into`` of the result count the rows that had
+    duplicates and the compositions they became (``data`` itself is returned when there are none).
+
+    Args:
+        data: one split.
+        target: (n,) the targets at full precision for the mean (default: ``data.target``).
+
+    Returns:
+        The split with one row per model input.
+    """
+    y = np.asarray(data.target if target is None else target, dtype=np.float64)
+    _, first, inverse, counts = np.unique(input_keys(data), return_index=True, return_inverse=True,
+                                          return_counts=True)
+    if len(first) == len(data):
+        return data
+    by_first = np.argsort(first)  # groups in order of first occurrence
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[by_first] = np.arange(len(first))
+    group = rank[inverse.reshape(-1)]
+    mean = np.bincount(group, weights=y, minlength=len(first)) / counts[by_first]
+    dup = counts > 1
+    return replace(data.subset(first[by_first]), target=mean.astype(np.float32),
+                   n_merged=int(counts[dup].sum()), n_merged_into=int(dup.sum()))
+
+
+def shared_inputs(a: CompositionData, b: CompositionData) -> list[tuple[str, str]]:
+    """Compounds of ``b`` whose model input (:func:`input_keys`) is also in ``a``.
+
+    Args:
+        a, b: two splits (of any widths).
+
+    Returns:
+        ``(formula in b, formula of the first such row in a)`` pairs, in ``b``'s order.
+    """
+    if not len(a) or not len(b):
+        return []
+    width = max(a.width, b.width)
+    keys_a, keys_b = input_keys(a.padded(width)), input_keys(b.padded(width))
+    uniq, first = np.unique(keys_a, return_index=True)
+    pos = np.minimum(np.searchsorted(uniq, keys_b), len(uniq) - 1)
+    hit = np.flatnonzero(uniq[pos] == keys_b)
+    return [(str(b.formula[j]), str(a.formula[first[pos[j]]])) for j in hit]
 
 
 def read_text_table(path: Path | str, columns: tuple[str, ...]) -> pd.DataFrame:
@@ -345,9 +430,13 @@ def read_text_table(path: Path | str, columns: tuple[str, ...]) -> pd.DataFrame:
 
 
 def read_split(
-    path: Path | str, *, drop_unary: bool = True, skip_invalid: bool = False, verbose: bool = True
+    path: Path | str, *, drop_unary: bool = True, skip_invalid: bool = False, merge_duplicates: bool = True,
+    verbose: bool = True,
 ) -> CompositionData:
     """Read and validate one ``formula,target`` CSV.
+
+    The result's ``n_csv_rows`` is the file's number of data rows before anything is dropped,
+    skipped or merged.
 
     Args:
         path: the CSV file.
@@ -355,7 +444,10 @@ def read_split(
             published test counts).
         skip_invalid: skip rows with an unusable formula or target instead of raising; the
             count and the first few skipped rows are printed.
-        verbose: print what was dropped or skipped.
+        merge_duplicates: merge rows with the same model input (same elements and fractions, e.g.
+            ``Fe2O3`` and ``Fe4O6``) into one with their mean target (:func:`merge_same_inputs`),
+            after dropping single-element compounds, as the original code averages duplicates.
+        verbose: print what was dropped, skipped or merged.
 
     Raises:
         DataError: naming the file, row and formula of the first bad row (unless skipping), or
@@ -391,31 +483,44 @@ def read_split(
             print(f"  {msg}", file=sys.stderr)
     if not formulas:
         raise DataError(f"{path}: no valid rows")
-    data = compositions_from_formulas(formulas, np.array(targets), source=str(path), rows=np.array(rows))
+    target = np.array(targets, dtype=np.float64)
+    data = compositions_from_formulas(formulas, target, source=str(path), rows=np.array(rows))
+    data = replace(data, n_csv_rows=len(df))
     if drop_unary:
         keep = data.n_real > 1
         if verbose and (~keep).any():
             print(f"{path.name}: dropped {int((~keep).sum())} single-element compound(s) (drop_unary)")
-        data = CompositionData(data.formula[keep], data.elements[keep], data.fractions[keep],
-                               data.target[keep], data.rows[keep], data.source)
+        data, target = data.subset(keep), target[keep]
         if len(data) == 0:
             raise DataError(f"{path}: no compounds left after dropping single-element ones")
         width = int(data.n_real.max())
         data = data.padded(width)
+    if merge_duplicates:
+        data = merge_same_inputs(data, target)
+        if verbose and data.n_merged:
+            print(f"{path.parent.name} {path.stem}: {data.n_merged} duplicate rows merged into "
+                  f"{data.n_merged_into} compositions (mean target)")
     return data
 
 
 def load_dataset(
     data_dir: Path | str, dataset: str, splits: tuple[str, ...] = SPLITS, *, fold: int | None = None,
-    drop_unary: bool = True, skip_invalid: bool = False, fetch: bool = True, verbose: bool = True,
+    drop_unary: bool = True, skip_invalid: bool = False, merge_duplicates: bool = True, fetch: bool = True,
+    verbose: bool = True,
 ) -> dict[str, CompositionData]:
     """Load splits of a dataset, all padded to one common element width.
+
+    When both train and test are loaded, test compounds with the same model input as a train
+    compound are reported (with ``verbose``) as a ``warning:`` line on stderr.
 
     Args:
         data_dir: the ``--data-dir`` root.
         dataset: folder name under ``benchmark_data/`` (or ``matbench_cv/`` when ``fold`` is set).
         splits: which of train, val, test to load.
         fold: matbench cross-validation fold (reads ``<split><fold>.csv`` under ``matbench_cv``).
+        drop_unary, skip_invalid, merge_duplicates: as for :func:`read_split`.
+        fetch: download the published datasets when they are missing.
+        verbose: print what was dropped, skipped or merged, and the train/test overlap.
     """
     if fold is None:
         folder = dataset_dir(data_dir, dataset, fetch=fetch)
@@ -424,14 +529,24 @@ def load_dataset(
         dataset_dir(data_dir, "aflow__Egap", fetch=fetch)  # triggers the fetch if nothing is there
         folder = Layout(data_dir).matbench(dataset)
         files = {s: folder / f"{s}{fold}.csv" for s in splits}
-    out = {s: read_split(p, drop_unary=drop_unary, skip_invalid=skip_invalid, verbose=verbose)
-           for s, p in files.items()}
+    out = {s: read_split(p, drop_unary=drop_unary, skip_invalid=skip_invalid, merge_duplicates=merge_duplicates,
+                         verbose=verbose) for s, p in files.items()}
     width = max(d.width for d in out.values())
-    return {s: d.padded(width) for s, d in out.items()}
+    out = {s: d.padded(width) for s, d in out.items()}
+    if verbose and "train" in out and "test" in out:
+        shared = shared_inputs(out["train"], out["test"])
+        if shared:
+            first = ", ".join(t if t == r else f"{t} (train: {r})" for t, r in shared[:5])
+            print(f"warning: {dataset}: {len(shared)} test compound(s) have the same composition as a train "
+                  f"compound; first ones: {first}", file=sys.stderr)
+    return out
 
 
 def batch_size_for(n_train: int, max_size: int = 4096) -> int:
     """The recipe's batch size: 2^round(log2(n_train) - 4), clamped to [128, max_size].
+
+    ``n_train`` is, as in the original code, the training CSV's number of rows before anything
+    is dropped or merged (``CompositionData.n_csv_rows``).
 
     ``max_size`` is 4096 for models and 1024 for the attention run of step 1 (SPEC §4).
     """
@@ -440,8 +555,8 @@ def batch_size_for(n_train: int, max_size: int = 4096) -> int:
 
 __all__ = [
     "SYMBOLS", "DataError", "CompositionData", "parse_formula", "normalise_formula", "composition_row",
-    "compositions_from_formulas", "read_split", "load_dataset", "dataset_dir", "fetch_datasets",
-    "extract_datasets", "batch_size_for",
+    "compositions_from_formulas", "input_keys", "merge_same_inputs", "shared_inputs", "read_split", "load_dataset",
+    "dataset_dir", "fetch_datasets", "extract_datasets", "batch_size_for",
 ]
 
 

@@ -156,3 +156,61 @@ def test_fetch_failure_gives_manual_instructions(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"(?s)could not download crabnet==2\.0\.8.*network unreachable.*place the files by hand"):
         data_mod.dataset_dir(tmp_path, "aflow__Egap")
     assert not (tmp_path / "benchmark_data").exists()
+
+
+def _write_user_dataset(root, splits):
+    folder = root / "benchmark_data" / "user"
+    folder.mkdir(parents=True)
+    for split, text in splits.items():
+        (folder / f"{split}.csv").write_text("formula,target\n" + text)
+    return root
+
+
+def test_duplicates_merged_and_train_test_overlap(tmp_path, capsys):
+    # Fe2O3 twice and Fe4O6 (same fractions), FeO/OFe (same pairs in another order) and
+    # Li0.1Co0.2O0.3/Li1Co2O3 (float64 fractions differ in the last bit, float32 ones do not)
+    root = _write_user_dataset(tmp_path, {
+        "train": "Fe2O3,1\nNaCl,5\nFe2O3,2\nLi0.1Co0.2O0.3,7\nFe4O6,3\nFeO,10\nLi1Co2O3,9\nFe,4\nOFe,12\nKBr,6\n",
+        "val": "ZnS,1\nMgO,2\n",
+        "test": "MgO,1\nFe4O6,0\nCaO,2\nNaCl,3\n",
+    })
+    splits = load_dataset(root, "user", fetch=False)
+    out, err = capsys.readouterr()
+    train = splits["train"]
+    assert train.formula.tolist() == ["Fe2O3", "NaCl", "Li0.1Co0.2O0.3", "FeO", "KBr"]  # first occurrence
+    np.testing.assert_allclose(train.target, [2.0, 5.0, 8.0, 11.0, 6.0])
+    assert train.rows.tolist() == [1, 2, 4, 6, 10]
+    assert train.elements[3, :2].tolist() == [26, 8]  # the first row's element order (FeO)
+    assert (train.n_merged, train.n_merged_into, train.n_csv_rows) == (7, 3, 10)
+    assert "user train: 7 duplicate rows merged into 3 compositions" in out
+    assert "user val:" not in out and "user test:" not in out
+    assert (splits["test"].n_merged, len(splits["test"])) == (0, 4)
+    assert "warning: user: 2 test compound(s) have the same composition as a train compound" in err
+    assert "Fe4O6 (train: Fe2O3)" in err and "NaCl" in err and "MgO" not in err
+
+    quiet = load_dataset(root, "user", fetch=False, verbose=False)
+    assert capsys.readouterr() == ("", "")
+    assert quiet["train"].n_merged == 7
+    kept = load_dataset(root, "user", splits=("train",), fetch=False, merge_duplicates=False, verbose=False)
+    assert len(kept["train"]) == 9 and kept["train"].n_merged == 0
+
+
+def test_batch_size_counts_csv_rows_before_drops(tmp_path):
+    from crabnet.train import Recipe, Scaler, build_model, fit
+
+    # 2890 compounds + 10 single-element rows: 2^round(log2(2900) - 4) = 256, but 128 for 2890
+    assert (batch_size_for(2900), batch_size_for(2890)) == (256, 128)
+    root = _write_user_dataset(tmp_path, {
+        "train": "".join(f"Li{i}O1000,{i % 7}\n" for i in range(1, 2891)) + "Fe,1\n" * 10,
+        "val": "NaCl,1\nKBr,2\n",
+        "test": "NaCl,1\n",
+    })
+    splits = load_dataset(root, "user", fetch=False, verbose=False)
+    train = splits["train"]
+    assert (len(train), train.n_csv_rows, train.n_merged) == (2890, 2900, 0)
+    assert train.padded(train.width + 2).n_csv_rows == train.subset(np.arange(5)).n_csv_rows == 2900
+    assert compositions_from_formulas(["NaCl", "KBr"]).n_csv_rows == 2
+    model = build_model("onehot", d_model=16, n_heads=2, d_ff=32, head_dims=(16, 8))
+    hist = fit(model, train, splits["val"], Scaler.fit(train.target), Recipe(epochs=1, epochs_step=1),
+               progress=False, precision="fp32")
+    assert hist.steps == -(-2890 // 256)  # batches of 256: one epoch of ceil(2890 / 256) steps
