@@ -20,10 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from crabnet.data import batch_size_for, load_dataset  # noqa: E402
+from crabnet.model import real_slots  # noqa: E402
 from crabnet.optim import Lamb, Lookahead  # noqa: E402
 from crabnet.train import (Scaler, autocast, build_model, jitter_fractions, resolve_precision,  # noqa: E402
                            robust_l1, to_tensors)
@@ -64,20 +66,27 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def measure(model_args: tuple, train, bs: int, dev: torch.device, steps: int, precision: str) -> tuple[float, float]:
-    """Seconds per training step and counted FLOPs per step of a fresh model at ``precision``."""
+def measure(model_args: tuple, train, bs: int, dev: torch.device, steps: int, precision: str,
+            overrides: dict | None = None) -> tuple[float, float]:
+    """Seconds per training step and counted FLOPs per step of a fresh model at ``precision``.
+
+    ``overrides``: model config fields replaced (e.g. a smaller model for a smoke run).
+    """
     seed_everything(0)
     features, width = model_args
     el, fr, y = to_tensors(train, dev)
     y = Scaler.fit(train.target).scale(y)
-    model = build_model(features, n_elements=width).to(dev).train()
+    model = build_model(features, n_elements=width, **(overrides or {})).to(dev).train()
     opt = Lookahead(Lamb([p for p in model.parameters() if p.requires_grad], lr=1e-4))
     gen = torch.Generator(device=dev).manual_seed(0)
 
     def step(i: int) -> None:
         idx = torch.arange(i * bs, (i + 1) * bs, device=dev) % len(train)
+        # off the CPU the real slots come from the host's rows, as in fit (no host synchronisation)
+        real = None if dev.type == "cpu" else real_slots(train.elements[np.arange(i * bs, (i + 1) * bs) % len(train)],
+                                                         dev)
         with autocast(precision, dev):
-            out = model(el[idx], jitter_fractions(fr[idx], 0.02, gen))
+            out = model(el[idx], jitter_fractions(fr[idx], 0.02, gen), real=real)
         loss = robust_l1(out[:, 0], out[:, 2], y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -104,7 +113,7 @@ def main(dataset: str, features: str, batch_size: int, steps: int, matmul_n: int
     if not precisions or any(p not in ("fp32", "bf16") for p in precisions):
         raise SystemExit(f"error: --precision takes fp32 and/or bf16, got {precision!r}")
     train = load_dataset(data_dir, dataset, splits=("train",), verbose=False)["train"]
-    bs = batch_size or batch_size_for(len(train))
+    bs = batch_size or batch_size_for(train.n_csv_rows)  # the CSV's rows before any drop, as the recipe
     fill = float((train.elements > 0).mean())
     print(f"{dataset} ({features}) on {dev}, torch threads {torch.get_num_threads()}, batch {bs}, "
           f"element width {train.width} ({fill:.0%} of the slots hold real elements)")

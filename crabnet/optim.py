@@ -2,8 +2,9 @@
 
 - ``Lamb``: Adam-style moments without bias correction; each tensor's step is scaled by the
   trust ratio clamp(||w||, 0, 10) / ||step|| (1 when either norm is 0). The moments and the Adam
-  direction come from PyTorch's fused Adam kernel where it applies (one pass over memory), else
-  from ``torch._foreach_*`` kernels; the update is one foreach pass for all tensors of a group.
+  direction come from PyTorch's fused Adam kernel where it applies (one pass over memory; checked
+  against the foreach path once per device type, :func:`fused_adam_probe`), else from
+  ``torch._foreach_*`` kernels; the update is one foreach pass for all tensors of a group.
 - ``Lookahead``: every ``k`` steps the slow weights move ``alpha`` of the way to the fast weights
   and the fast weights are reset to them. As in the original code the slow copy is made at the
   *first* sync from the fast weights of that moment, so the first sync changes nothing.
@@ -14,6 +15,8 @@
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -51,7 +54,10 @@ class Lamb(torch.optim.Optimizer):
             w_norm = _norms(params).clamp(0, group["max_weight_norm"])  # (n,)
             s_norm = _norms(steps)  # (n,)
             trust = torch.where((w_norm > 0) & (s_norm > 0), w_norm / s_norm, torch.ones_like(w_norm))
-            # w -= lr * trust * step in one pass per tensor (a 0-dim factor each, no host sync)
+            # w -= lr * trust * step in one pass per tensor (a 0-dim factor each, no host sync). Also on
+            # CUDA: torch 2.13 has no multi-tensor kernel for a per-tensor factor held on the device (its
+            # fast path needs equal shapes in every list; the ScalarList/Tensor-scalars overloads take
+            # host numbers, i.e. a synchronisation per step), so this stays one launch per tensor.
             torch._foreach_addcmul_(params, steps, list((trust * -group["lr"]).unbind()))
         return loss
 
@@ -68,29 +74,26 @@ class Lamb(torch.optim.Optimizer):
         if self._fused_ok(params, grads, beta1, beta2):
             counts = self._counts.get(params[0].device)
             if counts is None or len(counts) != len(params):
-                counts = self._counts[params[0].device] = [torch.full((), 1e9, device=params[0].device)
-                                                           for _ in params]
-            torch._fused_adamw_(steps, grads, m, v, [], counts, lr=-1.0, beta1=beta1, beta2=beta2,
-                                weight_decay=-1.0, eps=group["eps"], amsgrad=False, maximize=False)
+                counts = self._counts[params[0].device] = _fused_counts(len(params), params[0].device)
+            _fused_adam_direction(grads, m, v, steps, counts, beta1, beta2, group["eps"])
             return
-        torch._foreach_lerp_(m, grads, 1 - beta1)  # m = beta1 m + (1 - beta1) g
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
-        for vi, si in zip(v, steps):
-            torch.sqrt(vi, out=si)
-        torch._foreach_add_(steps, group["eps"])
-        for mi, si in zip(m, steps):
-            torch.div(mi, si, out=si)
+        _foreach_adam_direction(grads, m, v, steps, beta1, beta2, group["eps"])
 
     def _fused_ok(self, params, grads, beta1: float, beta2: float) -> bool:
-        """Whether the fused kernel can stand in for the formula here (see ``_adam_direction``)."""
+        """Whether the fused kernel can stand in for the formula here (see ``_adam_direction``).
+
+        The first time on a device type the kernel is also checked against the foreach path on a
+        small probe (:func:`fused_adam_probe`); where it differs or raises, Lamb warns once and keeps
+        to the foreach path on that device type.
+        """
         if not self.fused or not hasattr(torch, "_fused_adamw_"):
             return False
         if any(1.0 - b ** 1e9 != 1.0 for b in (beta1, beta2)):  # bias correction would not be exactly 1
             return False
         dev = params[0].device
         return dev.type in ("cpu", "cuda") and all(
-            t.device == dev and t.dtype == torch.float32 and t.is_contiguous() for t in (*params, *grads))
+            t.device == dev and t.dtype == torch.float32 and t.is_contiguous() for t in (*params, *grads)
+        ) and _fused_verified(dev, beta1, beta2)
 
     def _step_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """Scratch tensors for the update, one per parameter, kept between steps (not saved).
@@ -108,9 +111,88 @@ class Lamb(torch.optim.Optimizer):
 
 
 def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Euclidean norm of each tensor, (n,). A dot product per tensor: on the CPU this took half the
-    time of ``torch._foreach_norm``."""
+    """Euclidean norm of each tensor, (n,). On the CPU a dot product per tensor (half the time of
+    ``torch._foreach_norm`` there); on CUDA ``torch._foreach_norm``, a few multi-tensor kernels
+    instead of one launch per tensor."""
+    if tensors[0].device.type == "cuda" and hasattr(torch, "_foreach_norm"):
+        return torch.stack(torch._foreach_norm(tensors))
     return torch.stack([torch.dot(t.reshape(-1), t.reshape(-1)) for t in tensors]).sqrt()
+
+
+def _foreach_adam_direction(grads: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor],
+                            steps: list[torch.Tensor], beta1: float, beta2: float, eps: float) -> None:
+    """Moments updated in place, ``steps`` = m / (sqrt(v) + eps), with ``torch._foreach_*`` kernels."""
+    torch._foreach_lerp_(m, grads, 1 - beta1)  # m = beta1 m + (1 - beta1) g
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+    for vi, si in zip(v, steps):
+        torch.sqrt(vi, out=si)
+    torch._foreach_add_(steps, eps)
+    for mi, si in zip(m, steps):
+        torch.div(mi, si, out=si)
+
+
+def _fused_counts(n: int, device: torch.device) -> list[torch.Tensor]:
+    """The fused kernel's step counts: 1e9, so that its bias corrections 1 - beta^t are exactly 1."""
+    return [torch.full((), 1e9, device=device) for _ in range(n)]
+
+
+def _fused_adam_direction(grads: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor],
+                          steps: list[torch.Tensor], counts: list[torch.Tensor], beta1: float, beta2: float,
+                          eps: float) -> None:
+    """What :func:`_foreach_adam_direction` does, in PyTorch's fused Adam kernel (``Lamb._adam_direction``)."""
+    torch._fused_adamw_(steps, grads, m, v, [], counts, lr=-1.0, beta1=beta1, beta2=beta2,
+                        weight_decay=-1.0, eps=eps, amsgrad=False, maximize=False)
+
+
+# device type -> whether torch._fused_adamw_ passed fused_adam_probe there (checked once per process)
+_FUSED_VERDICT: dict[str, bool] = {}
+FUSED_PROBE_RTOL, FUSED_PROBE_ATOL = 1e-5, 1e-6  # allowed difference from the foreach path
+
+
+def fused_adam_probe(device: torch.device | str, beta1: float = 0.9, beta2: float = 0.999,
+                     eps: float = 1e-6) -> dict:
+    """Check Lamb's use of ``torch._fused_adamw_`` against the foreach path on ``device``.
+
+    A few tiny tensors (one 0-dim) with the same gradients and moments go through both paths; the
+    step buffers start with stale values, which the fused path must clear. Runs without autograd.
+
+    Returns:
+        ``{"ok": bool, "max_abs_diff": float | None, "error": str | None}``: ok when every moment and
+        step agrees within rtol 1e-5 / atol 1e-6 and the kernel did not raise.
+    """
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 5), (7,), (2, 2, 2), ()]
+    grads = [torch.randn(s, generator=g).to(device) for s in shapes]
+    m0 = [(0.1 * torch.randn(s, generator=g)).to(device) for s in shapes]
+    v0 = [(0.01 * torch.rand(s, generator=g)).to(device) for s in shapes]
+    stale = [torch.randn(s, generator=g).to(device) for s in shapes]  # left in the buffers by a previous step
+    ref = ([t.clone() for t in m0], [t.clone() for t in v0], [t.clone() for t in stale])
+    out = ([t.clone() for t in m0], [t.clone() for t in v0], [t.clone() for t in stale])
+    try:
+        with torch.no_grad():
+            _foreach_adam_direction(grads, *ref, beta1, beta2, eps)
+            _fused_adam_direction(grads, *out, _fused_counts(len(shapes), device), beta1, beta2, eps)
+        pairs = [(a, b) for xs, ys in zip(out, ref) for a, b in zip(xs, ys)]
+        diff = max(float((a - b).abs().max()) for a, b in pairs)
+        ok = all(torch.allclose(a, b, rtol=FUSED_PROBE_RTOL, atol=FUSED_PROBE_ATOL) for a, b in pairs)
+    except Exception as err:  # noqa: BLE001 - any failure of the private kernel means: do not use it
+        return {"ok": False, "max_abs_diff": None, "error": f"{type(err).__name__}: {err}"}
+    return {"ok": ok, "max_abs_diff": diff, "error": None}
+
+
+def _fused_verified(device: torch.device, beta1: float, beta2: float) -> bool:
+    """Whether the fused kernel passed :func:`fused_adam_probe` on this device type (probed once)."""
+    verdict = _FUSED_VERDICT.get(device.type)
+    if verdict is None:
+        result = fused_adam_probe(device, beta1, beta2)
+        verdict = _FUSED_VERDICT[device.type] = bool(result["ok"])
+        if not verdict:
+            why = result["error"] or f"differs from the foreach path by up to {result['max_abs_diff']:.3g}"
+            warnings.warn(f"Lamb: torch._fused_adamw_ on {device.type}: {why}; using the foreach path instead",
+                          RuntimeWarning, stacklevel=4)
+    return verdict
 
 
 class Lookahead:

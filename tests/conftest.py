@@ -113,3 +113,17 @@ def browser():
             yield b
         finally:
             b.close()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` are skipped where PyTorch sees no CUDA GPU (``benchmarks/gpu_check.py`` runs them)."""
+    marked = [item for item in items if item.get_closest_marker("cuda")]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked cuda)")
+    for item in marked:
+        item.add_marker(skip)
