@@ -22,7 +22,10 @@ made with the same settings are skipped unless --force. Several compounds render
 Without --formula/--index the paper's compounds of the dataset are rendered (those that are in the
 captured split; the others are listed): aflow__ael_bulk_modulus_vrh P1W3, C11N4, HfO2, Pt3Ti1,
 GaN, Gd2O7Ti2, BN, AlGdO3, Hf2La2O7; mp_bulk_modulus SiO2, FeCO3, YSF, Fe(HO)2, AgSbTe2, NaNO3,
-Al2O3, LiFeO2.
+Al2O3, LiFeO2. For other datasets (aflow__Egap, step 1's default, included) it renders 5
+representative compounds (numbers of elements in proportion to how common they are; within each,
+the median or the best to the worst final error), names them, and embeds them in the explorer. An
+unknown formula is answered with compounds of the store to try instead.
 
 The attention explorer is one offline HTML page: search a compound, pick layer and head (or all
 heads), move a slider over the captures or press play; the view is kept in the URL hash
@@ -39,7 +42,8 @@ recomputes).
 
 Examples:
     python generate_attention_videos.py --quick                       # paper compounds of the demo store
-    python generate_attention_videos.py --dataset aflow__Egap --formula GaN --formula Fe2O3 --layer all
+    python generate_attention_videos.py --dataset aflow__Egap                  # 5 representative compounds
+    python generate_attention_videos.py --dataset aflow__Egap --formula ZnO --formula Ga2O3 --layer all
     python generate_attention_videos.py --dataset mp_bulk_modulus --index 0 --index 5 --fps 5
     python generate_attention_videos.py --quick --explore 300         # a larger explorer page
 """
@@ -58,8 +62,8 @@ from crabnet.faithfulness import refresh_faithfulness
 from crabnet.layout import Layout
 from crabnet.report import refresh_report
 from crabnet.utils import UsageError, available_cpus
-from crabnet.video import (DEFAULT_PRESET, VideoError, find_ffmpeg, parse_layers, plan_jobs, run_jobs,
-                           select_compounds)
+from crabnet.video import (DEFAULT_PRESET, DEFAULT_SAMPLE, PAPER_COMPOUNDS, VideoError, find_ffmpeg, parse_layers,
+                           plan_jobs, run_jobs, select_compounds)
 
 DEFAULT_DATASET = "aflow__Egap"  # as step 1
 QUICK_DATASET = DEMO_DATASET
@@ -72,7 +76,8 @@ def parse_args(argv=None):
                           "get_training_attention.py --quick")
     p.add_argument("--formula", action="append", default=[],
                    help="compound to render, matched after normalising (HfO2 finds Hf1O2); repeatable "
-                        "(default: the paper's compounds of the dataset)%(default).0s")
+                        "(default: the paper's compounds of the dataset, else "
+                        f"{DEFAULT_SAMPLE} representative ones)%(default).0s")
     p.add_argument("--index", action="append", type=int, default=[],
                    help="row of the compound in the store (0-based); repeatable (default: none)%(default).0s")
     p.add_argument("--layer", default="0", help="layer whose heads are shown (0-based), or 'all' for one row per layer")
@@ -102,7 +107,7 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
     try:
         store = AttentionStore(store_path)
         layers = parse_layers(layer, int(store.attrs["n_layers"]))
-        rows, missing = select_compounds(store, formula, index, dataset)
+        rows, missing = select_compounds(store, formula, index, dataset, n_sample=DEFAULT_SAMPLE)
         ffmpeg = find_ffmpeg()
     except KeyError as err:
         raise UsageError(err.args[0] if err.args else str(err)) from err
@@ -113,6 +118,9 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
         raise UsageError(str(err)) from err
     if missing:
         print(f"not in the captured {store.attrs.get('split', '')} split of {dataset} (skipped): {', '.join(missing)}")
+    if not (formula or index) and len(missing) == len(PAPER_COMPOUNDS.get(dataset, [])):  # no paper compound here
+        print(f"no paper videos for {dataset} in this store: {len(rows)} compounds across numbers of elements and "
+              f"errors (--formula/--index choose others): {', '.join(store.formulas[i] for i in rows)}")
 
     if not no_explorer:
         info = write_explorer(store, explorer_path(data_dir, dataset), dataset, rows=rows, n_others=explore)

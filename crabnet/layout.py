@@ -56,8 +56,8 @@ OUTPUTS: tuple[tuple[str, str, str], ...] = (
      "MAE, learning rate, SWA updates per epoch"),
     ("`oxidation/<dataset>__<split>.json`, `.csv`, `oxidation/element_ox_states.json`", "3",
      "{formula: {element: mean oxidation state} or null} in dataset row order; common/ICSD/all states per element"),
-    ("`oxidation/cache/`", "3", "every guess as it arrives, shared by all datasets; an interrupted run resumes "
-     "from it"),
+    ("`oxidation/cache/`", "3", "every guess, written as each job finishes, shared by all datasets; an "
+     "interrupted run resumes from it"),
     ("`embeddings/<features>/<dataset>__layer<L>__<Q|K|V>.csv`", "4", "118 rows (H…Og) × d_model"),
     ("`predictions/<dataset>__<features>__test.csv`", "4", "formula, target, prediction, uncertainty"),
     ("`figures/correlation/`", "5", "Pearson matrices (PNG + offline HTML) and `summary.csv`"),
@@ -167,6 +167,10 @@ class Layout:
     # step 8, report, benchmarks
     def stats(self) -> Path:
         return self.root / "stats"
+
+    def stats_table(self, kind: str) -> Path:
+        """``stats/benchmark.csv`` (kind ``benchmark_data``) or ``stats/matbench_cv.csv`` (``matbench_cv``)."""
+        return self.stats() / f"{'benchmark' if kind == BENCHMARK else kind}.csv"
 
     def stats_figures(self) -> Path:
         return self.root / "figures" / "stats"

@@ -40,6 +40,7 @@ LINE = "#1f77b4"
 CMAP = "viridis"
 DEFAULT_PRESET = "veryfast"  # libx264: half the CPU of "medium" for these flat graphics, ~15 % larger files
 KINDS = ("attention", "progress", "merged")
+DEFAULT_SAMPLE = 5  # compounds rendered for a dataset without paper videos
 
 # Compounds of the paper's videos (Wang et al. 2022), by dataset.
 PAPER_COMPOUNDS: dict[str, list[str]] = {
@@ -598,20 +599,69 @@ def parse_layers(layer: str | int, n_layers: int) -> list[int]:
     return [value]
 
 
+def sample_compounds(store: Any, n: int = DEFAULT_SAMPLE) -> list[int]:
+    """``n`` representative rows of a store, across numbers of elements and errors.
+
+    The numbers of elements get picks in proportion to how many distinct compounds have them
+    (largest remainder, so the common ones are shown and a rare one only when ``n`` allows); within
+    a number, the error of the last capture (:func:`crabnet.explorer.final_errors`) picks the median
+    compound for one pick, else the best, the worst and evenly spaced ranks between. A formula is
+    picked once (its first row). The explorer spreads its larger sample evenly over the numbers of
+    elements instead (:func:`crabnet.explorer.choose_compounds`), which for a handful would favour
+    rare ones (unaries, 7-element compounds).
+
+    Returns:
+        rows ordered by number of elements, then error.
+    """
+    from crabnet.data import DataError, normalise_formula
+    from crabnet.explorer import final_errors
+
+    first: dict[str, int] = {}
+    for i, f in enumerate(store.formulas):
+        try:
+            first.setdefault(normalise_formula(f), i)
+        except DataError:
+            first.setdefault(f"row:{i}", i)
+    n_elements = (np.asarray(store.elements) > 0).sum(axis=1)
+    groups: dict[int, list[int]] = {}
+    for i in first.values():
+        groups.setdefault(int(n_elements[i]), []).append(i)
+    n = min(n, len(first))
+    exact = {k: n * len(v) / len(first) for k, v in groups.items()}
+    quota = {k: int(x) for k, x in exact.items()}
+    for k in sorted(groups, key=lambda k: (quota[k] - exact[k], -len(groups[k]), k))[: n - sum(quota.values())]:
+        quota[k] += 1
+    err = final_errors(store)
+    picked: list[int] = []
+    for k in sorted(groups):
+        ranked = sorted(groups[k], key=lambda i: (err[i], i))
+        if quota[k] == 1:
+            picked.append(ranked[len(ranked) // 2])
+        elif quota[k] > 1:
+            picked += [ranked[p] for p in np.unique(np.rint(np.linspace(0, len(ranked) - 1, quota[k])).astype(int))]
+    return picked
+
+
 def select_compounds(store: Any, formulas: Sequence[str] = (), indices: Sequence[int] = (),
-                     dataset: str = "") -> tuple[list[int], list[str]]:
+                     dataset: str = "", n_sample: int = 0) -> tuple[list[int], list[str]]:
     """Rows of the store to render, and the paper compounds not found in it.
 
     Explicit ``formulas`` (matched after normalising, ``HfO2`` finds ``Hf1O2``) and ``indices``
-    win; without them the paper's compounds of ``dataset`` that the store holds are chosen.
+    win; without them the paper's compounds of ``dataset`` that the store holds are chosen, and
+    where there are none (no paper list for the dataset, or none of it in the store) ``n_sample``
+    representative compounds (:func:`sample_compounds`).
 
     Args:
         store: a :class:`crabnet.capture.AttentionStore`.
+        formulas: compounds to render by formula.
+        indices: compounds to render by row.
+        dataset: selects the paper's compounds (:data:`PAPER_COMPOUNDS`).
+        n_sample: how many representative compounds to choose when nothing else is (0 = raise instead).
 
     Raises:
         KeyError: unknown formulas (the message lists close matches for each).
         IndexError: rows out of range.
-        ValueError: nothing chosen and no paper compounds for this dataset in the store.
+        ValueError: nothing chosen, no paper compounds for this dataset in the store and ``n_sample`` 0.
     """
     rows: list[int] = []
     if formulas or indices:
@@ -635,6 +685,8 @@ def select_compounds(store: Any, formulas: Sequence[str] = (), indices: Sequence
             rows.append(store.find(f))
         except KeyError:
             missing.append(f)
+    if not rows and n_sample > 0 and len(store):
+        return sample_compounds(store, n_sample), missing
     if not rows:
         example = store.formulas[0] if len(store) else "Fe2O3"
         what = (f"none of the paper's {dataset} compounds ({', '.join(paper)}) is in the captured split"

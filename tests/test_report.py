@@ -180,3 +180,41 @@ def test_report_in_browser_every_link_image_and_video_resolves(browser, data_dir
     assert page.text_content("#title") in ("Fe2O3", "Hf1O2")
     assert errors == []
     page.close()
+
+
+def test_report_paper_vs_this_run(tmp_path):
+    """One full-recipe checkpoint and one statistics row: published beside ours, the checklist partly done."""
+    from crabnet.layout import BENCHMARK, Layout
+    from crabnet.reference import published_mae
+    from crabnet.stats import read_published
+
+    layout = Layout(tmp_path)
+    layout.checkpoint("aflow__Egap", "mat2vec").parent.mkdir(parents=True)
+    save_small(layout.checkpoint("aflow__Egap", "mat2vec"),
+               {"dataset": "aflow__Egap", "features": "mat2vec", "full_recipe": "immi", "test_mae": 0.3456})
+    save_small(layout.checkpoint("aflow__Egap", "onehot"),  # a short run is no full-recipe model
+               {"dataset": "aflow__Egap", "features": "onehot", "full_recipe": None, "test_mae": 9.876})
+    published = read_published(BENCHMARK)
+    row = published[published["mat_prop"] == "aflow__Egap"].copy()
+    row[["val_diversity", "test_diversity"]] = row[["test_diversity", "val_diversity"]].to_numpy()  # ours: unswapped
+    layout.stats().mkdir()
+    row.to_csv(layout.stats_table(BENCHMARK), index=False, float_format="%.17g")
+
+    text = write_report(tmp_path).read_text()
+    section = text[text.index("<section class='card' id='paper'>"):]
+    section = section[: section.index("</section>")]
+    assert "href='#paper'" in text
+    reference = published_mae("aflow__Egap", "mat2vec")
+    mae = re.search(r"<tr><td>aflow__Egap</td><td>CrabNet \(mat2vec\)</td><td>immi</td><td>([^<]+)</td>"
+                    r"<td>([^<]+)</td><td>([^<]+)</td></tr>", section)
+    assert mae, section
+    assert float(mae.group(1)) == pytest.approx(reference, rel=1e-3) and mae.group(2) == "0.3456"
+    assert float(mae.group(3)) == pytest.approx(0.3456 / reference, abs=0.01)
+    assert "HotCrab (onehot)</td><td>immi" not in section and "9.876" not in section
+    # statistics: the row step 8 wrote, equal to the published one once its val/test columns are swapped back
+    assert re.search(r"<tr><td>aflow__Egap</td>.*?<td>✓ equal</td></tr>", section)
+    # checklist: step 4 partly done (1 of the 36 models), step 8's benchmark statistics 1 of 18, step 1 not done
+    assert re.search(r"<td>4</td><td>full-recipe models[^<]*</td><td>partly: 1 of 36</td>", section)
+    assert re.search(r"<td>4</td><td>Q/K/V element embeddings[^<]*</td><td>not done</td>", section)
+    assert re.search(r"<td>8</td><td>statistics: the 18 benchmark sets</td><td>partly: 1 of 18</td>", section)
+    assert re.search(r"<td>1</td><td>aflow__Egap: attention captured[^<]*</td><td>not done</td>", section)

@@ -157,6 +157,12 @@ def test_unknown_formula_lists_close_matches(store_dir, capsys):
     err = capsys.readouterr().err
     assert "HfO3" in err and "close matches" in err and "Hf1O2" in err
     assert not (store_dir / "videos").exists()
+    # nothing textually close: compounds of the store to try are still offered, same elements first
+    assert run_main(store_dir, "--formula", "FeO", "--formula", "GaN", "--formula", "Xx2") == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert "'FeO'" in lines[-3] and lines[-3].split("close matches: ")[1].startswith("Fe2O3")
+    assert "'GaN'" in lines[-2] and "close matches: none" not in lines[-2]
+    assert "'Xx2'" in lines[-1] and any(f in lines[-1] for f in FORMULAS)
     assert run_main(store_dir, "--index", "99") == 2 and "out of range" in capsys.readouterr().err
     assert run_main(store_dir, "--formula", "P1W3", "--layer", "2") == 2
     assert "layers 0..1" in capsys.readouterr().err
@@ -176,6 +182,27 @@ def test_quick_paper_compounds_found_and_missing_reported(tmp_path):
     assert "C11N4" in missing and "HfO2" not in missing
     with pytest.raises(ValueError, match="--formula"):
         select_compounds(store, dataset="aflow__Egap")
+
+
+def test_dataset_without_paper_videos_renders_a_sample(tmp_path, capsys, monkeypatch):
+    """Step 2's defaults on a dataset the paper made no videos of (aflow__Egap, step 1's default)."""
+    formulas = ["Fe1", "Cu1", "Hf1O2", "Fe2O3", "Na1Cl1", "Al1Gd1O3", "Gd2O7Ti2", "Li1Fe1O2", "Ba1Ti1O3", "K1Mg1F3"]
+    store = AttentionStore(write_store(tmp_path, formulas=formulas, captures=2))
+    rows, missing = select_compounds(store, dataset="synth", n_sample=4)
+    assert missing == [] and len(rows) == len(set(rows)) == 4
+    assert {int((store.elements[i] > 0).sum()) for i in rows} == {1, 2, 3}  # spread over numbers of elements
+    with pytest.raises(ValueError, match="--formula"):  # without n_sample nothing is chosen for it
+        select_compounds(store, dataset="synth")
+
+    monkeypatch.setattr(gav, "DEFAULT_SAMPLE", 2)  # fewer videos to encode
+    assert run_main(tmp_path) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    line = next(s for s in out.splitlines() if s.startswith("no paper videos for synth"))
+    picked = line.split(": ")[-1].split(", ")
+    assert len(picked) == 2 and set(picked) <= set(formulas)
+    assert sorted(p.name for p in (tmp_path / "videos" / "synth").glob("*.mp4")) == sorted(
+        f"{f}{suffix}.mp4" for f in picked for suffix in ("", "_attention", "_progress"))
+    assert (tmp_path / "explorer" / "synth.html").is_file()
 
 
 def test_layer_all_one_row_per_layer(store_dir, capsys):
