@@ -6,7 +6,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?= data
 
-.PHONY: demo test test-all data venv clean-venv
+.PHONY: demo test test-all test-long paper paper-plan data venv clean-venv
+
+# the paper at full scale (SPEC §6): SCHEDULER=local (default: this machine), tcp://HOST:PORT, slurm, pbs, ...;
+# SCHEDULER_FILE=PATH for a cluster started with dask scheduler --scheduler-file PATH
+SCHEDULER ?= local
+OQMD := OQMD_Bandgap OQMD_Energy_per_atom OQMD_Formation_Enthalpy OQMD_Volume_per_atom
+SCHEDULER_FILE ?=
+RUN := --data-dir $(DATA) $(if $(SCHEDULER_FILE),--scheduler-file $(SCHEDULER_FILE),--scheduler $(SCHEDULER))
+PLAN_LOG := $(DATA)/benchmarks/plan.jsonl
 
 venv: $(VENV)/.installed
 
@@ -32,9 +40,36 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q
 
+# the longer tests that .ci/run runs after `make test`: Dask schedulers, workers and fake SLURM jobs,
+# the GPU check's CPU run (several minutes)
+test-long: venv
+	$(PY) -m pytest -q -m "cluster or ci"
+
+# the paper's eight steps with its settings on all of its data; `make paper-plan` first says what it costs
+paper: venv
+	$(PY) get_training_attention.py $(RUN)
+	$(PY) generate_attention_videos.py --data-dir $(DATA) --dataset aflow__Egap
+	$(PY) guess_oxidation.py $(RUN) --dataset all --split all --matbench
+	$(PY) get_crabnet_embeddings.py $(RUN) --dataset all
+	$(PY) plot_element_correlation.py --data-dir $(DATA)
+	$(PY) plot_local_edm_umap.py $(RUN) --dataset OQMD_Bandgap
+	$(PY) plot_global_edm_umap.py $(RUN) $(addprefix --dataset ,$(OQMD))
+	$(PY) get_dataset_stats.py $(RUN)
+
+# every job of `make paper` with its estimated cost (rates measured on this machine) and what is done
+paper-plan: venv
+	rm -f $(PLAN_LOG)
+	CRABNET_PLAN_LOG=$(PLAN_LOG) $(PY) get_training_attention.py $(RUN) --plan
+	CRABNET_PLAN_LOG=$(PLAN_LOG) $(PY) guess_oxidation.py $(RUN) --dataset all --split all --matbench --plan
+	CRABNET_PLAN_LOG=$(PLAN_LOG) $(PY) get_crabnet_embeddings.py $(RUN) --dataset all --plan
+	CRABNET_PLAN_LOG=$(PLAN_LOG) $(PY) plot_local_edm_umap.py $(RUN) --dataset OQMD_Bandgap --plan
+	CRABNET_PLAN_LOG=$(PLAN_LOG) $(PY) plot_global_edm_umap.py $(RUN) $(addprefix --dataset ,$(OQMD)) --plan
+	CRABNET_PLAN_LOG=$(PLAN_LOG) $(PY) get_dataset_stats.py $(RUN) --plan
+	$(PY) -m crabnet.engine --plan-total $(PLAN_LOG)
+
 # also the slow tests (real data, longer training)
 test-all: venv
-	$(PY) -m pytest -q -m "slow or not slow"
+	$(PY) -m pytest -q -m "slow or cluster or ci or not slow"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -19,29 +19,30 @@ Writes  <data-dir>/models/<dataset>__<features>[__npj].pt         (only when tra
 Prints  test MAE beside the published CrabNet / HotCrab MAE (crabnet/reference/published_test_mae.csv)
 Next    plot_element_correlation.py
 
-Embeddings and predictions are always rewritten (seconds); --force also retrains the models.
+A model whose checkpoint suits the request and whose embeddings and predictions are newer than it
+is not run again; --force retrains. The models are independent jobs: with several, they run on an
+embedded Dask LocalCluster (one per core), or anywhere --scheduler says (an existing Dask cluster,
+SLURM/PBS through dask-jobqueue; see crabnet/engine.py).
 
 Examples:
     python get_crabnet_embeddings.py --quick        # CPU demo: aflow__ael_bulk_modulus_vrh, short training if no model
     python get_crabnet_embeddings.py                # aflow__ael_bulk_modulus_vrh and mp_bulk_modulus, immi recipe
     python get_crabnet_embeddings.py --recipe npj   # the recipe of the published MAEs
     python get_crabnet_embeddings.py --dataset all --features onehot
+    python get_crabnet_embeddings.py --dataset all --recipe npj --scheduler slurm   # 36 SLURM jobs
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from crabnet.cli import DEMO_DATASET, add_common, add_training, make_parser, run
-from crabnet.data import load_dataset
-from crabnet.embeddings import (embedding_frames, predictions_frame, predictions_path,
-                                write_embeddings, write_predictions)
+from crabnet.costs import cached_rates, dataset_training_cost_s
+from crabnet.embeddings import model_job, model_outputs_current
+from crabnet.engine import Job, add_engine_args, engine_from_args, run_jobs
 from crabnet.layout import BENCHMARK_DATASETS
-from crabnet.reference import published_mae
 from crabnet.report import refresh_report
-from crabnet.train import Recipe, ensure_model, make_recipe, mae, predict
+from crabnet.train import make_recipe
 from crabnet.utils import UsageError, resolve_device
 
 DEFAULT_DATASETS = ("aflow__ael_bulk_modulus_vrh", "mp_bulk_modulus")
@@ -66,6 +67,7 @@ def parse_args(argv=None):
                    help="half-cycle of the cyclic learning rate in epochs (default: the recipe's, 1 for immi, "
                         "10 for npj)")
     add_training(p)
+    add_engine_args(p)
     return p.parse_args(argv)
 
 
@@ -80,24 +82,6 @@ def expand_datasets(names: list[str] | None, quick: bool) -> list[str]:
     return out
 
 
-def run_one(data_dir: Path, dataset: str, features: str, recipe: Recipe, device, seed: int, force: bool,
-            precision: str) -> dict:
-    """Train or load one model, write its embeddings and test predictions; return a result row."""
-    test = load_dataset(data_dir, dataset, splits=("test",), verbose=False)["test"]
-    model, scaler, meta = ensure_model(data_dir, dataset, features, recipe, device=device, seed=seed, force=force,
-                                       written_by="get_crabnet_embeddings.py", precision=precision)
-    paths = write_embeddings(embedding_frames(model), data_dir, features, dataset)
-    pred, unc = predict(model, test, scaler)
-    pred_path = write_predictions(predictions_frame(test.formula, test.target, pred, unc),
-                                  predictions_path(data_dir, dataset, features))
-    rec = meta.get("recipe", {})
-    return {"dataset": dataset, "features": features, "n_test": len(test), "test_mae": mae(pred, test.target),
-            "published": published_mae(dataset, features),
-            "recipe": (f"full {meta['full_recipe']}" if meta.get("full_recipe")
-                       else f"short ({meta.get('epochs_run', rec.get('epochs', '?'))} epochs)"),
-            "embeddings": paths[0].parent, "n_csv": len(paths), "predictions": pred_path}
-
-
 def print_table(rows: list[dict]) -> None:
     print(f"\n{'dataset':30s} {'features':8s} {'model':22s} {'n_test':>6s} {'test MAE':>9s} {'published':>9s} {'ratio':>6s}")
     for r in rows:
@@ -109,20 +93,25 @@ def print_table(rows: list[dict]) -> None:
 
 def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quick: bool, force: bool,
          features: list[str], epochs: int | None, epochs_step: int | None, recipe: str = "immi",
-         precision: str = "auto") -> int:
+         precision: str = "auto", **engine) -> int:
     defaults = QUICK if quick else FULL
     epochs = defaults["epochs"] if epochs is None else epochs
     if epochs < 1 or (epochs_step is not None and epochs_step < 1):
         raise UsageError("--epochs and --epochs-step must be >= 1")
     recipe = make_recipe(recipe, epochs=epochs, **({} if epochs_step is None else {"epochs_step": epochs_step}))
-    dev = resolve_device(device)
-    rows = []
-    jobs = [(ds, feat) for ds in expand_datasets(dataset, quick) for feat in dict.fromkeys(features)]
-    for ds, feat in tqdm(jobs, desc="models", unit="model", disable=None):
-        row = run_one(data_dir, ds, feat, recipe, dev, seed, force, precision)  # DataError: exit 2 via run()
-        print(f"{ds} {feat}: {row['n_csv']} embedding CSVs -> {row['embeddings']}/; "
+    dev, eng = resolve_device(device), engine_from_args(engine)
+    rates = cached_rates(data_dir, str(dev), precision) if eng.plan else None
+    jobs = [Job(f"{ds} {feat}", model_job, dict(data_dir=data_dir, dataset=ds, features=feat, recipe=recipe,
+                                                 device=str(dev), seed=seed, force=force, precision=precision),
+                gpu=dev.type == "cuda", cost_s=dataset_training_cost_s(data_dir, ds, recipe, rates) if rates else 0,
+                result=None if force else model_outputs_current(data_dir, ds, feat, recipe))
+            for ds in expand_datasets(dataset, quick) for feat in dict.fromkeys(features)]
+    rows = run_jobs(jobs, eng, what="models")
+    if rows is None:  # --plan
+        return 0
+    for row in rows:
+        print(f"{row['dataset']} {row['features']}: {row['n_csv']} embedding CSVs -> {row['embeddings']}/; "
               f"test predictions -> {row['predictions']}")
-        rows.append(row)
     print_table(rows)
     refresh_report(data_dir)
     print("next: python plot_element_correlation.py" + (" --quick" if quick else ""))

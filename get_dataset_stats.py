@@ -20,10 +20,16 @@ The result is compared with the published tables (shipped in crabnet/reference/,
 --reference-dir) and the outcome is compared with them and the outcome printed; the published val and
 test diversity columns are swapped, so ours are compared with their test and val columns.
 
+Each dataset is an independent job (its statistics and prevalence plots, crabnet.stats.stats_job): with
+several, they run on an embedded Dask LocalCluster (one per core), or anywhere --scheduler says (an
+existing Dask cluster, SLURM/PBS through dask-jobqueue; see crabnet/engine.py); the tables and the
+diversity charts are then written once from all of them.
+
 Examples:
     python get_dataset_stats.py                                         # everything (a few minutes)
     python get_dataset_stats.py --quick                                 # the demo dataset, seconds
     python get_dataset_stats.py --dataset jdft2d --dataset mp_bulk_modulus --no-figures
+    python get_dataset_stats.py --scheduler sequential                  # one dataset after the other, here
 """
 
 from __future__ import annotations
@@ -31,14 +37,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
 
 from crabnet.cli import DEMO_DATASET, add_common, make_parser, run
+from crabnet.engine import Job, add_engine_args, engine_from_args, run_jobs
 from crabnet.layout import Layout
 from crabnet.report import refresh_report
-from crabnet.stats import (BENCHMARK, MATBENCH, REFERENCE_DIR, TABLE_NAME, compare_with_published, counts_table,
-                           dataset_stats, matbench_summary, merge_table, plot_diversity, plot_prevalence,
-                           read_published, resolve_datasets, stats_table)
+from crabnet.stats import (BENCHMARK, MATBENCH, REFERENCE_DIR, TABLE_NAME, DatasetStats, compare_with_published,
+                           counts_table, matbench_summary, merge_table, plot_diversity, read_published,
+                           resolve_datasets, stats_job, stats_table)
 from crabnet.utils import atomic_path
 
 def parse_args(argv=None):
@@ -52,10 +58,11 @@ def parse_args(argv=None):
     p.add_argument("--skip-invalid", action="store_true", help="skip bad rows (reported) instead of stopping")
     p.add_argument("--reference-dir", type=Path, default=REFERENCE_DIR,
                    help="folder of published_stats_benchmark.csv and published_stats_matbench_cv.csv")
+    add_engine_args(p)
     return p.parse_args(argv)
 
 
-def write_tables(results, data_dir: Path) -> dict[str, pd.DataFrame]:
+def write_tables(results: list[DatasetStats], data_dir: Path) -> dict[str, pd.DataFrame]:
     """Write (merging into existing files) the statistics and element-count tables; return the stats tables."""
     tables = {}
     for kind in (BENCHMARK, MATBENCH):
@@ -75,18 +82,9 @@ def write_tables(results, data_dir: Path) -> dict[str, pd.DataFrame]:
     return tables
 
 
-def write_figures(results, tables: dict[str, pd.DataFrame], data_dir: Path) -> None:
-    """Element prevalence per dataset and the diversity bar charts."""
+def write_figures(tables: dict[str, pd.DataFrame], data_dir: Path) -> None:
+    """The diversity bar charts (the prevalence plots of each dataset are drawn by its job)."""
     out = Layout(data_dir).stats_figures()
-    first = {}
-    for r in results:  # one plot per dataset: matbench sets use their first fold (its splits cover the set)
-        first.setdefault((r.kind, r.dataset), r)
-    for r in tqdm(list(first.values()), desc="prevalence plots", unit="dataset", disable=None):
-        counts = {s: st.counts for s, st in r.splits.items()}
-        what = r.dataset if r.fold is None else f"{r.dataset} (fold {r.fold})"
-        for order, suffix in (("count", "by_count"), ("z", "by_z")):
-            plot_prevalence(counts, f"{what}: compounds containing each element", out / "prevalence" /
-                            f"{r.dataset}__{suffix}.png", order=order)
     groups = []
     if BENCHMARK in tables:
         bench = tables[BENCHMARK].set_index("mat_prop")
@@ -121,16 +119,20 @@ def check_published(tables: dict[str, pd.DataFrame], reference_dir: Path) -> int
     return bad
 
 
-def main(data_dir: Path, dataset: list[str] | None, quick: bool,
-         no_figures: bool, skip_invalid: bool, reference_dir: Path) -> int:
+def main(data_dir: Path, dataset: list[str] | None, quick: bool, no_figures: bool, skip_invalid: bool,
+         reference_dir: Path, **engine) -> int:
     # a DataError (unknown dataset, bad row) ends the script with one error line via crabnet.cli.run
     chosen = resolve_datasets(data_dir, dataset or ([DEMO_DATASET] if quick else None))
-    results = []
-    for kind, name in tqdm(chosen, desc="datasets", unit="dataset", disable=None):
-        results.extend(dataset_stats(data_dir, kind, name, skip_invalid=skip_invalid))
+    jobs = [Job(f"{TABLE_NAME[kind]} {name}", stats_job, dict(data_dir=data_dir, kind=kind, dataset=name,
+                                                              skip_invalid=skip_invalid, figures=not no_figures))
+            for kind, name in chosen]
+    per_dataset = run_jobs(jobs, engine_from_args(engine), what="datasets")
+    if per_dataset is None:  # --plan: the jobs were listed
+        return 0
+    results = [r for rs in per_dataset for r in rs]
     tables = write_tables(results, data_dir)
     if not no_figures:
-        write_figures(results, tables, data_dir)
+        write_figures(tables, data_dir)
     check_published(tables, reference_dir)
     refresh_report(data_dir)
     return 0

@@ -11,32 +11,38 @@ The split is captured before training (capture 0) and after every epoch, or with
 after every k-th optimiser step. Captures stream to <store>.partial with bounded memory; at the
 end the store is rewritten compound-major and sharded and renamed into place, so an interrupted
 run never leaves a store that looks complete. Nothing is lost either: the training state is
-saved beside the store about once a minute (<store>.state.pt); the same command started again
-goes on from the last save, keeping the captures made until then (--force starts afresh).
+saved beside the store about once a minute (<store>.state.pt; $CRABNET_STATE_EVERY_S seconds if set)
+and on SIGTERM (exit code 143); the same command started again goes on from the last save, keeping
+the captures made until then (--force starts afresh).
 
 The recipe is the explainability paper's attention run (--recipe immi): up to 50 epochs, the
 learning rate cycling every 2 epochs, SWA checks every 2nd epoch with early stopping, batch size
 2^round(log2(n_train)-4) clamped to [128, 1024]; --recipe npj cycles every 20 epochs instead.
 
+The training is one job (crabnet.capture.attention_job): it runs in this process, or on a Dask cluster
+with --scheduler tcp://HOST:PORT, --scheduler-file PATH or --scheduler slurm|pbs|… (see crabnet/engine.py;
+--data-dir must then be on a filesystem the workers share).
+
 Examples:
     python get_training_attention.py --quick                  # CPU demo, a few minutes
     python get_training_attention.py                          # aflow__Egap, up to 50 epochs (the paper)
     python get_training_attention.py --dataset mp_bulk_modulus --capture step --capture-every 5
+    python get_training_attention.py --device cuda --scheduler slurm   # the training as a SLURM job
 """
 
 from __future__ import annotations
 
-import sys
-import time
+from dataclasses import replace
 from pathlib import Path
 
-
-from crabnet.capture import AttentionRecorder, AttentionWriter
+from crabnet.capture import AttentionRecorder, attention_job  # noqa: F401 - tests patch gta.AttentionRecorder
 from crabnet.cli import DEMO_DATASET, add_common, add_training, make_parser, run
-from crabnet.data import SPLITS, load_dataset
+from crabnet.costs import cached_rates, dataset_training_cost_s
+from crabnet.data import SPLITS
+from crabnet.engine import Engine, Job, add_engine_args, engine_from_args, run_jobs
 from crabnet.layout import Layout
 from crabnet.report import refresh_report
-from crabnet.train import fit, make_recipe, new_model, recipe_dict, save_trained
+from crabnet.train import make_recipe
 from crabnet.utils import UsageError, resolve_device
 
 DEFAULT_DATASET = "aflow__Egap"
@@ -65,6 +71,7 @@ def parse_args(argv=None):
                    help=f"0 = the recipe's 2^round(log2(n_train)-4) clamped to [128, {ATTENTION_MAX_BATCH}]")
     p.add_argument("--keep-unary", action="store_true", help="keep single-element compounds (dropped by default)")
     p.add_argument("--skip-invalid", action="store_true", help="skip bad rows (reported) instead of stopping")
+    add_engine_args(p)
     return p.parse_args(argv)
 
 
@@ -79,10 +86,20 @@ def settings_match(store: Path, wanted: dict) -> bool:
     return bool(attrs.get("complete")) and all(attrs.get(k) == v for k, v in wanted.items())
 
 
+def local_threads(engine: Engine) -> Engine:
+    """The training here (``--scheduler local`` or ``sequential``) keeps torch's thread count, as before
+    the engine, unless ``--threads-per-job`` is given; elsewhere the workers' count applies."""
+    if engine.threads_per_job is None and engine.scheduler_file is None and engine.scheduler in ("local", "sequential"):
+        import torch
+
+        return replace(engine, threads_per_job=torch.get_num_threads())
+    return engine
+
+
 def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: bool, force: bool,
          epochs: int | None, epochs_step: int | None, features: str, capture: str, capture_every: int,
          split: str, batch_size: int, keep_unary: bool, skip_invalid: bool, recipe: str = "immi",
-         precision: str = "auto") -> int:
+         precision: str = "auto", **engine) -> int:
     defaults = QUICK if quick else FULL
     dataset = dataset or defaults["dataset"]
     epochs = defaults["epochs"] if epochs is None else epochs
@@ -97,46 +114,32 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
                 "capture_every": capture_every, "epochs": epochs, "epochs_step": epochs_step, "seed": seed,
                 "drop_unary": not keep_unary, "batch_size": batch_size, "recipe_name": recipe.name,
                 "precision": precision, "attribution": True}  # stores made before attribution are redone
-    if not force and settings_match(store, settings):
+    up_to_date = not force and settings_match(store, settings)
+    dev = None if up_to_date else resolve_device(device)  # an up-to-date store needs no device
+    eng = local_threads(engine_from_args(engine))
+    cost = (dataset_training_cost_s(data_dir, dataset, recipe, cached_rates(data_dir, str(dev), precision))
+            if eng.plan and dev is not None else 0.0)
+    job = Job(f"{dataset} {features}", attention_job,
+              dict(data_dir=data_dir, recipe=recipe, settings=settings, device=str(dev or device), force=force,
+                   skip_invalid=skip_invalid),
+              cost_s=cost, gpu=dev is not None and dev.type == "cuda",
+              result={"up_to_date": True} if up_to_date else None)
+    try:
+        results = run_jobs([job], eng, what="trainings")
+    except KeyboardInterrupt:  # the job said where its captures are staged
+        return 130
+    if results is None:  # --plan: the job was listed
+        return 0
+    r = results[0]
+    if up_to_date:
         print(f"{store} is up to date (same settings); use --force to recompute")
         refresh_report(data_dir)
         return 0
-
-    splits = load_dataset(data_dir, dataset, drop_unary=not keep_unary, skip_invalid=skip_invalid)
-    dev = resolve_device(device)
-    model, scaler = new_model(features, splits, dev, seed)
-    print(f"{dataset}: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test; "
-          f"{features}, {model.n_params():,} parameters, {epochs} epochs on {dev}; capturing {split} "
-          f"({len(splits[split])} compounds) every {capture if capture_every == 1 else f'{capture_every} steps'}")
-
-    state_path = store.with_name(store.name + ".state.pt")
-    writer = AttentionWriter(store, splits[split], model.cfg.n_layers, model.cfg.n_heads, {
-        **settings, "model_config": model.cfg.to_dict(), "recipe": recipe_dict(recipe)}, resume=not force)
-    if not writer.resumed:
-        state_path.unlink(missing_ok=True)  # a state without its captures cannot be resumed
-    recorder = AttentionRecorder(model, splits[split], scaler, writer, mode=capture, every=capture_every)
-    try:
-        hist = fit(model, splits["train"], splits["val"], scaler, recipe, seed=seed, callback=recorder,
-                   desc=f"{dataset} {features}", state_path=state_path, state_key=settings, precision=precision)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: captures staged in {writer.staging} (incomplete, not used by later steps); "
-              f"the same command goes on from the last saved epoch ({state_path.name})", file=sys.stderr)
-        return 130
-    ckpt, meta = save_trained(data_dir, dataset, features, recipe, model, scaler, hist, splits["test"], seed=seed,
-                              written_by="get_training_attention.py", beside_full=True)
-    state_path.unlink(missing_ok=True)
-    test_mae = meta["test_mae"]
-    t0 = time.perf_counter()
-    writer.finalize({"epochs_run": hist.epochs_run, "stopped_early": hist.stopped_early,
-                     "swa_updates": hist.swa_updates, "final_weights": "swa" if hist.swapped_swa else "last",
-                     "precision_used": hist.precision,
-                     "test_mae": test_mae, "train_seconds": round(hist.seconds, 2)})
-    print(f"attention: {writer.n_captures} captures x {len(splits[split])} compounds -> {store} "
-          f"(reorganised in {time.perf_counter() - t0:.1f} s)")
-
-    last_val = hist.val_mae[-1] if hist.val_mae else float("nan")
-    print(f"model -> {ckpt}\n{hist.epochs_run} epochs in {hist.seconds:.1f} s; val MAE {last_val:.4g} "
-          f"(last epoch), test MAE {test_mae:.4g} ({'SWA weights' if hist.swapped_swa else 'last weights'})")
+    print(f"attention: {r['n_captures']} captures x {r['n_compounds']} compounds -> {r['store']} "
+          f"(reorganised in {r['reorganise_s']:.1f} s)")
+    print(f"model -> {r['checkpoint']}\n{r['epochs_run']} epochs in {r['train_s']:.1f} s; "
+          f"val MAE {r['val_mae']:.4g} (last epoch), test MAE {r['test_mae']:.4g} "
+          f"({'SWA weights' if r['swa'] else 'last weights'})")
     refresh_report(data_dir)
     print("next: python generate_attention_videos.py" + (" --quick" if quick else f" --dataset {dataset}"))
     return 0

@@ -10,7 +10,8 @@ Writes  <data-dir>/oxidation/<dataset>__<split>[<fold>].json
         <data-dir>/oxidation/element_ox_states.json
             common, ICSD and all oxidation states of every element (pymatgen)
         <data-dir>/oxidation/cache/guesses-exact__pymatgen-<version>.jsonl
-            every result as it arrives, shared by all datasets (an interrupted run resumes here)
+            every result, written as each job finishes, shared by all datasets (an interrupted run
+            resumes here)
 Next    get_crabnet_embeddings.py (step 4); plot_local_edm_umap.py (step 6) colours atoms by these
         guesses.
 
@@ -22,16 +23,20 @@ pymatgen's own tables (crabnet/oxidation.py) instead of pymatgen's exponential e
 The work is done once per integer composition as written (N2O4 and NO2 differ: pymatgen finds
 N +4 for the first and nothing for the second), across all splits and datasets; fractional
 formulas are first scaled to pymatgen's smallest integer formula (Li0.5Co0.5O2 -> LiCoO4).
-Guesses run in --workers processes, each bounded by --max-seconds of CPU time as a safety net
-(null with reason timeout; the run goes on; a worker stuck beyond a longer wall-clock bound is
-killed and replaced). Formulas that cannot be parsed, or with more atoms than --max-sites, are
-null with their reason. Re-running only computes what the cache lacks; --force starts afresh.
+The compositions that the cache lacks are cut into jobs of at most --chunk-size, which run in
+this process when there is one job or one core, else on an embedded Dask LocalCluster (one worker
+process per core), or anywhere --scheduler says (an existing Dask cluster, SLURM/PBS through
+dask-jobqueue; see crabnet/engine.py). Each guess is bounded by --max-seconds of CPU time as a
+safety net (null with reason timeout; the run goes on). Formulas that cannot be parsed, or with
+more atoms than --max-sites, are null with their reason. Re-running only computes what the cache
+lacks; --force starts afresh.
 
 Examples:
     python guess_oxidation.py --quick                                   # demo dataset, test split
     python guess_oxidation.py --dataset OQMD_Bandgap                    # what step 6 needs
     python guess_oxidation.py --dataset all --split all                 # the 18 benchmark sets, all splits
     python guess_oxidation.py --dataset all --split all --matbench      # and the matbench_cv folds
+    python guess_oxidation.py --dataset all --split all --scheduler sequential   # all in this process
 """
 
 from __future__ import annotations
@@ -42,36 +47,41 @@ from pathlib import Path
 
 from crabnet.cli import DEMO_DATASET, add_common, make_parser, run
 from crabnet.data import SPLITS
-from crabnet.oxidation import (GuessCache, cache_path, guess_all, keys_for, progress_bar,
-                               read_formulas, results_for, write_element_ox_states, write_split)
+from crabnet.engine import JobsFailed, add_engine_args, engine_from_args
 from crabnet.layout import BENCHMARK, MATBENCH, Layout, available, resolve_datasets, split_files
+from crabnet.oxidation import (CHUNK_SIZE, GuessCache, cache_path, guess_all, keys_for, progress_bar,
+                               read_formulas, results_for, write_element_ox_states, write_split)
 from crabnet.report import refresh_report
-from crabnet.utils import UsageError, available_cpus
+from crabnet.utils import UsageError
 
 REASONS = ("no_solution", "timeout", "error", "max_sites", "invalid_formula")
 
 
 def parse_args(argv=None):
     p = make_parser(__doc__)
-    add_common(p, dataset=None, quick_help=f"demo: the {DEMO_DATASET} test split (unless --dataset is given)")
+    add_common(p, dataset=None, device=False, seed=False,
+               quick_help=f"demo: the {DEMO_DATASET} test split (unless --dataset is given)")
     p.add_argument("--dataset", action="append", default=None,
                    help="dataset under benchmark_data/ or matbench_cv/ (all folds), repeatable; 'all' = every "
                         "benchmark set (default: all; with --quick the demo dataset)")
     p.add_argument("--matbench", action="store_true", help="also every matbench_cv set (all folds)")
     p.add_argument("--split", default="test", choices=[*SPLITS, "all"], help="split(s) to guess")
-    p.add_argument("--workers", type=int, default=available_cpus(),
-                   help="worker processes (the default is the number of cores of this machine)")
     p.add_argument("--max-seconds", type=float, default=10.0,
                    help="CPU seconds allowed per formula, a safety net (null, reason timeout)")
     p.add_argument("--max-sites", type=int, default=None,
                    help="skip compositions with more atoms than this (null, reason max_sites) (default: no bound)")
+    p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE, metavar="N",
+                   help="compositions per job (one job runs in this process; smaller jobs spread a run over more "
+                        "workers)")
+    add_engine_args(p)
     return p.parse_args(argv)
 
 
-def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quick: bool, force: bool,
-         split: str, workers: int, max_seconds: float, max_sites: int | None, matbench: bool = False) -> int:
-    if workers < 1 or not max_seconds > 0 or (max_sites is not None and max_sites < 1):
-        raise UsageError("--workers and --max-sites must be >= 1 and --max-seconds > 0")
+def main(data_dir: Path, dataset: list[str] | None, quick: bool, force: bool, split: str, max_seconds: float,
+         max_sites: int | None, chunk_size: int = CHUNK_SIZE, matbench: bool = False, **engine) -> int:
+    if not max_seconds > 0 or (max_sites is not None and max_sites < 1) or chunk_size < 1:
+        raise UsageError("--max-sites and --chunk-size must be >= 1 and --max-seconds > 0")
+    eng = engine_from_args(engine)
     names = dataset or ([DEMO_DATASET] if quick else ["all"])
     splits = SPLITS if split == "all" else (split,)
     # a DataError (unknown dataset, unreadable file) ends the script with one error line via crabnet.cli.run
@@ -88,21 +98,27 @@ def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quic
              for f in progress_bar(files, desc="reading formulas", unit="file")]
 
     cache_file = cache_path(data_dir)
-    if force and cache_file.exists():
+    if force and cache_file.exists() and not eng.plan:
         cache_file.unlink()
-    cache = GuessCache(cache_file)
+    cache = GuessCache(None if force and eng.plan else cache_file)  # a plan of --force: everything to do
     if cache.unreadable:
         print(f"note: ignored {cache.unreadable} unreadable line(s) of {cache_file} (an interrupted write)")
     t0 = time.perf_counter()
     try:
-        run = guess_all((k for p in parts for k in p.keys), cache, workers=workers, max_seconds=max_seconds)
+        run = guess_all((k for p in parts for k in p.keys), cache, max_seconds=max_seconds, engine=eng,
+                        chunk_size=chunk_size)
     except KeyboardInterrupt:
         print(f"\ninterrupted: {len(cache)} results are saved in {cache_file}; run again to resume", file=sys.stderr)
         return 130
+    except JobsFailed as err:
+        print(f"{err}\nthe results of the other jobs are saved in {cache_file} ({len(cache)} in all); run again to "
+              "retry the failed ones", file=sys.stderr)
+        return 1
+    if run is None:  # --plan: the jobs were listed
+        return 0
     print(f"{run['distinct']} distinct compositions: {run['cached']} from the cache, {run['computed']} computed "
-          f"in {run['seconds']:.1f} s ({run['per_second']:.1f} formulas/s with {workers} worker(s)); "
-          f"outcomes of the computed: {run['reasons'] or '-'}; workers killed at the hard bound: {run['kills']}, "
-          f"died: {run['deaths']}")
+          f"in {run['seconds']:.1f} s ({run['per_second']:.1f} formulas/s, {run['chunks']} job(s)); "
+          f"outcomes of the computed: {run['reasons'] or '-'}")
 
     out_dir = Layout(data_dir).oxidation()
     write_element_ox_states(out_dir / "element_ox_states.json")

@@ -26,10 +26,17 @@ Vectors are collected in one inference pass per dataset and cached with the UMAP
 under a key of the checkpoint content and the split, so re-plotting is instant. With --seed UMAP
 is reproducible and single-threaded; --umap-parallel uses all cores but the layout changes.
 
+Jobs (crabnet.edm_maps): one per dataset (the model, trained inside the job if missing, and the vectors),
+then one per dataset and layer input (UMAP, metrics, coordinates), then one per dataset drawing its
+figure. With several, they run on an embedded Dask LocalCluster (one per core), or anywhere --scheduler
+says (an existing Dask cluster, SLURM/PBS through dask-jobqueue; see crabnet/engine.py); the summaries are
+merged here.
+
 Examples:
     python plot_global_edm_umap.py --quick                              # CPU demo, ~730 compounds
     python plot_global_edm_umap.py --dataset OQMD_Bandgap               # the paper (51k compounds)
     python plot_global_edm_umap.py --dataset mp_bulk_modulus --dataset aflow__ael_bulk_modulus_vrh
+    python plot_global_edm_umap.py --dataset OQMD_Bandgap --scheduler slurm   # the layer UMAPs as SLURM jobs
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from crabnet.cli import DEMO_DATASET, add_common, make_parser, run
-from crabnet.edm_maps import add_map_flags, check_global_args, global_maps, map_settings, print_table, run_datasets
+from crabnet.edm_maps import add_map_flags, check_global_args, global_maps, map_settings, print_table
+from crabnet.engine import add_engine_args, engine_from_args
 from crabnet.report import refresh_report
 from crabnet.utils import seed_everything
 
@@ -56,19 +64,21 @@ def parse_args(argv=None):
     p.add_argument("--min-dist", type=float, default=None,
                    help="UMAP min_dist (default by dataset size, as in the paper: 0.2, 0.4 above 4,000 compounds, "
                         "0.5 above 100,000)")
+    add_engine_args(p)
     return p.parse_args(argv)
 
 
 def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quick: bool, force: bool, features: str,
          split: str, layers: list[int] | None, n_neighbors: int, min_dist: float | None, umap_parallel: bool,
-         batch_size: int, html_js: str = "inline", recipe: str = "immi", precision: str = "auto") -> int:
+         batch_size: int, html_js: str = "inline", recipe: str = "immi", precision: str = "auto", **engine) -> int:
     datasets = dataset or [QUICK["dataset"] if quick else DEFAULT_DATASET]
     check_global_args(n_neighbors, min_dist, seed, batch_size)
     settings = map_settings(data_dir, features, split, recipe, QUICK["epochs"] if quick else None, device, seed,
                             force, batch_size, umap_parallel, html_js, precision)
     seed_everything(seed)
-    table = run_datasets(datasets, f"{split}, {features}", lambda ds: global_maps(
-        settings, ds, layers, n_neighbors, min_dist))
+    table = global_maps(settings, datasets, layers, n_neighbors, min_dist, engine_from_args(engine))
+    if table is None:  # --plan: the jobs were listed
+        return 0
     print_table(table, ["dataset", "layer", "layer_is", "n_compounds", "knn_r2_repr", "knn_r2_umap",
                         "knn_r2_shuffled", "trustworthiness"],
                 "kNN (k=10) R² of the target from the pooled vectors (cosine) and from the 2-D UMAP; "

@@ -26,10 +26,16 @@ under a key of the checkpoint content and the split, so re-plotting is instant. 
 than 2·n_neighbors compounds are skipped with a message. With --seed UMAP is reproducible and
 single-threaded; --umap-parallel uses all cores but the layout changes between runs.
 
+Jobs (crabnet.edm_maps): one per dataset (the model, trained inside the job if missing, and the vectors),
+then one per dataset and atom (its UMAPs, metrics, coordinates and figure). With several, they run on an
+embedded Dask LocalCluster (one per core), or anywhere --scheduler says (an existing Dask cluster,
+SLURM/PBS through dask-jobqueue; see crabnet/engine.py); the summaries are merged here at the end.
+
 Examples:
     python plot_local_edm_umap.py --quick                         # CPU demo: 3 atoms, ~730 compounds
     python plot_local_edm_umap.py --dataset OQMD_Bandgap          # the paper's 19 atoms
     python plot_local_edm_umap.py --dataset mp_bulk_modulus --atom O --atom Fe --layers 0 2
+    python plot_local_edm_umap.py --dataset OQMD_Bandgap --scheduler sequential   # one job after the other, here
 """
 
 from __future__ import annotations
@@ -37,8 +43,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from crabnet.cli import DEMO_DATASET, add_common, make_parser, run
-from crabnet.edm_maps import (PAPER_ATOMS, add_map_flags, check_local_args, local_maps, map_settings,
-                              print_table, run_datasets)
+from crabnet.edm_maps import PAPER_ATOMS, add_map_flags, check_local_args, local_maps, map_settings, print_table
+from crabnet.engine import add_engine_args, engine_from_args
 from crabnet.report import refresh_report
 from crabnet.utils import seed_everything
 
@@ -57,21 +63,24 @@ def parse_args(argv=None):
     p.add_argument("--n-neighbors", type=int, default=5, help="UMAP n_neighbors")
     p.add_argument("--min-dist", type=float, default=0.3, help="UMAP min_dist for layers > 0")
     p.add_argument("--min-dist-layer0", type=float, default=0.8, help="UMAP min_dist for layer 0")
+    add_engine_args(p)
     return p.parse_args(argv)
 
 
 def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quick: bool, force: bool, features: str,
          split: str, layers: list[int] | None, atom: list[str] | None, n_neighbors: int, min_dist: float,
          min_dist_layer0: float, umap_parallel: bool, batch_size: int, html_js: str = "inline",
-         recipe: str = "immi", precision: str = "auto") -> int:
+         recipe: str = "immi", precision: str = "auto", **engine) -> int:
     datasets = dataset or [QUICK["dataset"] if quick else DEFAULT_DATASET]
     atoms = list(dict.fromkeys(atom or (QUICK["atoms"] if quick else PAPER_ATOMS)))
     check_local_args(atoms, n_neighbors, min_dist, min_dist_layer0, seed, batch_size)
     settings = map_settings(data_dir, features, split, recipe, QUICK["epochs"] if quick else None, device, seed,
                             force, batch_size, umap_parallel, html_js, precision)
     seed_everything(seed)
-    table = run_datasets(datasets, f"{split}, {features}", lambda ds: local_maps(
-        settings, ds, layers, atoms, n_neighbors, min_dist, min_dist_layer0))
+    table = local_maps(settings, datasets, layers, atoms, n_neighbors, min_dist, min_dist_layer0,
+                       engine_from_args(engine))
+    if table is None:  # --plan: the jobs were listed
+        return 0
     print_table(table, ["dataset", "atom", "layer", "n_compounds", "n_known_ox", "n_ox_classes", "majority_share",
                         "knn_acc_repr", "knn_acc_umap", "knn_acc_shuffled", "knn_bacc_repr", "knn_bacc_umap",
                         "knn_bacc_shuffled", "trustworthiness"],

@@ -18,6 +18,9 @@ of compounds for one capture per chunk), so memory stays bounded whatever the nu
 compound's whole history, and chunks are grouped into shards so the store is a few files. The
 finished store is renamed into place and carries ``complete = True``; an interrupted run leaves
 only the ``.partial`` folder, which the reader refuses.
+
+:func:`attention_job` is step 1 (``python get_training_attention.py``) as one job of ``crabnet.engine``:
+the training with its captures, run in that process or sent to a Dask cluster with ``--scheduler``.
 """
 
 from __future__ import annotations
@@ -32,11 +35,11 @@ import zarr
 from tqdm.auto import tqdm
 
 import crabnet
-from crabnet.data import CompositionData, DataError, normalise_formula
-from crabnet.elements import SYMBOLS
+from crabnet.data import CompositionData, DataError, normalise_formula, parse_formula
+from crabnet.elements import ATOMIC_NUMBER, SYMBOLS
 from crabnet.faithfulness import leave_one_out
 from crabnet.model import CrabNet
-from crabnet.train import Scaler
+from crabnet.train import Recipe, Scaler
 from crabnet.utils import atomic_path, remove_path
 
 STAGING_CHUNK_BYTES = 8 << 20  # staging chunk: this many bytes of one capture
@@ -267,6 +270,89 @@ class AttentionRecorder:
 
 
 # --------------------------------------------------------------------------------------------
+# step 1 as a job of crabnet.engine
+
+
+def attention_job(data_dir: Path, recipe: Recipe, settings: dict, device: str, force: bool,
+                  skip_invalid: bool) -> dict:
+    """Step 1 (``get_training_attention.py``) as one job: train a model while capturing attention.
+
+    The model of ``settings["features"]`` is trained on ``settings["dataset"]`` with ``recipe``; the
+    ``settings["split"]`` compounds are captured before training and after every epoch (or k-th step)
+    into the dataset's attention store, which is then finalised; the model is saved (kept as
+    ``…__attention.pt`` beside a full-recipe checkpoint). The training state is saved beside the store
+    (``<store>.state.pt``): the same job started again goes on from there (``force`` starts afresh).
+
+    Args:
+        data_dir: the ``--data-dir`` root (a shared filesystem when the job runs on a cluster).
+        recipe: the training recipe (epochs, batch size and learning-rate cycle already set).
+        settings: the store's settings (``dataset``, ``features``, ``split``, ``capture``,
+            ``capture_every``, ``epochs``, ``seed``, ``drop_unary``, ``precision``, …), kept in its
+            attributes and compared by the script's up-to-date check.
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+        force: discard staged captures and a saved training state.
+        skip_invalid: skip bad rows (reported) instead of raising.
+
+    Returns:
+        ``store``, ``checkpoint`` (paths as text), ``n_captures``, ``n_compounds``, ``reorganise_s``,
+        ``epochs_run``, ``train_s``, ``val_mae`` (last epoch), ``test_mae`` and ``swa`` (SWA weights kept).
+
+    Raises:
+        KeyboardInterrupt: after saying where the captures are staged.
+        Preempted: SIGTERM; the training state was saved (the message names the staged captures).
+        DataError: a bad row (unless ``skip_invalid``).
+    """
+    import sys
+    import time
+
+    from crabnet.data import load_dataset
+    from crabnet.layout import Layout
+    from crabnet.signals import Preempted
+    from crabnet.train import fit, new_model, recipe_dict, save_trained
+    from crabnet.utils import resolve_device
+
+    dataset, features, split = settings["dataset"], settings["features"], settings["split"]
+    capture, capture_every, seed = settings["capture"], settings["capture_every"], settings["seed"]
+    store = Layout(data_dir).attention_store(dataset)
+    splits = load_dataset(data_dir, dataset, drop_unary=settings["drop_unary"], skip_invalid=skip_invalid)
+    dev = resolve_device(device)
+    model, scaler = new_model(features, splits, dev, seed)
+    print(f"{dataset}: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test; "
+          f"{features}, {model.n_params():,} parameters, {settings['epochs']} epochs on {dev}; capturing {split} "
+          f"({len(splits[split])} compounds) every {capture if capture_every == 1 else f'{capture_every} steps'}")
+
+    state_path = store.with_name(store.name + ".state.pt")
+    writer = AttentionWriter(store, splits[split], model.cfg.n_layers, model.cfg.n_heads, {
+        **settings, "model_config": model.cfg.to_dict(), "recipe": recipe_dict(recipe)}, resume=not force)
+    if not writer.resumed:
+        state_path.unlink(missing_ok=True)  # a state without its captures cannot be resumed
+    recorder = AttentionRecorder(model, splits[split], scaler, writer, mode=capture, every=capture_every)
+    try:
+        hist = fit(model, splits["train"], splits["val"], scaler, recipe, seed=seed, callback=recorder,
+                   desc=f"{dataset} {features}", state_path=state_path, state_key=settings,
+                   precision=settings["precision"])
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: captures staged in {writer.staging} (incomplete, not used by later steps); "
+              f"the same command goes on from the last saved epoch ({state_path.name})", file=sys.stderr)
+        raise
+    except Preempted as err:  # SIGTERM: fit saved its state; crabnet.cli.run prints this and exits 143
+        raise Preempted(f"{err}; captures staged in {writer.staging}") from None
+    ckpt, meta = save_trained(data_dir, dataset, features, recipe, model, scaler, hist, splits["test"], seed=seed,
+                              written_by="get_training_attention.py", beside_full=True)
+    state_path.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    writer.finalize({"epochs_run": hist.epochs_run, "stopped_early": hist.stopped_early,
+                     "swa_updates": hist.swa_updates, "final_weights": "swa" if hist.swapped_swa else "last",
+                     "precision_used": hist.precision,
+                     "test_mae": meta["test_mae"], "train_seconds": round(hist.seconds, 2)})
+    return {"store": str(store), "checkpoint": str(ckpt), "n_captures": writer.n_captures,
+            "n_compounds": len(splits[split]), "reorganise_s": time.perf_counter() - t0,
+            "epochs_run": hist.epochs_run, "train_s": hist.seconds,
+            "val_mae": hist.val_mae[-1] if hist.val_mae else float("nan"), "test_mae": meta["test_mae"],
+            "swa": bool(hist.swapped_swa)}
+
+
+# --------------------------------------------------------------------------------------------
 # reading
 
 
@@ -345,19 +431,56 @@ class AttentionStore:
         Raises:
             KeyError: with the closest formulas in the store.
         """
+        try:
+            key = normalise_formula(formula)
+        except DataError as err:
+            raise KeyError(f"{err}; e.g. {', '.join(self.formulas[:3])}") from None
+        if key in self._normalised():
+            return self._normalised()[key]
+        raise KeyError(f"{formula!r} is not in {self.path} ({len(self)} compounds); "
+                       f"close matches: {', '.join(self.suggest(formula)) or 'none'}")
+
+    def _normalised(self) -> dict[str, int]:
+        """Normalised formula -> first row holding it (built on first use)."""
         if self._norm is None:
             self._norm = {}
             for i, f in enumerate(self.formulas):
                 self._norm.setdefault(normalise_formula(f), i)
+        return self._norm
+
+    def suggest(self, formula: str, n: int = 5) -> list[str]:
+        """Formulas of the store to offer for one it does not hold, best first.
+
+        Compounds made of exactly the formula's elements, then those holding all of them and the
+        fewest others (textually closest first), then the textually closest ones (after normalising,
+        so ``GaN`` is compared with ``Ga1N1``), then ones holding any of its elements; never empty for
+        a non-empty store.
+
+        Args:
+            formula: the formula that was not found.
+            n: how many to offer at most.
+        """
+        index = self._normalised()
         try:
             key = normalise_formula(formula)
-        except DataError as err:
-            raise KeyError(str(err)) from None
-        if key in self._norm:
-            return self._norm[key]
-        close = difflib.get_close_matches(formula, self.formulas, n=5, cutoff=0.5)
-        raise KeyError(f"{formula!r} is not in {self.path} ({len(self)} compounds); "
-                       f"close matches: {', '.join(close) or 'none'}")
+            wanted = {ATOMIC_NUMBER[el] for el in parse_formula(formula)}
+        except (DataError, KeyError):
+            key, wanted = formula, set()
+        sets = [set(row[row > 0].tolist()) for row in self.elements] if wanted else []
+        ranked = [self.formulas[i] for i, s in enumerate(sets) if s == wanted]
+        supersets = [i for i, s in enumerate(sets) if wanted < s]
+        matcher = difflib.SequenceMatcher(b=key)
+
+        def closeness(i: int) -> float:
+            matcher.set_seq1(self.formulas[i])
+            return matcher.ratio()
+
+        supersets.sort(key=lambda i: (len(sets[i]), -closeness(i), i))
+        ranked += [self.formulas[i] for i in supersets[:n]]
+        ranked += [self.formulas[index[k]] for k in difflib.get_close_matches(key, list(index), n=n, cutoff=0.6)]
+        ranked += [self.formulas[i] for i, s in enumerate(sets) if wanted & s][:n]
+        ranked += self.formulas[:n]
+        return list(dict.fromkeys(ranked))[:n]
 
     def compound(self, key: int | str) -> CompoundHistory:
         """History of one compound by row number or formula (one contiguous read of its maps)."""

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
+from crabnet.engine import JobsFailed
+from crabnet.signals import EXIT_CODE, Preempted, install_stop_handler, uninstall_stop_handler
 from crabnet.utils import UsageError
 
 
@@ -71,11 +75,46 @@ def add_training(parser: argparse.ArgumentParser, *, recipe: str = "immi") -> No
                              "AVX-512 bf16/AMX, else fp32; weights, optimiser and loss stay fp32 (default: auto)")
 
 
-def run(main: Callable[..., int], args: argparse.Namespace) -> int:
-    """``main(**vars(args))``; a :class:`~crabnet.utils.UsageError` (bad input, missing prerequisite,
-    unavailable device; ``DataError`` is one) becomes one ``error: …`` line on stderr and exit code 2."""
+def check_writable(data_dir: Path | str) -> Path:
+    """Make sure outputs can be written under ``data_dir``: create it if missing, then create and
+    remove a temporary file in it.
+
+    Raises:
+        UsageError: ``cannot write to <data_dir> (<reason>)``.
+    """
+    path = Path(data_dir)
     try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UsageError(f"cannot write to {path} ({err.strerror or err})") from None
+    return path
+
+
+def run(main: Callable[..., int], args: argparse.Namespace) -> int:
+    """``main(**vars(args))``, after checking that ``--data-dir`` (if the script has it) can be written.
+
+    A :class:`~crabnet.utils.UsageError` (bad input, missing prerequisite, unavailable device, a
+    --data-dir that cannot be written; ``DataError`` is one) becomes one ``error: …`` line on stderr
+    and exit code 2. SIGTERM (:func:`crabnet.signals.install_stop_handler`) makes a training save its
+    state and stop, and any other work stop at once: one ``stopped: …`` line on stderr, exit code 143.
+    """
+    installed = install_stop_handler()
+    try:
+        if getattr(args, "data_dir", None) is not None:
+            check_writable(args.data_dir)
         return main(**vars(args))
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Preempted as err:
+        print(f"stopped: {err}", file=sys.stderr, flush=True)
+        return EXIT_CODE
+    except JobsFailed as err:  # some of a step's jobs failed for good (crabnet.engine); the others finished
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if installed:
+            uninstall_stop_handler()

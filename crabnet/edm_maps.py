@@ -10,21 +10,38 @@ score the map (kNN metrics), write its coordinates, draw the layer × colouring 
   containing it, per layer; coloured by fraction, target, prediction, mean oxidation state.
 - :func:`global_maps` (step 7): each layer input pooled over the compound's real elements;
   coloured by number of elements, target, prediction, error, electronegativity spread.
+
+Each step runs as jobs of ``crabnet.engine`` (in this process, on an embedded Dask LocalCluster or on
+a cluster, as ``--scheduler`` says), in phases whose jobs are independent:
+
+1. one job per dataset (:func:`local_prepare_job`, :func:`global_prepare_job`): the split, the model
+   (trained inside the job when missing) and the one inference pass that caches the vectors;
+2. the maps: step 6 one job per dataset and atom (:func:`local_atom_job`: every layer's UMAP, metrics,
+   coordinates and the atom's figure), step 7 one job per dataset and layer input
+   (:func:`global_layer_job`: UMAP, metrics, coordinates);
+3. step 7 only: one job per dataset drawing its layer grid from the cached coordinates
+   (:func:`global_draw_job`).
+
+The submitting process (:func:`local_maps`, :func:`global_maps`) merges each dataset's rows into its
+``summary.csv`` and returns them for the table the script prints. Run as ``python plot_local_edm_umap.py``
+(step 6) or ``python plot_global_edm_umap.py`` (step 7).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
 
 from crabnet.data import CompositionData, load_dataset
 from crabnet.elements import ATOMIC_NUMBER
+from crabnet.engine import Engine, Job, run_jobs
 from crabnet.layout import Layout
 from crabnet.model import CrabNet
 from crabnet.oxidation import load_oxidation, oxidation_path, oxidation_states
@@ -33,7 +50,7 @@ from crabnet.projection import (GLOBAL_METRIC, UmapParams, global_metrics, globa
 from crabnet.represent import RepresentationStore, collect, open_store
 from crabnet.train import Recipe, Scaler, ensure_model
 from crabnet.umap_plots import Colouring, hover_text, make_colouring, pauling_en_mad, plot_html, plot_png
-from crabnet.utils import UsageError, atomic_path
+from crabnet.utils import UsageError, atomic_path, seed_everything
 
 # The atoms of the paper's local-EDM figures (SPEC §6 step 6).
 PAPER_ATOMS = ("Al", "Fe", "O", "C", "B", "N", "Ti", "Cu", "Li", "W", "Na", "Si", "Ag", "Te", "As", "Cr", "Pt",
@@ -45,13 +62,13 @@ EN_LABEL = "fraction-weighted mean absolute\ndeviation of Pauling electronegativ
 
 @dataclass
 class MapSettings:
-    """What steps 6 and 7 share: where, which model, and how to run."""
+    """What steps 6 and 7 share: where, which model, and how to run (small and picklable: jobs take it)."""
 
     data_dir: Path
     features: str
     split: str
     recipe: Recipe
-    device: object
+    device: str  # "cpu", "cuda" or "cuda:N", already checked by map_settings
     seed: int
     force: bool = False
     batch_size: int = 512
@@ -87,7 +104,7 @@ def map_settings(data_dir: Path, features: str, split: str, recipe: str, quick_e
 
     return MapSettings(data_dir, features, split, make_recipe(recipe, **({"epochs": quick_epochs} if quick_epochs
                                                                           else {})),
-                       resolve_device(device), seed, force, batch_size, None if umap_parallel else seed, html_js,
+                       str(resolve_device(device)), seed, force, batch_size, None if umap_parallel else seed, html_js,
                        precision)
 
 
@@ -157,19 +174,39 @@ def update_summary(path: Path | str, rows: list[dict], keys: list[str]) -> pd.Da
     return new
 
 
-def run_datasets(datasets: list[str], label: str, run: Callable[[str], pd.DataFrame]) -> pd.DataFrame:
-    """``run(dataset)`` for each dataset in turn, its summary rows tagged with ``dataset``.
+@contextlib.contextmanager
+def dataset_errors(dataset: str) -> Iterator[None]:
+    """A bad input of a dataset's job (a :class:`~crabnet.utils.UsageError` or a missing file) becomes one
+    ``UsageError`` naming the dataset; with a single job the script prints it as one ``error:`` line."""
+    try:
+        yield
+    except (UsageError, FileNotFoundError) as err:
+        raise UsageError(f"{dataset}: {err}") from None
 
-    A bad dataset stops the run with a :class:`~crabnet.utils.UsageError` naming it.
+
+def merge_summaries(s: MapSettings, kind: str, datasets: list[str], jobs: list[Job], rows: list, keys: list[str],
+                    t0: float) -> pd.DataFrame:
+    """Merge the rows the map jobs returned into each dataset's ``summary.csv``; all rows, tagged with ``dataset``.
+
+    Args:
+        s: the settings.
+        kind: ``local`` or ``global``.
+        datasets: the datasets, in order.
+        jobs: the map jobs (``kwargs["dataset"]`` names each one's dataset).
+        rows: each job's result: one row (dict) or a list of rows.
+        keys: the summary's key columns.
+        t0: when the step started (``time.perf_counter``), for the elapsed time printed.
     """
-    results = []
+    tables = []
     for ds in datasets:
-        print(f"{ds} ({label}):")
-        try:
-            results.append(run(ds).assign(dataset=ds))
-        except (UsageError, FileNotFoundError) as err:
-            raise UsageError(f"{ds}: {err}") from None
-    return pd.concat(results, ignore_index=True)
+        mine = [r for job, res in zip(jobs, rows) if job.kwargs["dataset"] == ds
+                for r in (res if isinstance(res, list) else [res])]
+        out_dir = Layout(s.data_dir).umap(kind, ds)
+        update_summary(out_dir / "summary.csv", mine, keys)
+        print(f"{ds}: coordinates -> {out_dir}/, summary -> {out_dir / 'summary.csv'} "
+              f"({time.perf_counter() - t0:.1f} s)")
+        tables.append(pd.DataFrame(mine).assign(dataset=ds))
+    return pd.concat(tables, ignore_index=True)
 
 
 def _projected(x: np.ndarray, params: UmapParams, store: RepresentationStore, name: str) -> tuple[np.ndarray, float]:
@@ -195,65 +232,120 @@ def check_local_args(atoms: list[str], n_neighbors: int, min_dist: float, min_di
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
 
 
-def local_maps(s: MapSettings, dataset: str, layers: list[int] | None, atoms: list[str], n_neighbors: int,
-               min_dist: float, min_dist_layer0: float) -> pd.DataFrame:
-    """Step 6 for one dataset: per-atom value-vector maps; returns the summary rows."""
-    p = prepare(s, dataset, "plot_local_edm_umap.py")
-    layers = check_layers(layers, p.model.cfg.n_layers, "encoder layers")
-    counts = {a: int((p.data.elements == ATOMIC_NUMBER[a]).any(1).sum()) for a in atoms}
-    keep = [a for a in atoms if counts[a] >= 2 * n_neighbors]
-    for a in atoms:
-        if a not in keep:
-            print(f"  skipping {a}: in {counts[a]} {s.split} compound(s) of {dataset}, fewer than "
-                  f"2·n_neighbors = {2 * n_neighbors}")
-    collect(p.model, p.data, p.scaler, p.store.folder, local={l: [ATOMIC_NUMBER[a] for a in keep] for l in layers},
-            batch_size=s.batch_size, device=s.device)
-    comp = p.store.compounds
+def local_maps(s: MapSettings, datasets: list[str], layers: list[int] | None, atoms: list[str], n_neighbors: int,
+               min_dist: float, min_dist_layer0: float, engine: Engine | None = None) -> pd.DataFrame | None:
+    """Step 6: per-atom value-vector maps of each dataset, as jobs; returns the summary rows of all datasets.
+
+    Jobs: one per dataset (:func:`local_prepare_job`: model, trained if missing, and vectors), then one per
+    dataset and atom (:func:`local_atom_job`). Each dataset's rows are merged into its ``summary.csv`` here.
+    With ``engine.plan`` only the dataset jobs are listed (the atoms kept depend on the split) and None is
+    returned.
+    """
+    t0, datasets = time.perf_counter(), list(dict.fromkeys(datasets))
+    prepared = run_jobs([Job(ds, local_prepare_job, dict(s=s, dataset=ds, layers=layers, atoms=atoms,
+                                                          n_neighbors=n_neighbors), gpu=s.device.startswith("cuda"))
+                         for ds in datasets], engine, what="datasets")
+    if prepared is None:  # --plan
+        return None
+    jobs = [Job(f"{p['dataset']} {atom}", local_atom_job,
+                dict(s=s, dataset=p["dataset"], store=p["store"], atom=atom, layers=p["layers"],
+                     n_neighbors=n_neighbors, min_dist=min_dist, min_dist_layer0=min_dist_layer0))
+            for p in prepared for atom in p["atoms"]]
+    rows = run_jobs(jobs, engine, what="atom maps")
+    return merge_summaries(s, "local", datasets, jobs, rows, LOCAL_KEYS, t0)
+
+
+def local_prepare_job(s: MapSettings, dataset: str, layers: list[int] | None, atoms: list[str],
+                      n_neighbors: int) -> dict:
+    """Step 6, the first job of a dataset: its model (trained here if missing) and the value vectors of its atoms.
+
+    Atoms in fewer than ``2 * n_neighbors`` compounds of the split are skipped with a message.
+
+    Returns:
+        ``dataset``, ``layers`` (checked against the model), ``atoms`` (those kept) and ``store`` (the
+        vector cache folder, as text) for :func:`local_atom_job`.
+
+    Raises:
+        UsageError: naming the dataset (bad ``layers``, missing split, …).
+    """
+    print(f"{dataset} ({s.split}, {s.features}):")
+    seed_everything(s.seed)
+    with dataset_errors(dataset):
+        p = prepare(s, dataset, "plot_local_edm_umap.py")
+        layers = check_layers(layers, p.model.cfg.n_layers, "encoder layers")
+        counts = {a: int((p.data.elements == ATOMIC_NUMBER[a]).any(1).sum()) for a in atoms}
+        keep = [a for a in atoms if counts[a] >= 2 * n_neighbors]
+        for a in atoms:
+            if a not in keep:
+                print(f"  skipping {a}: in {counts[a]} {s.split} compound(s) of {dataset}, fewer than "
+                      f"2·n_neighbors = {2 * n_neighbors}")
+        collect(p.model, p.data, p.scaler, p.store.folder,
+                local={l: [ATOMIC_NUMBER[a] for a in keep] for l in layers}, batch_size=s.batch_size, device=s.device)
     print(f"  vectors of {len(keep)} atoms x {len(layers)} layers ready in {time.perf_counter() - p.t0:.1f} s "
           f"({p.store.folder})")
     ox_file = oxidation_path(s.data_dir, dataset, s.split)
-    guesses = load_oxidation(ox_file)
-    if guesses is None:
+    if load_oxidation(ox_file) is None:
         print(f"  no oxidation guesses at {ox_file} (run guess_oxidation.py --dataset {dataset} --split {s.split}); "
               f"oxidation states shown grey")
+    return {"dataset": dataset, "layers": layers, "atoms": keep, "store": str(p.store.folder)}
+
+
+def local_atom_job(s: MapSettings, dataset: str, store: str, atom: str, layers: list[int], n_neighbors: int,
+                   min_dist: float, min_dist_layer0: float) -> list[dict]:
+    """Step 6, one job per dataset and atom: the UMAP of its value vectors at each layer (cached), the kNN
+    metrics, the coordinates CSV of each layer and the atom's figure (layers x colourings, PNG and HTML).
+
+    Args:
+        s: the settings.
+        dataset: the dataset.
+        store: the vector cache folder made by :func:`local_prepare_job`.
+        atom: element symbol.
+        layers: encoder layers.
+        n_neighbors, min_dist, min_dist_layer0: UMAP settings (:func:`crabnet.projection.local_params`).
+
+    Returns:
+        One summary row per layer.
+    """
+    seed_everything(s.seed)
+    with dataset_errors(dataset):
+        p_store = RepresentationStore(store)
+        comp = p_store.compounds
+        guesses = load_oxidation(oxidation_path(s.data_dir, dataset, s.split))
     layout = Layout(s.data_dir)
     out_dir, fig_dir = layout.umap("local", dataset), layout.umap_figures("local", dataset)
     rows = []
-    for atom in keep:
-        z = ATOMIC_NUMBER[atom]
-        idx, pos = comp.rows_with(z)
-        frac = comp.fractions[idx, pos].astype(np.float64)
-        target, pred = comp.target[idx], comp.prediction[idx]
-        ox = oxidation_states(guesses, comp.formula[idx], atom)
-        coords = {}
-        for layer in layers:
-            x = p.store.local(z, layer)
-            params = local_params(layer, n_neighbors, min_dist, min_dist_layer0, s.umap_seed)
-            coords[layer], seconds = _projected(x, params, p.store, f"local__{atom}__layer{layer}")
-            m = local_metrics(np.asarray(x), coords[layer], ox, seed=s.seed)
-            rows.append({"features": s.features, "split": s.split, "atom": atom, "layer": layer, **m,
-                         "n_neighbors": params.n_neighbors, "min_dist": params.min_dist, "umap_seconds": seconds})
-            write_csv(pd.DataFrame({"row": comp.row[idx], "formula": comp.formula[idx], "fraction": frac,
-                                    "target": target, "prediction": pred, "oxidation_state": ox,
-                                    "umap_x": coords[layer][:, 0], "umap_y": coords[layer][:, 1]}),
-                      out_dir / f"{s.features}__{s.split}__{atom}__layer{layer}.csv")
-        lim = tuple(np.nanpercentile(np.r_[target, pred], [1, 99]))
-        colourings = [make_colouring("fraction", f"fraction of {atom}", frac, cmap="viridis"),
-                      make_colouring("target", "target", target, cmap="plasma", limits=lim),
-                      make_colouring("prediction", "prediction", pred, cmap="plasma", limits=lim),
-                      make_colouring("oxidation_state", f"mean oxidation state of {atom}"
-                                     + ("; kNN accuracy uses it rounded" if np.isfinite(ox).any() else "; none known"),
-                                     ox, style="diverging", cmap="RdYlBu_r")]
-        stem = fig_dir / f"{s.features}__{s.split}__{atom}"
-        hover = hover_text(comp.formula[idx], {"fraction": frac, "target": target, "prediction": pred,
-                                               f"oxidation state of {atom}": ox})
-        draw(coords, colourings, hover, stem,
-             f"{atom} in {len(idx)} {dataset} {s.split} compounds: value vectors ({s.features}), UMAP", s)
-        print(f"  {atom}: {len(idx)} compounds, {int(np.isfinite(ox).sum())} with an oxidation guess -> "
-              f"{stem}.png/.html")
-    update_summary(out_dir / "summary.csv", rows, LOCAL_KEYS)
-    print(f"  coordinates -> {out_dir}/, summary -> {out_dir / 'summary.csv'} ({time.perf_counter() - p.t0:.1f} s)")
-    return pd.DataFrame(rows)
+    z = ATOMIC_NUMBER[atom]
+    idx, pos = comp.rows_with(z)
+    frac = comp.fractions[idx, pos].astype(np.float64)
+    target, pred = comp.target[idx], comp.prediction[idx]
+    ox = oxidation_states(guesses, comp.formula[idx], atom)
+    coords = {}
+    for layer in layers:
+        x = p_store.local(z, layer)
+        params = local_params(layer, n_neighbors, min_dist, min_dist_layer0, s.umap_seed)
+        coords[layer], seconds = _projected(x, params, p_store, f"local__{atom}__layer{layer}")
+        m = local_metrics(np.asarray(x), coords[layer], ox, seed=s.seed)
+        rows.append({"features": s.features, "split": s.split, "atom": atom, "layer": layer, **m,
+                     "n_neighbors": params.n_neighbors, "min_dist": params.min_dist, "umap_seconds": seconds})
+        write_csv(pd.DataFrame({"row": comp.row[idx], "formula": comp.formula[idx], "fraction": frac,
+                                "target": target, "prediction": pred, "oxidation_state": ox,
+                                "umap_x": coords[layer][:, 0], "umap_y": coords[layer][:, 1]}),
+                  out_dir / f"{s.features}__{s.split}__{atom}__layer{layer}.csv")
+    lim = tuple(np.nanpercentile(np.r_[target, pred], [1, 99]))
+    colourings = [make_colouring("fraction", f"fraction of {atom}", frac, cmap="viridis"),
+                  make_colouring("target", "target", target, cmap="plasma", limits=lim),
+                  make_colouring("prediction", "prediction", pred, cmap="plasma", limits=lim),
+                  make_colouring("oxidation_state", f"mean oxidation state of {atom}"
+                                 + ("; kNN accuracy uses it rounded" if np.isfinite(ox).any() else "; none known"),
+                                 ox, style="diverging", cmap="RdYlBu_r")]
+    stem = fig_dir / f"{s.features}__{s.split}__{atom}"
+    hover = hover_text(comp.formula[idx], {"fraction": frac, "target": target, "prediction": pred,
+                                           f"oxidation state of {atom}": ox})
+    draw(coords, colourings, hover, stem,
+         f"{atom} in {len(idx)} {dataset} {s.split} compounds: value vectors ({s.features}), UMAP", s)
+    print(f"  {dataset} {atom}: {len(idx)} compounds, {int(np.isfinite(ox).sum())} with an oxidation guess -> "
+          f"{stem}.png/.html")
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,41 +359,103 @@ def check_global_args(n_neighbors: int, min_dist: float | None, seed: int, batch
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
 
 
-def global_maps(s: MapSettings, dataset: str, layers: list[int] | None, n_neighbors: int,
-                min_dist: float | None) -> pd.DataFrame:
-    """Step 7 for one dataset: pooled compound-vector maps per layer input; returns the summary rows."""
-    p = prepare(s, dataset, "plot_global_edm_umap.py")
-    n_layers = p.model.cfg.n_layers
-    layers = check_layers(layers, n_layers + 1, f"{n_layers} = the encoder output")
-    n = len(p.data)
-    params = validate_umap(UmapParams(n_neighbors, global_min_dist(n) if min_dist is None else min_dist,
-                                      GLOBAL_METRIC, s.umap_seed), n)
-    collect(p.model, p.data, p.scaler, p.store.folder, global_layers=layers, batch_size=s.batch_size,
-            device=s.device)
-    comp = p.store.compounds
+def global_maps(s: MapSettings, datasets: list[str], layers: list[int] | None, n_neighbors: int,
+                min_dist: float | None, engine: Engine | None = None) -> pd.DataFrame | None:
+    """Step 7: pooled compound-vector maps of each dataset, as jobs; returns the summary rows of all datasets.
+
+    Jobs: one per dataset (:func:`global_prepare_job`: model, trained if missing, and vectors), one per
+    dataset and layer input (:func:`global_layer_job`), then one per dataset drawing its figure
+    (:func:`global_draw_job`). Each dataset's rows are merged into its ``summary.csv`` here. With
+    ``engine.plan`` only the dataset jobs are listed (the layers depend on the model) and None is returned.
+    """
+    t0, datasets = time.perf_counter(), list(dict.fromkeys(datasets))
+    prepared = run_jobs([Job(ds, global_prepare_job, dict(s=s, dataset=ds, layers=layers, n_neighbors=n_neighbors,
+                                                           min_dist=min_dist), gpu=s.device.startswith("cuda"))
+                         for ds in datasets], engine, what="datasets")
+    if prepared is None:  # --plan
+        return None
+    shared = ("dataset", "store", "n_layers", "params")
+    jobs = [Job(f"{p['dataset']} layer {layer}", global_layer_job, dict(s=s, layer=layer, **{k: p[k] for k in shared}))
+            for p in prepared for layer in p["layers"]]
+    table = merge_summaries(s, "global", datasets, jobs, run_jobs(jobs, engine, what="layer maps"), GLOBAL_KEYS, t0)
+    run_jobs([Job(p["dataset"], global_draw_job, dict(s=s, layers=p["layers"], **{k: p[k] for k in shared}))
+              for p in prepared], engine, what="figures")
+    return table
+
+
+def global_prepare_job(s: MapSettings, dataset: str, layers: list[int] | None, n_neighbors: int,
+                       min_dist: float | None) -> dict:
+    """Step 7, the first job of a dataset: its model (trained here if missing) and the pooled vectors.
+
+    Returns:
+        ``dataset``, ``layers`` (checked against the model), ``n_layers``, ``params`` (the UMAP settings,
+        min_dist by dataset size unless given) and ``store`` (the vector cache folder, as text).
+
+    Raises:
+        UsageError: naming the dataset (bad ``layers``, UMAP settings that do not fit the split, …).
+    """
+    print(f"{dataset} ({s.split}, {s.features}):")
+    seed_everything(s.seed)
+    with dataset_errors(dataset):
+        p = prepare(s, dataset, "plot_global_edm_umap.py")
+        n_layers = p.model.cfg.n_layers
+        layers = check_layers(layers, n_layers + 1, f"{n_layers} = the encoder output")
+        n = len(p.data)
+        params = validate_umap(UmapParams(n_neighbors, global_min_dist(n) if min_dist is None else min_dist,
+                                          GLOBAL_METRIC, s.umap_seed), n)
+        collect(p.model, p.data, p.scaler, p.store.folder, global_layers=layers, batch_size=s.batch_size,
+                device=s.device)
     print(f"  pooled vectors of {n} compounds x {len(layers)} layer inputs ready in "
           f"{time.perf_counter() - p.t0:.1f} s ({p.store.folder})")
+    return {"dataset": dataset, "layers": layers, "n_layers": n_layers, "params": params, "store": str(p.store.folder)}
+
+
+def global_layer_job(s: MapSettings, dataset: str, store: str, layer: int, n_layers: int, params: UmapParams) -> dict:
+    """Step 7, one job per dataset and layer input: UMAP of the pooled vectors (cached), the kNN metrics and
+    the coordinates CSV (with the colours of the figure).
+
+    Returns:
+        The layer's summary row.
+    """
+    seed_everything(s.seed)
+    with dataset_errors(dataset):
+        p_store = RepresentationStore(store)
+        comp = p_store.compounds
+        x = np.asarray(p_store.global_(layer))
+    coords, seconds = _projected(x, params, p_store, f"global__layer{layer}")
+    m = global_metrics(x, coords, comp.target, seed=s.seed)
+    del x
+    row = {"features": s.features, "split": s.split, "layer": layer,
+           "layer_is": "encoder output" if layer == n_layers else "layer input", **m,
+           "n_neighbors": params.n_neighbors, "min_dist": params.min_dist, "metric": params.metric,
+           "umap_seconds": seconds}
+    write_csv(pd.DataFrame({"row": comp.row, "formula": comp.formula, "n_elements": comp.n_elements,
+                            "target": comp.target, "prediction": comp.prediction,
+                            "error": comp.prediction - comp.target,
+                            "en_pauling_mad": pauling_en_mad(comp.elements, comp.fractions),
+                            "umap_x": coords[:, 0], "umap_y": coords[:, 1]}),
+              Layout(s.data_dir).umap("global", dataset) / f"{s.features}__{s.split}__layer{layer}.csv")
+    print(f"  {dataset} layer {layer}: UMAP {'(cached)' if np.isnan(seconds) else f'{seconds:.1f} s'}, "
+          f"kNN R² {m['knn_r2_repr']:.3f}")
+    return row
+
+
+def global_draw_job(s: MapSettings, dataset: str, store: str, layers: list[int], n_layers: int,
+                    params: UmapParams) -> str:
+    """Step 7, the last job of a dataset: the grid of layer inputs x colourings (PNG and HTML), from the
+    coordinates the layer jobs cached (read back exactly; no vector is loaded).
+
+    Returns:
+        The figure's path without suffix, as text.
+    """
+    with dataset_errors(dataset):
+        p_store = RepresentationStore(store)
+        comp = p_store.compounds
+        coords = {layer: project(p_store.global_(layer), params, p_store.umap_dir, f"global__layer{layer}")[0]
+                  for layer in layers}  # memory-mapped vectors: only their length is read for the cache's name
     n_el = comp.n_elements.astype(np.float64)
     error = comp.prediction - comp.target
     en = pauling_en_mad(comp.elements, comp.fractions)
-    layout = Layout(s.data_dir)
-    out_dir = layout.umap("global", dataset)
-    rows, coords = [], {}
-    for layer in layers:
-        x = np.asarray(p.store.global_(layer))
-        coords[layer], seconds = _projected(x, params, p.store, f"global__layer{layer}")
-        m = global_metrics(x, coords[layer], comp.target, seed=s.seed)
-        rows.append({"features": s.features, "split": s.split, "layer": layer,
-                     "layer_is": "encoder output" if layer == n_layers else "layer input", **m,
-                     "n_neighbors": params.n_neighbors, "min_dist": params.min_dist, "metric": params.metric,
-                     "umap_seconds": seconds})
-        write_csv(pd.DataFrame({"row": comp.row, "formula": comp.formula, "n_elements": comp.n_elements,
-                                "target": comp.target, "prediction": comp.prediction, "error": error,
-                                "en_pauling_mad": en, "umap_x": coords[layer][:, 0], "umap_y": coords[layer][:, 1]}),
-                  out_dir / f"{s.features}__{s.split}__layer{layer}.csv")
-        print(f"  layer {layer}: UMAP {'(cached)' if np.isnan(seconds) else f'{seconds:.1f} s'}, "
-              f"kNN R² {m['knn_r2_repr']:.3f}")
-        del x
     lim = tuple(np.nanpercentile(np.r_[comp.target, comp.prediction], [1, 99]))
     colourings = [make_colouring("n_elements", "number of elements", n_el, style="discrete", cmap="viridis",
                                  title="number of elements"),
@@ -310,16 +464,14 @@ def global_maps(s: MapSettings, dataset: str, layers: list[int] | None, n_neighb
                   make_colouring("error", "prediction − target", error, style="diverging"),
                   make_colouring("EN_deviation", EN_LABEL, en, cmap="cividis",
                                  title="Pauling electronegativity deviation")]
-    stem = layout.umap_figures("global", dataset) / f"{s.features}__{s.split}"
+    stem = Layout(s.data_dir).umap_figures("global", dataset) / f"{s.features}__{s.split}"
     hover = hover_text(comp.formula, {"elements": n_el, "target": comp.target, "prediction": comp.prediction,
                                       "error": error, "Pauling EN deviation": en})
     draw(coords, colourings, hover, stem,
-         f"{dataset} {s.split}: {n} compounds, pooled layer inputs ({s.features}), UMAP cosine", s,
+         f"{dataset} {s.split}: {len(comp)} compounds, pooled layer inputs ({s.features}), UMAP cosine", s,
          row_label=lambda l: f"encoder output (layer {l})" if l == n_layers else f"layer {l} input")
-    update_summary(out_dir / "summary.csv", rows, GLOBAL_KEYS)
-    print(f"  figures -> {stem}.png/.html\n  coordinates -> {out_dir}/, summary -> {out_dir / 'summary.csv'} "
-          f"({time.perf_counter() - p.t0:.1f} s)")
-    return pd.DataFrame(rows)
+    print(f"  {dataset}: figures -> {stem}.png/.html")
+    return str(stem)
 
 
 def print_table(table: pd.DataFrame, columns: list[str], heading: str) -> None:

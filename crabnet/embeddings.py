@@ -152,8 +152,62 @@ def write_predictions(frame: pd.DataFrame, path: Path | str) -> Path:
     return write_frame(frame, path, index=False, float_format="%.8g")
 
 
+# --------------------------------------------------------------------------------------------
+# the job of step 4 (one model): run by crabnet.engine here or on a Dask worker
+
+
+def model_job(data_dir: Path, dataset: str, features: str, recipe, device: str, seed: int, force: bool,
+              precision: str) -> dict:
+    """Train or load one model (``crabnet.train.ensure_model``), write its embeddings and test
+    predictions; return the result row of step 4's table (small and picklable)."""
+    from crabnet.data import load_dataset
+    from crabnet.train import ensure_model, predict
+    from crabnet.utils import resolve_device
+
+    test = load_dataset(data_dir, dataset, splits=("test",), verbose=False)["test"]
+    model, scaler, meta = ensure_model(data_dir, dataset, features, recipe, device=resolve_device(device), seed=seed,
+                                       force=force, written_by="get_crabnet_embeddings.py", precision=precision)
+    paths = write_embeddings(embedding_frames(model), data_dir, features, dataset)
+    pred, unc = predict(model, test, scaler)
+    pred_path = write_predictions(predictions_frame(test.formula, test.target, pred, unc),
+                                  predictions_path(data_dir, dataset, features))
+    return model_row(dataset, features, meta, pred_path, len(paths))
+
+
+def model_row(dataset: str, features: str, meta: dict, pred_path: Path, n_csv: int) -> dict:
+    """Step 4's result row from a checkpoint's metadata and its written test predictions."""
+    from crabnet.reference import published_mae
+
+    pred = pd.read_csv(pred_path)
+    rec = meta.get("recipe", {})
+    return {"dataset": dataset, "features": features, "n_test": len(pred),
+            "test_mae": float(np.mean(np.abs(pred.prediction - pred.target))),
+            "published": published_mae(dataset, features),
+            "recipe": (f"full {meta['full_recipe']}" if meta.get("full_recipe")
+                       else f"short ({meta.get('epochs_run', rec.get('epochs', '?'))} epochs)"),
+            "embeddings": str(Path(pred_path).parents[1] / "embeddings" / features), "n_csv": n_csv,
+            "predictions": str(pred_path)}
+
+
+def model_outputs_current(data_dir: Path, dataset: str, features: str, recipe) -> dict | None:
+    """Step 4's result row when the checkpoint suits ``recipe`` and its embeddings and predictions
+    are newer than it (nothing to do); else None. Reads the checkpoint's metadata only."""
+    from crabnet.train import checkpoint_path, checkpoint_suits, read_checkpoint_meta
+
+    ckpt = checkpoint_path(data_dir, dataset, features, recipe.name)
+    pred = predictions_path(data_dir, dataset, features)
+    embeddings = sorted(Layout(data_dir).embedding(features, dataset, 0, "Q").parent.glob(f"{dataset}__layer*__*.csv"))
+    if not (ckpt.exists() and pred.exists() and embeddings):
+        return None
+    newer = min(p.stat().st_mtime for p in [pred, *embeddings]) >= ckpt.stat().st_mtime
+    meta = read_checkpoint_meta(ckpt) if newer else None
+    if meta is None or not checkpoint_suits(meta, recipe):
+        return None
+    return model_row(dataset, features, meta, pred, len(embeddings))
+
+
 __all__ = [
-    "KINDS", "BENCHMARK_DATASETS", "present_elements", "element_qkv",
+    "KINDS", "model_job", "model_row", "model_outputs_current", "BENCHMARK_DATASETS", "present_elements", "element_qkv",
     "embedding_frames", "embedding_path", "write_embeddings", "read_embedding_csv", "predictions_path",
     "predictions_frame", "write_predictions",
 ]

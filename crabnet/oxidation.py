@@ -6,7 +6,7 @@ whose states occur most often in the ICSD, kept as ``{element: mean oxidation st
 over the atoms of an element, so Fe in Fe3O4 is 8/3), or ``None`` with a reason:
 
 - ``no_solution``: no charge-balanced assignment (common for intermetallics, e.g. CuZn);
-- ``timeout``: the guess took longer than the time bound (a safety net; it should not happen);
+- ``timeout``: the guess used more CPU time than its bound (a safety net; it should not happen);
 - ``max_sites``: the composition has more atoms than the ``max_sites`` bound (not tried);
 - ``invalid_formula: …``: the formula could not be parsed;
 - ``error: …``: an exception was raised (its type and message are kept).
@@ -30,38 +30,40 @@ How the work is shared and bounded:
   ``get_integer_formula_and_factor`` (Li0.5Co0.5O2 -> LiCoO4), since pymatgen refuses them.
   That composition, as text (``"N2 O4"``), is the unit of work and the key under which results
   are shared across formulas, splits and datasets.
-- :class:`GuessPool` runs the guesses in worker processes. Each worker bounds every guess by the
-  CPU time it spends (a ``SIGPROF`` interval timer), so that the outcome does not depend on how
-  busy the machine is; should a guess not return (stuck outside the interpreter), the parent
-  kills the worker after a longer wall-clock bound, records ``timeout`` and starts a replacement.
-  A worker that dies is recorded as an ``error`` for the formula it was working on. Nothing is
-  swallowed.
-- :class:`GuessCache` appends every result to a JSON-lines file as soon as it arrives, so an
-  interrupted run resumes where it stopped; a timeout is retried when the bound is raised.
+- :func:`guess_all` cuts the distinct keys that the cache lacks into chunks of a few thousand,
+  each a job of :mod:`crabnet.engine` (:func:`guess_chunk`): in this process for one chunk or on
+  one core, else on an embedded Dask ``LocalCluster``, or wherever ``--scheduler`` says.
+- Every guess is bounded by the CPU time of the thread running it (:func:`guess_bounded`: the
+  loops of the dynamic programmes check ``time.thread_time``), so that the outcome does not depend
+  on how busy the machine is and the bound holds in Dask's worker threads; an exception becomes
+  the formula's ``error: …`` reason. Nothing stops a guess that would hang outside those loops
+  (the rest is a few numpy operations and loops of bounded size per element); a worker process
+  that dies has its chunk run again by Dask.
+- :class:`GuessCache`: the submitting process alone appends each chunk's results to a JSON-lines
+  file as soon as the chunk finishes, so an interrupted run resumes from the finished chunks; a
+  timeout is retried when the bound is raised.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import heapq
 import json
 import math
-import multiprocessing
-import signal
-import sys
+import re
 import threading
 import time
 import warnings
-from collections import deque
 from dataclasses import dataclass
-from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 
 from crabnet.data import DataError, parse_formula, read_text_table
 from crabnet.elements import ATOMIC_NUMBER, SYMBOLS
+from crabnet.engine import Engine, Job, run_jobs
 from crabnet.layout import Layout
 
 NO_SOLUTION = "no_solution"
@@ -69,7 +71,9 @@ TIMEOUT = "timeout"
 MAX_SITES = "max_sites"
 INVALID = "invalid_formula"
 ERROR = "error"
-STARTUP_SECONDS = 300  # a worker that is not ready by then means something is broken
+CHUNK_SIZE = 5000  # compositions per job: about a second of one core (cheaper in this process than a cluster)
+# CPU seconds of a guess, estimated (chunks of equal cost, --plan): a + b * atoms^2, fitted on aflow__Egap
+SECONDS_PER_KEY, SECONDS_PER_ATOM2 = 1e-4, 2e-9
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,7 +88,7 @@ class Guess:
         key: the integer composition the guess was made for (:func:`composition_key`, ``"N2 O4"``).
         states: ``{element: mean oxidation state}`` of the most probable solution, or ``None``.
         reason: why ``states`` is ``None`` (see the module docstring); ``None`` when it is not.
-        seconds: CPU time of the guess (wall time for a worker killed at the hard bound).
+        seconds: CPU time of the guess.
     """
 
     key: str
@@ -203,7 +207,9 @@ def element_sums(symbol: str, sites: int) -> tuple[tuple[int, int], ...]:
     # first[j][k] for the current k, by j; first[m][k] is empty for k >= 1
     first_prev: list[np.ndarray] = [np.zeros(1, dtype=np.int64) for _ in range(m + 1)]
     empty = np.zeros(0, dtype=np.int64)
+    end = _cpu_end()
     for _k in range(1, sites + 1):
+        _check_time(end)
         best_cur = []
         below = np.full(size, _UNREACHED, dtype=np.int64)  # best[i-1][k]
         for i in range(m):
@@ -280,7 +286,10 @@ class _Reach:
         vs, scs = _element_arrays(symbol, sites)
         v_min = int(vs.min())
         out_arr = np.full(arr.size + int(vs.max()) - v_min, _UNREACHED, dtype=np.int64)
-        for v, sc in zip((vs - v_min).tolist(), scs.tolist()):
+        end = _cpu_end()
+        for i, (v, sc) in enumerate(zip((vs - v_min).tolist(), scs.tolist())):
+            if not i % 16:
+                _check_time(end)
             window = out_arr[v: v + arr.size]
             np.maximum(window, arr + sc, out=window)
         return _Reach(low=low + v_min, dense=out_arr)
@@ -374,248 +383,75 @@ def guess_states(key: str) -> dict[str, float] | None:
     return guess_amounts(parse_key(key))
 
 
+# --------------------------------------------------------------------------------------------
+# the time bound and the job of step 3
+
+
 class _Timeout(BaseException):
-    """Raised by the alarm handler; a BaseException so that library code cannot catch it."""
+    """Raised by :func:`_check_time`; a BaseException so that no ``except Exception`` on the way swallows it."""
 
 
-def _on_alarm(signum, frame):  # pragma: no cover - runs in worker processes
-    raise _Timeout()
+ChunkResult = tuple[str, dict[str, float] | None, str | None, float]  # (key, states, reason, seconds)
+_BOUND = threading.local()  # .end: the thread CPU time (time.thread_time) at which the running guess stops
+
+
+def _cpu_end() -> float | None:
+    """The thread CPU time at which the guess running in this thread must stop; None when it is not bounded."""
+    return getattr(_BOUND, "end", None)
+
+
+def _check_time(end: float | None) -> None:
+    """Raise :class:`_Timeout` when this thread's CPU time has passed ``end`` (None: never)."""
+    if end is not None and time.thread_time() > end:
+        raise _Timeout()
 
 
 def guess_bounded(key: str, max_seconds: float | None) -> Guess:
     """:func:`guess_states` bounded by ``max_seconds`` of CPU time; exceptions become reasons.
 
-    The bound is a ``SIGPROF`` interval timer (process CPU time), whose handler must be installed
-    (pool workers do: :func:`install_cpu_bound`); run it in the main thread. Without
-    ``setitimer`` (Windows) the bound is not applied here; the pool's hard bound still applies.
-    """
-    use_timer = max_seconds is not None and hasattr(signal, "setitimer")
-    t0 = time.process_time()
-    try:
-        if use_timer:
-            signal.setitimer(signal.ITIMER_PROF, max_seconds)
-        try:
-            states = guess_states(key)
-        finally:
-            if use_timer:
-                signal.setitimer(signal.ITIMER_PROF, 0)
-    except _Timeout:
-        return Guess(key, None, TIMEOUT, time.process_time() - t0)
-    except Exception as err:  # recorded per formula, counted and reported by the caller
-        return Guess(key, None, f"{ERROR}: {type(err).__name__}: {err}", time.process_time() - t0)
-    return Guess(key, states, None if states is not None else NO_SOLUTION, time.process_time() - t0)
-
-
-def install_cpu_bound() -> None:
-    """Make the CPU-time timer of :func:`guess_bounded` raise in this process (main thread only)."""
-    if hasattr(signal, "SIGPROF"):
-        signal.signal(signal.SIGPROF, _on_alarm)
-
-
-# --------------------------------------------------------------------------------------------
-# the process pool
-
-
-def _worker_main(conn, max_seconds: float | None) -> None:  # pragma: no cover - runs in workers
-    """Worker loop: receive lists of keys, send one result tuple per key; ``None`` stops."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
-    install_cpu_bound()
-    warnings.simplefilter("ignore")
-    guess_states("Na1 Cl1")  # reads pymatgen's tables (pymatgen_tables) before the clock starts
-    conn.send(("ready", time.process_time()))
-    while True:
-        try:
-            chunk = conn.recv()
-        except (EOFError, OSError):
-            return
-        if chunk is None:
-            return
-        for key in chunk:
-            g = guess_bounded(key, max_seconds)
-            conn.send((g.key, g.states, g.reason, g.seconds, time.process_time()))
-
-
-class _Worker:
-    def __init__(self, max_seconds: float | None):
-        ctx = multiprocessing.get_context(_start_method())
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, max_seconds), daemon=True)
-        sys.stdout.flush()  # a forked child would otherwise write the parent's pending output again
-        sys.stderr.flush()
-        self.proc.start()
-        child.close()
-        self.ready = False
-        self.chunk: deque[str] = deque()
-        self.started = 0.0  # wall clock when the current formula started
-        self.cpu_start = 0.0  # the worker's CPU time then (as it last reported it)
-        self.created = time.monotonic()
-
-    def cpu_seconds(self) -> float | None:
-        """CPU time (user + system) used by the worker process so far; None if unavailable."""
-        try:
-            import psutil
-
-            t = psutil.Process(self.proc.pid).cpu_times()
-            return t.user + t.system
-        except Exception:  # psutil missing, or the process just ended
-            return None
-
-    def stop(self, kill: bool = False) -> None:
-        if kill:
-            self.proc.kill()
-        else:
-            try:
-                self.conn.send(None)
-            except (OSError, ValueError):
-                pass
-        self.proc.join(timeout=None if kill else 2.0)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join()
-        self.conn.close()
-
-
-def _start_method() -> str:
-    """``fork`` on Linux while this process runs a single thread (fast: workers inherit the loaded
-    pymatgen); otherwise ``forkserver`` (preloading pymatgen) or, where that is missing, ``spawn``."""
-    methods = multiprocessing.get_all_start_methods()
-    if sys.platform.startswith("linux") and "fork" in methods and threading.active_count() == 1:
-        return "fork"
-    if "forkserver" in methods:
-        multiprocessing.get_context("forkserver").set_forkserver_preload(["crabnet.oxidation", "pymatgen.core"])
-        return "forkserver"
-    return "spawn"
-
-
-class GuessPool:
-    """Worker processes that guess oxidation states with a time bound per formula.
+    The loops of the dynamic programmes (:func:`element_sums`, the dense :meth:`_Reach.extend`)
+    compare the CPU time of the thread running them (``time.thread_time``) with the bound, so the
+    bound holds in any thread (Dask runs jobs in worker threads) and does not depend on how busy
+    the machine is. A guess past it ends at the next step of a loop as ``timeout``.
 
     Args:
-        workers: number of worker processes.
-        max_seconds: bound per formula on the CPU time of the worker.
-        hard_seconds: when a worker has spent this much CPU time on one formula (seen from here
-            with ``psutil``) it is killed and replaced and the formula recorded as ``timeout``;
-            default ``1.5 * max_seconds + 2``. Where the CPU time cannot be read, the same bound
-            applies to wall-clock time.
-        wall_seconds: a worker that has not answered for this long (wall clock, whatever its CPU
-            time, e.g. blocked) is killed likewise; default ``10 * max_seconds + 60``.
-        soft_timeout: use the in-worker alarm (turn off to rely on the hard bound only).
-        chunk: at most this many formulas are sent to a worker at once.
+        key: an integer composition (:func:`composition_key`).
+        max_seconds: CPU seconds allowed (``None``: no bound).
 
-    Use as a context manager; :meth:`run` yields a :class:`Guess` per key, in completion order.
-    ``kills`` counts workers killed for exceeding the hard bound, ``deaths`` workers that died.
+    Returns:
+        The :class:`Guess`; ``seconds`` is the CPU time it took.
     """
+    t0 = time.thread_time()
+    _BOUND.end = None if max_seconds is None else t0 + max_seconds
+    try:
+        states = guess_states(key)
+    except _Timeout:
+        return Guess(key, None, TIMEOUT, time.thread_time() - t0)
+    except Exception as err:  # recorded per formula, counted and reported by the caller
+        return Guess(key, None, f"{ERROR}: {type(err).__name__}: {err}", time.thread_time() - t0)
+    finally:
+        _BOUND.end = None
+    return Guess(key, states, None if states is not None else NO_SOLUTION, time.thread_time() - t0)
 
-    def __init__(self, workers: int, max_seconds: float, *, hard_seconds: float | None = None,
-                 wall_seconds: float | None = None, soft_timeout: bool = True, chunk: int = 16):
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
-        if not max_seconds > 0:
-            raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
-        self.n_workers = workers
-        self.max_seconds = max_seconds
-        self.hard_seconds = 1.5 * max_seconds + 2.0 if hard_seconds is None else hard_seconds
-        self.wall_seconds = 10.0 * max_seconds + 60.0 if wall_seconds is None else wall_seconds
-        self.soft = max_seconds if soft_timeout else None
-        self.chunk = max(1, chunk)
-        self.kills = 0
-        self.deaths = 0
-        self._workers: list[_Worker] = []
 
-    def __enter__(self) -> "GuessPool":
-        if _start_method() == "fork":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                guess_states("Na1 Cl1")  # read pymatgen's tables once, here, for all forked workers
-        self._workers = [_Worker(self.soft) for _ in range(self.n_workers)]
-        return self
+def guess_chunk(keys: list[str], max_seconds: float | None) -> list[ChunkResult]:
+    """The job of step 3: :func:`guess_bounded` for each key, in order (run by :mod:`crabnet.engine`).
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    Args:
+        keys: integer compositions (:func:`composition_key`).
+        max_seconds: CPU seconds allowed per key.
 
-    def close(self) -> None:
-        """Stop all workers (kill those still busy)."""
-        for w in self._workers:
-            w.stop(kill=bool(w.chunk) or not w.ready)
-        self._workers = []
-
-    def _replace(self, i: int) -> None:
-        self._workers[i].stop(kill=True)
-        self._workers[i] = _Worker(self.soft)
-
-    def _over_bound(self, w: _Worker, now: float) -> bool:
-        """Whether a busy worker has passed the hard CPU bound or the wall-clock bound."""
-        wall = now - w.started
-        if wall > self.wall_seconds:
-            return True
-        if wall <= self.hard_seconds:
-            return False
-        cpu = w.cpu_seconds()
-        return wall > self.hard_seconds if cpu is None else cpu - w.cpu_start > self.hard_seconds
-
-    def run(self, keys: Iterable[str]) -> Iterator[Guess]:
-        """Guess every key; yields results as they arrive."""
-        if not self._workers:
-            raise RuntimeError("use GuessPool as a context manager")
-        pending = deque(keys)
-        failed_starts = 0
-        while pending or any(w.chunk for w in self._workers):
-            now = time.monotonic()
-            for w in self._workers:
-                if w.ready and not w.chunk and pending:
-                    size = max(1, min(self.chunk, len(pending) // (2 * self.n_workers)))
-                    w.chunk.extend(pending.popleft() for _ in range(min(size, len(pending))))
-                    w.conn.send(list(w.chunk))
-                    w.started = now
-            # wake up when a busy worker may reach the hard bound (it cannot have used more CPU time
-            # than wall time), and from then on every 0.5 s to look at its CPU time
-            busy = [w.started + min(self.hard_seconds, self.wall_seconds) - now for w in self._workers if w.chunk]
-            timeout = 1.0 if not busy else min(busy) + 0.01 if min(busy) > 0 else 0.5
-            ready = wait([w.conn for w in self._workers], timeout=timeout)
-            for conn in ready:
-                i = next(j for j, w in enumerate(self._workers) if w.conn is conn)
-                w = self._workers[i]
-                try:
-                    msg = conn.recv()
-                except (EOFError, OSError):
-                    self.deaths += 1
-                    w.proc.join(timeout=1.0)
-                    code = w.proc.exitcode
-                    if not w.ready:
-                        failed_starts += 1
-                        if failed_starts > 2 * self.n_workers:
-                            raise RuntimeError(f"oxidation worker processes exit before they are ready "
-                                               f"(last exit code {code}); see the messages above") from None
-                    if w.chunk:
-                        key = w.chunk.popleft()
-                        pending.extendleft(reversed(w.chunk))
-                        w.chunk.clear()
-                        yield Guess(key, None, f"{ERROR}: worker process died (exit code {code})",
-                                    time.monotonic() - w.started)
-                    self._replace(i)
-                    continue
-                if msg[0] == "ready":
-                    w.ready = True
-                    w.cpu_start = msg[1]
-                    continue
-                key, states, reason, seconds, w.cpu_start = msg
-                expected = w.chunk.popleft()
-                if key != expected:  # cannot happen unless the protocol is broken
-                    raise RuntimeError(f"worker answered for {key!r}, expected {expected!r}")
-                w.started = time.monotonic()
-                yield Guess(key, states, reason, seconds)
-            now = time.monotonic()
-            for i, w in enumerate(self._workers):
-                if not w.ready and now - w.created > STARTUP_SECONDS:
-                    raise RuntimeError(f"an oxidation worker process did not start within {STARTUP_SECONDS} s")
-                if w.chunk and self._over_bound(w, now):
-                    self.kills += 1
-                    key = w.chunk.popleft()
-                    pending.extendleft(reversed(w.chunk))
-                    w.chunk.clear()
-                    elapsed = now - w.started
-                    self._replace(i)
-                    yield Guess(key, None, TIMEOUT, elapsed)
+    Returns:
+        ``(key, states, reason, seconds)`` per key, as plain tuples (small to send back from a worker).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pymatgen_tables()  # read once per process, before the clock of any guess starts
+    out = []
+    for key in keys:
+        g = guess_bounded(key, max_seconds)
+        out.append((g.key, g.states, g.reason, g.seconds))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -623,7 +459,7 @@ class GuessPool:
 
 
 class GuessCache:
-    """Results by key, appended to a JSON-lines file as they arrive.
+    """Results by key, appended to a JSON-lines file by one process (the one that submits the jobs).
 
     Each line is ``{"key", "states", "reason", "seconds", "max_seconds"}``. On loading, a line
     that cannot be read (the last line of a killed run) is ignored; later lines win. A
@@ -660,7 +496,7 @@ class GuessCache:
         return Guess(e["key"], e["states"], e["reason"], float(e.get("seconds") or 0.0))
 
     def add(self, guess: Guess, max_seconds: float) -> None:
-        """Record a result (appended to the file, flushed at least once a second)."""
+        """Record a result (appended to the file, flushed at least once a second and by :meth:`flush`)."""
         e = {"key": guess.key, "states": guess.states, "reason": guess.reason,
              "seconds": round(guess.seconds, 6), "max_seconds": max_seconds}
         self.entries[guess.key] = e
@@ -678,6 +514,12 @@ class GuessCache:
         if now - self._last_flush > 1.0:
             self._file.flush()
             self._last_flush = now
+
+    def flush(self) -> None:
+        """Write what was added to the file now."""
+        if self._file is not None:
+            self._file.flush()
+            self._last_flush = time.monotonic()
 
     def close(self) -> None:
         """Flush and close the file."""
@@ -735,7 +577,8 @@ def read_formulas(path: Path | str) -> list[str]:
 
 def keys_for(label: str, formulas: list[str], max_sites: int | None,
              memo: dict[str, tuple[str | None, int, str | None]] | None = None) -> SplitFormulas:
-    """Composition keys of formulas (:func:`composition_key`); unparseable ones and those over ``max_sites`` get a reason.
+    """Composition keys of formulas (:func:`composition_key`); unparseable ones and those over ``max_sites``
+    get a reason.
 
     Args:
         label: name of the split (for the result).
@@ -769,59 +612,99 @@ def keys_for(label: str, formulas: list[str], max_sites: int | None,
     return SplitFormulas(label, formulas, keys, reasons)
 
 
-def progress_bar(iterable=None, **kwargs):
-    """A tqdm bar without tqdm's monitor thread (quiet when not on a terminal unless told).
-
-    The monitor thread would make this process multi-threaded, and worker processes are only
-    forked from a single-threaded process (otherwise they come from the slower forkserver).
-    """
+def progress_bar(iterable: Iterable | None = None, **kwargs) -> Any:
+    """A tqdm bar, quiet when not on a terminal unless told (``disable`` given)."""
     from tqdm import tqdm
 
-    class _Bar(tqdm):
-        monitor_interval = 0
-
     kwargs.setdefault("disable", None)
-    return _Bar(iterable, **kwargs)
+    return tqdm(iterable, **kwargs)
 
 
-def guess_all(keys: Iterable[str], cache: GuessCache, *, workers: int, max_seconds: float,
-              progress: bool | None = None, pool_options: dict | None = None) -> dict:
-    """Guess every distinct key that the cache lacks, adding results to the cache as they arrive.
+_AMOUNT = re.compile(r"\d+")
+
+
+def estimated_seconds(key: str) -> float:
+    """CPU seconds a guess of ``key`` (``"Fe3 O4"``) takes, roughly: it grows with the square of its atoms."""
+    atoms = sum(map(int, _AMOUNT.findall(key)))
+    return SECONDS_PER_KEY + SECONDS_PER_ATOM2 * atoms * atoms
+
+
+def chunks_of(keys: list[str], chunk_size: int) -> list[list[str]]:
+    """``keys`` in ``ceil(len(keys) / chunk_size)`` chunks of about equal estimated cost, costliest first.
+
+    A handful of huge compositions (fractional formulas scaled to tens of thousands of atoms) take
+    most of the time of a dataset, so the chunks are balanced by :func:`estimated_seconds`, not by
+    count: the costliest keys first, each to the chunk with the least so far (a chunk holding one
+    huge key gets fewer others). Within a chunk the keys keep their order.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    n = math.ceil(len(keys) / chunk_size)
+    if n <= 1:
+        return [list(keys)] if keys else []
+    cost = [estimated_seconds(k) for k in keys]
+    heap = [(0.0, j) for j in range(n)]
+    members: list[list[int]] = [[] for _ in range(n)]
+    for i in sorted(range(len(keys)), key=cost.__getitem__, reverse=True):
+        total, j = heapq.heappop(heap)
+        members[j].append(i)
+        heapq.heappush(heap, (total + cost[i], j))
+    members.sort(key=lambda m: -sum(cost[i] for i in m))
+    return [[keys[i] for i in sorted(m)] for m in members]
+
+
+def guess_all(keys: Iterable[str | None], cache: GuessCache, *, max_seconds: float, engine: Engine | None = None,
+              chunk_size: int = CHUNK_SIZE) -> dict | None:
+    """Guess every distinct key that the cache lacks, as jobs of :mod:`crabnet.engine`.
+
+    The keys to do are cut into chunks of about ``chunk_size`` and equal cost (:func:`chunks_of`), each a
+    :class:`~crabnet.engine.Job` running :func:`guess_chunk`: in this process when there is one
+    chunk or one core, else on an embedded Dask ``LocalCluster``, or wherever ``engine`` says. This
+    process alone writes the cache: a chunk's results are added (and flushed) as soon as the chunk
+    finishes, so an interrupted or failed run keeps them.
 
     Args:
-        keys: keys (duplicates are fine; each is guessed once).
-        cache: results so far; new results are added.
-        workers: worker processes (at most one per key to do).
-        max_seconds: bound per formula (CPU seconds).
-        progress: show a tqdm bar (``None``: only on a terminal).
-        pool_options: extra :class:`GuessPool` arguments (``hard_seconds``, ``soft_timeout``, ``chunk``).
+        keys: composition keys (``None`` and duplicates are fine; each key is guessed once).
+        cache: results so far; new results are added and its file is closed at the end.
+        max_seconds: bound per formula (CPU seconds, :func:`guess_bounded`).
+        engine: where the chunks run (default: ``crabnet.engine.Engine()``, this machine).
+        chunk_size: about this many keys per job (``ceil(keys / chunk_size)`` jobs).
 
     Returns:
-        Run figures: ``distinct``, ``cached``, ``computed``, ``seconds``, ``per_second``,
-        ``kills``, ``deaths`` and ``reasons`` (count of each reason among the computed).
+        Run figures: ``distinct``, ``cached``, ``computed``, ``chunks``, ``seconds``, ``per_second``
+        and ``reasons`` (count of each outcome among the computed: ``ok`` or the reason); ``None``
+        with ``engine.plan`` (the chunks were listed with their estimated cost, not run).
+
+    Raises:
+        crabnet.engine.JobsFailed: some chunks failed (e.g. their worker kept dying); the results of
+            the others are in the cache.
     """
     distinct = list(dict.fromkeys(k for k in keys if k is not None))
     todo = [k for k in distinct if cache.get(k, max_seconds) is None]
+    parts = chunks_of(todo, chunk_size) if todo else []
+    # "oxidation-…": Dask puts the chunks in one task group "oxidation" (the key up to the first "-"), so that its
+    # scheduler queues them and hands them out as workers free up, instead of assigning them all at once
+    jobs = [Job(f"oxidation-chunk {i + 1} of {len(parts)}", guess_chunk, {"keys": part, "max_seconds": max_seconds},
+                cost_s=sum(map(estimated_seconds, part))) for i, part in enumerate(parts)]
     reasons: dict[str, int] = {}
+
+    def record(job: Job, result: list[ChunkResult]) -> None:
+        for key, states, reason, seconds in result:
+            cache.add(Guess(key, states, reason, seconds), max_seconds)
+            r = "ok" if reason is None else reason.split(":")[0]
+            reasons[r] = reasons.get(r, 0) + 1
+        cache.flush()
+
     t0 = time.perf_counter()
-    kills = deaths = 0
-    if todo:
-        with GuessPool(min(workers, len(todo)), max_seconds, **(pool_options or {})) as pool, \
-                progress_bar(total=len(todo), unit="formula", desc="oxidation states", smoothing=0.05,
-                             disable=None if progress is None else not progress) as bar:
-            try:
-                for g in pool.run(todo):
-                    cache.add(g, max_seconds)
-                    r = "ok" if g.reason is None else g.reason.split(":")[0]
-                    reasons[r] = reasons.get(r, 0) + 1
-                    bar.update(1)
-            finally:
-                cache.close()
-                kills, deaths = pool.kills, pool.deaths
+    try:
+        if run_jobs(jobs, engine, what="chunks", on_result=record) is None:
+            return None
+    finally:
+        cache.close()
     seconds = time.perf_counter() - t0
     return {"distinct": len(distinct), "cached": len(distinct) - len(todo), "computed": len(todo),
-            "seconds": seconds, "per_second": len(todo) / seconds if todo and seconds > 0 else math.nan,
-            "kills": kills, "deaths": deaths, "reasons": reasons}
+            "chunks": len(jobs), "seconds": seconds,
+            "per_second": len(todo) / seconds if todo and seconds > 0 else math.nan, "reasons": reasons}
 
 
 def results_for(split: SplitFormulas, cache: GuessCache, max_seconds: float) -> list[tuple[dict | None, str | None]]:
@@ -976,13 +859,10 @@ def oxidation_states(guesses: dict[str, dict[str, float] | None] | None, formula
     return out
 
 
-
-
 __all__ = [
-    "Guess", "GuessPool", "install_cpu_bound", "GuessCache", "SplitFormulas", "composition_key", "guess_states",
-    "guess_amounts", "element_sums", "pymatgen_tables", "parse_key",
-    "guess_bounded",
-    "cache_path", "read_formulas", "keys_for", "guess_all", "results_for", "write_split", "element_ox_states",
-    "write_element_ox_states", "progress_bar", "lookup_key", "oxidation_path", "load_oxidation",
-    "oxidation_states", "NO_SOLUTION", "TIMEOUT", "MAX_SITES", "INVALID", "ERROR",
+    "Guess", "GuessCache", "SplitFormulas", "composition_key", "guess_states", "guess_amounts", "element_sums",
+    "pymatgen_tables", "parse_key", "guess_bounded", "guess_chunk", "chunks_of", "estimated_seconds", "cache_path",
+    "read_formulas", "keys_for", "guess_all", "results_for", "write_split", "element_ox_states",
+    "write_element_ox_states", "progress_bar", "lookup_key", "oxidation_path", "load_oxidation", "oxidation_states",
+    "NO_SOLUTION", "TIMEOUT", "MAX_SITES", "INVALID", "ERROR", "CHUNK_SIZE",
 ]

@@ -17,6 +17,9 @@ occurs equally often, near 0 when a few elements dominate.
 
 The published tables (``crabnet/reference/published_stats_*.csv``, shipped with the package) list
 val and test diversity swapped; :func:`compare_with_published` accounts for that.
+
+``get_dataset_stats.py`` runs :func:`stats_job` once per dataset through ``crabnet.engine`` (in this
+process, or in parallel on a Dask cluster) and merges the returned :class:`DatasetStats` into the tables.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import pandas as pd
 
 from crabnet.data import SPLITS, read_split
 from crabnet.elements import N_ELEMENTS, SYMBOLS
-from crabnet.layout import BENCHMARK, MATBENCH, SplitFile, available, folds_of, resolve_datasets, split_files
+from crabnet.layout import (BENCHMARK, MATBENCH, Layout, SplitFile, available, folds_of, resolve_datasets,
+                            split_files)
 from crabnet.plotting import save_png
 from crabnet.reference import REFERENCE_DIR
 
@@ -98,7 +102,9 @@ def split_stats(path: Path | str, *, skip_invalid: bool = False) -> SplitStats:
     Raises:
         DataError: a bad row (file, row and formula named) unless ``skip_invalid``.
     """
-    data = read_split(path, drop_unary=False, skip_invalid=skip_invalid, verbose=skip_invalid)
+    # the file's rows as they are: single-element compounds kept, duplicates not merged
+    data = read_split(path, drop_unary=False, skip_invalid=skip_invalid, merge_duplicates=False,
+                      verbose=skip_invalid)
     n_real = data.n_real
     return SplitStats(samples=len(data), max_elements=int(n_real.max()) if len(data) else 0,
                       counts=presence_counts(data.elements))
@@ -143,6 +149,29 @@ def dataset_stats(data_dir: Path | str, kind: str, dataset: str, *, skip_invalid
     for f in files:
         by_fold.setdefault(f.fold, {})[f.split] = split_stats(f.path, skip_invalid=skip_invalid)
     return [DatasetStats(kind, dataset, fold, splits) for fold, splits in by_fold.items()]
+
+
+def stats_job(data_dir: Path, kind: str, dataset: str, skip_invalid: bool = False,
+              figures: bool = True) -> list[DatasetStats]:
+    """Step 8 for one dataset (a job of ``crabnet.engine``): its statistics and its prevalence plots.
+
+    Args:
+        data_dir: the ``--data-dir`` root.
+        kind: ``benchmark_data`` or ``matbench_cv``.
+        dataset: the dataset's folder name.
+        skip_invalid: skip bad rows (reported) instead of raising.
+        figures: also draw its two element-prevalence plots (:func:`plot_dataset_prevalence`).
+
+    Returns:
+        One :class:`DatasetStats` per fold (one for a benchmark set): small and picklable.
+
+    Raises:
+        DataError: a missing split file or a bad row (unless ``skip_invalid``).
+    """
+    results = dataset_stats(data_dir, kind, dataset, skip_invalid=skip_invalid)
+    if figures and results:
+        plot_dataset_prevalence(results[0], Layout(data_dir).stats_figures() / "prevalence")
+    return results
 
 
 def stats_table(results: list[DatasetStats], kind: str) -> pd.DataFrame:
@@ -280,6 +309,16 @@ def prevalence_figure(counts: dict[str, np.ndarray], title: str, order: str = "c
     return fig
 
 
+def plot_dataset_prevalence(stats: DatasetStats, folder: Path | str) -> None:
+    """``<folder>/<dataset>__by_count.png`` and ``…__by_z.png`` of one dataset (matbench sets: pass their
+    first fold, whose train, val and test splits together cover the set)."""
+    counts = {s: st.counts for s, st in stats.splits.items()}
+    what = stats.dataset if stats.fold is None else f"{stats.dataset} (fold {stats.fold})"
+    for order, suffix in (("count", "by_count"), ("z", "by_z")):
+        plot_prevalence(counts, f"{what}: compounds containing each element",
+                        Path(folder) / f"{stats.dataset}__{suffix}.png", order=order)
+
+
 def plot_diversity(groups: list[tuple[str, pd.DataFrame]], title: str, path: Path | str) -> None:
     """Write :func:`diversity_figure` as a PNG (atomically)."""
     save_png(diversity_figure(groups, title), path)
@@ -354,6 +393,7 @@ def matbench_summary(table: pd.DataFrame) -> pd.DataFrame:
 __all__ = [
     "BENCHMARK", "MATBENCH", "REFERENCE_DIR", "COLUMNS", "SplitFile", "SplitStats", "DatasetStats", "available",
     "folds_of", "resolve_datasets", "split_files", "presence_counts", "diversity_index", "split_stats", "table_row",
-    "dataset_stats", "stats_table", "counts_table", "merge_table", "compare_with_published", "read_published",
-    "plot_prevalence", "prevalence_figure", "plot_diversity", "diversity_figure", "matbench_summary",
+    "dataset_stats", "stats_job", "stats_table", "counts_table", "merge_table", "compare_with_published",
+    "read_published", "plot_prevalence", "plot_dataset_prevalence", "prevalence_figure", "plot_diversity",
+    "diversity_figure", "matbench_summary",
 ]

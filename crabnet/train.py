@@ -10,6 +10,8 @@ after three such epochs without a new minimum; the averaged weights are swapped 
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,9 +25,10 @@ import crabnet
 from crabnet.data import CompositionData, batch_size_for
 from crabnet.elements import feature_table
 from crabnet.layout import Layout
-from crabnet.model import CrabNet, CrabNetConfig
+from crabnet.model import CrabNet, CrabNetConfig, real_slots
 from crabnet.optim import SWA, Lamb, Lookahead, triangular_lr
-from crabnet.utils import atomic_path
+from crabnet.signals import STOP, Preempted, deferred_stop
+from crabnet.utils import UsageError, atomic_path
 
 
 @dataclass
@@ -70,7 +73,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 def resolve_precision(precision: str, device: torch.device | str) -> str:
     """``auto`` -> "bf16" where the hardware runs bf16 matmuls natively, else "fp32".
 
-    bf16 is chosen on CUDA GPUs that support it and on CPUs with AVX-512 bf16 or AMX tiles (there
+    bf16 is chosen on CUDA GPUs that run it natively (compute capability 8.0 and newer, asked of
+    ``device`` itself: :func:`cuda_bf16_native`) and on CPUs with AVX-512 bf16 or AMX tiles (there
     a bf16 matmul ran ~5x faster than fp32 on this project's 2-core machine); other CPUs emulate
     bf16 slowly, so they stay in fp32. Weights, optimiser state and the loss are fp32 either way.
     """
@@ -80,12 +84,30 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
         return precision
     device = torch.device(device)
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if cuda_bf16_native(device) else "fp32"
     if device.type == "cpu":
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         fast = any(getattr(torch.cpu, name, lambda: False)() for name in probes)
         return "bf16" if fast else "fp32"
     return "fp32"
+
+
+def cuda_bf16_native(device: torch.device | str) -> bool:
+    """Whether the CUDA device ``device`` (not merely the current one) runs bf16 matmuls natively.
+
+    ``torch.cuda.is_bf16_supported()`` asks about the *current* device and by default also counts
+    GPUs that only emulate bf16 (compute capability < 8.0, where it is slower than fp32); here it is
+    asked with ``including_emulation=False`` about ``device``. ROCm GPUs count as native, as PyTorch has it.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with torch.cuda.device(index):
+        try:
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+        except TypeError:  # a PyTorch without the keyword: Ampere (8.0) and newer run bf16 natively
+            return torch.version.hip is not None or torch.cuda.get_device_capability(index) >= (8, 0)
 
 
 def autocast(precision: str, device: torch.device | str):
@@ -146,12 +168,16 @@ def to_tensors(data: CompositionData, device: torch.device) -> tuple[torch.Tenso
 
 @torch.no_grad()
 def _forward_batches(model: CrabNet, el: torch.Tensor, fr: torch.Tensor, batch_size: int,
-                     precision: str) -> torch.Tensor:
-    """Raw outputs (n, 3) in float32 for tensors already on the model's device (eval mode)."""
+                     precision: str, real: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Raw outputs (n, 3) in float32 for tensors already on the model's device (eval mode).
+
+    ``real``: the real slots of each batch (:func:`crabnet.model.real_slots`), if known.
+    """
     was_training = model.training
     model.eval()
     with autocast(precision, el.device):
-        out = torch.cat([model(el[i : i + batch_size], fr[i : i + batch_size])
+        out = torch.cat([model(el[i : i + batch_size], fr[i : i + batch_size],
+                               real=None if real is None else real[i // batch_size])
                          for i in range(0, len(el), batch_size)]) if len(el) else torch.empty(0, 3)
     model.train(was_training)
     return out.float()
@@ -190,9 +216,12 @@ class Validator:
         self.el, self.fr, _ = to_tensors(data, device)
         self.target = np.asarray(data.target, np.float64)
         self.scaler, self.batch_size, self.precision = scaler, batch_size, precision
+        # off the CPU each batch's real slots are found once, here, so the passes need no host synchronisation
+        self.real = None if torch.device(device).type == "cpu" else [
+            real_slots(data.elements[i : i + batch_size], device) for i in range(0, len(data), batch_size)]
 
     def __call__(self, model: CrabNet) -> float:
-        out = _forward_batches(model, self.el, self.fr, self.batch_size, self.precision)
+        out = _forward_batches(model, self.el, self.fr, self.batch_size, self.precision, self.real)
         return mae(self.scaler.unscale(out[:, 0].double().cpu().numpy()), self.target)
 
 
@@ -228,13 +257,35 @@ class History:
 Callback = Callable[[str, int, int], None]
 
 SAVE_EVERY_S = 60.0  # default interval between saves of the training state
+STATE_EVERY_ENV = "CRABNET_STATE_EVERY_S"  # environment variable overriding it (seconds; 0 = every epoch)
+
+
+def state_save_interval() -> float:
+    """Seconds between saves of the training state: ``$CRABNET_STATE_EVERY_S`` if set (a float >= 0;
+    0 = after every epoch), else :data:`SAVE_EVERY_S` (60 s).
+
+    Raises:
+        UsageError: the variable is set but is not a number >= 0.
+    """
+    raw = os.environ.get(STATE_EVERY_ENV, "").strip()
+    if not raw:
+        return SAVE_EVERY_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise UsageError(f"{STATE_EVERY_ENV} must be a number of seconds >= 0, got {raw!r}")
+    return value
 
 
 def save_training_state(path: Path | str, *, key: dict, epoch: int, model: CrabNet, optimizer: Lookahead,
                         swa: SWA, gen: torch.Generator, noise_gen: torch.Generator, hist: History,
-                        callback_state: dict | None = None) -> None:
+                        callback_state: dict | None = None, partial: dict | None = None) -> None:
     """Everything ``fit`` needs to go on after ``epoch`` exactly as if it had not stopped.
 
+    ``partial``: a stop inside the next epoch (SIGTERM) also saves how far that epoch went (batches
+    done, the epoch's order, loss sum and SWA additions so far); ``fit`` goes on from that batch.
     Plain tensors, numbers and strings only (loadable with ``weights_only=True``); written to a
     temporary file and renamed, so an interruption while saving leaves the previous state intact.
     """
@@ -246,7 +297,7 @@ def save_training_state(path: Path | str, *, key: dict, epoch: int, model: CrabN
         "gen": gen.get_state(), "noise_gen": noise_gen.get_state(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0, dtype=torch.uint8),
-        "history": asdict(hist), "callback": callback_state or {},
+        "history": asdict(hist), "callback": callback_state or {}, "partial": partial or {},
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -264,6 +315,87 @@ def load_training_state(path: Path | str, key: dict) -> dict | None:
     return state
 
 
+def _restore_training_state(state: dict, model: CrabNet, optimizer: Lookahead, swa: SWA, gen: torch.Generator,
+                            noise_gen: torch.Generator, callback=None) -> tuple[History, int, dict]:
+    """Load a state of :func:`save_training_state` into ``fit``'s objects (``callback``: a stateful one).
+
+    Returns:
+        ``(history, first epoch to run, partial)``; ``partial`` is empty unless the state was saved
+        inside that epoch (then it holds the batches done, the order, loss sum and SWA additions).
+    """
+    device = next(model.parameters()).device
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    swa.load_state_dict(state["swa"])
+    gen.set_state(state["gen"])
+    noise_gen.set_state(state["noise_gen"])
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and state["cuda_rng"].numel():
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    if callback is not None:
+        callback.load_state_dict(state["callback"])
+    partial = dict(state.get("partial") or {})
+    if partial:
+        partial["order"], partial["loss_sum"] = partial["order"].to(device), partial["loss_sum"].to(device)
+    return History(**state["history"]), int(state["epoch"]) + 1, partial
+
+
+def plain_progress(progress: bool | None) -> bool:
+    """Whether ``fit`` prints one plain line per epoch: ``progress`` None (the default) and stdout or
+    stderr not a terminal (a cluster job's log, where the tqdm bar stays silent)."""
+    def tty(stream) -> bool:
+        return bool(getattr(stream, "isatty", lambda: False)())
+
+    return progress is None and not (tty(sys.stdout) and tty(sys.stderr))
+
+
+def _clock(seconds: float) -> str:
+    """``m:ss`` or ``h:mm:ss``."""
+    m, s = divmod(round(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+def epoch_line(desc: str, hist: History, recipe: Recipe, seconds_per_epoch: float, elapsed: float) -> str:
+    """The log line of the epoch ``fit`` just finished, e.g. ``mp_bulk_modulus mat2vec epoch 12/300 loss
+    0.1234 val MAE 10.87 SWA +3 (checks 2 failed 0) 4.1 s/epoch elapsed 0:49 ETA <=19:30``.
+
+    ``SWA +k``: weights averaged in this epoch (``SWA -``: not a check epoch); ETA = the mean epoch
+    time x the epochs left, written ``<=`` where SWA early stopping may end the run sooner.
+    """
+    parts = [f"{desc} epoch {hist.epochs_run}/{recipe.epochs} loss {hist.train_loss[-1]:.4f}"]
+    if hist.val_mae and not math.isnan(hist.val_mae[-1]):
+        parts.append(f"val MAE {hist.val_mae[-1]:.4g}")
+    if recipe.swa:
+        added = hist.epoch_swa[-1] if hist.epoch_swa else -1
+        checks = sum(a >= 0 for a in hist.epoch_swa)
+        parts.append(f"SWA {f'+{added}' if added >= 0 else '-'} (checks {checks} failed {hist.swa_failures})")
+    eta = "<=" if recipe.swa and recipe.early_stop else ""
+    parts.append(f"{seconds_per_epoch:.3g} s/epoch elapsed {_clock(elapsed)} "
+                 f"ETA {eta}{_clock(seconds_per_epoch * (recipe.epochs - hist.epochs_run))}")
+    return " ".join(parts)
+
+
+def _bar_postfix(bar, hist: History, recipe: Recipe) -> None:
+    """Loss, validation MAE and SWA counts beside the tqdm bar (no-op without a bar)."""
+    if not hasattr(bar, "set_postfix"):
+        return
+    post = {"loss": f"{hist.train_loss[-1]:.4f}"}
+    if not math.isnan(hist.val_mae[-1]):
+        post["val_mae"] = f"{hist.val_mae[-1]:.4g}"
+    if recipe.swa:
+        post["swa"] = f"{hist.swa_updates}/{hist.swa_failures}"
+    bar.set_postfix(post)
+
+
+def _preempted(desc: str, where: str, state_path: Path | str | None) -> Preempted:
+    """The exception ``fit`` raises on SIGTERM, saying where the training state was saved."""
+    if not state_path:
+        return Preempted(f"{desc}: SIGTERM in {where}; no training state is kept")
+    return Preempted(f"{desc}: SIGTERM in {where}; the training state was saved at {state_path} "
+                     "(the same command goes on from there)")
+
+
+@deferred_stop()
 def fit(
     model: CrabNet, train: CompositionData, val: CompositionData, scaler: Scaler, recipe: Recipe, *,
     seed: int = 0, callback: Callback | None = None, progress: bool | None = None,
@@ -280,15 +412,19 @@ def fit(
         seed: seeds the shuffling and the fraction jitter.
         callback: called as ``callback(event, epoch, step)`` with event "start" before the first
             step, "step" after every optimiser step and "epoch" after every epoch.
-        progress: tqdm progress bar (None: only when attached to a terminal).
+        progress: tqdm progress bar (None: only when attached to a terminal; where stdout or stderr is
+            not a terminal, e.g. a cluster job's log, one plain line per epoch instead, :func:`epoch_line`).
         val_every: compute the validation MAE for the history every this many epochs.
         state_path: if given, the training state is saved there at the end of an epoch at most
             every ``save_every_s`` seconds, and a run finding a state saved for the same
             ``state_key`` goes on from it (bit for bit the same result on CPU as an uninterrupted
             run at the same precision). The caller removes the file once the result is saved.
+            SIGTERM (:func:`crabnet.signals.install_stop_handler`, or ``crabnet.signals.STOP`` set)
+            is acted on after the current batch: the state is saved there, inside the epoch, and
+            :class:`crabnet.signals.Preempted` is raised.
         state_key: identifies the run beyond the split sizes, recipe and seed (e.g. dataset,
             features); a state saved with another key is ignored.
-        save_every_s: default ``SAVE_EVERY_S``.
+        save_every_s: default :func:`state_save_interval` (``$CRABNET_STATE_EVERY_S``, else 60 s).
         precision: "auto" (bf16 autocast where the hardware is fast at it), "fp32" or "bf16".
             Weights, optimiser, SWA and loss stay fp32.
     """
@@ -298,7 +434,8 @@ def fit(
     el, fr, y = to_tensors(train, device)
     y = scaler.scale(y)
     n = len(train)
-    bs = recipe.batch_size or batch_size_for(n, recipe.max_batch_size)
+    # the original counts the training CSV's rows before unary compounds are dropped and duplicates merged
+    bs = recipe.batch_size or batch_size_for(train.n_csv_rows, recipe.max_batch_size)
     n_batches = math.ceil(n / bs)
     half_cycle = max(1, recipe.epochs_step * n_batches)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -308,27 +445,25 @@ def fit(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
     hist = History(precision=precision)
-    key = {"n_train": n, "n_val": len(val), "recipe": recipe_dict(recipe), "seed": seed, "precision": precision,
-           "swa_rule": SWA.RULE, **(state_key or {})}
-    save_every_s = SAVE_EVERY_S if save_every_s is None else save_every_s
+    key = {"n_train": n, "n_val": len(val), "batch_size": bs, "recipe": recipe_dict(recipe), "seed": seed,
+           "precision": precision, "swa_rule": SWA.RULE, **(state_key or {})}
+    save_every_s = state_save_interval() if save_every_s is None else save_every_s
     stateful = callback is not None and hasattr(callback, "state_dict") and hasattr(callback, "load_state_dict")
-    start = 0
+    start, partial = 0, {}
     state = load_training_state(state_path, key) if state_path else None
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        swa.load_state_dict(state["swa"])
-        gen.set_state(state["gen"])
-        noise_gen.set_state(state["noise_gen"])
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and state["cuda_rng"].numel():
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        hist = History(**state["history"])
-        start = int(state["epoch"]) + 1
-        if stateful:
-            callback.load_state_dict(state["callback"])
-        print(f"resuming {desc} after epoch {start} of {recipe.epochs} from {state_path}")
+        hist, start, partial = _restore_training_state(state, model, optimizer, swa, gen, noise_gen,
+                                                       callback if stateful else None)
+        at = f" batch {partial['batches'] + 1}/{n_batches}" if partial else ""
+        print(f"resuming {desc} from {state_path} at epoch {start + 1}{at} of {recipe.epochs}", flush=True)
     t_resumed = hist.seconds
+
+    def save(epoch: int, inside: dict | None = None) -> None:  # the state after `epoch` (+ `inside` the next)
+        hist.seconds = t_resumed + time.perf_counter() - t0
+        save_training_state(state_path, key=key, epoch=epoch, model=model, optimizer=optimizer, swa=swa, gen=gen,
+                            noise_gen=noise_gen, hist=hist, callback_state=callback.state_dict() if stateful else None,
+                            partial=inside)
+
     model.train()
     if callback and state is None:
         callback("start", -1, 0)
@@ -336,21 +471,30 @@ def fit(
     bar = tqdm(epochs, desc=desc, unit="epoch", disable=False if progress else None, dynamic_ncols=True,
                initial=start, total=recipe.epochs) if progress is not False else epochs
     swa_first = recipe.epochs_step * recipe.swa_start - 1
-    last_save = time.perf_counter()
+    last_save = t_loop = time.perf_counter()
+    lines = plain_progress(progress)
     stop = recipe.early_stop and hist.swa_failures >= recipe.early_stop
     for epoch in ([] if stop else bar):
         swa_epoch = recipe.swa and (epoch + 1) % (2 * recipe.epochs_step) == 0 and epoch >= swa_first
-        added = 0
-        order = torch.randperm(n, generator=gen).to(device)
-        loss_sum = torch.zeros((), device=device)
-        for b in range(n_batches):
+        if partial:  # resuming inside this epoch
+            first, order, loss_sum, added = partial["batches"], partial["order"], partial["loss_sum"], partial["added"]
+            partial = {}
+        else:
+            first, order = 0, torch.randperm(n, generator=gen).to(device)
+            loss_sum, added = torch.zeros((), device=device), 0
+        # off the CPU the batches' real slots come from the host's copy of the data (crabnet.model.real_slots),
+        # so that the forward pass needs no host synchronisation
+        order_host = None if device.type == "cpu" else order.cpu().numpy()  # one synchronisation per epoch
+        for b in range(first, n_batches):
             idx = order[b * bs : (b + 1) * bs]
+            real = None if order_host is None else real_slots(train.elements[order_host[b * bs : (b + 1) * bs]],
+                                                              device)
             lr = triangular_lr(hist.steps, recipe.base_lr, recipe.max_lr, half_cycle)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             frac = jitter_fractions(fr[idx], recipe.jitter, noise_gen)
             with autocast(precision, device):
-                out = model(el[idx], frac)  # (b, 3), float32
+                out = model(el[idx], frac, real=real)  # (b, 3), float32
             loss = robust_l1(out[:, 0], out[:, 2], y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -365,6 +509,12 @@ def fit(
                 hist.swa_resets += swa.resets - resets
             if callback:
                 callback("step", epoch, hist.steps)
+            if STOP.is_set() and b + 1 < n_batches:  # SIGTERM: save inside the epoch and stop
+                if state_path:
+                    save(epoch - 1, {"batches": b + 1, "order": order.cpu(), "loss_sum": loss_sum.detach().cpu(),
+                                     "added": added})
+                raise _preempted(desc, f"epoch {epoch + 1}/{recipe.epochs} (after batch {b + 1}/{n_batches})",
+                                 state_path)
         hist.train_loss.append(float(loss_sum) / n_batches)
         hist.epochs_run = epoch + 1
         hist.epoch_lr.append(lr)
@@ -375,22 +525,18 @@ def fit(
         hist.val_mae.append(validate(model) if val_every and (epoch + 1) % val_every == 0 else float("nan"))
         if callback:
             callback("epoch", epoch, hist.steps)
-        if hasattr(bar, "set_postfix"):
-            post = {"loss": f"{hist.train_loss[-1]:.4f}"}
-            if not math.isnan(hist.val_mae[-1]):
-                post["val_mae"] = f"{hist.val_mae[-1]:.4g}"
-            if recipe.swa:
-                post["swa"] = f"{hist.swa_updates}/{hist.swa_failures}"
-            bar.set_postfix(post)
+        _bar_postfix(bar, hist, recipe)
+        now = time.perf_counter()
+        if lines:
+            print(epoch_line(desc, hist, recipe, (now - t_loop) / (epoch + 1 - start), t_resumed + now - t0),
+                  flush=True)
         stop = bool(recipe.early_stop and hist.swa_failures >= recipe.early_stop)
         hist.stopped_early = stop
-        now = time.perf_counter()
-        if state_path and (now - last_save >= save_every_s or stop or epoch + 1 == recipe.epochs):
-            hist.seconds = t_resumed + now - t0
-            save_training_state(state_path, key=key, epoch=epoch, model=model, optimizer=optimizer, swa=swa,
-                                gen=gen, noise_gen=noise_gen, hist=hist,
-                                callback_state=callback.state_dict() if stateful else None)
+        if state_path and (now - last_save >= save_every_s or stop or epoch + 1 == recipe.epochs or STOP.is_set()):
+            save(epoch)
             last_save = now
+        if STOP.is_set():
+            raise _preempted(desc, f"epoch {epoch + 1}/{recipe.epochs} (at its end)", state_path)
         if stop:
             break
     if hasattr(bar, "close"):
@@ -435,6 +581,15 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tup
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
     return model, Scaler(**ckpt["scaler"]), dict(ckpt.get("meta", {}))
+
+
+def read_checkpoint_meta(path: Path | str) -> dict | None:
+    """The metadata of a checkpoint without building its model (memory-mapped read); None if unreadable."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - a partial or foreign file: treated as no checkpoint
+        return None
+    return dict(ckpt.get("meta", {}))
 
 
 def checkpoint_path(data_dir: Path | str, dataset: str, features: str, recipe: str = "immi") -> Path:
@@ -501,10 +656,11 @@ def train_and_save(
 ) -> tuple[CrabNet, Scaler, dict]:
     """Train a model on ``dataset`` with ``recipe`` and save it to :func:`checkpoint_path`.
 
-    ``progress``: tqdm bar (None = only on a terminal; True also when logging to a file).
-    The training state is kept beside the checkpoint (``….state.pt``) while the run goes on
-    (saved about once a minute), so an interrupted run started again with the same settings goes
-    on from there (to the same result). The state file is removed at the end.
+    ``progress``: tqdm bar (None = only on a terminal, plain per-epoch lines elsewhere; True also
+    when logging to a file). The training state is kept beside the checkpoint (``….state.pt``) while
+    the run goes on (saved about once a minute, ``$CRABNET_STATE_EVERY_S`` seconds if set, and on
+    SIGTERM), so an interrupted run started again with the same settings goes on from there (to the
+    same result). The state file is removed at the end.
 
     Returns:
         ``(model, scaler, meta)``; meta holds the recipe, test MAE and training history.

@@ -146,7 +146,10 @@ def test_script_trains_writes_and_reuses(tiny_data, capsys):
     assert f"{mae:9.4g}" in out
 
     before = (tiny_data / "models" / "tiny__onehot.pt").stat().st_mtime_ns
-    assert gce.main(**kw) == 0  # a short request reuses the existing checkpoint
+    assert gce.main(**kw) == 0  # outputs up to date: the job is not run again
+    assert "1 of 1 models up to date, not scheduled" in capsys.readouterr().out
+    (tiny_data / "predictions" / "tiny__onehot__test.csv").unlink()
+    assert gce.main(**kw) == 0  # a short request reuses the existing checkpoint to write what is missing
     assert "using" in capsys.readouterr().out
     assert (tiny_data / "models" / "tiny__onehot.pt").stat().st_mtime_ns == before
 

@@ -1,4 +1,5 @@
-"""Oxidation-state guesses (step 3): pymatgen's answers, known answers, time bounds, worker failures, resuming."""
+"""Oxidation-state guesses (step 3): pymatgen's answers, known answers, time bounds, chunks as engine jobs
+(in this process and on a Dask LocalCluster), resuming."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import itertools
 import json
 import os
 import random
-import signal
+import subprocess
+import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -19,14 +22,20 @@ import guess_oxidation as go
 from conftest import write_dataset
 from crabnet.cli import run as cli_run
 import crabnet.oxidation as ox
-from crabnet.oxidation import (TIMEOUT, Guess, GuessCache, GuessPool, cache_path, composition_key, element_ox_states,
-                               element_sums, guess_all, guess_states, keys_for, pymatgen_tables)
+from crabnet.engine import Engine, JobsFailed
+from crabnet.oxidation import (TIMEOUT, GuessCache, cache_path, chunks_of, composition_key, element_ox_states,
+                               element_sums, estimated_seconds, guess_all, guess_chunk, guess_states, keys_for,
+                               pymatgen_tables)
+from crabnet.utils import available_cpus
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQUENTIAL = Engine(scheduler="sequential")
 
 SLOW = "Mn20000N20000"  # tens of CPU seconds of dynamic programming (2e4 atoms of an element with 6 states)
 
 
 def run(data_dir: Path, *args: str) -> int:
-    return cli_run(go.main, go.parse_args(["--data-dir", str(data_dir), "--workers", "2", *args]))
+    return cli_run(go.main, go.parse_args(["--data-dir", str(data_dir), *args]))
 
 
 def write_split(root: Path, name: str, formulas: list[str], split: str = "test") -> None:
@@ -87,56 +96,61 @@ def test_composition_keys():
 def test_timeout_is_recorded_and_the_run_goes_on():
     cache = GuessCache(None)
     keys = [composition_key(f)[0] for f in (SLOW, "Al2O3", "NaCl")]
-    run_info = guess_all(keys, cache, workers=1, max_seconds=0.2, progress=False)
+    run_info = guess_all(keys, cache, max_seconds=0.2, engine=SEQUENTIAL)
     slow = cache.get(keys[0], 0.2)
-    assert slow.states is None and slow.reason == TIMEOUT
+    assert slow.states is None and slow.reason == TIMEOUT and 0.2 <= slow.seconds < 2.0
     assert cache.get(keys[1], 0.2).states == {"Al": 3.0, "O": -2.0}
     assert cache.get(keys[2], 0.2).states == {"Na": 1.0, "Cl": -1.0}
-    assert run_info["reasons"] == {"timeout": 1, "ok": 2}
+    assert run_info["reasons"] == {"timeout": 1, "ok": 2} and run_info["chunks"] == 1
     # a timeout is retried when the bound is raised, reused when it is not
     assert cache.get(keys[0], 0.1) is not None and cache.get(keys[0], 5.0) is None
 
 
-def test_hard_bound_kills_a_stuck_worker():
-    key = composition_key(SLOW)[0]
-    with GuessPool(1, max_seconds=0.2, hard_seconds=0.5, soft_timeout=False) as pool:
-        got = list(pool.run([key, "Na1 Cl1"]))
-        assert pool.kills == 1
-    assert got[0].key == key and got[0].reason == TIMEOUT and got[0].states is None
-    assert got[1] == Guess("Na1 Cl1", {"Na": 1.0, "Cl": -1.0}, None, got[1].seconds)
+def test_cpu_bound_holds_in_a_worker_thread():
+    """Dask runs jobs in worker threads, where no signal handler runs: the bound is checked in the loops."""
+    out: list = []
+    thread = threading.Thread(target=lambda: out.extend(guess_chunk([composition_key(SLOW)[0], "Na1 Cl1"], 0.2)))
+    t0 = time.perf_counter()
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive() and time.perf_counter() - t0 < 30
+    (key, states, reason, seconds), nacl = out
+    assert states is None and reason == TIMEOUT and 0.2 <= seconds < 2.0
+    assert nacl[:3] == ("Na1 Cl1", {"Na": 1.0, "Cl": -1.0}, None)
 
 
-def test_wall_clock_bound_kills_a_blocked_worker():
-    """A worker that stops using CPU (here: stopped by a signal) is killed at the wall-clock bound."""
-    key = composition_key(SLOW)[0]
-    with GuessPool(1, max_seconds=30.0, hard_seconds=20.0, wall_seconds=1.0) as pool:
-        results = pool.run(["Na1 Cl1", key, "Al2 O3"])
-        first = next(results)  # the worker is ready and has now been sent SLOW
-        timer = threading.Timer(0.2, os.kill, (pool._workers[0].proc.pid, signal.SIGSTOP))
-        timer.start()
-        got = [first, *results]
-        timer.join()
-        assert pool.kills == 1
-    assert got[1].key == key and got[1].reason == TIMEOUT and 1.0 <= got[1].seconds < 20.0
-    assert got[0].states == {"Na": 1.0, "Cl": -1.0} and got[2].states == {"Al": 3.0, "O": -2.0}
+def test_errors_are_recorded_per_formula():
+    got = {k: (states, reason) for k, states, reason, _ in guess_chunk(["Fe0.5 O1", "Na1 Cl1"], 60.0)}
+    assert got["Fe0.5 O1"][0] is None and got["Fe0.5 O1"][1].startswith("error: ValueError")
+    assert got["Na1 Cl1"] == ({"Na": 1.0, "Cl": -1.0}, None)
 
 
-def test_worker_errors_and_deaths_are_recorded():
-    key = composition_key(SLOW)[0]
-    with GuessPool(1, max_seconds=60.0) as pool:
-        results = pool.run(["Fe0.5 O1", key, "Na1 Cl1"])
-        first = next(results)  # the worker has now been sent SLOW, which takes seconds
-        timer = threading.Timer(0.3, os.kill, (pool._workers[0].proc.pid, signal.SIGKILL))
-        timer.start()
-        try:
-            got = {g.key: g for g in [first, *results]}
-        finally:
-            timer.cancel()
-            timer.join()
-        assert pool.deaths == 1
-    assert got["Fe0.5 O1"].states is None and got["Fe0.5 O1"].reason.startswith("error: ValueError")
-    assert got[key].states is None and got[key].reason.startswith("error: worker process died")
-    assert got["Na1 Cl1"].states == {"Na": 1.0, "Cl": -1.0}
+def test_chunks_balance_the_estimated_cost():
+    keys = [f"Na{i} Cl{i}" for i in range(1, 41)] + ["Ba10000 O10000"]
+    chunks = chunks_of(keys, 10)
+    assert len(chunks) == 5 and sorted(k for c in chunks for k in c) == sorted(keys)
+    assert chunks[0] == ["Ba10000 O10000"]  # the costliest first, alone: its cost is above the mean
+    assert all(c == sorted(c, key=keys.index) for c in chunks)  # the order of the keys is kept within a chunk
+    costs = [sum(map(estimated_seconds, c)) for c in chunks[1:]]
+    assert max(costs) - min(costs) <= max(map(estimated_seconds, keys[:40]))
+    assert chunks_of([], 10) == [] and chunks_of(keys[:3], 10) == [keys[:3]]
+
+
+def _fail_on_nacl(keys: list[str], max_seconds: float) -> list[tuple]:
+    if "Na1 Cl1" in keys:
+        raise RuntimeError("this chunk broke")
+    return guess_chunk(keys, max_seconds)
+
+
+def test_finished_chunks_are_cached_when_another_fails(tmp_path, monkeypatch):
+    monkeypatch.setattr(ox, "guess_chunk", _fail_on_nacl)
+    cache_file = tmp_path / "cache.jsonl"
+    keys = ["Al2 O3", "Fe3 O4", "Na1 Cl1", "Cu1 Zn1"]
+    with pytest.raises(JobsFailed, match="1 of 2 job"):
+        guess_all(keys, GuessCache(cache_file), max_seconds=10.0, engine=SEQUENTIAL, chunk_size=2)
+    saved = GuessCache(cache_file)
+    failed = next(c for c in chunks_of(keys, 2) if "Na1 Cl1" in c)
+    assert set(saved.entries) == set(keys) - set(failed) and len(saved) == 2
 
 
 def test_resumed_run_reproduces_the_uninterrupted_output(tmp_path):
@@ -172,6 +186,10 @@ def test_bad_arguments_are_clear(tmp_path, capsys):
     assert run(tmp_path, "--dataset", "nope") == 2
     assert "nope" in capsys.readouterr().err
     assert run(tmp_path, "--dataset", "known", "--max-seconds", "0") == 2
+    assert run(tmp_path, "--dataset", "known", "--chunk-size", "0") == 2
+    for gone in (["--workers", "2"], ["--device", "cpu"], ["--seed", "1"]):  # replaced by the engine / unused
+        with pytest.raises(SystemExit):
+            go.parse_args(["--data-dir", str(tmp_path), *gone])
 
 
 def test_element_ox_states_cover_all_elements():
@@ -180,21 +198,35 @@ def test_element_ox_states_cover_all_elements():
     assert states["O"]["icsd"] == [-2] and states["He"]["all"] == []
 
 
-def test_pool_without_fork_when_threads_run():
-    """With another thread alive, workers come from the forkserver (forking a threaded process is unsafe)."""
-    from crabnet.oxidation import _start_method
+def _step3(data_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "guess_oxidation.py"), "--data-dir", str(data_dir), "--dataset", "tiny",
+           "--split", "all", *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
 
-    stop = threading.Event()
-    thread = threading.Thread(target=stop.wait, daemon=True)
-    thread.start()
-    try:
-        assert _start_method() != "fork"
-        cache = GuessCache(None)
-        guess_all(["Al2 O3", "Zn1 Cu1"], cache, workers=2, max_seconds=30.0, progress=False)
-    finally:
-        stop.set()
-    assert cache.get("Al2 O3", 30.0).states == {"Al": 3.0, "O": -2.0}
-    assert cache.get("Zn1 Cu1", 30.0).reason == "no_solution"
+
+def _cached(data_dir: Path) -> dict:
+    return {k: (e["states"], e["reason"]) for k, e in GuessCache(cache_path(data_dir)).entries.items()}
+
+
+def test_local_cluster_equals_sequential(tmp_path):
+    """Step 3 in two chunks: one after the other in this process, and on the embedded Dask LocalCluster
+    (about 10 s: the cluster's start)."""
+    seq, dask = tmp_path / "sequential", tmp_path / "cluster"
+    for root in (seq, dask):
+        write_dataset(root, "tiny", sizes=(40, 10, 10), seed=5)
+    assert run(seq, "--dataset", "tiny", "--split", "all", "--chunk-size", "30", "--scheduler", "sequential") == 0
+    out = _step3(dask, "--chunk-size", "30")  # default scheduler: more than one job -> a LocalCluster
+    if available_cpus() > 1:
+        assert "LocalCluster: 2 worker process(es)" in out.stdout and "[2/2 done, 0 running, 0 failed" in out.stdout
+    assert "2 job(s)" in out.stdout
+    names = sorted(p.name for p in (seq / "oxidation").glob("tiny__*"))
+    assert len(names) == 6
+    for name in names:
+        assert (dask / "oxidation" / name).read_bytes() == (seq / "oxidation" / name).read_bytes(), name
+    assert _cached(dask) == _cached(seq) and len(_cached(seq)) > 30  # every chunk's results, written here
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from crabnet.elements import ATOMIC_NUMBER, SYMBOLS
 from crabnet.stats import (BENCHMARK, COLUMNS, MATBENCH, REFERENCE_DIR, compare_with_published, dataset_stats,
                            diversity_figure, diversity_index, matbench_summary, prevalence_figure, presence_counts,
                            read_published, resolve_datasets, stats_table)
+from crabnet.utils import available_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = ROOT / "data"
@@ -92,7 +93,7 @@ def test_script_writes_tables_and_figures(tmp_path):
     write_dataset(tmp_path, "tiny", sizes=(20, 8, 8), seed=2)
     write_dataset(tmp_path, "other", sizes=(16, 6, 6), seed=4)
     write_matbench(tmp_path)
-    assert run(tmp_path, "--dataset", "tiny", "--dataset", "tinymb") == 0
+    assert run(tmp_path, "--dataset", "tiny", "--dataset", "tinymb", "--scheduler", "sequential") == 0
     stats, figs = tmp_path / "stats", tmp_path / "figures" / "stats"
     bench = pd.read_csv(stats / "benchmark.csv")
     mb = pd.read_csv(stats / "matbench_cv.csv")
@@ -108,6 +109,26 @@ def test_script_writes_tables_and_figures(tmp_path):
     assert run(tmp_path, "--dataset", "other", "--no-figures") == 0
     assert sorted(pd.read_csv(stats / "benchmark.csv").mat_prop) == ["other", "tiny"]
     assert run(tmp_path, "--dataset", "missing") == 2
+
+
+@pytest.mark.cluster
+@pytest.mark.skipif(available_cpus() < 2, reason="the embedded LocalCluster needs two cores for two jobs")
+def test_local_cluster_equals_sequential(tmp_path, capsys):
+    """Two datasets are two jobs: one after the other in this process, then on the embedded Dask
+    LocalCluster (two worker processes); the tables and figures are the same bytes."""
+    for name in ("sequential", "cluster"):
+        write_dataset(tmp_path / name, "tiny", sizes=(20, 8, 8), seed=2)
+        write_matbench(tmp_path / name)
+    assert run(tmp_path / "sequential", "--dataset", "tiny", "--dataset", "tinymb", "--scheduler", "sequential") == 0
+    assert "running 2 datasets in this process" in capsys.readouterr().out
+    assert run(tmp_path / "cluster", "--dataset", "tiny", "--dataset", "tinymb", "--threads-per-job", "1") == 0
+    out = capsys.readouterr().out
+    assert "LocalCluster: 2 worker process(es)" in out and "[2/2 done, 0 running, 0 failed" in out
+    files = sorted(p.relative_to(tmp_path / "sequential") for folder in ("stats", "figures")
+                   for p in (tmp_path / "sequential" / folder).rglob("*") if p.is_file())
+    assert len(files) == 4 + 3 + 4  # 4 tables, 3 diversity charts, 2 prevalence plots of each dataset
+    for rel in files:
+        assert (tmp_path / "sequential" / rel).read_bytes() == (tmp_path / "cluster" / rel).read_bytes(), rel
 
 
 def test_prevalence_labels_match_bars():

@@ -124,6 +124,30 @@ def test_script_two_epochs_store_contract(tiny_data):
     assert again.returncode == 0 and "up to date" in again.stdout
 
 
+@pytest.mark.cluster
+def test_training_sent_to_a_dask_scheduler_equals_sequential(tiny_data, tmp_path):
+    """Step 1 is one job: --scheduler tcp://… sends it to a Dask worker process; with one thread on both
+    sides the store and the model equal the run in this process (--scheduler sequential)."""
+    from distributed import LocalCluster
+
+    remote = tmp_path / "remote"
+    shutil.copytree(tiny_data / "benchmark_data", remote / "benchmark_data")
+    args = ("--dataset", "tiny", "--epochs", "2", "--device", "cpu", "--features", "onehot", "--threads-per-job", "1")
+    here = run_script("--data-dir", str(tiny_data), *args, "--scheduler", "sequential")
+    assert here.returncode == 0 and "running 1 trainings in this process" in here.stdout, here.stderr
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        sent = run_script("--data-dir", str(remote), *args, "--scheduler", cluster.scheduler_address)
+    assert sent.returncode == 0, sent.stdout[-3000:] + sent.stderr[-3000:]
+    assert f"submitted 1 trainings to the Dask scheduler at {cluster.scheduler_address}" in sent.stdout
+    assert "[1/1 done, 0 running, 0 failed" in sent.stdout and "attention: 3 captures x 24 compounds" in sent.stdout
+    a, b = (AttentionStore(d / "attention" / "tiny" / "attention.zarr").group for d in (tiny_data, remote))
+    for name in ("attention", "prediction", "attribution", "step", "formula"):
+        np.testing.assert_array_equal(a[name][:], b[name][:])
+    wa, wb = (torch.load(d / "models" / "tiny__onehot.pt", weights_only=True)["model"] for d in (tiny_data, remote))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_script_bad_csv_clear_error_no_outputs(tiny_data):
     csv = tiny_data / "benchmark_data" / "tiny" / "train.csv"
     csv.write_text(csv.read_text() + "Zz2O3,1.0\n")
@@ -168,7 +192,7 @@ def test_help_mentions_defaults():
     assert "--capture-every" in proc.stdout and "default: data" in proc.stdout and "Next" in proc.stdout
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 def test_cuda_matches_cpu(tiny_data):
     splits = load_dataset(tiny_data, "tiny", fetch=False)
     model, scaler, _ = _train(splits, epochs=1)
