@@ -126,7 +126,7 @@ def main(data_dir: Path, dataset: list[str] | None, quick: bool, no_figures: boo
     jobs = [Job(f"{TABLE_NAME[kind]} {name}", stats_job, dict(data_dir=data_dir, kind=kind, dataset=name,
                                                               skip_invalid=skip_invalid, figures=not no_figures))
             for kind, name in chosen]
-    per_dataset = run_jobs(jobs, engine_from_args(engine), what="datasets")
+    per_dataset = run_jobs(jobs, engine_from_args(engine, small=quick), what="datasets")
     if per_dataset is None:  # --plan: the jobs were listed
         return 0
     results = [r for rs in per_dataset for r in rs]

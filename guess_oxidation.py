@@ -81,7 +81,7 @@ def main(data_dir: Path, dataset: list[str] | None, quick: bool, force: bool, sp
          max_sites: int | None, chunk_size: int = CHUNK_SIZE, matbench: bool = False, **engine) -> int:
     if not max_seconds > 0 or (max_sites is not None and max_sites < 1) or chunk_size < 1:
         raise UsageError("--max-sites and --chunk-size must be >= 1 and --max-seconds > 0")
-    eng = engine_from_args(engine)
+    eng = engine_from_args(engine, small=quick)
     names = dataset or ([DEMO_DATASET] if quick else ["all"])
     splits = SPLITS if split == "all" else (split,)
     # a DataError (unknown dataset, unreadable file) ends the script with one error line via crabnet.cli.run

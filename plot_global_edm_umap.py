@@ -76,7 +76,7 @@ def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quic
     settings = map_settings(data_dir, features, split, recipe, QUICK["epochs"] if quick else None, device, seed,
                             force, batch_size, umap_parallel, html_js, precision)
     seed_everything(seed)
-    table = global_maps(settings, datasets, layers, n_neighbors, min_dist, engine_from_args(engine))
+    table = global_maps(settings, datasets, layers, n_neighbors, min_dist, engine_from_args(engine, small=quick))
     if table is None:  # --plan: the jobs were listed
         return 0
     print_table(table, ["dataset", "layer", "layer_is", "n_compounds", "knn_r2_repr", "knn_r2_umap",

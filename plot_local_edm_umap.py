@@ -78,7 +78,7 @@ def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quic
                             force, batch_size, umap_parallel, html_js, precision)
     seed_everything(seed)
     table = local_maps(settings, datasets, layers, atoms, n_neighbors, min_dist, min_dist_layer0,
-                       engine_from_args(engine))
+                       engine_from_args(engine, small=quick))
     if table is None:  # --plan: the jobs were listed
         return 0
     print_table(table, ["dataset", "atom", "layer", "n_compounds", "n_known_ox", "n_ox_classes", "majority_share",

@@ -102,11 +102,12 @@ class JobsFailed(RuntimeError):
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Add --scheduler, --scheduler-file, --threads-per-job, --jobs-per-gpu and --retries."""
     g = parser.add_argument_group("where the jobs run (Dask; see docs in crabnet/engine.py and the README)")
-    g.add_argument("--scheduler", default="local", metavar="WHERE",
+    g.add_argument("--scheduler", default=None, metavar="WHERE",
                    help="local = this machine (one process for one job, else an embedded Dask LocalCluster); "
                         "sequential = this process, one job after the other; tcp://HOST:PORT = an existing Dask "
                         f"scheduler; {'|'.join(JOBQUEUE)} = a dask-jobqueue cluster configured in Dask's "
-                        "jobqueue.yaml or DASK_JOBQUEUE__… variables (default: local)")
+                        "jobqueue.yaml or DASK_JOBQUEUE__… variables (default: local; sequential for the small jobs of "
+                        "--quick)")
     g.add_argument("--scheduler-file", type=Path, default=None, metavar="PATH",
                    help="connect to the Dask scheduler that wrote this file (dask scheduler --scheduler-file PATH)")
     g.add_argument("--threads-per-job", type=int, default=None, metavar="N",
@@ -122,9 +123,16 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "is already done; run nothing")
 
 
-def engine_from_args(args: dict) -> Engine:
-    """Pop the engine flags of :func:`add_engine_args` from a ``vars(args)`` dict into an :class:`Engine`."""
-    return Engine(scheduler=args.pop("scheduler", "local"), scheduler_file=args.pop("scheduler_file", None),
+def engine_from_args(args: dict, *, small: bool = False) -> Engine:
+    """Pop the engine flags of :func:`add_engine_args` from a ``vars(args)`` dict into an :class:`Engine`.
+
+    ``small``: the jobs take seconds (a ``--quick`` demo): without ``--scheduler`` they then run in
+    this process, since starting worker processes (and compiling numba code in each) costs more.
+    """
+    scheduler = args.pop("scheduler", None)
+    if scheduler is None:  # not given: local, or this process for small jobs
+        scheduler = "sequential" if small else "local"
+    return Engine(scheduler=scheduler, scheduler_file=args.pop("scheduler_file", None),
                   threads_per_job=args.pop("threads_per_job", None), jobs_per_gpu=args.pop("jobs_per_gpu", 1),
                   retries=args.pop("retries", 2), plan=args.pop("plan", False))
 

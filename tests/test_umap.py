@@ -377,7 +377,7 @@ def test_local_atom_jobs_on_a_local_cluster_equal_sequential(tmp_path):
     args = ("--atom", "O", "--atom", "Fe", "--layers", "0", "2", "--n-neighbors", "3")
     assert "running 2 atom maps in this process" in _run("plot_local_edm_umap.py", seq, *args,
                                                          "--scheduler", "sequential").stdout
-    out = _run("plot_local_edm_umap.py", clu, *args).stdout
+    out = _run("plot_local_edm_umap.py", clu, *args, "--scheduler", "local").stdout  # --quick alone: in-process
     assert "submitted 2 atom maps" in out and "LocalCluster: 2 worker process(es)" in out
     _assert_same_maps(seq, clu, "local")
 
@@ -388,7 +388,7 @@ def test_global_layer_jobs_on_a_local_cluster_equal_sequential(tmp_path):
     seq, clu = _cluster_pair(tmp_path)
     assert "running 2 layer maps in this process" in _run("plot_global_edm_umap.py", seq, "--layers", "0", "3",
                                                           "--scheduler", "sequential").stdout
-    out = _run("plot_global_edm_umap.py", clu, "--layers", "0", "3").stdout
+    out = _run("plot_global_edm_umap.py", clu, "--layers", "0", "3", "--scheduler", "local").stdout
     assert "submitted 2 layer maps" in out and "LocalCluster: 2 worker process(es)" in out
     _assert_same_maps(seq, clu, "global")
 
