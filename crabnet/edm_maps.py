@@ -232,6 +232,12 @@ def check_local_args(atoms: list[str], n_neighbors: int, min_dist: float, min_di
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
 
 
+def _prepare(s: MapSettings, datasets: list[str], fn, engine: Engine | None, **kwargs) -> list[dict] | None:
+    """The first job of every dataset (``fn``: model, trained if missing, and vectors); None with ``--plan``."""
+    return run_jobs([Job(ds, fn, dict(s=s, dataset=ds, **kwargs), gpu=s.device.startswith("cuda")) for ds in datasets],
+                    engine, what="datasets")
+
+
 def local_maps(s: MapSettings, datasets: list[str], layers: list[int] | None, atoms: list[str], n_neighbors: int,
                min_dist: float, min_dist_layer0: float, engine: Engine | None = None) -> pd.DataFrame | None:
     """Step 6: per-atom value-vector maps of each dataset, as jobs; returns the summary rows of all datasets.
@@ -242,9 +248,7 @@ def local_maps(s: MapSettings, datasets: list[str], layers: list[int] | None, at
     returned.
     """
     t0, datasets = time.perf_counter(), list(dict.fromkeys(datasets))
-    prepared = run_jobs([Job(ds, local_prepare_job, dict(s=s, dataset=ds, layers=layers, atoms=atoms,
-                                                          n_neighbors=n_neighbors), gpu=s.device.startswith("cuda"))
-                         for ds in datasets], engine, what="datasets")
+    prepared = _prepare(s, datasets, local_prepare_job, engine, layers=layers, atoms=atoms, n_neighbors=n_neighbors)
     if prepared is None:  # --plan
         return None
     jobs = [Job(f"{p['dataset']} {atom}", local_atom_job,
@@ -369,9 +373,8 @@ def global_maps(s: MapSettings, datasets: list[str], layers: list[int] | None, n
     ``engine.plan`` only the dataset jobs are listed (the layers depend on the model) and None is returned.
     """
     t0, datasets = time.perf_counter(), list(dict.fromkeys(datasets))
-    prepared = run_jobs([Job(ds, global_prepare_job, dict(s=s, dataset=ds, layers=layers, n_neighbors=n_neighbors,
-                                                           min_dist=min_dist), gpu=s.device.startswith("cuda"))
-                         for ds in datasets], engine, what="datasets")
+    prepared = _prepare(s, datasets, global_prepare_job, engine, layers=layers, n_neighbors=n_neighbors,
+                        min_dist=min_dist)
     if prepared is None:  # --plan
         return None
     shared = ("dataset", "store", "n_layers", "params")
