@@ -599,7 +599,7 @@ class Check:
             return "✓ done"
         return f"partly: {done} of {len(self.items)}" if done else "not done"
 
-    def missing(self, shown: int = 4) -> str:
+    def missing(self, shown: int = 3) -> str:
         names = [k for k, ok in self.items.items() if not ok]
         return ", ".join(names[:shown]) + (f" … ({len(names) - shown} more)" if len(names) > shown else "")
 
@@ -962,6 +962,7 @@ table.data { border-collapse:collapse; font-size:12.5px; font-variant-numeric:ta
 table.data caption { text-align:left; padding-bottom:4px; font-weight:600; }
 table.data th { background:#eef3f9; text-align:left; padding:4px 8px; border-bottom:1px solid var(--line); white-space:nowrap; }
 table.data td { padding:3px 8px; border-bottom:1px solid #eef0f3; white-space:nowrap; }
+table.data td:last-child { white-space:normal; }
 table.data tr:hover td { background:#f7f9fc; }
 ul.files { margin:4px 0; padding-left:18px; columns:2; }
 ul.plain { margin:4px 0; padding-left:18px; }
