@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from crabnet.costs import count_rows  # noqa: E402
 from crabnet.embeddings import model_job  # noqa: E402
-from crabnet.engine import Engine, Job, run_jobs  # noqa: E402
+from crabnet.engine import Engine, Job, local_cluster, run_jobs  # noqa: E402
 from crabnet.layout import BENCHMARK_DATASETS, Layout  # noqa: E402
 from crabnet.train import make_recipe  # noqa: E402
 
@@ -75,11 +75,7 @@ def run_mode(mode: str, data_dir: Path, datasets: list[str], epochs: int, thread
         if mode == "a":
             engine = Engine(scheduler="sequential", threads_per_job=threads)
         else:
-            from distributed import LocalCluster
-
-            n = 1 if mode == "b" else workers
-            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                   dashboard_address=":0", silence_logs=40)
+            cluster = local_cluster(1 if mode == "b" else workers, 1)  # what --scheduler local starts
             engine = Engine(scheduler=cluster.scheduler_address, threads_per_job=1)
         t0 = time.perf_counter()
         rows = run_jobs(jobs, engine, what="trainings")
