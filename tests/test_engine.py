@@ -169,8 +169,10 @@ def test_external_scheduler_and_workers(sequential_reference, tmp_path):
 
 
 FAKE_SBATCH = """#!/usr/bin/env bash
-# a stand-in for SLURM's sbatch: start the job script here, answer as sbatch does
-script="${@: -1}"
+# a stand-in for SLURM's sbatch: keep a copy of the job script (as sbatch reads it at submission;
+# dask-jobqueue deletes its file when sbatch returns), start it here, answer as sbatch does
+script="$FAKE_SLURM_DIR/job-$$.sh"
+cp "${@: -1}" "$script"
 nohup bash "$script" > "$FAKE_SLURM_DIR/job-$$.log" 2>&1 &
 echo $! > "$FAKE_SLURM_DIR/job-$$.pid"
 echo "Submitted batch job $!"
@@ -203,8 +205,8 @@ def test_slurm_through_dask_jobqueue_with_fake_sbatch(sequential_reference, tmp_
            "DASK_JOBQUEUE__SLURM__JOB_SCRIPT_PROLOGUE": f"['export PYTHONPATH={ROOT}']"}
     out = _step4(data, "--scheduler", "slurm", "--threads-per-job", "1", env=env)
     assert "submitting 2 slurm job(s) through dask-jobqueue" in out.stdout
-    scripts = list(jobs_dir.glob("job-*.log"))
-    assert len(scripts) >= 1  # the fake sbatch really started job scripts
+    scripts = list(jobs_dir.glob("job-*.sh"))
+    assert len(scripts) >= 1 and "distributed.cli.dask_worker" in scripts[0].read_text()  # jobs really submitted
     _assert_same_outputs(sequential_reference, data)
 
 
