@@ -37,10 +37,6 @@ class Rates:
     precision: str
     threads: int
 
-    @property
-    def unit(self) -> str:
-        return "GPU" if self.device.startswith("cuda") else "core"
-
 
 def _probe_data(n: int, seed: int):
     """A synthetic split of ``n`` compounds of 2-5 elements (typical benchmark widths)."""

@@ -171,10 +171,10 @@ def model_job(data_dir: Path, dataset: str, features: str, recipe, device: str, 
     pred, unc = predict(model, test, scaler)
     pred_path = write_predictions(predictions_frame(test.formula, test.target, pred, unc),
                                   predictions_path(data_dir, dataset, features))
-    return model_row(dataset, features, meta, pred_path, len(paths))
+    return model_row(data_dir, dataset, features, meta, pred_path, len(paths))
 
 
-def model_row(dataset: str, features: str, meta: dict, pred_path: Path, n_csv: int) -> dict:
+def model_row(data_dir: Path, dataset: str, features: str, meta: dict, pred_path: Path, n_csv: int) -> dict:
     """Step 4's result row from a checkpoint's metadata and its written test predictions."""
     from crabnet.reference import published_mae
 
@@ -185,7 +185,7 @@ def model_row(dataset: str, features: str, meta: dict, pred_path: Path, n_csv: i
             "published": published_mae(dataset, features),
             "recipe": (f"full {meta['full_recipe']}" if meta.get("full_recipe")
                        else f"short ({meta.get('epochs_run', rec.get('epochs', '?'))} epochs)"),
-            "embeddings": str(Path(pred_path).parents[1] / "embeddings" / features), "n_csv": n_csv,
+            "embeddings": str(embedding_path(data_dir, features, dataset, 0, "Q").parent), "n_csv": n_csv,
             "predictions": str(pred_path)}
 
 
@@ -196,14 +196,14 @@ def model_outputs_current(data_dir: Path, dataset: str, features: str, recipe) -
 
     ckpt = checkpoint_path(data_dir, dataset, features, recipe.name)
     pred = predictions_path(data_dir, dataset, features)
-    embeddings = sorted(Layout(data_dir).embedding(features, dataset, 0, "Q").parent.glob(f"{dataset}__layer*__*.csv"))
+    embeddings = sorted(embedding_path(data_dir, features, dataset, 0, "Q").parent.glob(f"{dataset}__layer*__*.csv"))
     if not (ckpt.exists() and pred.exists() and embeddings):
         return None
     newer = min(p.stat().st_mtime for p in [pred, *embeddings]) >= ckpt.stat().st_mtime
     meta = read_checkpoint_meta(ckpt) if newer else None
     if meta is None or not checkpoint_suits(meta, recipe):
         return None
-    return model_row(dataset, features, meta, pred, len(embeddings))
+    return model_row(data_dir, dataset, features, meta, pred, len(embeddings))
 
 
 __all__ = [

@@ -357,7 +357,7 @@ def _run_here(jobs: list[Job], threads: int, on_result: Callable[[Job, Any], Non
             on_result(job, job.result)
         if len(jobs) > 1:
             _progress_line(i + 1 - len(failures), len(jobs), 0, len(failures), job.name, out["seconds"],
-                           time.perf_counter() - t0, 1)
+                           time.perf_counter() - t0)
     if len(errors) == 1 and len(jobs) == 1 and isinstance(errors[0], UsageError):
         raise errors[0]
     if failures:
@@ -369,7 +369,7 @@ def _error_text(err: BaseException) -> str:
 
 
 def _progress_line(done: int, total: int, running: int, failed: int, name: str, seconds: float,
-                   elapsed: float, parallel: int) -> None:
+                   elapsed: float) -> None:
     """One plain line per finished job: counts, its time and an ETA over the jobs left."""
     left = total - done - failed
     eta = elapsed / max(done + failed, 1) * left if left else 0.0
@@ -503,7 +503,7 @@ def _run_dask(client: Any, jobs: list[Job], engine: Engine, what: str,
                 on_result(jobs[i], jobs[i].result)
         running = _running(client, futures)
         _progress_line(done, len(jobs), running, len(failures), jobs[i].name,
-                       0.0 if fut.status == "error" else out["seconds"], time.perf_counter() - t0, 1)
+                       0.0 if fut.status == "error" else out["seconds"], time.perf_counter() - t0)
     if failures:
         raise JobsFailed(failures, len(jobs))
 

@@ -53,6 +53,7 @@ from crabnet.data import DataError, normalise_formula
 from crabnet.faithfulness import attention_importance
 from crabnet.layout import Layout
 from crabnet.utils import atomic_path
+from crabnet.video import PAPER_COMPOUNDS, final_errors
 
 DEFAULT_EXPLORE = 100  # compounds embedded besides the paper's and the chosen ones
 QUANT_MAX = 65534  # weights w in [0, 1] are stored as round(w * QUANT_MAX); QUANT_NAN marks non-finite ones
@@ -108,13 +109,6 @@ def decode_weights(text: str, shape: Sequence[int]) -> np.ndarray:
 # choosing compounds
 
 
-def final_errors(store: Any) -> np.ndarray:
-    """|prediction at the last capture − target| of every compound of a store (inf where not finite)."""
-    pred = np.asarray(store.group["prediction"][:, -1], dtype=np.float64)
-    err = np.abs(pred - np.asarray(store.targets, dtype=np.float64))
-    return np.where(np.isfinite(err), err, np.inf)
-
-
 def _spread(n_groups_sizes: dict[int, int], n: int) -> dict[int, int]:
     """Share ``n`` picks among groups as evenly as their sizes allow (water filling)."""
     quota = {g: 0 for g in n_groups_sizes}
@@ -148,7 +142,6 @@ def choose_compounds(store: Any, dataset: str = "", rows: Sequence[int] = (), n_
         rows: further rows to embed (e.g. the compounds rendered as videos).
         n_others: how many more to embed (0 = none).
     """
-    from crabnet.video import PAPER_COMPOUNDS
 
     chosen: list[tuple[int, str]] = []
     seen: set[str] = set()

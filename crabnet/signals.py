@@ -108,7 +108,3 @@ def deferred_stop() -> Iterator[None]:
     if main and not _deferring and _interrupt and STOP.is_set() and signal.getsignal(signal.SIGTERM) is _handler:
         raise Preempted("SIGTERM received")
 
-
-def stop_requested() -> bool:
-    """Whether this process was asked to stop (``STOP`` is set)."""
-    return STOP.is_set()

@@ -599,12 +599,19 @@ def parse_layers(layer: str | int, n_layers: int) -> list[int]:
     return [value]
 
 
+def final_errors(store: Any) -> np.ndarray:
+    """|prediction at the last capture − target| of every compound of a store (inf where not finite)."""
+    pred = np.asarray(store.group["prediction"][:, -1], dtype=np.float64)
+    err = np.abs(pred - np.asarray(store.targets, dtype=np.float64))
+    return np.where(np.isfinite(err), err, np.inf)
+
+
 def sample_compounds(store: Any, n: int = DEFAULT_SAMPLE) -> list[int]:
     """``n`` representative rows of a store, across numbers of elements and errors.
 
     The numbers of elements get picks in proportion to how many distinct compounds have them
     (largest remainder, so the common ones are shown and a rare one only when ``n`` allows); within
-    a number, the error of the last capture (:func:`crabnet.explorer.final_errors`) picks the median
+    a number, the error of the last capture (:func:`final_errors`) picks the median
     compound for one pick, else the best, the worst and evenly spaced ranks between. A formula is
     picked once (its first row). The explorer spreads its larger sample evenly over the numbers of
     elements instead (:func:`crabnet.explorer.choose_compounds`), which for a handful would favour
@@ -614,7 +621,6 @@ def sample_compounds(store: Any, n: int = DEFAULT_SAMPLE) -> list[int]:
         rows ordered by number of elements, then error.
     """
     from crabnet.data import DataError, normalise_formula
-    from crabnet.explorer import final_errors
 
     first: dict[str, int] = {}
     for i, f in enumerate(store.formulas):
