@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?= data
 
-.PHONY: demo test test-all test-long paper paper-plan data venv clean-venv
+.PHONY: demo test test-all test-long lint paper paper-plan data venv clean-venv
 
 # the paper at full scale (SPEC §6): SCHEDULER=local (default: this machine), tcp://HOST:PORT, slurm, pbs, ...;
 # SCHEDULER_FILE=PATH for a cluster started with dask scheduler --scheduler-file PATH
@@ -18,9 +18,9 @@ PLAN_LOG := $(DATA)/benchmarks/plan.jsonl
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[test]"
 	touch $@
 
 # fetch the published datasets into $(DATA)/ (the scripts also do this on first need)
@@ -39,6 +39,11 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# ruff's lint and format checks (configured in pyproject.toml); .ci/run runs them before the tests
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # the longer tests that .ci/run runs after `make test`: Dask schedulers, workers and fake SLURM jobs,
 # the GPU check's CPU run (several minutes)

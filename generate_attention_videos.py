@@ -62,8 +62,17 @@ from crabnet.faithfulness import refresh_faithfulness
 from crabnet.layout import Layout
 from crabnet.report import refresh_report
 from crabnet.utils import UsageError, available_cpus
-from crabnet.video import (DEFAULT_PRESET, DEFAULT_SAMPLE, PAPER_COMPOUNDS, VideoError, find_ffmpeg, parse_layers,
-                           plan_jobs, run_jobs, select_compounds)
+from crabnet.video import (
+    DEFAULT_PRESET,
+    DEFAULT_SAMPLE,
+    PAPER_COMPOUNDS,
+    VideoError,
+    find_ffmpeg,
+    parse_layers,
+    plan_jobs,
+    run_jobs,
+    select_compounds,
+)
 
 DEFAULT_DATASET = "aflow__Egap"  # as step 1
 QUICK_DATASET = DEMO_DATASET
@@ -71,34 +80,74 @@ QUICK_DATASET = DEMO_DATASET
 
 def parse_args(argv=None):
     p = make_parser(__doc__)
-    add_common(p, dataset=DEFAULT_DATASET,
-               quick_help=f"demo: the paper's {QUICK_DATASET} compounds in the store of "
-                          "get_training_attention.py --quick")
-    p.add_argument("--formula", action="append", default=[],
-                   help="compound to render, matched after normalising (HfO2 finds Hf1O2); repeatable "
-                        "(default: the paper's compounds of the dataset, else "
-                        f"{DEFAULT_SAMPLE} representative ones)%(default).0s")
-    p.add_argument("--index", action="append", type=int, default=[],
-                   help="row of the compound in the store (0-based); repeatable (default: none)%(default).0s")
+    add_common(
+        p,
+        dataset=DEFAULT_DATASET,
+        quick_help=f"demo: the paper's {QUICK_DATASET} compounds in the store of get_training_attention.py --quick",
+    )
+    p.add_argument(
+        "--formula",
+        action="append",
+        default=[],
+        help="compound to render, matched after normalising (HfO2 finds Hf1O2); repeatable "
+        "(default: the paper's compounds of the dataset, else "
+        f"{DEFAULT_SAMPLE} representative ones)%(default).0s",
+    )
+    p.add_argument(
+        "--index",
+        action="append",
+        type=int,
+        default=[],
+        help="row of the compound in the store (0-based); repeatable (default: none)%(default).0s",
+    )
     p.add_argument("--layer", default="0", help="layer whose heads are shown (0-based), or 'all' for one row per layer")
     p.add_argument("--fps", type=float, default=10.0, help="frames (captures) per second")
-    p.add_argument("--workers", type=int, default=0,
-                   help=f"processes rendering compounds in parallel (0 = all cores, {available_cpus()} here)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help=f"processes rendering compounds in parallel (0 = all cores, {available_cpus()} here)",
+    )
     p.add_argument("--dpi", type=float, default=100.0, help="resolution of the frames")
     p.add_argument("--crf", type=int, default=18, help="libx264 quality (0-51, lower = better)")
-    p.add_argument("--preset", default=DEFAULT_PRESET,
-                   help="libx264 speed preset (ultrafast … veryslow; slower = smaller files, same quality)")
-    p.add_argument("--no-explorer", action="store_true",
-                   help="do not write the attention explorer <data-dir>/explorer/<dataset>.html")
-    p.add_argument("--explore", type=int, default=DEFAULT_EXPLORE,
-                   help="compounds embedded in the explorer besides the paper's and the rendered ones, "
-                        "chosen across numbers of elements and errors")
+    p.add_argument(
+        "--preset",
+        default=DEFAULT_PRESET,
+        help="libx264 speed preset (ultrafast … veryslow; slower = smaller files, same quality)",
+    )
+    p.add_argument(
+        "--no-explorer",
+        action="store_true",
+        help="do not write the attention explorer <data-dir>/explorer/<dataset>.html",
+    )
+    p.add_argument(
+        "--explore",
+        type=int,
+        default=DEFAULT_EXPLORE,
+        help="compounds embedded in the explorer besides the paper's and the rendered ones, "
+        "chosen across numbers of elements and errors",
+    )
     return p.parse_args(argv)
 
 
-def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: bool, force: bool,
-         formula: list[str], index: list[int], layer: str, fps: float, workers: int, dpi: float, crf: int,
-         preset: str, no_explorer: bool = False, explore: int = DEFAULT_EXPLORE) -> int:
+def main(
+    data_dir: Path,
+    dataset: str | None,
+    device: str,
+    seed: int,
+    quick: bool,
+    force: bool,
+    formula: list[str],
+    index: list[int],
+    layer: str,
+    fps: float,
+    workers: int,
+    dpi: float,
+    crf: int,
+    preset: str,
+    no_explorer: bool = False,
+    explore: int = DEFAULT_EXPLORE,
+) -> int:
     # device is a shared flag that rendering does not use; seed seeds the shuffled faithfulness control
     dataset = dataset or (QUICK_DATASET if quick else DEFAULT_DATASET)
     if fps <= 0 or dpi <= 0 or workers < 0 or not 0 <= crf <= 51 or explore < 0:
@@ -119,8 +168,10 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
     if missing:
         print(f"not in the captured {store.attrs.get('split', '')} split of {dataset} (skipped): {', '.join(missing)}")
     if not (formula or index) and len(missing) == len(PAPER_COMPOUNDS.get(dataset, [])):  # no paper compound here
-        print(f"no paper videos for {dataset} in this store: {len(rows)} compounds across numbers of elements and "
-              f"errors (--formula/--index choose others): {', '.join(store.formulas[i] for i in rows)}")
+        print(
+            f"no paper videos for {dataset} in this store: {len(rows)} compounds across numbers of elements and "
+            f"errors (--formula/--index choose others): {', '.join(store.formulas[i] for i in rows)}"
+        )
 
     if not no_explorer:
         info = write_explorer(store, explorer_path(data_dir, dataset), dataset, rows=rows, n_others=explore)
@@ -132,8 +183,9 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
     refresh_faithfulness(store, data_dir, dataset, seed=seed, force=force, store_time=store_time)
 
     out_dir = Layout(data_dir).videos(dataset)
-    jobs = plan_jobs(store, rows, layers, out_dir, dataset=dataset, fps=fps, dpi=dpi, crf=crf, preset=preset,
-                     ffmpeg=ffmpeg)
+    jobs = plan_jobs(
+        store, rows, layers, out_dir, dataset=dataset, fps=fps, dpi=dpi, crf=crf, preset=preset, ffmpeg=ffmpeg
+    )
     todo = []
     for job in jobs:
         if not force and job.up_to_date(store_time):
@@ -142,12 +194,17 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
             todo.append(job)
     jobs = todo
     if jobs:
-        print(f"rendering {len(jobs)} compound(s) x {store.n_captures} captures, {len(layers)} layer(s) x "
-              f"{store.attrs['n_heads']} heads, {fps:g} fps")
+        print(
+            f"rendering {len(jobs)} compound(s) x {store.n_captures} captures, {len(layers)} layer(s) x "
+            f"{store.attrs['n_heads']} heads, {fps:g} fps"
+        )
     t0 = time.perf_counter()
     try:
-        run_jobs(jobs, workers=workers, on_done=lambda job, paths: print(
-            f"{job.data.formula}: {', '.join(p.name for p in paths.values())}"))
+        run_jobs(
+            jobs,
+            workers=workers,
+            on_done=lambda job, paths: print(f"{job.data.formula}: {', '.join(p.name for p in paths.values())}"),
+        )
     except VideoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

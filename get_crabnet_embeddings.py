@@ -52,20 +52,40 @@ FULL = {"datasets": DEFAULT_DATASETS, "epochs": 300}
 
 def parse_args(argv=None):
     p = make_parser(__doc__)
-    add_common(p, dataset=None,
-               quick_help=f"CPU demo: {QUICK['datasets'][0]}; any existing checkpoint is used, a missing one "
-                          f"is trained for {QUICK['epochs']} epochs")
-    p.add_argument("--dataset", action="append", default=None, metavar="NAME",
-                   help="dataset folder under <data-dir>/benchmark_data/; repeatable; 'all' = the 18 "
-                        f"benchmark sets (default: {' and '.join(DEFAULT_DATASETS)}; --quick: {QUICK['datasets'][0]})")
-    p.add_argument("--features", nargs="+", default=["mat2vec", "onehot"], choices=["mat2vec", "onehot"],
-                   help="element features: mat2vec = CrabNet, onehot = HotCrab")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="maximum epochs when a model must be trained (default 300 = the full recipe "
-                        f"with SWA early stopping; --quick {QUICK['epochs']})")
-    p.add_argument("--epochs-step", type=int, default=None,
-                   help="half-cycle of the cyclic learning rate in epochs (default: the recipe's, 1 for immi, "
-                        "10 for npj)")
+    add_common(
+        p,
+        dataset=None,
+        quick_help=f"CPU demo: {QUICK['datasets'][0]}; any existing checkpoint is used, a missing one "
+        f"is trained for {QUICK['epochs']} epochs",
+    )
+    p.add_argument(
+        "--dataset",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="dataset folder under <data-dir>/benchmark_data/; repeatable; 'all' = the 18 "
+        f"benchmark sets (default: {' and '.join(DEFAULT_DATASETS)}; --quick: {QUICK['datasets'][0]})",
+    )
+    p.add_argument(
+        "--features",
+        nargs="+",
+        default=["mat2vec", "onehot"],
+        choices=["mat2vec", "onehot"],
+        help="element features: mat2vec = CrabNet, onehot = HotCrab",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="maximum epochs when a model must be trained (default 300 = the full recipe "
+        f"with SWA early stopping; --quick {QUICK['epochs']})",
+    )
+    p.add_argument(
+        "--epochs-step",
+        type=int,
+        default=None,
+        help="half-cycle of the cyclic learning rate in epochs (default: the recipe's, 1 for immi, 10 for npj)",
+    )
     add_training(p)
     add_engine_args(p)
     return p.parse_args(argv)
@@ -76,24 +96,38 @@ def expand_datasets(names: list[str] | None, quick: bool) -> list[str]:
     names = names or list(QUICK["datasets"] if quick else FULL["datasets"])
     out: list[str] = []
     for name in names:
-        for ds in (BENCHMARK_DATASETS if name == "all" else (name,)):
+        for ds in BENCHMARK_DATASETS if name == "all" else (name,):
             if ds not in out:
                 out.append(ds)
     return out
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'dataset':30s} {'features':8s} {'model':22s} {'n_test':>6s} {'test MAE':>9s} {'published':>9s} {'ratio':>6s}")
+    head = f"{'dataset':30s} {'features':8s} {'model':22s} {'n_test':>6s}"
+    print(f"\n{head} {'test MAE':>9s} {'published':>9s} {'ratio':>6s}")
     for r in rows:
         ref = f"{r['published']:.4g}" if r["published"] else "-"
         ratio = f"{r['test_mae'] / r['published']:.2f}" if r["published"] else "-"
-        print(f"{r['dataset']:30s} {r['features']:8s} {r['recipe']:22s} {r['n_test']:6d} {r['test_mae']:9.4g} "
-              f"{ref:>9s} {ratio:>6s}")
+        print(
+            f"{r['dataset']:30s} {r['features']:8s} {r['recipe']:22s} {r['n_test']:6d} {r['test_mae']:9.4g} "
+            f"{ref:>9s} {ratio:>6s}"
+        )
 
 
-def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quick: bool, force: bool,
-         features: list[str], epochs: int | None, epochs_step: int | None, recipe: str = "immi",
-         precision: str = "auto", **engine) -> int:
+def main(
+    data_dir: Path,
+    dataset: list[str] | None,
+    device: str,
+    seed: int,
+    quick: bool,
+    force: bool,
+    features: list[str],
+    epochs: int | None,
+    epochs_step: int | None,
+    recipe: str = "immi",
+    precision: str = "auto",
+    **engine,
+) -> int:
     defaults = QUICK if quick else FULL
     epochs = defaults["epochs"] if epochs is None else epochs
     if epochs < 1 or (epochs_step is not None and epochs_step < 1):
@@ -101,17 +135,35 @@ def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quic
     recipe = make_recipe(recipe, epochs=epochs, **({} if epochs_step is None else {"epochs_step": epochs_step}))
     dev, eng = resolve_device(device), engine_from_args(engine)
     rates = cached_rates(data_dir, str(dev), precision) if eng.plan else None
-    jobs = [Job(f"{ds} {feat}", model_job, dict(data_dir=data_dir, dataset=ds, features=feat, recipe=recipe,
-                                                 device=str(dev), seed=seed, force=force, precision=precision),
-                gpu=dev.type == "cuda", cost_s=dataset_training_cost_s(data_dir, ds, recipe, rates) if rates else 0,
-                result=None if force else model_outputs_current(data_dir, ds, feat, recipe))
-            for ds in expand_datasets(dataset, quick) for feat in dict.fromkeys(features)]
+    jobs = [
+        Job(
+            f"{ds} {feat}",
+            model_job,
+            dict(
+                data_dir=data_dir,
+                dataset=ds,
+                features=feat,
+                recipe=recipe,
+                device=str(dev),
+                seed=seed,
+                force=force,
+                precision=precision,
+            ),
+            gpu=dev.type == "cuda",
+            cost_s=dataset_training_cost_s(data_dir, ds, recipe, rates) if rates else 0,
+            result=None if force else model_outputs_current(data_dir, ds, feat, recipe),
+        )
+        for ds in expand_datasets(dataset, quick)
+        for feat in dict.fromkeys(features)
+    ]
     rows = run_jobs(jobs, eng, what="models")
     if rows is None:  # --plan
         return 0
     for row in rows:
-        print(f"{row['dataset']} {row['features']}: {row['n_csv']} embedding CSVs -> {row['embeddings']}/; "
-              f"test predictions -> {row['predictions']}")
+        print(
+            f"{row['dataset']} {row['features']}: {row['n_csv']} embedding CSVs -> {row['embeddings']}/; "
+            f"test predictions -> {row['predictions']}"
+        )
     print_table(rows)
     refresh_report(data_dir)
     print("next: python plot_element_correlation.py" + (" --quick" if quick else ""))

@@ -42,22 +42,50 @@ from crabnet.cli import DEMO_DATASET, add_common, make_parser, run
 from crabnet.engine import Job, add_engine_args, engine_from_args, run_jobs
 from crabnet.layout import Layout
 from crabnet.report import refresh_report
-from crabnet.stats import (BENCHMARK, MATBENCH, REFERENCE_DIR, TABLE_NAME, DatasetStats, compare_with_published,
-                           counts_table, matbench_summary, merge_table, plot_diversity, read_published,
-                           resolve_datasets, stats_job, stats_table)
+from crabnet.stats import (
+    BENCHMARK,
+    MATBENCH,
+    REFERENCE_DIR,
+    TABLE_NAME,
+    DatasetStats,
+    compare_with_published,
+    counts_table,
+    matbench_summary,
+    merge_table,
+    plot_diversity,
+    read_published,
+    resolve_datasets,
+    stats_job,
+    stats_table,
+)
 from crabnet.utils import atomic_path
+
 
 def parse_args(argv=None):
     p = make_parser(__doc__)
-    add_common(p, dataset=None, quick_help=f"demo: only {DEMO_DATASET} (unless --dataset is given)", device=False,
-               seed=False, force=False)
-    p.add_argument("--dataset", action="append", default=None,
-                   help="dataset under benchmark_data/ or matbench_cv/, repeatable; 'all' = every one present "
-                        "(default: all; with --quick the demo dataset)")
+    add_common(
+        p,
+        dataset=None,
+        quick_help=f"demo: only {DEMO_DATASET} (unless --dataset is given)",
+        device=False,
+        seed=False,
+        force=False,
+    )
+    p.add_argument(
+        "--dataset",
+        action="append",
+        default=None,
+        help="dataset under benchmark_data/ or matbench_cv/, repeatable; 'all' = every one present "
+        "(default: all; with --quick the demo dataset)",
+    )
     p.add_argument("--no-figures", action="store_true", help="write the tables only")
     p.add_argument("--skip-invalid", action="store_true", help="skip bad rows (reported) instead of stopping")
-    p.add_argument("--reference-dir", type=Path, default=REFERENCE_DIR,
-                   help="folder of published_stats_benchmark.csv and published_stats_matbench_cv.csv")
+    p.add_argument(
+        "--reference-dir",
+        type=Path,
+        default=REFERENCE_DIR,
+        help="folder of published_stats_benchmark.csv and published_stats_matbench_cv.csv",
+    )
     add_engine_args(p)
     return p.parse_args(argv)
 
@@ -69,8 +97,10 @@ def write_tables(results: list[DatasetStats], data_dir: Path) -> dict[str, pd.Da
         if not any(r.kind == kind for r in results):
             continue
         key = ["mat_prop", "cv"] if kind == MATBENCH else ["mat_prop"]
-        for name, new, k in ((f"{TABLE_NAME[kind]}.csv", stats_table(results, kind), key),
-                             (f"element_counts_{TABLE_NAME[kind]}.csv", counts_table(results, kind), key + ["split"])):
+        for name, new, k in (
+            (f"{TABLE_NAME[kind]}.csv", stats_table(results, kind), key),
+            (f"element_counts_{TABLE_NAME[kind]}.csv", counts_table(results, kind), key + ["split"]),
+        ):
             path = Layout(data_dir).stats() / name
             old = pd.read_csv(path) if path.is_file() else None
             table = merge_table(old, new, k)
@@ -92,9 +122,11 @@ def write_figures(tables: dict[str, pd.DataFrame], data_dir: Path) -> None:
         groups.append(("benchmark", bench))
     if MATBENCH in tables:
         mb = matbench_summary(tables[MATBENCH])
-        plot_diversity([("matbench (mean ± std over folds)", mb)],
-                       "Diversity of the matbench sets (mean ± std over folds)",
-                       out / "diversity_matbench_cv.png")
+        plot_diversity(
+            [("matbench (mean ± std over folds)", mb)],
+            "Diversity of the matbench sets (mean ± std over folds)",
+            out / "diversity_matbench_cv.png",
+        )
         groups.append(("matbench (mean ± std over folds)", mb))
     if len(groups) == 2:
         plot_diversity(groups, "Diversity of all datasets", out / "diversity_all.png")
@@ -111,21 +143,36 @@ def check_published(tables: dict[str, pd.DataFrame], reference_dir: Path) -> int
             continue
         n, problems = compare_with_published(table, published, kind)
         bad += len(problems)
-        verdict = "all equal (to 1e-9; published val/test diversity swapped)" if not problems else \
-            f"{len(problems)} MISMATCH(ES)"
+        verdict = (
+            "all equal (to 1e-9; published val/test diversity swapped)"
+            if not problems
+            else f"{len(problems)} MISMATCH(ES)"
+        )
         print(f"published {TABLE_NAME[kind]} table: {n} rows compared, {verdict}")
         for line in problems[:20]:
             print(f"  {line}")
     return bad
 
 
-def main(data_dir: Path, dataset: list[str] | None, quick: bool, no_figures: bool, skip_invalid: bool,
-         reference_dir: Path, **engine) -> int:
+def main(
+    data_dir: Path,
+    dataset: list[str] | None,
+    quick: bool,
+    no_figures: bool,
+    skip_invalid: bool,
+    reference_dir: Path,
+    **engine,
+) -> int:
     # a DataError (unknown dataset, bad row) ends the script with one error line via crabnet.cli.run
     chosen = resolve_datasets(data_dir, dataset or ([DEMO_DATASET] if quick else None))
-    jobs = [Job(f"{TABLE_NAME[kind]} {name}", stats_job, dict(data_dir=data_dir, kind=kind, dataset=name,
-                                                              skip_invalid=skip_invalid, figures=not no_figures))
-            for kind, name in chosen]
+    jobs = [
+        Job(
+            f"{TABLE_NAME[kind]} {name}",
+            stats_job,
+            dict(data_dir=data_dir, kind=kind, dataset=name, skip_invalid=skip_invalid, figures=not no_figures),
+        )
+        for kind, name in chosen
+    ]
     per_dataset = run_jobs(jobs, engine_from_args(engine, small=quick), what="datasets")
     if per_dataset is None:  # --plan: the jobs were listed
         return 0

@@ -53,22 +53,44 @@ ATTENTION_MAX_BATCH = 1024  # the attention run clamps the recipe's batch size t
 
 def parse_args(argv=None):
     p = make_parser(__doc__)
-    add_common(p, dataset=DEFAULT_DATASET,
-               quick_help=f"CPU demo: {QUICK['dataset']}, {QUICK['epochs']} epochs (explicit flags still win)")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="maximum epochs, SWA early stopping may end sooner (default 50; --quick 8)")
-    p.add_argument("--epochs-step", type=int, default=None,
-                   help="half-cycle of the cyclic learning rate in epochs (default: the recipe's, 1 for immi, "
-                        "10 for npj)")
+    add_common(
+        p,
+        dataset=DEFAULT_DATASET,
+        quick_help=f"CPU demo: {QUICK['dataset']}, {QUICK['epochs']} epochs (explicit flags still win)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="maximum epochs, SWA early stopping may end sooner (default 50; --quick 8)",
+    )
+    p.add_argument(
+        "--epochs-step",
+        type=int,
+        default=None,
+        help="half-cycle of the cyclic learning rate in epochs (default: the recipe's, 1 for immi, 10 for npj)",
+    )
     add_training(p)
-    p.add_argument("--features", default="mat2vec", choices=["mat2vec", "onehot"],
-                   help="element features: mat2vec = CrabNet, onehot = HotCrab")
-    p.add_argument("--capture", default="epoch", choices=["epoch", "step"],
-                   help="capture after every epoch or after optimiser steps")
+    p.add_argument(
+        "--features",
+        default="mat2vec",
+        choices=["mat2vec", "onehot"],
+        help="element features: mat2vec = CrabNet, onehot = HotCrab",
+    )
+    p.add_argument(
+        "--capture",
+        default="epoch",
+        choices=["epoch", "step"],
+        help="capture after every epoch or after optimiser steps",
+    )
     p.add_argument("--capture-every", type=int, default=1, help="with --capture step: every k-th step")
     p.add_argument("--split", default="val", choices=list(SPLITS), help="split whose compounds are captured")
-    p.add_argument("--batch-size", type=int, default=0,
-                   help=f"0 = the recipe's 2^round(log2(n_train)-4) clamped to [128, {ATTENTION_MAX_BATCH}]")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=0,
+        help=f"0 = the recipe's 2^round(log2(n_train)-4) clamped to [128, {ATTENTION_MAX_BATCH}]",
+    )
     p.add_argument("--keep-unary", action="store_true", help="keep single-element compounds (dropped by default)")
     p.add_argument("--skip-invalid", action="store_true", help="skip bad rows (reported) instead of stopping")
     add_engine_args(p)
@@ -96,34 +118,79 @@ def local_threads(engine: Engine) -> Engine:
     return engine
 
 
-def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: bool, force: bool,
-         epochs: int | None, epochs_step: int | None, features: str, capture: str, capture_every: int,
-         split: str, batch_size: int, keep_unary: bool, skip_invalid: bool, recipe: str = "immi",
-         precision: str = "auto", **engine) -> int:
+def main(
+    data_dir: Path,
+    dataset: str | None,
+    device: str,
+    seed: int,
+    quick: bool,
+    force: bool,
+    epochs: int | None,
+    epochs_step: int | None,
+    features: str,
+    capture: str,
+    capture_every: int,
+    split: str,
+    batch_size: int,
+    keep_unary: bool,
+    skip_invalid: bool,
+    recipe: str = "immi",
+    precision: str = "auto",
+    **engine,
+) -> int:
     defaults = QUICK if quick else FULL
     dataset = dataset or defaults["dataset"]
     epochs = defaults["epochs"] if epochs is None else epochs
     if epochs < 1 or (epochs_step is not None and epochs_step < 1) or capture_every < 1 or batch_size < 0:
         raise UsageError("--epochs, --epochs-step and --capture-every must be >= 1, --batch-size >= 0")
-    recipe = make_recipe(recipe, epochs=epochs, batch_size=batch_size, max_batch_size=ATTENTION_MAX_BATCH,
-                         **({} if epochs_step is None else {"epochs_step": epochs_step}))
+    recipe = make_recipe(
+        recipe,
+        epochs=epochs,
+        batch_size=batch_size,
+        max_batch_size=ATTENTION_MAX_BATCH,
+        **({} if epochs_step is None else {"epochs_step": epochs_step}),
+    )
     epochs_step = recipe.epochs_step
 
     store = Layout(data_dir).attention_store(dataset)
-    settings = {"dataset": dataset, "features": features, "split": split, "capture": capture,
-                "capture_every": capture_every, "epochs": epochs, "epochs_step": epochs_step, "seed": seed,
-                "drop_unary": not keep_unary, "batch_size": batch_size, "recipe_name": recipe.name,
-                "precision": precision, "attribution": True}  # stores made before attribution are redone
+    settings = {
+        "dataset": dataset,
+        "features": features,
+        "split": split,
+        "capture": capture,
+        "capture_every": capture_every,
+        "epochs": epochs,
+        "epochs_step": epochs_step,
+        "seed": seed,
+        "drop_unary": not keep_unary,
+        "batch_size": batch_size,
+        "recipe_name": recipe.name,
+        "precision": precision,
+        "attribution": True,
+    }  # stores made before attribution are redone
     up_to_date = not force and settings_match(store, settings)
     dev = None if up_to_date else resolve_device(device)  # an up-to-date store needs no device
     eng = local_threads(engine_from_args(engine))
-    cost = (dataset_training_cost_s(data_dir, dataset, recipe, cached_rates(data_dir, str(dev), precision))
-            if eng.plan and dev is not None else 0.0)
-    job = Job(f"{dataset} {features}", attention_job,
-              dict(data_dir=data_dir, recipe=recipe, settings=settings, device=str(dev or device), force=force,
-                   skip_invalid=skip_invalid),
-              cost_s=cost, gpu=dev is not None and dev.type == "cuda",
-              result={"up_to_date": True} if up_to_date else None)
+    cost = (
+        dataset_training_cost_s(data_dir, dataset, recipe, cached_rates(data_dir, str(dev), precision))
+        if eng.plan and dev is not None
+        else 0.0
+    )
+    job = Job(
+        f"{dataset} {features}",
+        attention_job,
+        dict(
+            data_dir=data_dir,
+            recipe=recipe,
+            settings=settings,
+            device=str(dev or device),
+            force=force,
+            skip_invalid=skip_invalid,
+        ),
+        cost_s=cost,
+        gpu=dev is not None and dev.type == "cuda",
+        result={"up_to_date": True} if up_to_date else None,
+    )
     try:
         results = run_jobs([job], eng, what="trainings")
     except KeyboardInterrupt:  # the job said where its captures are staged
@@ -135,11 +202,15 @@ def main(data_dir: Path, dataset: str | None, device: str, seed: int, quick: boo
         print(f"{store} is up to date (same settings); use --force to recompute")
         refresh_report(data_dir)
         return 0
-    print(f"attention: {r['n_captures']} captures x {r['n_compounds']} compounds -> {r['store']} "
-          f"(reorganised in {r['reorganise_s']:.1f} s)")
-    print(f"model -> {r['checkpoint']}\n{r['epochs_run']} epochs in {r['train_s']:.1f} s; "
-          f"val MAE {r['val_mae']:.4g} (last epoch), test MAE {r['test_mae']:.4g} "
-          f"({'SWA weights' if r['swa'] else 'last weights'})")
+    print(
+        f"attention: {r['n_captures']} captures x {r['n_compounds']} compounds -> {r['store']} "
+        f"(reorganised in {r['reorganise_s']:.1f} s)"
+    )
+    print(
+        f"model -> {r['checkpoint']}\n{r['epochs_run']} epochs in {r['train_s']:.1f} s; "
+        f"val MAE {r['val_mae']:.4g} (last epoch), test MAE {r['test_mae']:.4g} "
+        f"({'SWA weights' if r['swa'] else 'last weights'})"
+    )
     refresh_report(data_dir)
     print("next: python generate_attention_videos.py" + (" --quick" if quick else f" --dataset {dataset}"))
     return 0

@@ -49,8 +49,18 @@ from crabnet.cli import DEMO_DATASET, add_common, make_parser, run
 from crabnet.data import SPLITS
 from crabnet.engine import JobsFailed, add_engine_args, engine_from_args
 from crabnet.layout import BENCHMARK, MATBENCH, Layout, available, resolve_datasets, split_files
-from crabnet.oxidation import (CHUNK_SIZE, GuessCache, cache_path, guess_all, keys_for, progress_bar,
-                               read_formulas, results_for, write_element_ox_states, write_split)
+from crabnet.oxidation import (
+    CHUNK_SIZE,
+    GuessCache,
+    cache_path,
+    guess_all,
+    keys_for,
+    progress_bar,
+    read_formulas,
+    results_for,
+    write_element_ox_states,
+    write_split,
+)
 from crabnet.report import refresh_report
 from crabnet.utils import UsageError
 
@@ -59,26 +69,57 @@ REASONS = ("no_solution", "timeout", "error", "max_sites", "invalid_formula")
 
 def parse_args(argv=None):
     p = make_parser(__doc__)
-    add_common(p, dataset=None, device=False, seed=False,
-               quick_help=f"demo: the {DEMO_DATASET} test split (unless --dataset is given)")
-    p.add_argument("--dataset", action="append", default=None,
-                   help="dataset under benchmark_data/ or matbench_cv/ (all folds), repeatable; 'all' = every "
-                        "benchmark set (default: all; with --quick the demo dataset)")
+    add_common(
+        p,
+        dataset=None,
+        device=False,
+        seed=False,
+        quick_help=f"demo: the {DEMO_DATASET} test split (unless --dataset is given)",
+    )
+    p.add_argument(
+        "--dataset",
+        action="append",
+        default=None,
+        help="dataset under benchmark_data/ or matbench_cv/ (all folds), repeatable; 'all' = every "
+        "benchmark set (default: all; with --quick the demo dataset)",
+    )
     p.add_argument("--matbench", action="store_true", help="also every matbench_cv set (all folds)")
     p.add_argument("--split", default="test", choices=[*SPLITS, "all"], help="split(s) to guess")
-    p.add_argument("--max-seconds", type=float, default=10.0,
-                   help="CPU seconds allowed per formula, a safety net (null, reason timeout)")
-    p.add_argument("--max-sites", type=int, default=None,
-                   help="skip compositions with more atoms than this (null, reason max_sites) (default: no bound)")
-    p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE, metavar="N",
-                   help="compositions per job (one job runs in this process; smaller jobs spread a run over more "
-                        "workers)")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=10.0,
+        help="CPU seconds allowed per formula, a safety net (null, reason timeout)",
+    )
+    p.add_argument(
+        "--max-sites",
+        type=int,
+        default=None,
+        help="skip compositions with more atoms than this (null, reason max_sites) (default: no bound)",
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=CHUNK_SIZE,
+        metavar="N",
+        help="compositions per job (one job runs in this process; smaller jobs spread a run over more workers)",
+    )
     add_engine_args(p)
     return p.parse_args(argv)
 
 
-def main(data_dir: Path, dataset: list[str] | None, quick: bool, force: bool, split: str, max_seconds: float,
-         max_sites: int | None, chunk_size: int = CHUNK_SIZE, matbench: bool = False, **engine) -> int:
+def main(
+    data_dir: Path,
+    dataset: list[str] | None,
+    quick: bool,
+    force: bool,
+    split: str,
+    max_seconds: float,
+    max_sites: int | None,
+    chunk_size: int = CHUNK_SIZE,
+    matbench: bool = False,
+    **engine,
+) -> int:
     if not max_seconds > 0 or (max_sites is not None and max_sites < 1) or chunk_size < 1:
         raise UsageError("--max-sites and --chunk-size must be >= 1 and --max-seconds > 0")
     eng = engine_from_args(engine, small=quick)
@@ -88,14 +129,17 @@ def main(data_dir: Path, dataset: list[str] | None, quick: bool, force: bool, sp
     pairs = resolve_datasets(data_dir, names)  # fetches the published sets if needed
     if "all" in names:  # every benchmark set, and the matbench sets named beside 'all'
         named = [n for n in names if n != "all"]
-        pairs = [p for p in pairs if p[0] == BENCHMARK] + \
-                [p for p in (resolve_datasets(data_dir, named) if named else []) if p[0] == MATBENCH]
+        pairs = [p for p in pairs if p[0] == BENCHMARK] + [
+            p for p in (resolve_datasets(data_dir, named) if named else []) if p[0] == MATBENCH
+        ]
     if matbench:
         pairs += [(MATBENCH, n) for n in available(data_dir, MATBENCH) if (MATBENCH, n) not in pairs]
     files = [f for kind, name in pairs for f in split_files(data_dir, kind, name, splits)]
     memo: dict = {}
-    parts = [keys_for(f.label, read_formulas(f.path), max_sites, memo)
-             for f in progress_bar(files, desc="reading formulas", unit="file")]
+    parts = [
+        keys_for(f.label, read_formulas(f.path), max_sites, memo)
+        for f in progress_bar(files, desc="reading formulas", unit="file")
+    ]
 
     cache_file = cache_path(data_dir)
     if force and cache_file.exists() and not eng.plan:
@@ -105,20 +149,26 @@ def main(data_dir: Path, dataset: list[str] | None, quick: bool, force: bool, sp
         print(f"note: ignored {cache.unreadable} unreadable line(s) of {cache_file} (an interrupted write)")
     t0 = time.perf_counter()
     try:
-        run = guess_all((k for p in parts for k in p.keys), cache, max_seconds=max_seconds, engine=eng,
-                        chunk_size=chunk_size)
+        run = guess_all(
+            (k for p in parts for k in p.keys), cache, max_seconds=max_seconds, engine=eng, chunk_size=chunk_size
+        )
     except KeyboardInterrupt:
         print(f"\ninterrupted: {len(cache)} results are saved in {cache_file}; run again to resume", file=sys.stderr)
         return 130
     except JobsFailed as err:
-        print(f"{err}\nthe results of the other jobs are saved in {cache_file} ({len(cache)} in all); run again to "
-              "retry the failed ones", file=sys.stderr)
+        print(
+            f"{err}\nthe results of the other jobs are saved in {cache_file} ({len(cache)} in all); run again to "
+            "retry the failed ones",
+            file=sys.stderr,
+        )
         return 1
     if run is None:  # --plan: the jobs were listed
         return 0
-    print(f"{run['distinct']} distinct compositions: {run['cached']} from the cache, {run['computed']} computed "
-          f"in {run['seconds']:.1f} s ({run['per_second']:.1f} formulas/s, {run['chunks']} job(s)); "
-          f"outcomes of the computed: {run['reasons'] or '-'}")
+    print(
+        f"{run['distinct']} distinct compositions: {run['cached']} from the cache, {run['computed']} computed "
+        f"in {run['seconds']:.1f} s ({run['per_second']:.1f} formulas/s, {run['chunks']} job(s)); "
+        f"outcomes of the computed: {run['reasons'] or '-'}"
+    )
 
     out_dir = Layout(data_dir).oxidation()
     write_element_ox_states(out_dir / "element_ox_states.json")
@@ -129,13 +179,19 @@ def main(data_dir: Path, dataset: list[str] | None, quick: bool, force: bool, sp
         counts = write_split(part, results_for(part, cache, max_seconds), out_dir)
         for k, v in counts.items():
             total[k] = total.get(k, 0) + v
-        print(f"{part.label:<45} {counts['rows']:>7} {counts['guessed']:>7} "
-              + " ".join(f"{counts.get(r, 0):>15}" for r in REASONS))
+        print(
+            f"{part.label:<45} {counts['rows']:>7} {counts['guessed']:>7} "
+            + " ".join(f"{counts.get(r, 0):>15}" for r in REASONS)
+        )
     if len(parts) > 1:
-        print(f"{'total':<45} {total['rows']:>7} {total['guessed']:>7} "
-              + " ".join(f"{total.get(r, 0):>15}" for r in REASONS))
-    print(f"wrote {len(parts)} JSON + CSV pairs and element_ox_states.json to {out_dir}/ "
-          f"({time.perf_counter() - t0:.1f} s)")
+        print(
+            f"{'total':<45} {total['rows']:>7} {total['guessed']:>7} "
+            + " ".join(f"{total.get(r, 0):>15}" for r in REASONS)
+        )
+    print(
+        f"wrote {len(parts)} JSON + CSV pairs and element_ox_states.json to {out_dir}/ "
+        f"({time.perf_counter() - t0:.1f} s)"
+    )
     refresh_report(data_dir)
     return 0
 

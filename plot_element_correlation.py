@@ -40,9 +40,18 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from crabnet.cli import add_common, add_html_js, make_parser, run
-from crabnet.correlation import (REFERENCE_TABLES, collect_sources, control_frames, element_correlation, model_of,
-                                 plot_representation, print_summary, read_representation_csv,
-                                 static_representation, summarise)
+from crabnet.correlation import (
+    REFERENCE_TABLES,
+    collect_sources,
+    control_frames,
+    element_correlation,
+    model_of,
+    plot_representation,
+    print_summary,
+    read_representation_csv,
+    static_representation,
+    summarise,
+)
 from crabnet.layout import Layout
 from crabnet.report import refresh_report
 from crabnet.utils import UsageError, atomic_path, resolve_device
@@ -54,23 +63,46 @@ CONTROL_FEATURES = ("onehot", "mat2vec")  # untrained HotCrab, untrained CrabNet
 
 def parse_args(argv=None):
     p = make_parser(__doc__)
-    add_common(p, dataset=None, quick_help=f"CPU demo: {QUICK_PERMUTATIONS} permutations for the p-values; "
-                                           "the untrained controls go into the summary but are not plotted")
-    p.add_argument("--source", action="append", default=None, metavar="NAME_OR_CSV",
-                   help="representation to use (repeatable): a static table name, a learned name "
-                        "<dataset>__<features>__layer<L>__<K>, a CSV path, or 'control' (default: all found)")
+    add_common(
+        p,
+        dataset=None,
+        quick_help=f"CPU demo: {QUICK_PERMUTATIONS} permutations for the p-values; "
+        "the untrained controls go into the summary but are not plotted",
+    )
+    p.add_argument(
+        "--source",
+        action="append",
+        default=None,
+        metavar="NAME_OR_CSV",
+        help="representation to use (repeatable): a static table name, a learned name "
+        "<dataset>__<features>__layer<L>__<K>, a CSV path, or 'control' (default: all found)",
+    )
     p.add_argument("--no-control", action="store_true", help="leave out the untrained HotCrab and CrabNet controls")
-    p.add_argument("--permutations", type=int, default=None,
-                   help=f"permutations for the group-separation p-value (default {PERMUTATIONS}; --quick "
-                        f"{QUICK_PERMUTATIONS})")
+    p.add_argument(
+        "--permutations",
+        type=int,
+        default=None,
+        help=f"permutations for the group-separation p-value (default {PERMUTATIONS}; --quick {QUICK_PERMUTATIONS})",
+    )
     p.add_argument("--z-max", type=int, default=92, help="upper atomic number of the restricted plots")
     p.add_argument("--no-html", action="store_true", help="PNG only")
     add_html_js(p)
     return p.parse_args(argv)
 
 
-def main(data_dir: Path, device: str, seed: int, quick: bool, force: bool, source: list[str] | None,
-         no_control: bool, permutations: int | None, z_max: int, no_html: bool, html_js: str = "inline") -> int:
+def main(
+    data_dir: Path,
+    device: str,
+    seed: int,
+    quick: bool,
+    force: bool,
+    source: list[str] | None,
+    no_control: bool,
+    permutations: int | None,
+    z_max: int,
+    no_html: bool,
+    html_js: str = "inline",
+) -> int:
     n_perm = (QUICK_PERMUTATIONS if quick else PERMUTATIONS) if permutations is None else permutations
     if n_perm < 0 or not 2 <= z_max <= 118:
         raise UsageError("--permutations must be >= 0 and --z-max in 2..118")
@@ -92,8 +124,9 @@ def main(data_dir: Path, device: str, seed: int, quick: bool, force: bool, sourc
         corrs.append(corr)
         extra[name] = {"kind": kind, "model": "static" if kind == "static" else model_of(name)}
         if not (quick and kind == "untrained"):
-            n_plotted += plot_representation(corr, origin, out_dir, z_max=z_max, html=not no_html,
-                                             html_js=html_js, force=force)
+            n_plotted += plot_representation(
+                corr, origin, out_dir, z_max=z_max, html=not no_html, html_js=html_js, force=force
+            )
 
     refs = {c.name: c for c in corrs if c.name in REFERENCE_TABLES}
     missing = [r for r in REFERENCE_TABLES if r not in refs]

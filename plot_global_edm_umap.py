@@ -55,34 +55,86 @@ QUICK = {"dataset": DEMO_DATASET, "epochs": 8}
 
 def parse_args(argv=None):
     p = make_parser(__doc__)
-    add_common(p, dataset=None, quick_help=f"CPU demo: {QUICK['dataset']}, an {QUICK['epochs']}-epoch model if "
-                                           "none exists (explicit flags win)")
+    add_common(
+        p,
+        dataset=None,
+        quick_help=f"CPU demo: {QUICK['dataset']}, an {QUICK['epochs']}-epoch model if "
+        "none exists (explicit flags win)",
+    )
     add_map_flags(p, default_dataset=DEFAULT_DATASET, quick_dataset=QUICK["dataset"])
-    p.add_argument("--layers", type=int, nargs="+", default=None,
-                   help="layer inputs, 0..n_layers where n_layers = the encoder output (default all)")
+    p.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        default=None,
+        help="layer inputs, 0..n_layers where n_layers = the encoder output (default all)",
+    )
     p.add_argument("--n-neighbors", type=int, default=15, help="UMAP n_neighbors")
-    p.add_argument("--min-dist", type=float, default=None,
-                   help="UMAP min_dist (default by dataset size, as in the paper: 0.2, 0.4 above 4,000 compounds, "
-                        "0.5 above 100,000)")
+    p.add_argument(
+        "--min-dist",
+        type=float,
+        default=None,
+        help="UMAP min_dist (default by dataset size, as in the paper: 0.2, 0.4 above 4,000 compounds, "
+        "0.5 above 100,000)",
+    )
     add_engine_args(p)
     return p.parse_args(argv)
 
 
-def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quick: bool, force: bool, features: str,
-         split: str, layers: list[int] | None, n_neighbors: int, min_dist: float | None, umap_parallel: bool,
-         batch_size: int, html_js: str = "inline", recipe: str = "immi", precision: str = "auto", **engine) -> int:
+def main(
+    data_dir: Path,
+    dataset: list[str] | None,
+    device: str,
+    seed: int,
+    quick: bool,
+    force: bool,
+    features: str,
+    split: str,
+    layers: list[int] | None,
+    n_neighbors: int,
+    min_dist: float | None,
+    umap_parallel: bool,
+    batch_size: int,
+    html_js: str = "inline",
+    recipe: str = "immi",
+    precision: str = "auto",
+    **engine,
+) -> int:
     datasets = dataset or [QUICK["dataset"] if quick else DEFAULT_DATASET]
     check_global_args(n_neighbors, min_dist, seed, batch_size)
-    settings = map_settings(data_dir, features, split, recipe, QUICK["epochs"] if quick else None, device, seed,
-                            force, batch_size, umap_parallel, html_js, precision)
+    settings = map_settings(
+        data_dir,
+        features,
+        split,
+        recipe,
+        QUICK["epochs"] if quick else None,
+        device,
+        seed,
+        force,
+        batch_size,
+        umap_parallel,
+        html_js,
+        precision,
+    )
     seed_everything(seed)
     table = global_maps(settings, datasets, layers, n_neighbors, min_dist, engine_from_args(engine, small=quick))
     if table is None:  # --plan: the jobs were listed
         return 0
-    print_table(table, ["dataset", "layer", "layer_is", "n_compounds", "knn_r2_repr", "knn_r2_umap",
-                        "knn_r2_shuffled", "trustworthiness"],
-                "kNN (k=10) R² of the target from the pooled vectors (cosine) and from the 2-D UMAP; "
-                "shuffled = targets permuted:")
+    print_table(
+        table,
+        [
+            "dataset",
+            "layer",
+            "layer_is",
+            "n_compounds",
+            "knn_r2_repr",
+            "knn_r2_umap",
+            "knn_r2_shuffled",
+            "trustworthiness",
+        ],
+        "kNN (k=10) R² of the target from the pooled vectors (cosine) and from the 2-D UMAP; "
+        "shuffled = targets permuted:",
+    )
     refresh_report(data_dir)
     print("next: python get_dataset_stats.py" + (" --quick" if quick else ""))
     return 0

@@ -54,12 +54,20 @@ QUICK = {"dataset": DEMO_DATASET, "atoms": ("O", "Al", "Si"), "epochs": 8}
 
 def parse_args(argv=None):
     p = make_parser(__doc__)
-    add_common(p, dataset=None, quick_help=f"CPU demo: {QUICK['dataset']}, atoms {' '.join(QUICK['atoms'])}, "
-                                           f"an {QUICK['epochs']}-epoch model if none exists (explicit flags win)")
+    add_common(
+        p,
+        dataset=None,
+        quick_help=f"CPU demo: {QUICK['dataset']}, atoms {' '.join(QUICK['atoms'])}, "
+        f"an {QUICK['epochs']}-epoch model if none exists (explicit flags win)",
+    )
     add_map_flags(p, default_dataset=DEFAULT_DATASET, quick_dataset=QUICK["dataset"])
     p.add_argument("--layers", type=int, nargs="+", default=None, help="encoder layers (default all)")
-    p.add_argument("--atom", action="append", default=None,
-                   help="element symbol, repeatable (default the paper's 19: " + " ".join(PAPER_ATOMS) + ")")
+    p.add_argument(
+        "--atom",
+        action="append",
+        default=None,
+        help="element symbol, repeatable (default the paper's 19: " + " ".join(PAPER_ATOMS) + ")",
+    )
     p.add_argument("--n-neighbors", type=int, default=5, help="UMAP n_neighbors")
     p.add_argument("--min-dist", type=float, default=0.3, help="UMAP min_dist for layers > 0")
     p.add_argument("--min-dist-layer0", type=float, default=0.8, help="UMAP min_dist for layer 0")
@@ -67,28 +75,76 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(data_dir: Path, dataset: list[str] | None, device: str, seed: int, quick: bool, force: bool, features: str,
-         split: str, layers: list[int] | None, atom: list[str] | None, n_neighbors: int, min_dist: float,
-         min_dist_layer0: float, umap_parallel: bool, batch_size: int, html_js: str = "inline",
-         recipe: str = "immi", precision: str = "auto", **engine) -> int:
+def main(
+    data_dir: Path,
+    dataset: list[str] | None,
+    device: str,
+    seed: int,
+    quick: bool,
+    force: bool,
+    features: str,
+    split: str,
+    layers: list[int] | None,
+    atom: list[str] | None,
+    n_neighbors: int,
+    min_dist: float,
+    min_dist_layer0: float,
+    umap_parallel: bool,
+    batch_size: int,
+    html_js: str = "inline",
+    recipe: str = "immi",
+    precision: str = "auto",
+    **engine,
+) -> int:
     datasets = dataset or [QUICK["dataset"] if quick else DEFAULT_DATASET]
     atoms = list(dict.fromkeys(atom or (QUICK["atoms"] if quick else PAPER_ATOMS)))
     check_local_args(atoms, n_neighbors, min_dist, min_dist_layer0, seed, batch_size)
-    settings = map_settings(data_dir, features, split, recipe, QUICK["epochs"] if quick else None, device, seed,
-                            force, batch_size, umap_parallel, html_js, precision)
+    settings = map_settings(
+        data_dir,
+        features,
+        split,
+        recipe,
+        QUICK["epochs"] if quick else None,
+        device,
+        seed,
+        force,
+        batch_size,
+        umap_parallel,
+        html_js,
+        precision,
+    )
     seed_everything(seed)
-    table = local_maps(settings, datasets, layers, atoms, n_neighbors, min_dist, min_dist_layer0,
-                       engine_from_args(engine, small=quick))
+    table = local_maps(
+        settings, datasets, layers, atoms, n_neighbors, min_dist, min_dist_layer0, engine_from_args(engine, small=quick)
+    )
     if table is None:  # --plan: the jobs were listed
         return 0
-    print_table(table, ["dataset", "atom", "layer", "n_compounds", "n_known_ox", "n_ox_classes", "majority_share",
-                        "knn_acc_repr", "knn_acc_umap", "knn_acc_shuffled", "knn_bacc_repr", "knn_bacc_umap",
-                        "knn_bacc_shuffled", "trustworthiness"],
-                "kNN (k=10) accuracy (acc) and balanced accuracy (bacc) of the rounded oxidation state in the "
-                "value vectors (repr) and the 2-D UMAP; shuffled = labels permuted:")
+    print_table(
+        table,
+        [
+            "dataset",
+            "atom",
+            "layer",
+            "n_compounds",
+            "n_known_ox",
+            "n_ox_classes",
+            "majority_share",
+            "knn_acc_repr",
+            "knn_acc_umap",
+            "knn_acc_shuffled",
+            "knn_bacc_repr",
+            "knn_bacc_umap",
+            "knn_bacc_shuffled",
+            "trustworthiness",
+        ],
+        "kNN (k=10) accuracy (acc) and balanced accuracy (bacc) of the rounded oxidation state in the "
+        "value vectors (repr) and the 2-D UMAP; shuffled = labels permuted:",
+    )
     refresh_report(data_dir)
-    print("next: python plot_global_edm_umap.py" + (" --quick" if quick else " " + " ".join(
-        f"--dataset {d}" for d in datasets)))
+    print(
+        "next: python plot_global_edm_umap.py"
+        + (" --quick" if quick else " " + " ".join(f"--dataset {d}" for d in datasets))
+    )
     return 0
 
 

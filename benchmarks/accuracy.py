@@ -20,12 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from crabnet.data import load_dataset  # noqa: E402
-from crabnet.reference import PUBLISHED_MAE, published_mae  # noqa: E402
-from crabnet.train import make_recipe, train_and_save  # noqa: E402
-from crabnet.utils import atomic_path, resolve_device  # noqa: E402
+from crabnet.data import load_dataset
+from crabnet.reference import PUBLISHED_MAE, published_mae
+from crabnet.train import make_recipe, train_and_save
+from crabnet.utils import atomic_path, resolve_device
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,8 +34,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--features", nargs="+", default=["mat2vec", "onehot"], help="default: %(default)s")
     p.add_argument("--epochs", type=int, default=300, help="maximum epochs (default: %(default)s)")
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="default: %(default)s")
-    p.add_argument("--reference", type=Path,
-                   default=PUBLISHED_MAE, help="published MAE table (default: the one shipped in crabnet/reference/)")
+    p.add_argument(
+        "--reference",
+        type=Path,
+        default=PUBLISHED_MAE,
+        help="published MAE table (default: the one shipped in crabnet/reference/)",
+    )
     p.add_argument("--device", default="auto", help="auto|cpu|cuda (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch default")
@@ -43,37 +48,69 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def main(dataset: str, features: list[str], epochs: int, data_dir: Path, reference: Path, device: str,
-         seed: int, threads: int, recipe: str, precision: str) -> int:
+def main(
+    dataset: str,
+    features: list[str],
+    epochs: int,
+    data_dir: Path,
+    reference: Path,
+    device: str,
+    seed: int,
+    threads: int,
+    recipe: str,
+    precision: str,
+) -> int:
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     splits = load_dataset(data_dir, dataset)
     rows = []
     for feat in features:
-        _, _, meta = train_and_save(data_dir, dataset, feat, make_recipe(recipe, epochs=epochs), device=dev,
-                                    seed=seed, splits=splits, written_by="benchmarks/accuracy.py",
-                                    progress=True, precision=precision)  # a bar in logs too: runs take long
+        _, _, meta = train_and_save(
+            data_dir,
+            dataset,
+            feat,
+            make_recipe(recipe, epochs=epochs),
+            device=dev,
+            seed=seed,
+            splits=splits,
+            written_by="benchmarks/accuracy.py",
+            progress=True,
+            precision=precision,
+        )  # a bar in logs too: runs take long
         ref = published_mae(dataset, feat, reference)
         row = {
-            "dataset": dataset, "features": feat, "n_test": len(splits["test"]), "test_mae": meta["test_mae"],
-            "published_mae": ref, "ratio": meta["test_mae"] / ref if ref else None,
-            "recipe": recipe, "precision": meta["precision"], "seed": seed,
-            "epochs_run": meta["epochs_run"], "stopped_early": meta["stopped_early"],
-            "train_seconds": meta["train_seconds"], "device": str(dev), "threads": torch.get_num_threads(),
+            "dataset": dataset,
+            "features": feat,
+            "n_test": len(splits["test"]),
+            "test_mae": meta["test_mae"],
+            "published_mae": ref,
+            "ratio": meta["test_mae"] / ref if ref else None,
+            "recipe": recipe,
+            "precision": meta["precision"],
+            "seed": seed,
+            "epochs_run": meta["epochs_run"],
+            "stopped_early": meta["stopped_early"],
+            "train_seconds": meta["train_seconds"],
+            "device": str(dev),
+            "threads": torch.get_num_threads(),
         }
         rows.append(row)
         out = data_dir / "benchmarks" / f"accuracy__{dataset}__{feat}__{recipe}__{meta['precision']}__seed{seed}.json"
         with atomic_path(out) as tmp:
             tmp.write_text(json.dumps(row, indent=2))
         print(json.dumps(row), flush=True)
-    print(f"\n{'dataset':32s} {'features':9s} {'recipe':6s} {'prec':5s} {'n_test':>6s} {'test MAE':>10s} "
-          f"{'published':>10s} {'ratio':>6s} {'epochs':>6s} {'seconds':>8s}")
+    print(
+        f"\n{'dataset':32s} {'features':9s} {'recipe':6s} {'prec':5s} {'n_test':>6s} {'test MAE':>10s} "
+        f"{'published':>10s} {'ratio':>6s} {'epochs':>6s} {'seconds':>8s}"
+    )
     for r in rows:
         ref = f"{r['published_mae']:.4g}" if r["published_mae"] else "-"
         ratio = f"{r['ratio']:.3f}" if r["ratio"] else "-"
-        print(f"{r['dataset']:32s} {r['features']:9s} {r['recipe']:6s} {r['precision']:5s} {r['n_test']:6d} "
-              f"{r['test_mae']:10.4g} {ref:>10s} {ratio:>6s} {r['epochs_run']:6d} {r['train_seconds']:8.0f}")
+        print(
+            f"{r['dataset']:32s} {r['features']:9s} {r['recipe']:6s} {r['precision']:5s} {r['n_test']:6d} "
+            f"{r['test_mae']:10.4g} {ref:>10s} {ratio:>6s} {r['epochs_run']:6d} {r['train_seconds']:8.0f}"
+        )
     return 0
 
 

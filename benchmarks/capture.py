@@ -58,10 +58,17 @@ def worker(mode: str, dataset: str, epochs: int, every: int, data_dir: Path, thr
     with tempfile.TemporaryDirectory() as tmp:
         writer = rec = None
         if mode != "none":
-            writer = AttentionWriter(Path(tmp) / "attention.zarr", splits["val"], model.cfg.n_layers,
-                                     model.cfg.n_heads, {"dataset": dataset}, attribution=mode == "attribution")
-            rec = AttentionRecorder(model, splits["val"], scaler, writer, mode="step" if mode == "step" else "epoch",
-                                    every=every)
+            writer = AttentionWriter(
+                Path(tmp) / "attention.zarr",
+                splits["val"],
+                model.cfg.n_layers,
+                model.cfg.n_heads,
+                {"dataset": dataset},
+                attribution=mode == "attribution",
+            )
+            rec = AttentionRecorder(
+                model, splits["val"], scaler, writer, mode="step" if mode == "step" else "epoch", every=every
+            )
         hist = fit(model, splits["train"], splits["val"], scaler, recipe, seed=seed, callback=rec, progress=False)
         out["s_per_epoch"] = hist.seconds / hist.epochs_run
         out["steps"] = hist.steps
@@ -69,8 +76,14 @@ def worker(mode: str, dataset: str, epochs: int, every: int, data_dir: Path, thr
             times: dict[bool, list[float]] = {False: [], True: []}
             for _ in range(3):  # one capture of the trained model: attention alone vs with attribution
                 for with_attr in (False, True):
-                    w = AttentionWriter(Path(tmp) / f"probe{int(with_attr)}.zarr", splits["val"], model.cfg.n_layers,
-                                        model.cfg.n_heads, {"dataset": dataset}, attribution=with_attr)
+                    w = AttentionWriter(
+                        Path(tmp) / f"probe{int(with_attr)}.zarr",
+                        splits["val"],
+                        model.cfg.n_layers,
+                        model.cfg.n_heads,
+                        {"dataset": dataset},
+                        attribution=with_attr,
+                    )
                     t0 = time.perf_counter()
                     capture_split(model, splits["val"], scaler, w, 0)
                     times[with_attr].append(time.perf_counter() - t0)
@@ -118,8 +131,17 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def main(dataset: str, epochs: int, capture_every: int, data_dir: Path, threads: int, seed: int,
-         modes: str = ",".join(MODES), repeats: int = 1, worker_mode: str | None = None) -> int:
+def main(
+    dataset: str,
+    epochs: int,
+    capture_every: int,
+    data_dir: Path,
+    threads: int,
+    seed: int,
+    modes: str = ",".join(MODES),
+    repeats: int = 1,
+    worker_mode: str | None = None,
+) -> int:
     if worker_mode:
         print(json.dumps(worker(worker_mode, dataset, epochs, capture_every, data_dir, threads, seed)))
         return 0
@@ -131,16 +153,34 @@ def main(dataset: str, epochs: int, capture_every: int, data_dir: Path, threads:
     runs: dict[str, list[dict]] = {m: [] for m in chosen}
     for r in range(repeats):
         for mode in chosen:
-            cmd = [sys.executable, __file__, "--worker", mode, "--dataset", dataset, "--epochs", str(epochs),
-                   "--capture-every", str(capture_every), "--data-dir", str(data_dir), "--threads", str(threads),
-                   "--seed", str(seed)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                mode,
+                "--dataset",
+                dataset,
+                "--epochs",
+                str(epochs),
+                "--capture-every",
+                str(capture_every),
+                "--data-dir",
+                str(data_dir),
+                "--threads",
+                str(threads),
+                "--seed",
+                str(seed),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
                 print(proc.stderr, file=sys.stderr)
                 return proc.returncode
             runs[mode].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(f"  {mode} (run {r + 1}/{repeats}): {runs[mode][-1]['s_per_epoch']:.2f} s/epoch",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  {mode} (run {r + 1}/{repeats}): {runs[mode][-1]['s_per_epoch']:.2f} s/epoch",
+                file=sys.stderr,
+                flush=True,
+            )
     load_after = os.getloadavg()[0]
 
     def median(mode: str, key: str):
@@ -150,10 +190,12 @@ def main(dataset: str, epochs: int, capture_every: int, data_dir: Path, threads:
     keys = {k for rs in runs.values() for r in rs for k in r}
     results = {m: {k: median(m, k) for k in keys if not isinstance(runs[m][0].get(k, 0), str)} for m in chosen}
     r0 = runs[chosen[0]][0]
-    print(f"\n{dataset}: {r0['n_val']} val compounds captured, {epochs} epochs per run, "
-          f"{r0['steps'] // epochs} steps/epoch, torch threads {r0['threads']}; step capture every {capture_every}; "
-          f"{repeats} run(s) each, median; load average (1 min) {load_before:.2f} before, {load_after:.2f} after "
-          f"on {os.cpu_count()} CPUs")
+    print(
+        f"\n{dataset}: {r0['n_val']} val compounds captured, {epochs} epochs per run, "
+        f"{r0['steps'] // epochs} steps/epoch, torch threads {r0['threads']}; step capture every {capture_every}; "
+        f"{repeats} run(s) each, median; load average (1 min) {load_before:.2f} before, {load_after:.2f} after "
+        f"on {os.cpu_count()} CPUs"
+    )
     head = f"{'':32s}" + "".join(f"{LABELS[m]:>16s}" for m in chosen)
     print(head)
     print("-" * len(head))
@@ -191,5 +233,6 @@ def main(dataset: str, epochs: int, capture_every: int, data_dir: Path, threads:
 
 if __name__ == "__main__":
     a = parse_args()
-    raise SystemExit(main(a.dataset, a.epochs, a.capture_every, a.data_dir, a.threads, a.seed, a.modes, a.repeats,
-                          a.worker))
+    raise SystemExit(
+        main(a.dataset, a.epochs, a.capture_every, a.data_dir, a.threads, a.seed, a.modes, a.repeats, a.worker)
+    )

@@ -42,8 +42,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -55,8 +55,17 @@ import torch  # noqa: E402
 from crabnet.data import CompositionData, batch_size_for, load_dataset  # noqa: E402
 from crabnet.model import CrabNet, attend  # noqa: E402
 from crabnet.optim import fused_adam_probe  # noqa: E402
-from crabnet.train import (Scaler, build_model, checkpoint_path, fit, load_checkpoint, mae, make_recipe,  # noqa: E402
-                           predict, resolve_precision)
+from crabnet.train import (  # noqa: E402
+    Scaler,
+    build_model,
+    checkpoint_path,
+    fit,
+    load_checkpoint,
+    mae,
+    make_recipe,
+    predict,
+    resolve_precision,
+)
 from crabnet.utils import atomic_path, seed_everything  # noqa: E402
 
 DATASET = "aflow__Egap"
@@ -70,13 +79,23 @@ class _Stop(Exception):
 
 def device_info(device: torch.device) -> dict:
     """Name, capability and software versions of ``device``; what ``--precision auto`` picks there."""
-    info = {"device": str(device), "torch": torch.__version__, "cuda_runtime": torch.version.cuda,
-            "auto_precision": resolve_precision("auto", device), "python": platform.python_version()}
+    info = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "auto_precision": resolve_precision("auto", device),
+        "python": platform.python_version(),
+    }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(name=torch.cuda.get_device_name(device), capability=list(torch.cuda.get_device_capability(device)),
-                    memory_gb=round(props.total_memory / 2**30, 1), multiprocessors=props.multi_processor_count,
-                    cudnn=torch.backends.cudnn.version(), device_count=torch.cuda.device_count())
+        info.update(
+            name=torch.cuda.get_device_name(device),
+            capability=list(torch.cuda.get_device_capability(device)),
+            memory_gb=round(props.total_memory / 2**30, 1),
+            multiprocessors=props.multi_processor_count,
+            cudnn=torch.backends.cudnn.version(),
+            device_count=torch.cuda.device_count(),
+        )
     else:
         info.update(name=platform.processor() or platform.machine(), capability=None, threads=torch.get_num_threads())
     return info
@@ -91,23 +110,34 @@ def run_cuda_tests(timeout: int) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", *files]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
-    counts = {k: 0 for k in ("passed", "failed", "skipped", "errors")}
+    counts = dict.fromkeys(("passed", "failed", "skipped", "errors"), 0)
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     for n, what in re.findall(r"(\d+) (passed|failed|skipped|errors?)", summary):
         counts["errors" if what.startswith("error") else what] = int(n)
-    out = {"command": " ".join(cmd[1:]), "returncode": proc.returncode, **counts, "summary": summary,
-           "seconds": round(time.perf_counter() - t0, 1)}
+    out = {
+        "command": " ".join(cmd[1:]),
+        "returncode": proc.returncode,
+        **counts,
+        "summary": summary,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     if proc.returncode not in (0, 5):  # 5: nothing collected
         out["error"] = f"pytest exited {proc.returncode}"
         out["output_tail"] = (proc.stdout + proc.stderr)[-4000:]
     return out
 
 
-def throughput(train: CompositionData, device: torch.device, steps: int, matmul_n: int, batch_size: int,
-               model_cfg: dict) -> dict:
+def throughput(
+    train: CompositionData, device: torch.device, steps: int, matmul_n: int, batch_size: int, model_cfg: dict
+) -> dict:
     """Samples/s, share of the matmul peak and peak memory of training steps at fp32 and bf16."""
-    out = {"batch_size": batch_size, "steps": steps, "rows": len(train), "model": model_cfg or "published size",
-           "real_slots": round(float((train.elements > 0).mean()), 3)}
+    out = {
+        "batch_size": batch_size,
+        "steps": steps,
+        "rows": len(train),
+        "model": model_cfg or "published size",
+        "real_slots": round(float((train.elements > 0).mean()), 3),
+    }
     for prec in ("fp32", "bf16"):
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -115,9 +145,14 @@ def throughput(train: CompositionData, device: torch.device, steps: int, matmul_
         dt, flops = tp.measure(("mat2vec", train.width), train, batch_size, device, steps, prec, model_cfg)
         memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0  # before the matmul's
         peak = tp.matmul_peak(device, matmul_n, 5, torch.bfloat16 if prec == "bf16" else torch.float32)
-        row = {"ms_per_step": round(dt * 1e3, 2), "samples_per_s": round(batch_size / dt, 1),
-               "gflop_per_step": round(flops / 1e9, 2), "tflops": round(flops / dt / 1e12, 3),
-               "matmul_peak_tflops": round(peak / 1e12, 2), "share_of_matmul_peak": round(flops / dt / peak, 4)}
+        row = {
+            "ms_per_step": round(dt * 1e3, 2),
+            "samples_per_s": round(batch_size / dt, 1),
+            "gflop_per_step": round(flops / 1e9, 2),
+            "tflops": round(flops / dt / 1e12, 3),
+            "matmul_peak_tflops": round(peak / 1e12, 2),
+            "share_of_matmul_peak": round(flops / dt / peak, 4),
+        }
         if device.type == "cuda":
             row["max_memory_allocated_mb"] = round(memory / 2**20, 1)
         else:
@@ -132,8 +167,9 @@ def _max_weight_diff(a: CrabNet, b: CrabNet) -> float:
     return max(float((sa[k].float() - sb[k].float()).abs().max()) if sa[k].numel() else 0.0 for k in sa)
 
 
-def resume_check(splits: dict[str, CompositionData], device: torch.device, epochs: int, seed: int, workdir: Path,
-                 model_cfg: dict) -> tuple[dict, CrabNet]:
+def resume_check(
+    splits: dict[str, CompositionData], device: torch.device, epochs: int, seed: int, workdir: Path, model_cfg: dict
+) -> tuple[dict, CrabNet]:
     """N epochs uninterrupted (twice) against N/2 epochs, stop, resume from fit's saved state.
 
     Returns:
@@ -152,9 +188,20 @@ def resume_check(splits: dict[str, CompositionData], device: torch.device, epoch
             if stop_at is not None and event == "step" and epoch == stop_at:
                 raise _Stop()
 
-        hist = fit(model, splits["train"], splits["val"], scaler, recipe, seed=seed, callback=callback,
-                   progress=False, state_path=workdir / f"{name}.state.pt", state_key={"check": "resume"},
-                   save_every_s=0, precision=precision)
+        hist = fit(
+            model,
+            splits["train"],
+            splits["val"],
+            scaler,
+            recipe,
+            seed=seed,
+            callback=callback,
+            progress=False,
+            state_path=workdir / f"{name}.state.pt",
+            state_key={"check": "resume"},
+            save_every_s=0,
+            precision=precision,
+        )
         return model, hist
 
     t0 = time.perf_counter()
@@ -167,10 +214,17 @@ def resume_check(splits: dict[str, CompositionData], device: torch.device, epoch
         pass
     resumed, h_res = run("interrupted")
     d_resume, d_rerun = _max_weight_diff(ref, resumed), _max_weight_diff(ref, rerun)
-    return {"epochs": epochs, "interrupted_after_epoch": half, "steps": h_ref.steps, "precision": precision,
-            "max_abs_diff_resumed": d_resume, "max_abs_diff_rerun": d_rerun, "bit_for_bit": d_resume == 0.0,
-            "same_history": h_res.train_loss == h_ref.train_loss and h_res.epochs_run == h_ref.epochs_run,
-            "seconds": round(time.perf_counter() - t0, 1)}, ref
+    return {
+        "epochs": epochs,
+        "interrupted_after_epoch": half,
+        "steps": h_ref.steps,
+        "precision": precision,
+        "max_abs_diff_resumed": d_resume,
+        "max_abs_diff_rerun": d_rerun,
+        "bit_for_bit": d_resume == 0.0,
+        "same_history": h_res.train_loss == h_ref.train_loss and h_res.epochs_run == h_ref.epochs_run,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }, ref
 
 
 def attention_check(model: CrabNet, data: CompositionData, device: torch.device, n: int) -> dict:
@@ -192,9 +246,14 @@ def attention_check(model: CrabNet, data: CompositionData, device: torch.device,
             per_layer.append(float((captured - sdpa)[rows].abs().max()))
             scale = max(scale, float(sdpa[rows].abs().max()))
         weights = out.attention[keep[:, None, None, :, None].expand_as(out.attention)]  # rows of real queries
-    return {"compounds": len(el), "max_abs_diff": max(per_layer), "per_layer": per_layer,
-            "max_abs_output": scale, "max_weight": float(weights.max()),
-            "kernel": "scaled_dot_product_attention vs attention_weights() @ V"}
+    return {
+        "compounds": len(el),
+        "max_abs_diff": max(per_layer),
+        "per_layer": per_layer,
+        "max_abs_output": scale,
+        "max_weight": float(weights.max()),
+        "kernel": "scaled_dot_product_attention vs attention_weights() @ V",
+    }
 
 
 def write_quick_data(src: Path, dataset: str, dst: Path) -> None:
@@ -211,8 +270,16 @@ def step1(data_dir: Path, dataset: str, device: torch.device, quick: bool, workd
     scratch = workdir / "step1"
     scratch.mkdir()
     (scratch / "benchmark_data").symlink_to((data_dir / "benchmark_data").resolve(), target_is_directory=True)
-    cmd = [sys.executable, str(ROOT / "get_training_attention.py"), "--data-dir", str(scratch), "--dataset", dataset,
-           "--device", device.type]
+    cmd = [
+        sys.executable,
+        str(ROOT / "get_training_attention.py"),
+        "--data-dir",
+        str(scratch),
+        "--dataset",
+        dataset,
+        "--device",
+        device.type,
+    ]
     if quick:
         cmd += ["--epochs", "2", "--batch-size", "128"]
     env = dict(os.environ)
@@ -224,8 +291,12 @@ def step1(data_dir: Path, dataset: str, device: torch.device, quick: bool, workd
     with open(log, "w") as f:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, env=env, check=False)
     wall = time.perf_counter() - t0
-    out = {"command": " ".join(["get_training_attention.py", *cmd[2:]]), "returncode": proc.returncode,
-           "wall_seconds": round(wall, 1), "epochs_requested": 2 if quick else 50}
+    out = {
+        "command": " ".join(["get_training_attention.py", *cmd[2:]]),
+        "returncode": proc.returncode,
+        "wall_seconds": round(wall, 1),
+        "epochs_requested": 2 if quick else 50,
+    }
     if proc.returncode:
         out["error"] = f"get_training_attention.py exited {proc.returncode}"
         out["log_tail"] = log.read_text()[-4000:]
@@ -234,18 +305,34 @@ def step1(data_dir: Path, dataset: str, device: torch.device, quick: bool, workd
     val = load_dataset(scratch, dataset, splits=("val",), verbose=False)["val"]
     pred, _ = predict(model, val, scaler)
     store = scratch / "attention" / dataset / "attention.zarr"
-    out.update(epochs_run=meta.get("epochs_run"), stopped_early=meta.get("stopped_early"),
-               train_seconds=meta.get("train_seconds"), precision=meta.get("precision"),
-               val_mae=mae(pred, val.target), test_mae=meta.get("test_mae"),
-               final_weights=meta.get("final_weights"),
-               store_mb=round(sum(p.stat().st_size for p in store.rglob("*") if p.is_file()) / 2**20, 1))
+    out.update(
+        epochs_run=meta.get("epochs_run"),
+        stopped_early=meta.get("stopped_early"),
+        train_seconds=meta.get("train_seconds"),
+        precision=meta.get("precision"),
+        val_mae=mae(pred, val.target),
+        test_mae=meta.get("test_mae"),
+        final_weights=meta.get("final_weights"),
+        store_mb=round(sum(p.stat().st_size for p in store.rglob("*") if p.is_file()) / 2**20, 1),
+    )
     return out
 
 
 def peer(data_dir: Path, device: torch.device, timeout: int) -> dict:
     """``benchmarks/peer.py --device cuda --json`` (20 epochs, fp32 and bf16); skipped with a note if it cannot run."""
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "peer.py"), "--device", str(device), "--epochs", "20",
-           "--precision", "fp32,bf16", "--json", "--data-dir", str(data_dir)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "peer.py"),
+        "--device",
+        str(device),
+        "--epochs",
+        "20",
+        "--precision",
+        "fp32,bf16",
+        "--json",
+        "--data-dir",
+        str(data_dir),
+    ]
     env = {**os.environ}
     env.setdefault("PIP_DEFAULT_TIMEOUT", "15")  # creating the peer's virtualenv without network fails fast
     env.setdefault("PIP_RETRIES", "1")
@@ -257,14 +344,23 @@ def peer(data_dir: Path, device: torch.device, timeout: int) -> dict:
     line = next((s for s in reversed(proc.stdout.splitlines()) if s.startswith("{")), None)
     if proc.returncode or line is None:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
-        return {"skipped": f"benchmarks/peer.py exited {proc.returncode} (the crabnet 2.0.8 package did not install "
-                           f"or run): {tail[0][:300]}", "seconds": round(time.perf_counter() - t0, 1)}
+        return {
+            "skipped": f"benchmarks/peer.py exited {proc.returncode} (the crabnet 2.0.8 package did not install "
+            f"or run): {tail[0][:300]}",
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
     figures = json.loads(line)
     ours = {r["precision"]: r for r in figures["runs"] if r["side"] == "ours"}
-    return {"ours_s_per_epoch": {p: r["s_per_epoch"] for p, r in ours.items()},
-            "peer_s_per_epoch": figures["peer_s_per_epoch"], "ratio": {p: r["ratio"] for p, r in ours.items()},
-            "ours_test_mae": {p: r["test_mae"] for p, r in ours.items()}, "peer_test_mae": figures["peer_test_mae"],
-            "dataset": figures["dataset"], "epochs": figures["epochs"], "seconds": round(time.perf_counter() - t0, 1)}
+    return {
+        "ours_s_per_epoch": {p: r["s_per_epoch"] for p, r in ours.items()},
+        "peer_s_per_epoch": figures["peer_s_per_epoch"],
+        "ratio": {p: r["ratio"] for p, r in ours.items()},
+        "ours_test_mae": {p: r["test_mae"] for p, r in ours.items()},
+        "peer_test_mae": figures["peer_test_mae"],
+        "dataset": figures["dataset"],
+        "epochs": figures["epochs"],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def _part(results: dict, name: str, fn: Callable, *args) -> object:
@@ -274,7 +370,7 @@ def _part(results: dict, name: str, fn: Callable, *args) -> object:
     try:
         with contextlib.redirect_stdout(sys.stderr):  # progress of the parts on stderr, the table alone on stdout
             value = fn(*args)
-    except Exception as err:  # noqa: BLE001 - a failed part is reported, the others still run
+    except Exception as err:
         results[name] = {"error": f"{type(err).__name__}: {err}", "seconds": round(time.perf_counter() - t0, 1)}
         return None
     figures = value[0] if isinstance(value, tuple) else value
@@ -284,17 +380,25 @@ def _part(results: dict, name: str, fn: Callable, *args) -> object:
 
 def table(r: dict) -> str:
     """The short summary printed at the end."""
+
     def get(part: str) -> dict:
         return r.get(part) or {}
 
     lines = []
     d = get("device")
     cap = f"sm {d['capability'][0]}.{d['capability'][1]}" if d.get("capability") else "CPU"
-    lines.append(f"{'device':26s} {d.get('name')} ({cap}), torch {d.get('torch')}, CUDA {d.get('cuda_runtime')}; "
-                 f"--precision auto -> {d.get('auto_precision')}")
-    for name, part in (("tests (pytest -m cuda)", "tests"), ("fused Lamb probe", "fused_lamb"),
-                       ("attention vs SDPA", "attention"), ("resume", "resume"), ("step 1", "step1"),
-                       ("peer (crabnet 2.0.8)", "peer")):
+    lines.append(
+        f"{'device':26s} {d.get('name')} ({cap}), torch {d.get('torch')}, CUDA {d.get('cuda_runtime')}; "
+        f"--precision auto -> {d.get('auto_precision')}"
+    )
+    for name, part in (
+        ("tests (pytest -m cuda)", "tests"),
+        ("fused Lamb probe", "fused_lamb"),
+        ("attention vs SDPA", "attention"),
+        ("resume", "resume"),
+        ("step 1", "step1"),
+        ("peer (crabnet 2.0.8)", "peer"),
+    ):
         p = get(part)
         if p.get("error"):
             text = f"ERROR {p['error']}"
@@ -303,22 +407,31 @@ def table(r: dict) -> str:
         elif not p:
             text = "not run"
         elif part == "tests":
-            text = f"{p['passed']} passed, {p['failed']} failed, {p['skipped']} skipped, {p['errors']} errors " \
-                   f"({p['seconds']} s)"
+            text = (
+                f"{p['passed']} passed, {p['failed']} failed, {p['skipped']} skipped, {p['errors']} errors "
+                f"({p['seconds']} s)"
+            )
         elif part == "fused_lamb":
             diff = p["max_abs_diff"]
-            text = ("ok" if p["ok"] else "FAILED: Lamb uses the foreach path") + \
-                   (f", max |fused - foreach| {diff:.2g}" if diff is not None else f" ({p['error']})")
+            text = ("ok" if p["ok"] else "FAILED: Lamb uses the foreach path") + (
+                f", max |fused - foreach| {diff:.2g}" if diff is not None else f" ({p['error']})"
+            )
         elif part == "attention":
-            text = f"max |W @ V - SDPA| {p['max_abs_diff']:.2g} (outputs up to {p['max_abs_output']:.3g}), " \
-                   f"{p['compounds']} compounds, fp32"
+            text = (
+                f"max |W @ V - SDPA| {p['max_abs_diff']:.2g} (outputs up to {p['max_abs_output']:.3g}), "
+                f"{p['compounds']} compounds, fp32"
+            )
         elif part == "resume":
-            text = f"{p['epochs']} epochs at {p['precision']}: resumed vs uninterrupted max |dw| " \
-                   f"{p['max_abs_diff_resumed']:.3g}{' (bit for bit)' if p['bit_for_bit'] else ''}; " \
-                   f"a second run {p['max_abs_diff_rerun']:.3g}"
+            text = (
+                f"{p['epochs']} epochs at {p['precision']}: resumed vs uninterrupted max |dw| "
+                f"{p['max_abs_diff_resumed']:.3g}{' (bit for bit)' if p['bit_for_bit'] else ''}; "
+                f"a second run {p['max_abs_diff_rerun']:.3g}"
+            )
         elif part == "step1":
-            text = f"{p['wall_seconds']} s wall, {p['epochs_run']} epochs ({p['precision']}), " \
-                   f"val MAE {p['val_mae']:.4g}, test MAE {p['test_mae']:.4g}"
+            text = (
+                f"{p['wall_seconds']} s wall, {p['epochs_run']} epochs ({p['precision']}), "
+                f"val MAE {p['val_mae']:.4g}, test MAE {p['test_mae']:.4g}"
+            )
         else:
             ratio = ", ".join(f"{k} {v:.2f}" for k, v in p["ratio"].items())
             text = f"s/epoch ours/peer {ratio} (peer {p['peer_s_per_epoch']:.2f} s/epoch, {p['dataset']})"
@@ -327,11 +440,16 @@ def table(r: dict) -> str:
     for prec in ("fp32", "bf16"):
         row = t.get(prec)
         if row:
-            mem = f"peak {row['max_memory_allocated_mb']:.0f} MB allocated" if "max_memory_allocated_mb" in row \
+            mem = (
+                f"peak {row['max_memory_allocated_mb']:.0f} MB allocated"
+                if "max_memory_allocated_mb" in row
                 else f"peak RSS {row['peak_rss_mb']:.0f} MB"
-            lines.append(f"{'throughput ' + prec:26s} {row['samples_per_s']:.0f} samples/s (batch {t['batch_size']}), "
-                         f"{row['share_of_matmul_peak']:.1%} of a {row['matmul_peak_tflops']:.3g} TFLOP/s {prec} "
-                         f"matmul, {mem}")
+            )
+            lines.append(
+                f"{'throughput ' + prec:26s} {row['samples_per_s']:.0f} samples/s (batch {t['batch_size']}), "
+                f"{row['share_of_matmul_peak']:.1%} of a {row['matmul_peak_tflops']:.3g} TFLOP/s {prec} "
+                f"matmul, {mem}"
+            )
     if t.get("error"):
         lines.append(f"{'throughput':26s} ERROR {t['error']}")
     return "\n".join(lines)
@@ -350,17 +468,35 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--skip-tests", action="store_true", help="do not run the tests marked cuda")
     p.add_argument("--skip-step1", action="store_true", help="do not run get_training_attention.py")
     p.add_argument("--skip-peer", action="store_true", help="do not run benchmarks/peer.py")
-    p.add_argument("--peer-timeout", type=int, default=240,
-                   help="seconds for benchmarks/peer.py, its virtualenv included (default: %(default)s)")
+    p.add_argument(
+        "--peer-timeout",
+        type=int,
+        default=240,
+        help="seconds for benchmarks/peer.py, its virtualenv included (default: %(default)s)",
+    )
     return p.parse_args()
 
 
-def main(device: str, quick: bool, data_dir: Path, dataset: str, out: Path | None, steps: int, resume_epochs: int,
-         seed: int, skip_tests: bool, skip_step1: bool, skip_peer: bool, peer_timeout: int) -> int:
+def main(
+    device: str,
+    quick: bool,
+    data_dir: Path,
+    dataset: str,
+    out: Path | None,
+    steps: int,
+    resume_epochs: int,
+    seed: int,
+    skip_tests: bool,
+    skip_step1: bool,
+    skip_peer: bool,
+    peer_timeout: int,
+) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"error: --device {device} needs a CUDA GPU, and PyTorch {torch.__version__} sees none "
-              f"(built with CUDA: {torch.version.cuda or 'no'}); --device cpu --quick runs the CPU smoke check",
-              file=sys.stderr)
+        print(
+            f"error: --device {device} needs a CUDA GPU, and PyTorch {torch.__version__} sees none "
+            f"(built with CUDA: {torch.version.cuda or 'no'}); --device cpu --quick runs the CPU smoke check",
+            file=sys.stderr,
+        )
         return 2
     if device != "cpu" and not device.startswith("cuda"):
         print(f"error: --device must be cuda, cuda:N or cpu, got {device!r}", file=sys.stderr)
@@ -372,8 +508,13 @@ def main(device: str, quick: bool, data_dir: Path, dataset: str, out: Path | Non
     steps = steps or (3 if quick else 20)
     resume_epochs = resume_epochs or (2 if quick else 4)
     t_start = time.perf_counter()
-    results: dict = {"schema": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": quick, "dataset": dataset,
-                     "command": " ".join(["benchmarks/gpu_check.py", *sys.argv[1:]])}
+    results: dict = {
+        "schema": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "quick": quick,
+        "dataset": dataset,
+        "command": " ".join(["benchmarks/gpu_check.py", *sys.argv[1:]]),
+    }
     _part(results, "device", device_info, dev)
     if skip_tests:
         results["tests"] = {"skipped": "--skip-tests"}
@@ -405,8 +546,11 @@ def main(device: str, quick: bool, data_dir: Path, dataset: str, out: Path | Non
     else:
         _part(results, "peer", peer, data_dir, dev, peer_timeout)
     results["seconds"] = round(time.perf_counter() - t_start, 1)
-    failed = sorted(k for k, v in results.items()
-                    if isinstance(v, dict) and (v.get("error") or v.get("failed") or v.get("ok") is False))
+    failed = sorted(
+        k
+        for k, v in results.items()
+        if isinstance(v, dict) and (v.get("error") or v.get("failed") or v.get("ok") is False)
+    )
     results["failed_parts"] = failed
     with atomic_path(out) as tmp_out:
         tmp_out.write_text(json.dumps(results, indent=1) + "\n")

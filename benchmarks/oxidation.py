@@ -35,10 +35,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from crabnet.engine import Engine, add_engine_args, engine_from_args  # noqa: E402
-from crabnet.layout import resolve_datasets, split_files  # noqa: E402
-from crabnet.oxidation import (CHUNK_SIZE, TIMEOUT, GuessCache, guess_all, keys_for,  # noqa: E402
-                               read_formulas, results_for)
+from crabnet.engine import Engine, add_engine_args, engine_from_args
+from crabnet.layout import resolve_datasets, split_files
+from crabnet.oxidation import CHUNK_SIZE, TIMEOUT, GuessCache, guess_all, keys_for, read_formulas, results_for
 
 
 class _Alarm(BaseException):
@@ -95,8 +94,9 @@ def run_baseline(formulas: list[str], max_seconds: float) -> tuple[list, float, 
     return out, time.perf_counter() - t0, cpu_seconds() - c0
 
 
-def run_ours(label: str, formulas: list[str], engine: Engine, chunk_size: int,
-             max_seconds: float) -> tuple[list, float, float, dict]:
+def run_ours(
+    label: str, formulas: list[str], engine: Engine, chunk_size: int, max_seconds: float
+) -> tuple[list, float, float, dict]:
     """Ours on one split: (results, wall seconds, CPU seconds, run figures of ``guess_all``).
 
     The CPU seconds count this process and its finished child processes (the workers of an embedded
@@ -136,20 +136,26 @@ def count(results: list, reason: str) -> int:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", action="append", default=None,
-                   help="dataset (repeatable; default: mp_bulk_modulus and aflow__Egap)")
+    p.add_argument(
+        "--dataset",
+        action="append",
+        default=None,
+        help="dataset (repeatable; default: mp_bulk_modulus and aflow__Egap)",
+    )
     p.add_argument("--split", default="test", help="split (default: %(default)s)")
     p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE, help="our compositions per job (default: %(default)s)")
-    p.add_argument("--max-seconds", type=float, default=10.0,
-                   help="CPU seconds per formula, both (default: %(default)s)")
+    p.add_argument(
+        "--max-seconds", type=float, default=10.0, help="CPU seconds per formula, both (default: %(default)s)"
+    )
     p.add_argument("--limit", type=int, default=0, help="only the first N rows of each split (0 = all)")
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="default: %(default)s")
     add_engine_args(p)
     return p.parse_args(argv)
 
 
-def main(dataset: list[str] | None, split: str, chunk_size: int, max_seconds: float, limit: int, data_dir: Path,
-         **engine) -> int:
+def main(
+    dataset: list[str] | None, split: str, chunk_size: int, max_seconds: float, limit: int, data_dir: Path, **engine
+) -> int:
     eng = engine_from_args(engine)
     warnings.simplefilter("ignore")
     signal.signal(signal.SIGPROF, _raise)
@@ -166,19 +172,29 @@ def main(dataset: list[str] | None, split: str, chunk_size: int, max_seconds: fl
             compared, equal, bad = agreement(ours, base)
             unfinished = [o for o, b in zip(ours, base) if b[1] == TIMEOUT]
             row = {
-                "split": f.label, "rows": len(formulas), "distinct_compositions": run["distinct"],
-                "scheduler": eng.scheduler, "chunks": run["chunks"], "max_seconds": max_seconds,
-                "ours_seconds": round(t_ours, 3), "ours_per_second": round(len(formulas) / t_ours, 1),
-                "pymatgen_seconds": round(t_base, 3), "pymatgen_per_second": round(len(formulas) / t_base, 1),
+                "split": f.label,
+                "rows": len(formulas),
+                "distinct_compositions": run["distinct"],
+                "scheduler": eng.scheduler,
+                "chunks": run["chunks"],
+                "max_seconds": max_seconds,
+                "ours_seconds": round(t_ours, 3),
+                "ours_per_second": round(len(formulas) / t_ours, 1),
+                "pymatgen_seconds": round(t_base, 3),
+                "pymatgen_per_second": round(len(formulas) / t_base, 1),
                 "speedup": round(t_base / t_ours, 2),
-                "ours_cpu_seconds": round(c_ours, 3), "pymatgen_cpu_seconds": round(c_base, 3),
+                "ours_cpu_seconds": round(c_ours, 3),
+                "pymatgen_cpu_seconds": round(c_base, 3),
                 "ours_per_cpu_second": round(len(formulas) / c_ours, 1),
                 "pymatgen_per_cpu_second": round(len(formulas) / c_base, 1),
                 "cpu_speedup": round(c_base / c_ours, 2),
-                "agreement_rows": compared, "agreement_pct": round(100.0 * equal / compared, 3) if compared else None,
+                "agreement_rows": compared,
+                "agreement_pct": round(100.0 * equal / compared, 3) if compared else None,
                 "disagreements": bad,
-                "ours_null": sum(1 for s, _ in ours if s is None), "ours_timeouts": count(ours, TIMEOUT),
-                "pymatgen_null": sum(1 for s, _ in base if s is None), "pymatgen_unfinished": len(unfinished),
+                "ours_null": sum(1 for s, _ in ours if s is None),
+                "ours_timeouts": count(ours, TIMEOUT),
+                "pymatgen_null": sum(1 for s, _ in base if s is None),
+                "pymatgen_unfinished": len(unfinished),
                 "ours_guessed_where_pymatgen_unfinished": sum(1 for s, _ in unfinished if s is not None),
                 "ours_no_solution_where_pymatgen_unfinished": count(unfinished, "no_solution"),
             }
@@ -186,16 +202,22 @@ def main(dataset: list[str] | None, split: str, chunk_size: int, max_seconds: fl
             print(json.dumps(row), flush=True)
 
     print()
-    print(f"{'split':<24} {'rows':>6} {'ours f/s':>9} {'pmg f/s':>9} {'speed-up':>8} {'ours f/cpu-s':>12} "
-          f"{'pmg f/cpu-s':>12} {'agree %':>8} {'compared':>8} {'pmg unfinished':>14} {'our timeouts':>12}")
+    print(
+        f"{'split':<24} {'rows':>6} {'ours f/s':>9} {'pmg f/s':>9} {'speed-up':>8} {'ours f/cpu-s':>12} "
+        f"{'pmg f/cpu-s':>12} {'agree %':>8} {'compared':>8} {'pmg unfinished':>14} {'our timeouts':>12}"
+    )
     for r in rows:
-        print(f"{r['split']:<24} {r['rows']:>6} {r['ours_per_second']:>9} {r['pymatgen_per_second']:>9} "
-              f"{r['speedup']:>8} {r['ours_per_cpu_second']:>12} {r['pymatgen_per_cpu_second']:>12} "
-              f"{r['agreement_pct']!s:>8} {r['agreement_rows']:>8} {r['pymatgen_unfinished']:>14} "
-              f"{r['ours_timeouts']:>12}")
-    print("f/s: rows per wall-clock second; f/cpu-s: rows per CPU second (ours: this process and its workers), "
-          "which does not depend on how busy the machine is; pymatgen's time includes --max-seconds for each "
-          "unfinished row; agreement: over the rows where pymatgen finished.")
+        print(
+            f"{r['split']:<24} {r['rows']:>6} {r['ours_per_second']:>9} {r['pymatgen_per_second']:>9} "
+            f"{r['speedup']:>8} {r['ours_per_cpu_second']:>12} {r['pymatgen_per_cpu_second']:>12} "
+            f"{r['agreement_pct']!s:>8} {r['agreement_rows']:>8} {r['pymatgen_unfinished']:>14} "
+            f"{r['ours_timeouts']:>12}"
+        )
+    print(
+        "f/s: rows per wall-clock second; f/cpu-s: rows per CPU second (ours: this process and its workers), "
+        "which does not depend on how busy the machine is; pymatgen's time includes --max-seconds for each "
+        "unfinished row; agreement: over the rows where pymatgen finished."
+    )
     out = data_dir / "benchmarks" / "oxidation.json"
     from crabnet.utils import atomic_path
 

@@ -50,8 +50,17 @@ PEER_VERSION = "2.0.8"
 # The peer's imports (found by importing its modules), pinned to the versions this project's own
 # environment uses. torch 2.13.0 is the one build pip can take from a local wheel here.
 PEER_REQUIREMENTS = [
-    "torch==2.13.0", "numpy==2.4.6", "pandas==3.1.1", "scikit-learn==1.9.1", "scipy==1.17.1",
-    "matplotlib==3.11.2", "seaborn==0.13.2", "tqdm==4.70.1", "colorama", "joblib", "psutil",
+    "torch==2.13.0",
+    "numpy==2.4.6",
+    "pandas==3.1.1",
+    "scikit-learn==1.9.1",
+    "scipy==1.17.1",
+    "matplotlib==3.11.2",
+    "seaborn==0.13.2",
+    "tqdm==4.70.1",
+    "colorama",
+    "joblib",
+    "psutil",
 ]
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -92,15 +101,24 @@ def run_ours(cfg: dict) -> dict:
     seconds = time.perf_counter() - t0
     pred, _ = T.predict(model, test, scaler)  # fp32 inference of the trained weights on both sides
     return {
-        "side": "ours", "package": f"crabnet {crabnet.__version__} (this project)",
-        "precision": cfg["precision"], "precision_used": hist.precision, "recipe": recipe_name,
-        "n_train": len(train), "n_val": len(val), "n_test": len(test),
-        "batch_size": recipe.batch_size, "epochs_step": recipe.epochs_step,
-        "epochs_run": hist.epochs_run, "fit_seconds": seconds, "s_per_epoch": seconds / hist.epochs_run,
+        "side": "ours",
+        "package": f"crabnet {crabnet.__version__} (this project)",
+        "precision": cfg["precision"],
+        "precision_used": hist.precision,
+        "recipe": recipe_name,
+        "n_train": len(train),
+        "n_val": len(val),
+        "n_test": len(test),
+        "batch_size": recipe.batch_size,
+        "epochs_step": recipe.epochs_step,
+        "epochs_run": hist.epochs_run,
+        "fit_seconds": seconds,
+        "s_per_epoch": seconds / hist.epochs_run,
         "test_mae": T.mae(pred, test.target),
         "swa": f"{hist.swa_updates} SWA updates, {hist.swa_failures} failed SWA epochs, "
-               f"averaged weights swapped in: {hist.swapped_swa}",
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        f"averaged weights swapped in: {hist.swapped_swa}",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
     }
 
 
@@ -120,8 +138,10 @@ def run_peer(cfg: dict) -> dict:
     warnings.filterwarnings("ignore", message=".*pin_memory.*")  # 2.0.8 asks for it on CPU too
     warnings.filterwarnings("ignore", message=".*enable_nested_tensor.*")
     torch.set_num_threads(cfg["threads"])
-    split = {s: pd.read_csv(Path(cfg["csv_dir"]) / f"{s}.csv", keep_default_na=False, dtype={"formula": str})
-             for s in ("train", "val", "test")}
+    split = {
+        s: pd.read_csv(Path(cfg["csv_dir"]) / f"{s}.csv", keep_default_na=False, dtype={"formula": str})
+        for s in ("train", "val", "test")
+    }
     epochs = cfg["epochs"]
 
     class Timed(CrabNet):
@@ -140,11 +160,21 @@ def run_peer(cfg: dict) -> dict:
             return epochs, checkin, stepsize
 
     model = Timed(
-        mat_prop=cfg["dataset"], model_name="peer_benchmark", elem_prop=cfg["features"],
-        epochs=epochs, epochs_step=cfg["epochs_step"], batch_size=cfg["batch_size"],
-        base_lr=1e-4, max_lr=6e-3, fudge=0.02, random_state=cfg["seed"],
-        compute_device=torch.device(cfg["device"]), verbose=False, losscurve=False,
-        learningcurve=False, save=False,
+        mat_prop=cfg["dataset"],
+        model_name="peer_benchmark",
+        elem_prop=cfg["features"],
+        epochs=epochs,
+        epochs_step=cfg["epochs_step"],
+        batch_size=cfg["batch_size"],
+        base_lr=1e-4,
+        max_lr=6e-3,
+        fudge=0.02,
+        random_state=cfg["seed"],
+        compute_device=torch.device(cfg["device"]),
+        verbose=False,
+        losscurve=False,
+        learningcurve=False,
+        save=False,
     )
     model.fit(split["train"], split["val"])
     if cfg["device"].startswith("cuda"):
@@ -154,15 +184,24 @@ def run_peer(cfg: dict) -> dict:
     target = split["test"]["target"].to_numpy(np.float64)
     swa = model.optimizer
     return {
-        "side": "peer", "package": f"crabnet {crabnet.__version__} (PyPI)", "precision": "fp32",
+        "side": "peer",
+        "package": f"crabnet {crabnet.__version__} (PyPI)",
+        "precision": "fp32",
         "precision_used": "fp32",
-        "n_train": len(split["train"]), "n_val": len(split["val"]), "n_test": len(split["test"]),
-        "batch_size": model.batch_size, "epochs_step": model.epochs_step,
-        "lr_half_cycle_batches": model.stepsize, "optimizer": type(swa).__module__ + "." + type(swa).__name__,
-        "epochs_run": model.epoch + 1, "fit_seconds": seconds, "s_per_epoch": seconds / (model.epoch + 1),
+        "n_train": len(split["train"]),
+        "n_val": len(split["val"]),
+        "n_test": len(split["test"]),
+        "batch_size": model.batch_size,
+        "epochs_step": model.epochs_step,
+        "lr_half_cycle_batches": model.stepsize,
+        "optimizer": type(swa).__module__ + "." + type(swa).__name__,
+        "epochs_run": model.epoch + 1,
+        "fit_seconds": seconds,
+        "s_per_epoch": seconds / (model.epoch + 1),
         "test_mae": float(np.mean(np.abs(pred - target))),
         "swa": f"{len(swa.maes)} SWA checks, {swa.discard_count} failed check epochs",
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
     }
 
 
@@ -222,7 +261,8 @@ def write_splits(data_dir: Path, dataset: str, out: Path) -> dict[str, int]:
     splits = load_dataset(data_dir, dataset, verbose=False)
     for name, data in splits.items():
         pd.DataFrame({"formula": data.formula, "target": data.target.astype("float64")}).to_csv(
-            out / f"{name}.csv", index=False)
+            out / f"{name}.csv", index=False
+        )
     return {name: len(data) for name, data in splits.items()}
 
 
@@ -233,26 +273,52 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=20, help="epochs on both sides (default: %(default)s)")
     p.add_argument("--epochs-step", type=int, default=10, help="LR half-cycle in epochs (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="default: %(default)s")
-    p.add_argument("--precision", default="auto",
-                   help="ours: auto|fp32|bf16, or a comma-separated list for one row each (default: %(default)s)")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        help="ours: auto|fp32|bf16, or a comma-separated list for one row each (default: %(default)s)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads on both sides (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     p.add_argument("--device", default="cpu", help="cpu|cuda, both sides (default: %(default)s)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="repeat ours then peer this many times; the summary takes each side's fastest run")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat ours then peer this many times; the summary takes each side's fastest run",
+    )
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="default: %(default)s")
-    p.add_argument("--venv", type=Path, default=DEFAULT_VENV,
-                   help="the peer's scratch virtualenv, created if missing (default: benchmarks/.peer_venv)")
-    p.add_argument("--json", dest="as_json", action="store_true",
-                   help="print one JSON line with the figures at the end")
+    p.add_argument(
+        "--venv",
+        type=Path,
+        default=DEFAULT_VENV,
+        help="the peer's scratch virtualenv, created if missing (default: benchmarks/.peer_venv)",
+    )
+    p.add_argument(
+        "--json", dest="as_json", action="store_true", help="print one JSON line with the figures at the end"
+    )
     p.add_argument("--child", dest="child_side", choices=("ours", "peer"), help=argparse.SUPPRESS)
     p.add_argument("--child-config", type=Path, help=argparse.SUPPRESS)
     return p.parse_args()
 
 
-def main(dataset: str, features: str, epochs: int, epochs_step: int, batch_size: int, precision: str,
-         threads: int, seed: int, device: str, rounds: int, data_dir: Path, venv: Path, as_json: bool,
-         child_side: str | None = None, child_config: Path | None = None) -> int:
+def main(
+    dataset: str,
+    features: str,
+    epochs: int,
+    epochs_step: int,
+    batch_size: int,
+    precision: str,
+    threads: int,
+    seed: int,
+    device: str,
+    rounds: int,
+    data_dir: Path,
+    venv: Path,
+    as_json: bool,
+    child_side: str | None = None,
+    child_config: Path | None = None,
+) -> int:
     if child_side:
         return child(child_side, child_config)
     precisions = [p.strip() for p in precision.split(",") if p.strip()]
@@ -266,38 +332,61 @@ def main(dataset: str, features: str, epochs: int, epochs_step: int, batch_size:
     with tempfile.TemporaryDirectory(prefix="peer_bench_") as tmp:
         work = Path(tmp)
         counts = write_splits(data_dir, dataset, work)
-        cfg = {"dataset": dataset, "features": features, "epochs": epochs, "epochs_step": epochs_step,
-               "batch_size": batch_size, "threads": threads, "seed": seed, "device": device,
-               "data_dir": str(data_dir.resolve()), "csv_dir": str(work)}
+        cfg = {
+            "dataset": dataset,
+            "features": features,
+            "epochs": epochs,
+            "epochs_step": epochs_step,
+            "batch_size": batch_size,
+            "threads": threads,
+            "seed": seed,
+            "device": device,
+            "data_dir": str(data_dir.resolve()),
+            "csv_dir": str(work),
+        }
         for rnd in range(1, rounds + 1):
-            ours = [run_child(Path(sys.executable), "ours", {**cfg, "precision": prec}, work, f"ours_{prec}_{rnd}")
-                    for prec in precisions]
+            ours = [
+                run_child(Path(sys.executable), "ours", {**cfg, "precision": prec}, work, f"ours_{prec}_{rnd}")
+                for prec in precisions
+            ]
             peer = run_child(peer_python, "peer", cfg, work, f"peer_{rnd}")
             for r in ours:
                 if (r["n_train"], r["n_val"], r["n_test"]) != (peer["n_train"], peer["n_val"], peer["n_test"]):
-                    raise SystemExit(f"the sides saw different splits: ours {r['n_train']}/{r['n_val']}/"
-                                     f"{r['n_test']}, peer {peer['n_train']}/{peer['n_val']}/{peer['n_test']}")
+                    raise SystemExit(
+                        f"the sides saw different splits: ours {r['n_train']}/{r['n_val']}/"
+                        f"{r['n_test']}, peer {peer['n_train']}/{peer['n_val']}/{peer['n_test']}"
+                    )
                 r["ratio"] = r["s_per_epoch"] / peer["s_per_epoch"]
             runs += [{**r, "round": rnd} for r in [*ours, peer]]
     load_after = os.getloadavg()
 
-    print(f"\n{dataset}, {features}: train/val/test {counts['train']}/{counts['val']}/{counts['test']} compounds "
-          f"(single-element ones dropped, the same rows on both sides); {epochs} epochs, epochs_step "
-          f"{epochs_step}, batch {batch_size}, seed {seed}, {threads} torch threads, {device}")
-    print("s/epoch = wall time of the whole fit / epochs run (data loading and model construction excluded); "
-          "each fit includes its side's own monitoring passes (ours: validation MAE every epoch; "
-          "2.0.8: train and validation MAE at the first, every 2*epochs_step-th and the last epoch)")
+    print(
+        f"\n{dataset}, {features}: train/val/test {counts['train']}/{counts['val']}/{counts['test']} compounds "
+        f"(single-element ones dropped, the same rows on both sides); {epochs} epochs, epochs_step "
+        f"{epochs_step}, batch {batch_size}, seed {seed}, {threads} torch threads, {device}"
+    )
+    print(
+        "s/epoch = wall time of the whole fit / epochs run (data loading and model construction excluded); "
+        "each fit includes its side's own monitoring passes (ours: validation MAE every epoch; "
+        "2.0.8: train and validation MAE at the first, every 2*epochs_step-th and the last epoch)"
+    )
     print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} on {os.cpu_count()} CPUs")
-    print(f"\n{'round':>5s} {'side':30s} {'precision':>9s} {'epochs':>6s} {'fit s':>8s} {'s/epoch':>8s} "
-          f"{'test MAE':>9s} {'peak RSS MB':>11s} {'ours/peer':>9s}")
+    print(
+        f"\n{'round':>5s} {'side':30s} {'precision':>9s} {'epochs':>6s} {'fit s':>8s} {'s/epoch':>8s} "
+        f"{'test MAE':>9s} {'peak RSS MB':>11s} {'ours/peer':>9s}"
+    )
     for r in runs:
         prec = r["precision_used"] if r["precision"] == "auto" else r["precision"]
         ratio = f"{r['ratio']:.2f}" if "ratio" in r else "-"
-        print(f"{r['round']:5d} {r['package']:30s} {prec:>9s} {r['epochs_run']:6d} {r['fit_seconds']:8.1f} "
-              f"{r['s_per_epoch']:8.2f} {r['test_mae']:9.4g} {r['peak_rss_mb']:11.0f} {ratio:>9s}")
+        print(
+            f"{r['round']:5d} {r['package']:30s} {prec:>9s} {r['epochs_run']:6d} {r['fit_seconds']:8.1f} "
+            f"{r['s_per_epoch']:8.2f} {r['test_mae']:9.4g} {r['peak_rss_mb']:11.0f} {ratio:>9s}"
+        )
     for r in runs[: len(precisions) + 1]:
-        print(f"{r['package']} [{r['precision']}]: batch {r['batch_size']}, epochs_step {r['epochs_step']}, "
-              f"{r['swa']}; torch {r['torch']}, {r['threads']} threads")
+        print(
+            f"{r['package']} [{r['precision']}]: batch {r['batch_size']}, epochs_step {r['epochs_step']}, "
+            f"{r['swa']}; torch {r['torch']}, {r['threads']} threads"
+        )
 
     def best(side: str, prec: str | None = None) -> dict:
         """The fastest run of one side (and precision) over the rounds."""
@@ -309,17 +398,30 @@ def main(dataset: str, features: str, epochs: int, epochs_step: int, batch_size:
         print(f"\nbest of {rounds} rounds:")
         for prec in dict.fromkeys(r["precision"] for r in runs if r["side"] == "ours"):
             o = best("ours", prec)
-            print(f"  ours [{prec}] {o['s_per_epoch']:.2f} s/epoch, peer {peer_best['s_per_epoch']:.2f} s/epoch: "
-                  f"ratio {o['s_per_epoch'] / peer_best['s_per_epoch']:.2f}")
+            print(
+                f"  ours [{prec}] {o['s_per_epoch']:.2f} s/epoch, peer {peer_best['s_per_epoch']:.2f} s/epoch: "
+                f"ratio {o['s_per_epoch'] / peer_best['s_per_epoch']:.2f}"
+            )
     if as_json:
         first = best("ours", next(r["precision"] for r in runs if r["side"] == "ours"))
         line = {
-            "ours_s_per_epoch": first["s_per_epoch"], "peer_s_per_epoch": peer_best["s_per_epoch"],
-            "ratio": first["s_per_epoch"] / peer_best["s_per_epoch"], "ours_test_mae": first["test_mae"],
-            "peer_test_mae": peer_best["test_mae"], "ours_precision": first["precision"],
-            "ours_peak_rss_mb": first["peak_rss_mb"], "peer_peak_rss_mb": peer_best["peak_rss_mb"],
-            "epochs": epochs, "rounds": rounds, "dataset": dataset, "features": features, "threads": threads,
-            "device": device, "load_avg_before": load_before[0], "load_avg_after": load_after[0], "runs": runs,
+            "ours_s_per_epoch": first["s_per_epoch"],
+            "peer_s_per_epoch": peer_best["s_per_epoch"],
+            "ratio": first["s_per_epoch"] / peer_best["s_per_epoch"],
+            "ours_test_mae": first["test_mae"],
+            "peer_test_mae": peer_best["test_mae"],
+            "ours_precision": first["precision"],
+            "ours_peak_rss_mb": first["peak_rss_mb"],
+            "peer_peak_rss_mb": peer_best["peak_rss_mb"],
+            "epochs": epochs,
+            "rounds": rounds,
+            "dataset": dataset,
+            "features": features,
+            "threads": threads,
+            "device": device,
+            "load_avg_before": load_before[0],
+            "load_avg_after": load_after[0],
+            "runs": runs,
         }
         print(json.dumps(line))
     return 0

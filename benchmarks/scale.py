@@ -29,11 +29,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from crabnet.costs import count_rows  # noqa: E402
-from crabnet.embeddings import model_job  # noqa: E402
-from crabnet.engine import Engine, Job, local_cluster, run_jobs  # noqa: E402
-from crabnet.layout import BENCHMARK_DATASETS, Layout  # noqa: E402
-from crabnet.train import make_recipe  # noqa: E402
+from crabnet.costs import count_rows
+from crabnet.embeddings import model_job
+from crabnet.engine import Engine, Job, local_cluster, run_jobs
+from crabnet.layout import BENCHMARK_DATASETS, Layout
+from crabnet.train import make_recipe
 
 
 def parse_args() -> argparse.Namespace:
@@ -51,14 +51,19 @@ def parse_args() -> argparse.Namespace:
 def timed_model_job(**kwargs) -> dict:
     """Step 4's job, plus the peak RSS of the process that ran it (MB)."""
     row = model_job(**kwargs)
-    return {"dataset": row["dataset"], "features": row["features"], "test_mae": row["test_mae"],
-            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "dataset": row["dataset"],
+        "features": row["features"],
+        "test_mae": row["test_mae"],
+        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def smallest(data_dir: Path, n: int) -> list[str]:
     lay = Layout(data_dir)
-    sizes = {ds: count_rows(lay.split_csv(ds, "train")) for ds in BENCHMARK_DATASETS
-             if lay.split_csv(ds, "train").is_file()}
+    sizes = {
+        ds: count_rows(lay.split_csv(ds, "train")) for ds in BENCHMARK_DATASETS if lay.split_csv(ds, "train").is_file()
+    }
     return sorted(sizes, key=sizes.get)[:n]
 
 
@@ -67,9 +72,24 @@ def run_mode(mode: str, data_dir: Path, datasets: list[str], epochs: int, thread
     work = Path(tempfile.mkdtemp(prefix=f"scale_{mode}_"))
     (work / "benchmark_data").symlink_to((data_dir / "benchmark_data").resolve())
     recipe = make_recipe("immi", epochs=epochs)
-    jobs = [Job(f"{ds} {feat}", timed_model_job, dict(data_dir=work, dataset=ds, features=feat, recipe=recipe,
-                                                       device="cpu", seed=0, force=True, precision="auto"))
-            for ds in datasets for feat in ("mat2vec", "onehot")]
+    jobs = [
+        Job(
+            f"{ds} {feat}",
+            timed_model_job,
+            dict(
+                data_dir=work,
+                dataset=ds,
+                features=feat,
+                recipe=recipe,
+                device="cpu",
+                seed=0,
+                force=True,
+                precision="auto",
+            ),
+        )
+        for ds in datasets
+        for feat in ("mat2vec", "onehot")
+    ]
     cluster = None
     try:
         if mode == "a":
@@ -84,14 +104,21 @@ def run_mode(mode: str, data_dir: Path, datasets: list[str], epochs: int, thread
         if cluster is not None:
             cluster.close()
         shutil.rmtree(work, ignore_errors=True)
-    return {"wall_s": wall, "jobs_per_hour": len(jobs) / wall * 3600, "rss_mb": max(r["rss_mb"] for r in rows),
-            "maes": {f"{r['dataset']} {r['features']}": r["test_mae"] for r in rows}}
+    return {
+        "wall_s": wall,
+        "jobs_per_hour": len(jobs) / wall * 3600,
+        "rss_mb": max(r["rss_mb"] for r in rows),
+        "maes": {f"{r['dataset']} {r['features']}": r["test_mae"] for r in rows},
+    }
 
 
 def main(data_dir: Path, datasets: int, epochs: int, threads: int, workers: int, modes: str, as_json: bool) -> int:
     names = smallest(data_dir, datasets)
-    labels = {"a": f"(a) sequential, 1 process x {threads} threads", "b": "(b) LocalCluster 1 worker x 1 thread",
-              "c": f"(c) LocalCluster {workers} workers x 1 thread"}
+    labels = {
+        "a": f"(a) sequential, 1 process x {threads} threads",
+        "b": "(b) LocalCluster 1 worker x 1 thread",
+        "c": f"(c) LocalCluster {workers} workers x 1 thread",
+    }
     print(f"{len(names) * 2} trainings of {epochs} epochs: {', '.join(names)} x mat2vec/onehot")
     res = {}
     for mode in modes.split(","):

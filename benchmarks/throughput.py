@@ -20,16 +20,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from crabnet.data import batch_size_for, load_dataset  # noqa: E402
-from crabnet.model import real_slots  # noqa: E402
-from crabnet.optim import Lamb, Lookahead  # noqa: E402
-from crabnet.train import (Scaler, autocast, build_model, jitter_fractions, resolve_precision,  # noqa: E402
-                           robust_l1, to_tensors)
-from crabnet.utils import resolve_device, seed_everything  # noqa: E402
+from crabnet.data import batch_size_for, load_dataset
+from crabnet.model import real_slots
+from crabnet.optim import Lamb, Lookahead
+from crabnet.train import Scaler, autocast, build_model, jitter_fractions, resolve_precision, robust_l1, to_tensors
+from crabnet.utils import resolve_device, seed_everything
 
 
 def sync(device: torch.device) -> None:
@@ -66,8 +65,9 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def measure(model_args: tuple, train, bs: int, dev: torch.device, steps: int, precision: str,
-            overrides: dict | None = None) -> tuple[float, float]:
+def measure(
+    model_args: tuple, train, bs: int, dev: torch.device, steps: int, precision: str, overrides: dict | None = None
+) -> tuple[float, float]:
     """Seconds per training step and counted FLOPs per step of a fresh model at ``precision``.
 
     ``overrides``: model config fields replaced (e.g. a smaller model for a smoke run).
@@ -83,8 +83,9 @@ def measure(model_args: tuple, train, bs: int, dev: torch.device, steps: int, pr
     def step(i: int) -> None:
         idx = torch.arange(i * bs, (i + 1) * bs, device=dev) % len(train)
         # off the CPU the real slots come from the host's rows, as in fit (no host synchronisation)
-        real = None if dev.type == "cpu" else real_slots(train.elements[np.arange(i * bs, (i + 1) * bs) % len(train)],
-                                                         dev)
+        real = (
+            None if dev.type == "cpu" else real_slots(train.elements[np.arange(i * bs, (i + 1) * bs) % len(train)], dev)
+        )
         with autocast(precision, dev):
             out = model(el[idx], jitter_fractions(fr[idx], 0.02, gen), real=real)
         loss = robust_l1(out[:, 0], out[:, 2], y[idx])
@@ -104,8 +105,17 @@ def measure(model_args: tuple, train, bs: int, dev: torch.device, steps: int, pr
     return (time.perf_counter() - t0) / steps, counter.get_total_flops()
 
 
-def main(dataset: str, features: str, batch_size: int, steps: int, matmul_n: int, data_dir: Path,
-         device: str, threads: int, precision: str) -> int:
+def main(
+    dataset: str,
+    features: str,
+    batch_size: int,
+    steps: int,
+    matmul_n: int,
+    data_dir: Path,
+    device: str,
+    threads: int,
+    precision: str,
+) -> int:
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
@@ -115,17 +125,23 @@ def main(dataset: str, features: str, batch_size: int, steps: int, matmul_n: int
     train = load_dataset(data_dir, dataset, splits=("train",), verbose=False)["train"]
     bs = batch_size or batch_size_for(train.n_csv_rows)  # the CSV's rows before any drop, as the recipe
     fill = float((train.elements > 0).mean())
-    print(f"{dataset} ({features}) on {dev}, torch threads {torch.get_num_threads()}, batch {bs}, "
-          f"element width {train.width} ({fill:.0%} of the slots hold real elements)")
-    print(f"{'precision':>9s} {'ms/step':>9s} {'samples/s':>10s} {'GFLOP/step':>11s} {'GFLOP/s':>9s} "
-          f"{'matmul peak':>12s} {'share':>7s}")
+    print(
+        f"{dataset} ({features}) on {dev}, torch threads {torch.get_num_threads()}, batch {bs}, "
+        f"element width {train.width} ({fill:.0%} of the slots hold real elements)"
+    )
+    print(
+        f"{'precision':>9s} {'ms/step':>9s} {'samples/s':>10s} {'GFLOP/step':>11s} {'GFLOP/s':>9s} "
+        f"{'matmul peak':>12s} {'share':>7s}"
+    )
     dts = {}
     for prec in precisions:
         dt, flops = measure((features, train.width), train, bs, dev, steps, prec)
         peak = matmul_peak(dev, matmul_n, 5, torch.bfloat16 if prec == "bf16" else torch.float32)
         dts[prec] = dt
-        print(f"{prec:>9s} {dt * 1e3:9.1f} {bs / dt:10.1f} {flops / 1e9:11.2f} {flops / dt / 1e9:9.1f} "
-              f"{peak / 1e9:12.1f} {flops / dt / peak:7.1%}")
+        print(
+            f"{prec:>9s} {dt * 1e3:9.1f} {bs / dt:10.1f} {flops / 1e9:11.2f} {flops / dt / 1e9:9.1f} "
+            f"{peak / 1e9:12.1f} {flops / dt / peak:7.1%}"
+        )
     if len(dts) == 2:
         print(f"bf16 autocast speed-up over fp32: {dts['fp32'] / dts['bf16']:.2f}x")
     print(f"--precision auto on this machine: {resolve_precision('auto', dev)}")

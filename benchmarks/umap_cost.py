@@ -49,9 +49,14 @@ def load(data_dir: Path, dataset: str, split: str, max_compounds: int):
 
     data = load_dataset(data_dir, dataset, splits=(split,), verbose=False)[split]
     if max_compounds and len(data) > max_compounds:
-        data = CompositionData(data.formula[:max_compounds], data.elements[:max_compounds],
-                               data.fractions[:max_compounds], data.target[:max_compounds],
-                               data.rows[:max_compounds], data.source)
+        data = CompositionData(
+            data.formula[:max_compounds],
+            data.elements[:max_compounds],
+            data.fractions[:max_compounds],
+            data.target[:max_compounds],
+            data.rows[:max_compounds],
+            data.source,
+        )
     ckpt = checkpoint_path(data_dir, dataset, "mat2vec")
     if ckpt.is_file():
         model, scaler, meta = load_checkpoint(ckpt)
@@ -63,15 +68,23 @@ def load(data_dir: Path, dataset: str, split: str, max_compounds: int):
     return model, scaler, data, what
 
 
-def worker(stage: str, data_dir: Path, dataset: str, split: str, max_compounds: int, store_dir: Path,
-           threads: int, parallel: bool) -> dict:
+def worker(
+    stage: str,
+    data_dir: Path,
+    dataset: str,
+    split: str,
+    max_compounds: int,
+    store_dir: Path,
+    threads: int,
+    parallel: bool,
+) -> dict:
     import numpy as np
     import torch
 
-    from crabnet.elements import ATOMIC_NUMBER
-    from crabnet.represent import RepresentationStore, collect
     from crabnet.edm_maps import PAPER_ATOMS
+    from crabnet.elements import ATOMIC_NUMBER
     from crabnet.projection import UmapParams, global_metrics, global_min_dist, local_metrics, local_params, project
+    from crabnet.represent import RepresentationStore, collect
 
     if threads:
         torch.set_num_threads(threads)
@@ -87,10 +100,12 @@ def worker(stage: str, data_dir: Path, dataset: str, split: str, max_compounds: 
             out["layers"] = layers
         else:
             zs = [ATOMIC_NUMBER[a] for a in PAPER_ATOMS]
-            collect(model, data, scaler, store_dir, local={l: zs for l in range(model.cfg.n_layers)}, progress=False)
+            collect(model, data, scaler, store_dir, local=dict.fromkeys(range(model.cfg.n_layers), zs), progress=False)
             out["atoms"] = len(zs)
-        out["bytes_written"] = sum(p.stat().st_size for p in Path(store_dir).glob(
-            "global__*.npy" if stage == "extract_global" else "local__*.npy"))
+        out["bytes_written"] = sum(
+            p.stat().st_size
+            for p in Path(store_dir).glob("global__*.npy" if stage == "extract_global" else "local__*.npy")
+        )
     elif stage == "plot_global":
         from crabnet.umap_plots import hover_text, make_colouring, pauling_en_mad, plot_html, plot_png
 
@@ -102,12 +117,14 @@ def worker(stage: str, data_dir: Path, dataset: str, split: str, max_compounds: 
         t0 = time.perf_counter()
         en = pauling_en_mad(comp.elements, comp.fractions)
         error = comp.prediction - comp.target
-        cols = [make_colouring("n_elements", "number of elements", comp.n_elements, style="discrete"),
-                make_colouring("target", "target", comp.target, cmap="plasma"),
-                make_colouring("prediction", "prediction", comp.prediction, cmap="plasma"),
-                make_colouring("error", "prediction − target", error, style="diverging"),
-                make_colouring("EN_deviation", "Pauling EN deviation", en, cmap="cividis")]
-        coords = {l: xy for l in range(4)}
+        cols = [
+            make_colouring("n_elements", "number of elements", comp.n_elements, style="discrete"),
+            make_colouring("target", "target", comp.target, cmap="plasma"),
+            make_colouring("prediction", "prediction", comp.prediction, cmap="plasma"),
+            make_colouring("error", "prediction − target", error, style="diverging"),
+            make_colouring("EN_deviation", "Pauling EN deviation", en, cmap="cividis"),
+        ]
+        coords = dict.fromkeys(range(4), xy)
         plot_png(coords, cols, Path(store_dir) / "bench.png", title="benchmark")
         out["png_seconds"] = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -122,8 +139,10 @@ def worker(stage: str, data_dir: Path, dataset: str, split: str, max_compounds: 
         store = RepresentationStore(store_dir)
         seed = None if stage.endswith("_parallel") else 0
         t0 = time.perf_counter()  # numba compiles UMAP on first use in a process: time it apart
-        fit_umap(np.random.default_rng(0).normal(size=(60, 8)), UmapParams(5, 0.3, "cosine" if "global" in stage
-                                                                           else "euclidean", seed, n_epochs=10))
+        fit_umap(
+            np.random.default_rng(0).normal(size=(60, 8)),
+            UmapParams(5, 0.3, "cosine" if "global" in stage else "euclidean", seed, n_epochs=10),
+        )
         out["warmup_jit_seconds"] = time.perf_counter() - t0
         if stage.startswith("umap_global"):
             x = np.asarray(store.global_(0))
@@ -132,7 +151,7 @@ def worker(stage: str, data_dir: Path, dataset: str, split: str, max_compounds: 
             xy, _ = project(x, params, Path(store_dir) / f"umap_{stage}", "global__layer0", force=True)
             out["umap_seconds"] = time.perf_counter() - t0
             t1 = time.perf_counter()
-            out.update({k: v for k, v in global_metrics(x, xy, store.compounds.target).items()})
+            out.update(dict(global_metrics(x, xy, store.compounds.target).items()))
             out["metrics_seconds"] = time.perf_counter() - t1
         else:
             comp = store.compounds
@@ -163,8 +182,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=1800, help="seconds per stage (default: %(default)s)")
     p.add_argument("--parallel", action="store_true", help="also time UMAP without a seed (all cores)")
     p.add_argument("--stages", nargs="+", default=None, help="subset of the stages (default all)")
-    p.add_argument("--store-dir", type=Path, default=None,
-                   help="keep the collected vectors here (default: a temporary folder, removed at the end)")
+    p.add_argument(
+        "--store-dir",
+        type=Path,
+        default=None,
+        help="keep the collected vectors here (default: a temporary folder, removed at the end)",
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--store", type=Path, default=None, help=argparse.SUPPRESS)
     return p.parse_args()
@@ -173,20 +196,40 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     a = parse_args()
     if a.worker:
-        print(json.dumps(worker(a.worker, a.data_dir, a.dataset, a.split, a.max_compounds, a.store, a.threads,
-                                a.parallel)))
+        print(
+            json.dumps(
+                worker(a.worker, a.data_dir, a.dataset, a.split, a.max_compounds, a.store, a.threads, a.parallel)
+            )
+        )
         return 0
-    stages = a.stages or (["extract_global", "extract_local", "umap_global", "umap_local", "plot_global"]
-                          + (["umap_global_parallel", "umap_local_parallel"] if a.parallel else []))
+    stages = a.stages or (
+        ["extract_global", "extract_local", "umap_global", "umap_local", "plot_global"]
+        + (["umap_global_parallel", "umap_local_parallel"] if a.parallel else [])
+    )
     results = []
     with tempfile.TemporaryDirectory(dir=a.data_dir, prefix=".umap-bench-") as tmp:
         if a.store_dir:
             a.store_dir.mkdir(parents=True, exist_ok=True)
             tmp = str(a.store_dir)
         for stage in stages:
-            cmd = [sys.executable, __file__, "--worker", stage, "--store", tmp, "--dataset", a.dataset, "--split",
-                   a.split, "--data-dir", str(a.data_dir), "--max-compounds", str(a.max_compounds),
-                   "--threads", str(a.threads)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                stage,
+                "--store",
+                tmp,
+                "--dataset",
+                a.dataset,
+                "--split",
+                a.split,
+                "--data-dir",
+                str(a.data_dir),
+                "--max-compounds",
+                str(a.max_compounds),
+                "--threads",
+                str(a.threads),
+            ]
             t0 = time.perf_counter()
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
@@ -201,15 +244,21 @@ def main() -> int:
             res = json.loads(proc.stdout.strip().splitlines()[-1])
             res["process_seconds"] = time.perf_counter() - t0  # includes imports and numba compilation
             results.append(res)
-            print(f"{stage}: {res['seconds']:.1f} s (process {res['process_seconds']:.1f} s), "
-                  f"peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+            print(
+                f"{stage}: {res['seconds']:.1f} s (process {res['process_seconds']:.1f} s), "
+                f"peak RSS {res['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
     print()
     for r in results:
         print(json.dumps(r))
     out = a.data_dir / "benchmarks" / f"umap__{a.dataset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"dataset": a.dataset, "split": a.split, "max_compounds": a.max_compounds,
-                               "results": results}, indent=1))
+    out.write_text(
+        json.dumps(
+            {"dataset": a.dataset, "split": a.split, "max_compounds": a.max_compounds, "results": results}, indent=1
+        )
+    )
     print(f"\n-> {out}")
     return 0
 

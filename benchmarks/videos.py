@@ -31,8 +31,7 @@ sys.path.insert(0, str(ROOT))
 from crabnet.capture import AttentionStore, AttentionWriter  # noqa: E402
 from crabnet.data import compositions_from_formulas  # noqa: E402
 from crabnet.utils import available_cpus  # noqa: E402
-from crabnet.video import (PAPER_COMPOUNDS, FrameRenderer, VideoInput, VideoJob,  # noqa: E402
-                           render_job, run_jobs, video_paths)
+from crabnet.video import PAPER_COMPOUNDS, FrameRenderer, VideoInput, VideoJob, render_job, run_jobs, video_paths  # noqa: E402
 
 DATASET = "aflow__ael_bulk_modulus_vrh"
 
@@ -71,8 +70,12 @@ def main() -> int:
     p.add_argument("--store", type=Path, default=None, help="attention.zarr to use (default: a synthetic one)")
     p.add_argument("--captures", type=int, default=50, help="captures of the synthetic store (default: %(default)s)")
     p.add_argument("--compound", default="P1W3", help="compound of parts 1-2 (default: %(default)s)")
-    p.add_argument("--naive-frames", type=int, default=10,
-                   help="frames timed with new figures per frame (slow; default: %(default)s)")
+    p.add_argument(
+        "--naive-frames",
+        type=int,
+        default=10,
+        help="frames timed with new figures per frame (slow; default: %(default)s)",
+    )
     p.add_argument("--dpi", type=float, default=100, help="default: %(default)s")
     p.add_argument("--workers", type=int, default=0, help="processes for part 3 (0 = all cores)")
     a = p.parse_args()
@@ -85,9 +88,11 @@ def main() -> int:
         capture = str(store.attrs.get("capture", "epoch"))
         data = VideoInput.from_history(store.compound(a.compound), [0], capture=capture, dataset=DATASET)
         c = data.n_captures
-        print(f"store: {'synthetic' if a.store is None else path}; {c} captures, {store.attrs['n_layers']} layers x "
-              f"{store.attrs['n_heads']} heads; compound {data.formula} ({len(data.symbols)} elements), "
-              f"dpi {a.dpi:g}; {available_cpus()} cores")
+        print(
+            f"store: {'synthetic' if a.store is None else path}; {c} captures, {store.attrs['n_layers']} layers x "
+            f"{store.attrs['n_heads']} heads; compound {data.formula} ({len(data.symbols)} elements), "
+            f"dpi {a.dpi:g}; {available_cpus()} cores"
+        )
 
         # 1. rendering alone
         rows = []
@@ -101,8 +106,13 @@ def main() -> int:
 
         rows.append(("new figures every frame", n_naive, *timed(naive)))
         r = FrameRenderer(data, dpi=a.dpi)
-        rows.append(("reused figure, full redraw", c, *timed(lambda: [
-            (r.attention.render(k, full=True), r.progress.render(k, full=True)) for k in range(c)])))
+        rows.append(
+            (
+                "reused figure, full redraw",
+                c,
+                *timed(lambda: [(r.attention.render(k, full=True), r.progress.render(k, full=True)) for k in range(c)]),
+            )
+        )
         rows.append(("reused figure, blitted (used)", c, *timed(lambda: [r.frames(k) for k in range(c)])))
         r.close()
         print("\n1. rendering alone (attention + progress + merged frame)")
@@ -118,15 +128,23 @@ def main() -> int:
         wall, cpu = timed(render_job, job, progress=False)
         ffmpeg_cpu = _children_cpu() - before
         size = sum(p.stat().st_size for p in job.outputs.values())
-        print(f"\n2. rendering + encoding 3 videos of {data.formula}: {c} frames in {wall:.2f} s = "
-              f"{c / wall:.1f} frames/s; CPU ms/frame: {1e3 * cpu / c:.1f} rendering, {1e3 * ffmpeg_cpu / c:.1f} "
-              f"ffmpeg (3 encoders, preset {job.preset}); {size / 1024:.0f} KiB")
+        print(
+            f"\n2. rendering + encoding 3 videos of {data.formula}: {c} frames in {wall:.2f} s = "
+            f"{c / wall:.1f} frames/s; CPU ms/frame: {1e3 * cpu / c:.1f} rendering, {1e3 * ffmpeg_cpu / c:.1f} "
+            f"ffmpeg (3 encoders, preset {job.preset}); {size / 1024:.0f} KiB"
+        )
 
         # 3. three paper compounds
         names = [f for f in PAPER_COMPOUNDS[DATASET] if _has(store, f)][:3]
-        jobs = [VideoJob(data=VideoInput.from_history(store.compound(f), [0], capture=capture, dataset=DATASET),
-                         outputs=video_paths(out / f"w{w}", f, [0], 1), dpi=a.dpi)
-                for w in (1, workers) for f in names]
+        jobs = [
+            VideoJob(
+                data=VideoInput.from_history(store.compound(f), [0], capture=capture, dataset=DATASET),
+                outputs=video_paths(out / f"w{w}", f, [0], 1),
+                dpi=a.dpi,
+            )
+            for w in (1, workers)
+            for f in names
+        ]
         print(f"\n3. three paper compounds ({', '.join(names)}), {c} captures each, 9 videos")
         for i, w in enumerate(dict.fromkeys((1, workers))):
             part = jobs[i * len(names) : (i + 1) * len(names)]

@@ -77,8 +77,16 @@ class AttentionWriter:
             group attribute ``attribution`` says whether a store has it).
     """
 
-    def __init__(self, path: Path | str, data: CompositionData, n_layers: int, n_heads: int, attrs: dict,
-                 resume: bool = False, attribution: bool = True):
+    def __init__(
+        self,
+        path: Path | str,
+        data: CompositionData,
+        n_layers: int,
+        n_heads: int,
+        attrs: dict,
+        resume: bool = False,
+        attribution: bool = True,
+    ):
         self.path = Path(path)
         self.data = data
         self.n = len(data)
@@ -86,9 +94,16 @@ class AttentionWriter:
         self.map_shape = (n_layers, n_heads, self.E, self.E)
         self.bytes_per_map = 4 * int(np.prod(self.map_shape))
         self.chunk_n = int(np.clip(STAGING_CHUNK_BYTES // self.bytes_per_map, 1, self.n))
-        self.attrs = {**attrs, "n_layers": n_layers, "n_heads": n_heads, "n_elements": self.E,
-                      "n_compounds": self.n, "created_with": crabnet.__version__, "attribution": bool(attribution),
-                      "complete": False}
+        self.attrs = {
+            **attrs,
+            "n_layers": n_layers,
+            "n_heads": n_heads,
+            "n_elements": self.E,
+            "n_compounds": self.n,
+            "created_with": crabnet.__version__,
+            "attribution": bool(attribution),
+            "complete": False,
+        }
         self.with_attribution = bool(attribution)
         self.attr = None
         self.attr_missing: set[int] = set()  # captures begun whose attribution was not written
@@ -99,12 +114,14 @@ class AttentionWriter:
             return
         remove_path(self.staging)
         self.group = zarr.open_group(self.staging, mode="w", zarr_format=3, attributes=self.attrs)
-        self.att = self.group.create_array("attention", shape=(self.n, 0, *self.map_shape),
-                                           chunks=(self.chunk_n, 1, *self.map_shape), dtype="float32")
+        self.att = self.group.create_array(
+            "attention", shape=(self.n, 0, *self.map_shape), chunks=(self.chunk_n, 1, *self.map_shape), dtype="float32"
+        )
         self.pred = self.group.create_array("prediction", shape=(self.n, 0), chunks=(self.n, 1), dtype="float32")
         if self.with_attribution:
-            self.attr = self.group.create_array("attribution", shape=(self.n, 0, self.E), chunks=(self.n, 1, self.E),
-                                                dtype="float32")
+            self.attr = self.group.create_array(
+                "attribution", shape=(self.n, 0, self.E), chunks=(self.n, 1, self.E), dtype="float32"
+            )
 
     def _reopen(self) -> bool:
         """Open an existing staging store made with the same attributes; False if there is none."""
@@ -173,8 +190,10 @@ class AttentionWriter:
         c = self.n_captures
         with_attr = self.attr is not None and not self.attr_missing
         if self.attr is not None and self.attr_missing and len(self.attr_missing) < c:
-            print(f"warning: {len(self.attr_missing)} of {c} captures have no attribution; "
-                  f"{self.path.name} is written without it")
+            print(
+                f"warning: {len(self.attr_missing)} of {c} captures have no attribution; "
+                f"{self.path.name} is written without it"
+            )
         per_compound = c * self.bytes_per_map
         shard_n = int(np.clip(SHARD_BYTES // per_compound, 1, self.n))
         block_n = max(shard_n, (BLOCK_BYTES // per_compound) // shard_n * shard_n)
@@ -184,16 +203,30 @@ class AttentionWriter:
             d = self.data
             formula = g.create_array("formula", shape=(self.n,), dtype=str, chunks=(self.n,))
             formula[:] = np.asarray([str(f) for f in d.formula])
-            for name, arr in (("elements", d.elements.astype(np.int16)), ("fractions", d.fractions.astype(np.float32)),
-                              ("target", d.target.astype(np.float32)), ("step", np.asarray(self.steps, np.int64))):
+            for name, arr in (
+                ("elements", d.elements.astype(np.int16)),
+                ("fractions", d.fractions.astype(np.float32)),
+                ("target", d.target.astype(np.float32)),
+                ("step", np.asarray(self.steps, np.int64)),
+            ):
                 g.create_array(name, data=arr, chunks=arr.shape or (1,))
             g.create_array("prediction", data=self.pred[:], chunks=(min(self.n, 4096), c))
             if with_attr:  # compound-major: whole histories of a few thousand compounds per chunk
                 rows = int(np.clip(SMALL_CHUNK_BYTES // max(1, 4 * c * self.E), 1, min(self.n, 4096)))
                 g.create_array("attribution", data=self.attr[:], chunks=(rows, c, self.E))
-            att = g.create_array("attention", shape=(self.n, c, *self.map_shape), dtype="float32",
-                                 chunks=(1, c, *self.map_shape), shards=(shard_n, c, *self.map_shape))
-            for i in tqdm(range(0, self.n, block_n), desc="reorganise", unit="block", disable=None if progress is None else not progress):
+            att = g.create_array(
+                "attention",
+                shape=(self.n, c, *self.map_shape),
+                dtype="float32",
+                chunks=(1, c, *self.map_shape),
+                shards=(shard_n, c, *self.map_shape),
+            )
+            for i in tqdm(
+                range(0, self.n, block_n),
+                desc="reorganise",
+                unit="block",
+                disable=None if progress is None else not progress,
+            ):
                 att[i : i + block_n] = self.att[i : i + block_n]
             g.attrs.update(attrs)
         remove_path(self.staging)
@@ -202,7 +235,11 @@ class AttentionWriter:
 
 @torch.no_grad()
 def capture_split(
-    model: CrabNet, data: CompositionData, scaler: Scaler, writer: AttentionWriter, step: int,
+    model: CrabNet,
+    data: CompositionData,
+    scaler: Scaler,
+    writer: AttentionWriter,
+    step: int,
     batch_size: int | None = None,
 ) -> np.ndarray:
     """Run the model on ``data`` with attention capture and store one capture. Returns predictions.
@@ -238,8 +275,15 @@ def capture_split(
 class AttentionRecorder:
     """Training callback that captures the split before training and after every epoch or k-th step."""
 
-    def __init__(self, model: CrabNet, data: CompositionData, scaler: Scaler, writer: AttentionWriter,
-                 mode: str = "epoch", every: int = 1):
+    def __init__(
+        self,
+        model: CrabNet,
+        data: CompositionData,
+        scaler: Scaler,
+        writer: AttentionWriter,
+        mode: str = "epoch",
+        every: int = 1,
+    ):
         if mode not in ("epoch", "step"):
             raise ValueError(f"capture mode must be 'epoch' or 'step', got {mode!r}")
         if every < 1:
@@ -273,8 +317,7 @@ class AttentionRecorder:
 # step 1 as a job of crabnet.engine
 
 
-def attention_job(data_dir: Path, recipe: Recipe, settings: dict, device: str, force: bool,
-                  skip_invalid: bool) -> dict:
+def attention_job(data_dir: Path, recipe: Recipe, settings: dict, device: str, force: bool, skip_invalid: bool) -> dict:
     """Step 1 (``get_training_attention.py``) as one job: train a model while capturing attention.
 
     The model of ``settings["features"]`` is trained on ``settings["dataset"]`` with ``recipe``; the
@@ -317,39 +360,85 @@ def attention_job(data_dir: Path, recipe: Recipe, settings: dict, device: str, f
     splits = load_dataset(data_dir, dataset, drop_unary=settings["drop_unary"], skip_invalid=skip_invalid)
     dev = resolve_device(device)
     model, scaler = new_model(features, splits, dev, seed)
-    print(f"{dataset}: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test; "
-          f"{features}, {model.n_params():,} parameters, {settings['epochs']} epochs on {dev}; capturing {split} "
-          f"({len(splits[split])} compounds) every {capture if capture_every == 1 else f'{capture_every} steps'}")
+    print(
+        f"{dataset}: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test; "
+        f"{features}, {model.n_params():,} parameters, {settings['epochs']} epochs on {dev}; capturing {split} "
+        f"({len(splits[split])} compounds) every {capture if capture_every == 1 else f'{capture_every} steps'}"
+    )
 
     state_path = store.with_name(store.name + ".state.pt")
-    writer = AttentionWriter(store, splits[split], model.cfg.n_layers, model.cfg.n_heads, {
-        **settings, "model_config": model.cfg.to_dict(), "recipe": recipe_dict(recipe)}, resume=not force)
+    writer = AttentionWriter(
+        store,
+        splits[split],
+        model.cfg.n_layers,
+        model.cfg.n_heads,
+        {**settings, "model_config": model.cfg.to_dict(), "recipe": recipe_dict(recipe)},
+        resume=not force,
+    )
     if not writer.resumed:
         state_path.unlink(missing_ok=True)  # a state without its captures cannot be resumed
     recorder = AttentionRecorder(model, splits[split], scaler, writer, mode=capture, every=capture_every)
     try:
-        hist = fit(model, splits["train"], splits["val"], scaler, recipe, seed=seed, callback=recorder,
-                   desc=f"{dataset} {features}", state_path=state_path, state_key=settings,
-                   precision=settings["precision"])
+        hist = fit(
+            model,
+            splits["train"],
+            splits["val"],
+            scaler,
+            recipe,
+            seed=seed,
+            callback=recorder,
+            desc=f"{dataset} {features}",
+            state_path=state_path,
+            state_key=settings,
+            precision=settings["precision"],
+        )
     except KeyboardInterrupt:
-        print(f"\ninterrupted: captures staged in {writer.staging} (incomplete, not used by later steps); "
-              f"the same command goes on from the last saved epoch ({state_path.name})", file=sys.stderr)
+        print(
+            f"\ninterrupted: captures staged in {writer.staging} (incomplete, not used by later steps); "
+            f"the same command goes on from the last saved epoch ({state_path.name})",
+            file=sys.stderr,
+        )
         raise
     except Preempted as err:  # SIGTERM: fit saved its state; crabnet.cli.run prints this and exits 143
         raise Preempted(f"{err}; captures staged in {writer.staging}") from None
-    ckpt, meta = save_trained(data_dir, dataset, features, recipe, model, scaler, hist, splits["test"], seed=seed,
-                              written_by="get_training_attention.py", beside_full=True)
+    ckpt, meta = save_trained(
+        data_dir,
+        dataset,
+        features,
+        recipe,
+        model,
+        scaler,
+        hist,
+        splits["test"],
+        seed=seed,
+        written_by="get_training_attention.py",
+        beside_full=True,
+    )
     state_path.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    writer.finalize({"epochs_run": hist.epochs_run, "stopped_early": hist.stopped_early,
-                     "swa_updates": hist.swa_updates, "final_weights": "swa" if hist.swapped_swa else "last",
-                     "precision_used": hist.precision,
-                     "test_mae": meta["test_mae"], "train_seconds": round(hist.seconds, 2)})
-    return {"store": str(store), "checkpoint": str(ckpt), "n_captures": writer.n_captures,
-            "n_compounds": len(splits[split]), "reorganise_s": time.perf_counter() - t0,
-            "epochs_run": hist.epochs_run, "train_s": hist.seconds,
-            "val_mae": hist.val_mae[-1] if hist.val_mae else float("nan"), "test_mae": meta["test_mae"],
-            "swa": bool(hist.swapped_swa)}
+    writer.finalize(
+        {
+            "epochs_run": hist.epochs_run,
+            "stopped_early": hist.stopped_early,
+            "swa_updates": hist.swa_updates,
+            "final_weights": "swa" if hist.swapped_swa else "last",
+            "precision_used": hist.precision,
+            "test_mae": meta["test_mae"],
+            "train_seconds": round(hist.seconds, 2),
+        }
+    )
+    return {
+        "store": str(store),
+        "checkpoint": str(ckpt),
+        "n_captures": writer.n_captures,
+        "n_compounds": len(splits[split]),
+        "reorganise_s": time.perf_counter() - t0,
+        "epochs_run": hist.epochs_run,
+        "train_s": hist.seconds,
+        "val_mae": hist.val_mae[-1] if hist.val_mae else float("nan"),
+        "test_mae": meta["test_mae"],
+        "swa": bool(hist.swapped_swa),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,8 +491,7 @@ class AttentionStore:
         self.path = Path(path)
         if not (self.path / "zarr.json").is_file():
             hint = " (an interrupted run left only a .partial store)" if partial_path(self.path).exists() else ""
-            raise FileNotFoundError(
-                f"no attention store at {self.path}{hint}; run get_training_attention.py first")
+            raise FileNotFoundError(f"no attention store at {self.path}{hint}; run get_training_attention.py first")
         self.group = zarr.open_group(self.path, mode="r")
         self.attrs = dict(self.group.attrs)
         if not self.attrs.get("complete"):
@@ -437,8 +525,10 @@ class AttentionStore:
             raise KeyError(f"{err}; e.g. {', '.join(self.formulas[:3])}") from None
         if key in self._normalised():
             return self._normalised()[key]
-        raise KeyError(f"{formula!r} is not in {self.path} ({len(self)} compounds); "
-                       f"close matches: {', '.join(self.suggest(formula)) or 'none'}")
+        raise KeyError(
+            f"{formula!r} is not in {self.path} ({len(self)} compounds); "
+            f"close matches: {', '.join(self.suggest(formula)) or 'none'}"
+        )
 
     def _normalised(self) -> dict[str, int]:
         """Normalised formula -> first row holding it (built on first use)."""
@@ -490,8 +580,13 @@ class AttentionStore:
         k = int((self.elements[i] > 0).sum())
         att = self.group["attention"][i]  # (c, L, H, E, E): one chunk
         return CompoundHistory(
-            index=i, formula=self.formulas[i], elements=self.elements[i, :k], fractions=self.fractions[i, :k],
-            target=float(self.targets[i]), step=self.steps, prediction=self.group["prediction"][i],
+            index=i,
+            formula=self.formulas[i],
+            elements=self.elements[i, :k],
+            fractions=self.fractions[i, :k],
+            target=float(self.targets[i]),
+            step=self.steps,
+            prediction=self.group["prediction"][i],
             attention=att[..., :k, :k],
             attribution=self.group["attribution"][i][:, :k] if self.has_attribution else None,
         )

@@ -6,13 +6,12 @@ import argparse
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from crabnet.engine import JobsFailed
 from crabnet.signals import EXIT_CODE, Preempted, install_stop_handler, uninstall_stop_handler
 from crabnet.utils import UsageError
-
 
 # the dataset every step's --quick uses, so that the demo steps chain (make demo)
 DEMO_DATASET = "aflow__ael_bulk_modulus_vrh"
@@ -24,8 +23,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("default" in text.lower() or any(action.default is v for v in (None, False, argparse.SUPPRESS))
-                or action.nargs == 0):
+        if (
+            "default" in text.lower()
+            or any(action.default is v for v in (None, False, argparse.SUPPRESS))
+            or action.nargs == 0
+        ):
             return text
         return super()._get_help_string(action)
 
@@ -39,24 +41,37 @@ def add_html_js(parser: argparse.ArgumentParser) -> None:
     """Add --html-js: plotly.js inside every HTML file, or one shared copy per folder."""
     from crabnet.plotting import HTML_JS
 
-    parser.add_argument("--html-js", default="inline", choices=HTML_JS,
-                        help="inline: each HTML file embeds plotly.js (~4.8 MB, stands alone); shared: one "
-                             "plotly.min.js per folder beside small HTML files (keep the folder together); "
-                             "both work offline (default: inline)")
+    parser.add_argument(
+        "--html-js",
+        default="inline",
+        choices=HTML_JS,
+        help="inline: each HTML file embeds plotly.js (~4.8 MB, stands alone); shared: one "
+        "plotly.min.js per folder beside small HTML files (keep the folder together); "
+        "both work offline (default: inline)",
+    )
 
 
-def add_common(parser: argparse.ArgumentParser, *, dataset: str | None = "aflow__Egap",
-               quick_help: str = "small settings for a CPU demo", device: bool = True, seed: bool = True,
-               force: bool = True) -> None:
+def add_common(
+    parser: argparse.ArgumentParser,
+    *,
+    dataset: str | None = "aflow__Egap",
+    quick_help: str = "small settings for a CPU demo",
+    device: bool = True,
+    seed: bool = True,
+    force: bool = True,
+) -> None:
     """Add --data-dir, --dataset, --quick and, where the script uses them, --device, --seed and --force."""
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="root of inputs and outputs")
     if dataset is not None:
-        parser.add_argument("--dataset", default=None,
-                            help=f"dataset folder under <data-dir>/benchmark_data/ (default {dataset}; "
-                                 "with --quick the demo dataset)")
+        parser.add_argument(
+            "--dataset",
+            default=None,
+            help=f"dataset folder under <data-dir>/benchmark_data/ (default {dataset}; with --quick the demo dataset)",
+        )
     if device:
-        parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                            help="auto = CUDA when available, else CPU")
+        parser.add_argument(
+            "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = CUDA when available, else CPU"
+        )
     if seed:
         parser.add_argument("--seed", type=int, default=0, help="random seed (runs on CPU are deterministic)")
     parser.add_argument("--quick", action="store_true", help=quick_help)
@@ -66,13 +81,21 @@ def add_common(parser: argparse.ArgumentParser, *, dataset: str | None = "aflow_
 
 def add_training(parser: argparse.ArgumentParser, *, recipe: str = "immi") -> None:
     """Add --recipe and --precision (scripts that train a model)."""
-    parser.add_argument("--recipe", default=recipe, choices=["immi", "npj"],
-                        help="training recipe (SPEC §4): immi = the explainability paper's code (learning rate "
-                             "cycles every 2 epochs), npj = the CrabNet paper's (every 20 epochs; gave the "
-                             f"published MAEs) (default: {recipe})")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                        help="matmul precision of training: auto = bf16 autocast on CUDA and on CPUs with "
-                             "AVX-512 bf16/AMX, else fp32; weights, optimiser and loss stay fp32 (default: auto)")
+    parser.add_argument(
+        "--recipe",
+        default=recipe,
+        choices=["immi", "npj"],
+        help="training recipe (SPEC §4): immi = the explainability paper's code (learning rate "
+        "cycles every 2 epochs), npj = the CrabNet paper's (every 20 epochs; gave the "
+        f"published MAEs) (default: {recipe})",
+    )
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="matmul precision of training: auto = bf16 autocast on CUDA and on CPUs with "
+        "AVX-512 bf16/AMX, else fp32; weights, optimiser and loss stay fp32 (default: auto)",
+    )
 
 
 def check_writable(data_dir: Path | str) -> Path:

@@ -328,7 +328,11 @@ def matrix_spearman(a: Correlation | np.ndarray, b: Correlation | np.ndarray) ->
 
 
 def summarise(
-    corrs: list[Correlation], references: dict[str, Correlation], *, n_perm: int = 9999, seed: int = 0,
+    corrs: list[Correlation],
+    references: dict[str, Correlation],
+    *,
+    n_perm: int = 9999,
+    seed: int = 0,
     extra: dict[str, dict[str, object]] | None = None,
 ) -> pd.DataFrame:
     """One row per representation: group separation, p-value, Spearman vs the references.
@@ -386,8 +390,13 @@ def plot_correlation_png(matrix: np.ndarray, title: str = "", *, z_max: int = N_
     n = m.shape[0]
     fig, ax = plt.subplots(figsize=(7.6, 6.6), constrained_layout=True)
     cm = plt.get_cmap(cmap).with_extremes(bad="white")
-    im = ax.imshow(np.ma.masked_invalid(m), cmap=cm, norm=TwoSlopeNorm(vcenter=0.0, vmin=-1.0, vmax=1.0),
-                   interpolation="nearest", origin="upper")
+    im = ax.imshow(
+        np.ma.masked_invalid(m),
+        cmap=cm,
+        norm=TwoSlopeNorm(vcenter=0.0, vmin=-1.0, vmax=1.0),
+        interpolation="nearest",
+        origin="upper",
+    )
     pos, labels = _ticks(n)
     ax.set_xticks(pos, labels, rotation=90, fontsize=7)
     ax.set_yticks(pos, labels, fontsize=7)
@@ -423,24 +432,51 @@ def plot_correlation_html(matrix: np.ndarray, title: str = "", *, z_maxes: tuple
         cols = np.broadcast_to(sym[None, :], (n, n))
         custom = np.stack([rows, cols], axis=-1)
         z = np.where(np.isfinite(m), m, None)
-        fig.add_trace(go.Heatmap(
-            z=z, x=list(range(1, n + 1)), y=list(range(1, n + 1)), customdata=custom,
-            zmin=-1, zmax=1, zmid=0, colorscale="RdBu", reversescale=True, hoverongaps=False,
-            colorbar={"title": {"text": "Pearson r"}, "tickvals": [-1, -0.5, 0, 0.5, 1]},
-            hovertemplate="%{customdata[0]} – %{customdata[1]}<br>r = %{z:.3f}<extra></extra>",
-            visible=k == 0, name=f"Z ≤ {z_max}",
-        ))
+        fig.add_trace(
+            go.Heatmap(
+                z=z,
+                x=list(range(1, n + 1)),
+                y=list(range(1, n + 1)),
+                customdata=custom,
+                zmin=-1,
+                zmax=1,
+                zmid=0,
+                colorscale="RdBu",
+                reversescale=True,
+                hoverongaps=False,
+                colorbar={"title": {"text": "Pearson r"}, "tickvals": [-1, -0.5, 0, 0.5, 1]},
+                hovertemplate="%{customdata[0]} – %{customdata[1]}<br>r = %{z:.3f}<extra></extra>",
+                visible=k == 0,
+                name=f"Z ≤ {z_max}",
+            )
+        )
     tick_z = [1] + list(range(5, N_ELEMENTS + 1, 5))
-    axis = dict(tickmode="array", tickvals=tick_z, ticktext=[f"{z} {SYMBOLS[z - 1]}" for z in tick_z],
-                showgrid=False, zeroline=False, title="element (atomic number Z)")
-    buttons = [dict(label="all elements" if zm >= N_ELEMENTS else f"Z ≤ {zm}", method="update",
-                    args=[{"visible": [i == k for i in range(len(z_maxes))]}])
-               for k, zm in enumerate(z_maxes)]
+    axis = dict(
+        tickmode="array",
+        tickvals=tick_z,
+        ticktext=[f"{z} {SYMBOLS[z - 1]}" for z in tick_z],
+        showgrid=False,
+        zeroline=False,
+        title="element (atomic number Z)",
+    )
+    buttons = [
+        dict(
+            label="all elements" if zm >= N_ELEMENTS else f"Z ≤ {zm}",
+            method="update",
+            args=[{"visible": [i == k for i in range(len(z_maxes))]}],
+        )
+        for k, zm in enumerate(z_maxes)
+    ]
     fig.update_layout(
-        title=title, width=820, height=760, plot_bgcolor="white",
-        xaxis={**axis, "constrain": "domain"}, yaxis={**axis, "autorange": "reversed", "scaleanchor": "x"},
+        title=title,
+        width=820,
+        height=760,
+        plot_bgcolor="white",
+        xaxis={**axis, "constrain": "domain"},
+        yaxis={**axis, "autorange": "reversed", "scaleanchor": "x"},
         updatemenus=[dict(type="buttons", direction="right", buttons=buttons, x=0.0, y=1.08, xanchor="left")]
-        if len(z_maxes) > 1 else [],
+        if len(z_maxes) > 1
+        else [],
     )
     return fig
 
@@ -468,8 +504,10 @@ def collect_sources(data_dir: Path, sources: list[str] | None) -> dict[str, tupl
         elif s.endswith(".csv") and Path(s).is_file():
             out[representation_name(s)] = ("learned", Path(s))
         else:
-            raise UsageError(f"--source {s!r}: not a static table, learned embedding or CSV file. Available: "
-                             f"{', '.join(list(every)[:12])}{' …' if len(every) > 12 else ''}")
+            raise UsageError(
+                f"--source {s!r}: not a static table, learned embedding or CSV file. Available: "
+                f"{', '.join(list(every)[:12])}{' …' if len(every) > 12 else ''}"
+            )
     return out
 
 
@@ -485,8 +523,11 @@ def control_frames(seed: int, device, features: str = "onehot") -> dict[str, pd.
     seed_everything(seed)
     model = build_model(features).to(device)
     frames = embedding_frames(model)
-    return {f"untrained_{features}__layer{layer}__{kind}": frames[(layer, kind)]
-            for layer in range(model.cfg.n_layers) for kind in "QKV"}
+    return {
+        f"untrained_{features}__layer{layer}__{kind}": frames[(layer, kind)]
+        for layer in range(model.cfg.n_layers)
+        for kind in "QKV"
+    }
 
 
 def up_to_date(outputs: list[Path], origin) -> bool:
@@ -498,17 +539,28 @@ def up_to_date(outputs: list[Path], origin) -> bool:
     return origin is not None  # static tables do not change; the control is always redrawn
 
 
-def plot_representation(corr: Correlation, origin, out_dir: Path, *, z_max: int = 92, html: bool = True,
-                        html_js: str = "inline", force: bool = False) -> bool:
+def plot_representation(
+    corr: Correlation,
+    origin,
+    out_dir: Path,
+    *,
+    z_max: int = 92,
+    html: bool = True,
+    html_js: str = "inline",
+    force: bool = False,
+) -> bool:
     """Write ``<name>.png``, ``<name>__z<z_max>.png`` and ``<name>.html`` unless up to date; True if written."""
     from crabnet.plotting import save_html, save_png
 
     name = corr.name
-    outputs = [out_dir / f"{name}.png", out_dir / f"{name}__z{z_max}.png"] + ([out_dir / f"{name}.html"] if html else [])
+    outputs = [out_dir / f"{name}.png", out_dir / f"{name}__z{z_max}.png"] + (
+        [out_dir / f"{name}.html"] if html else []
+    )
     if not force and up_to_date(outputs, origin):
         return False
-    title = (f"{name}\nPearson r between elements over {corr.n_features} z-scored features"
-             + (f" ({corr.n_dropped} constant dropped)" if corr.n_dropped else ""))
+    title = f"{name}\nPearson r between elements over {corr.n_features} z-scored features" + (
+        f" ({corr.n_dropped} constant dropped)" if corr.n_dropped else ""
+    )
     save_png(plot_correlation_png(corr.matrix, title), outputs[0])
     save_png(plot_correlation_png(corr.matrix, title, z_max=z_max), outputs[1])
     if html:
@@ -519,8 +571,10 @@ def plot_representation(corr: Correlation, origin, out_dir: Path, *, z_max: int 
 def print_summary(summary: pd.DataFrame, n_perm: int) -> None:
     """Print the main columns, then the means over each model's 3 layers x Q/K/V."""
     cols = ["representation", "separation", "p_value", "spearman_oliynyk", "spearman_magpie"]
-    fmt = {"float_format": lambda v: f"{v:.3f}", "formatters": {"p_value": lambda v: f"{v:.4f}",
-                                                                "max_p": lambda v: f"{v:.4f}"}}
+    fmt = {
+        "float_format": lambda v: f"{v:.3f}",
+        "formatters": {"p_value": lambda v: f"{v:.4f}", "max_p": lambda v: f"{v:.4f}"},
+    }
     with pd.option_context("display.width", 160, "display.max_rows", 500, "display.max_colwidth", 60):
         print(summary[cols].to_string(index=False, **fmt))
         learned = summary[summary["kind"] != "static"]
@@ -529,16 +583,39 @@ def print_summary(summary: pd.DataFrame, n_perm: int) -> None:
             means = by[["separation", "spearman_oliynyk", "spearman_magpie"]].mean()
             means.insert(0, "n", by.size())
             means["max_p"] = by["p_value"].max()
-            print(f"\nmean over each model's layers x Q/K/V (p-values from {n_perm} permutations; "
-                  "static tables above for scale):")
+            print(
+                f"\nmean over each model's layers x Q/K/V (p-values from {n_perm} permutations; "
+                "static tables above for scale):"
+            )
             print(means.to_string(**fmt))
 
 
 __all__ = [
-    "STATIC_TABLES", "REFERENCE_TABLES", "GROUPS", "Correlation", "static_representation",
-    "read_representation_csv", "representation_name", "representation_sort_key", "model_of",
-    "find_embedding_csvs", "zscore_columns", "row_pearson",
-    "reindex_by_z", "element_correlation", "lower_triangle", "restrict_z", "group_labels", "group_separation",
-    "matrix_spearman", "summarise", "plot_correlation_png", "plot_correlation_html", "collect_sources",
-    "control_frames", "up_to_date", "plot_representation", "print_summary",
+    "STATIC_TABLES",
+    "REFERENCE_TABLES",
+    "GROUPS",
+    "Correlation",
+    "static_representation",
+    "read_representation_csv",
+    "representation_name",
+    "representation_sort_key",
+    "model_of",
+    "find_embedding_csvs",
+    "zscore_columns",
+    "row_pearson",
+    "reindex_by_z",
+    "element_correlation",
+    "lower_triangle",
+    "restrict_z",
+    "group_labels",
+    "group_separation",
+    "matrix_spearman",
+    "summarise",
+    "plot_correlation_png",
+    "plot_correlation_html",
+    "collect_sources",
+    "control_frames",
+    "up_to_date",
+    "plot_representation",
+    "print_summary",
 ]

@@ -51,8 +51,14 @@ def _probe_data(n: int, seed: int):
         elements[i, :k] = rng.choice(np.arange(1, 84), size=k, replace=False)
         x = np.sort(rng.random(k))[::-1]
         fractions[i, :k] = x / x.sum()
-    return CompositionData(np.array([f"probe{i}" for i in range(n)], dtype=object), elements, fractions,
-                           rng.normal(size=n).astype(np.float32), np.arange(1, n + 1), "probe")
+    return CompositionData(
+        np.array([f"probe{i}" for i in range(n)], dtype=object),
+        elements,
+        fractions,
+        rng.normal(size=n).astype(np.float32),
+        np.arange(1, n + 1),
+        "probe",
+    )
 
 
 def measure_rates(device: str = "cpu", precision: str = "auto") -> Rates:
@@ -81,8 +87,13 @@ def measure_rates(device: str = "cpu", precision: str = "auto") -> Rates:
             validate(model)
         eval_s = (time.perf_counter() - t0) / 3
     train_s = max(seconds[1] - seconds[0], 1e-9) / 2
-    return Rates(train_row_s=train_s / PROBE_ROWS, eval_row_s=eval_s / PROBE_VAL, device=str(dev), precision=prec,
-                 threads=1 if dev.type == "cpu" else 0)
+    return Rates(
+        train_row_s=train_s / PROBE_ROWS,
+        eval_row_s=eval_s / PROBE_VAL,
+        device=str(dev),
+        precision=prec,
+        threads=1 if dev.type == "cpu" else 0,
+    )
 
 
 def cached_rates(data_dir: Path, device: str = "cpu", precision: str = "auto") -> Rates:
@@ -107,8 +118,10 @@ def cached_rates(data_dir: Path, device: str = "cpu", precision: str = "auto") -
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     rates = measure_rates(device, precision)
     if load > available_cpus() - 0.5 and device == "cpu":  # other work shared the cores: rates too slow
-        print(f"note: the machine was busy (load average {load:.1f} on {available_cpus()} cores); the estimates "
-              "may be high and the rates are not kept")
+        print(
+            f"note: the machine was busy (load average {load:.1f} on {available_cpus()} cores); the estimates "
+            "may be high and the rates are not kept"
+        )
         return rates
     table[key] = asdict(rates)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,8 +153,11 @@ def training_cost_s(n_train: int, n_val: int, recipe, rates: Rates, epochs: int 
     batches = math.ceil(n_train / bs)
     first = recipe.epochs_step * recipe.swa_start - 1
     swa_epochs = sum(1 for e in range(epochs) if recipe.swa and (e + 1) % (2 * recipe.epochs_step) == 0 and e >= first)
-    return (epochs * n_train * rates.train_row_s + epochs * n_val * rates.eval_row_s
-            + swa_epochs * batches * n_val * rates.eval_row_s)
+    return (
+        epochs * n_train * rates.train_row_s
+        + epochs * n_val * rates.eval_row_s
+        + swa_epochs * batches * n_val * rates.eval_row_s
+    )
 
 
 def dataset_training_cost_s(data_dir: Path, dataset: str, recipe, rates: Rates, epochs: int | None = None) -> float:

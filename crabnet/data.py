@@ -100,8 +100,21 @@ def fetch_datasets(data_dir: Path) -> list[str]:
     """Download the ``crabnet==2.0.8`` wheel with pip and extract the datasets into ``data_dir``."""
     print(f"Fetching the published datasets ({WHEEL_SPEC} wheel from PyPI) into {data_dir}/ …", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--python-version", "3.10", "--disable-pip-version-check", "-q", "-d", tmp, WHEEL_SPEC]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.10",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            tmp,
+            WHEEL_SPEC,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheel = Path(tmp) / WHEEL_NAME
         if proc.returncode != 0 or not wheel.exists():
@@ -295,11 +308,17 @@ class CompositionData:
     def __len__(self) -> int:
         return len(self.formula)
 
-    def subset(self, index: np.ndarray) -> "CompositionData":
+    def subset(self, index: np.ndarray) -> CompositionData:
         """The rows at ``index`` (a boolean mask or integer positions), keeping ``source``,
         ``n_csv_rows`` and the merge counts (they describe the file the rows came from)."""
-        return replace(self, formula=self.formula[index], elements=self.elements[index],
-                       fractions=self.fractions[index], target=self.target[index], rows=self.rows[index])
+        return replace(
+            self,
+            formula=self.formula[index],
+            elements=self.elements[index],
+            fractions=self.fractions[index],
+            target=self.target[index],
+            rows=self.rows[index],
+        )
 
     @property
     def width(self) -> int:
@@ -311,7 +330,7 @@ class CompositionData:
         """(n,) number of real elements of each compound."""
         return (self.elements > 0).sum(axis=1)
 
-    def padded(self, width: int) -> "CompositionData":
+    def padded(self, width: int) -> CompositionData:
         """The same data with the element axis padded (never truncated) to ``width``."""
         if width < self.width:
             need = int(self.n_real.max()) if len(self) else 0
@@ -319,8 +338,11 @@ class CompositionData:
                 raise DataError(f"{self.source}: compounds with {need} elements do not fit width {width}")
             return replace(self, elements=self.elements[:, :width], fractions=self.fractions[:, :width])
         pad = width - self.width
-        return replace(self, elements=np.pad(self.elements, ((0, 0), (0, pad))),
-                       fractions=np.pad(self.fractions, ((0, 0), (0, pad))))
+        return replace(
+            self,
+            elements=np.pad(self.elements, ((0, 0), (0, pad))),
+            fractions=np.pad(self.fractions, ((0, 0), (0, pad))),
+        )
 
 
 def compositions_from_formulas(
@@ -376,8 +398,7 @@ def merge_same_inputs(data: CompositionData, target: np.ndarray | None = None) -
         The split with one row per model input.
     """
     y = np.asarray(data.target if target is None else target, dtype=np.float64)
-    _, first, inverse, counts = np.unique(input_keys(data), return_index=True, return_inverse=True,
-                                          return_counts=True)
+    _, first, inverse, counts = np.unique(input_keys(data), return_index=True, return_inverse=True, return_counts=True)
     if len(first) == len(data):
         return data
     by_first = np.argsort(first)  # groups in order of first occurrence
@@ -386,8 +407,12 @@ def merge_same_inputs(data: CompositionData, target: np.ndarray | None = None) -
     group = rank[inverse.reshape(-1)]
     mean = np.bincount(group, weights=y, minlength=len(first)) / counts[by_first]
     dup = counts > 1
-    return replace(data.subset(first[by_first]), target=mean.astype(np.float32),
-                   n_merged=int(counts[dup].sum()), n_merged_into=int(dup.sum()))
+    return replace(
+        data.subset(first[by_first]),
+        target=mean.astype(np.float32),
+        n_merged=int(counts[dup].sum()),
+        n_merged_into=int(dup.sum()),
+    )
 
 
 def shared_inputs(a: CompositionData, b: CompositionData) -> list[tuple[str, str]]:
@@ -430,7 +455,11 @@ def read_text_table(path: Path | str, columns: tuple[str, ...]) -> pd.DataFrame:
 
 
 def read_split(
-    path: Path | str, *, drop_unary: bool = True, skip_invalid: bool = False, merge_duplicates: bool = True,
+    path: Path | str,
+    *,
+    drop_unary: bool = True,
+    skip_invalid: bool = False,
+    merge_duplicates: bool = True,
     verbose: bool = True,
 ) -> CompositionData:
     """Read and validate one ``formula,target`` CSV.
@@ -498,14 +527,23 @@ def read_split(
     if merge_duplicates:
         data = merge_same_inputs(data, target)
         if verbose and data.n_merged:
-            print(f"{path.parent.name} {path.stem}: {data.n_merged} duplicate rows merged into "
-                  f"{data.n_merged_into} compositions (mean target)")
+            print(
+                f"{path.parent.name} {path.stem}: {data.n_merged} duplicate rows merged into "
+                f"{data.n_merged_into} compositions (mean target)"
+            )
     return data
 
 
 def load_dataset(
-    data_dir: Path | str, dataset: str, splits: tuple[str, ...] = SPLITS, *, fold: int | None = None,
-    drop_unary: bool = True, skip_invalid: bool = False, merge_duplicates: bool = True, fetch: bool = True,
+    data_dir: Path | str,
+    dataset: str,
+    splits: tuple[str, ...] = SPLITS,
+    *,
+    fold: int | None = None,
+    drop_unary: bool = True,
+    skip_invalid: bool = False,
+    merge_duplicates: bool = True,
+    fetch: bool = True,
     verbose: bool = True,
 ) -> dict[str, CompositionData]:
     """Load splits of a dataset, all padded to one common element width.
@@ -529,16 +567,23 @@ def load_dataset(
         dataset_dir(data_dir, "aflow__Egap", fetch=fetch)  # triggers the fetch if nothing is there
         folder = Layout(data_dir).matbench(dataset)
         files = {s: folder / f"{s}{fold}.csv" for s in splits}
-    out = {s: read_split(p, drop_unary=drop_unary, skip_invalid=skip_invalid, merge_duplicates=merge_duplicates,
-                         verbose=verbose) for s, p in files.items()}
+    out = {
+        s: read_split(
+            p, drop_unary=drop_unary, skip_invalid=skip_invalid, merge_duplicates=merge_duplicates, verbose=verbose
+        )
+        for s, p in files.items()
+    }
     width = max(d.width for d in out.values())
     out = {s: d.padded(width) for s, d in out.items()}
     if verbose and "train" in out and "test" in out:
         shared = shared_inputs(out["train"], out["test"])
         if shared:
             first = ", ".join(t if t == r else f"{t} (train: {r})" for t, r in shared[:5])
-            print(f"warning: {dataset}: {len(shared)} test compound(s) have the same composition as a train "
-                  f"compound; first ones: {first}", file=sys.stderr)
+            print(
+                f"warning: {dataset}: {len(shared)} test compound(s) have the same composition as a train "
+                f"compound; first ones: {first}",
+                file=sys.stderr,
+            )
     return out
 
 
@@ -554,9 +599,22 @@ def batch_size_for(n_train: int, max_size: int = 4096) -> int:
 
 
 __all__ = [
-    "SYMBOLS", "DataError", "CompositionData", "parse_formula", "normalise_formula", "composition_row",
-    "compositions_from_formulas", "input_keys", "merge_same_inputs", "shared_inputs", "read_split", "load_dataset",
-    "dataset_dir", "fetch_datasets", "extract_datasets", "batch_size_for",
+    "SYMBOLS",
+    "DataError",
+    "CompositionData",
+    "parse_formula",
+    "normalise_formula",
+    "composition_row",
+    "compositions_from_formulas",
+    "input_keys",
+    "merge_same_inputs",
+    "shared_inputs",
+    "read_split",
+    "load_dataset",
+    "dataset_dir",
+    "fetch_datasets",
+    "extract_datasets",
+    "batch_size_for",
 ]
 
 

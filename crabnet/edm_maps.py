@@ -32,9 +32,9 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -45,16 +45,43 @@ from crabnet.engine import Engine, Job, run_jobs
 from crabnet.layout import Layout
 from crabnet.model import CrabNet
 from crabnet.oxidation import load_oxidation, oxidation_path, oxidation_states
-from crabnet.projection import (GLOBAL_METRIC, UmapParams, global_metrics, global_min_dist, local_metrics,
-                                local_params, project, validate_umap)
+from crabnet.projection import (
+    GLOBAL_METRIC,
+    UmapParams,
+    global_metrics,
+    global_min_dist,
+    local_metrics,
+    local_params,
+    project,
+    validate_umap,
+)
 from crabnet.represent import RepresentationStore, collect, open_store
 from crabnet.train import Recipe, Scaler, ensure_model
 from crabnet.umap_plots import Colouring, hover_text, make_colouring, pauling_en_mad, plot_html, plot_png
 from crabnet.utils import UsageError, atomic_path, seed_everything
 
 # The atoms of the paper's local-EDM figures (SPEC §6 step 6).
-PAPER_ATOMS = ("Al", "Fe", "O", "C", "B", "N", "Ti", "Cu", "Li", "W", "Na", "Si", "Ag", "Te", "As", "Cr", "Pt",
-               "Tl", "Sb")
+PAPER_ATOMS = (
+    "Al",
+    "Fe",
+    "O",
+    "C",
+    "B",
+    "N",
+    "Ti",
+    "Cu",
+    "Li",
+    "W",
+    "Na",
+    "Si",
+    "Ag",
+    "Te",
+    "As",
+    "Cr",
+    "Pt",
+    "Tl",
+    "Sb",
+)
 LOCAL_KEYS = ["features", "split", "atom", "layer"]
 GLOBAL_KEYS = ["features", "split", "layer"]
 EN_LABEL = "fraction-weighted mean absolute\ndeviation of Pauling electronegativity"
@@ -82,30 +109,59 @@ def add_map_flags(parser, *, default_dataset: str, quick_dataset: str) -> None:
     from crabnet.cli import add_html_js, add_training
     from crabnet.layout import SPLITS
 
-    parser.add_argument("--dataset", action="append", default=None,
-                        help=f"dataset folder under <data-dir>/benchmark_data/, repeatable (default {default_dataset}; "
-                             f"--quick {quick_dataset})")
-    parser.add_argument("--features", default="mat2vec", choices=["mat2vec", "onehot"],
-                        help="element features of the model: mat2vec = CrabNet, onehot = HotCrab")
+    parser.add_argument(
+        "--dataset",
+        action="append",
+        default=None,
+        help=f"dataset folder under <data-dir>/benchmark_data/, repeatable (default {default_dataset}; "
+        f"--quick {quick_dataset})",
+    )
+    parser.add_argument(
+        "--features",
+        default="mat2vec",
+        choices=["mat2vec", "onehot"],
+        help="element features of the model: mat2vec = CrabNet, onehot = HotCrab",
+    )
     parser.add_argument("--split", default="test", choices=list(SPLITS), help="split whose compounds are projected")
-    parser.add_argument("--umap-parallel", action="store_true",
-                        help="run UMAP on all cores without a seed (faster, not reproducible)")
+    parser.add_argument(
+        "--umap-parallel", action="store_true", help="run UMAP on all cores without a seed (faster, not reproducible)"
+    )
     parser.add_argument("--batch-size", type=int, default=512, help="compounds per inference batch")
     add_html_js(parser)
     add_training(parser)
 
 
-def map_settings(data_dir: Path, features: str, split: str, recipe: str, quick_epochs: int | None, device: str,
-                 seed: int, force: bool, batch_size: int, umap_parallel: bool, html_js: str,
-                 precision: str) -> MapSettings:
+def map_settings(
+    data_dir: Path,
+    features: str,
+    split: str,
+    recipe: str,
+    quick_epochs: int | None,
+    device: str,
+    seed: int,
+    force: bool,
+    batch_size: int,
+    umap_parallel: bool,
+    html_js: str,
+    precision: str,
+) -> MapSettings:
     """Settings from the shared flags; ``quick_epochs``: the short recipe of ``--quick``."""
     from crabnet.train import make_recipe
     from crabnet.utils import resolve_device
 
-    return MapSettings(data_dir, features, split, make_recipe(recipe, **({"epochs": quick_epochs} if quick_epochs
-                                                                          else {})),
-                       str(resolve_device(device)), seed, force, batch_size, None if umap_parallel else seed, html_js,
-                       precision)
+    return MapSettings(
+        data_dir,
+        features,
+        split,
+        make_recipe(recipe, **({"epochs": quick_epochs} if quick_epochs else {})),
+        str(resolve_device(device)),
+        seed,
+        force,
+        batch_size,
+        None if umap_parallel else seed,
+        html_js,
+        precision,
+    )
 
 
 @dataclass
@@ -124,10 +180,25 @@ def prepare(s: MapSettings, dataset: str, written_by: str) -> Prepared:
     t0 = time.perf_counter()
     layout = Layout(s.data_dir)
     data = load_dataset(s.data_dir, dataset, splits=(s.split,))[s.split]
-    model, scaler, _ = ensure_model(s.data_dir, dataset, s.features, s.recipe, device=s.device, seed=s.seed,
-                                    precision=s.precision, written_by=written_by)
-    store = open_store(s.data_dir, dataset, s.features, s.split, layout.checkpoint(dataset, s.features, s.recipe.name),
-                       layout.split_csv(dataset, s.split), force=s.force)
+    model, scaler, _ = ensure_model(
+        s.data_dir,
+        dataset,
+        s.features,
+        s.recipe,
+        device=s.device,
+        seed=s.seed,
+        precision=s.precision,
+        written_by=written_by,
+    )
+    store = open_store(
+        s.data_dir,
+        dataset,
+        s.features,
+        s.split,
+        layout.checkpoint(dataset, s.features, s.recipe.name),
+        layout.split_csv(dataset, s.split),
+        force=s.force,
+    )
     return Prepared(data, model, scaler, store, t0)
 
 
@@ -140,8 +211,15 @@ def check_layers(layers: list[int] | None, n: int, what: str) -> list[int]:
     return layers
 
 
-def draw(coords: dict[int, np.ndarray], colourings: list[Colouring], hover: list[str], stem: Path, title: str,
-         s: MapSettings, row_label: Callable[[int], str] | None = None) -> None:
+def draw(
+    coords: dict[int, np.ndarray],
+    colourings: list[Colouring],
+    hover: list[str],
+    stem: Path,
+    title: str,
+    s: MapSettings,
+    row_label: Callable[[int], str] | None = None,
+) -> None:
     """The grid of layers × colourings as ``<stem>.png`` and an offline ``<stem>.html``."""
     extra = {} if row_label is None else {"row_label": row_label}
     plot_png(coords, colourings, stem.with_suffix(".png"), title=title, seed=s.seed, **extra)
@@ -184,8 +262,9 @@ def dataset_errors(dataset: str) -> Iterator[None]:
         raise UsageError(f"{dataset}: {err}") from None
 
 
-def merge_summaries(s: MapSettings, kind: str, datasets: list[str], jobs: list[Job], rows: list, keys: list[str],
-                    t0: float) -> pd.DataFrame:
+def merge_summaries(
+    s: MapSettings, kind: str, datasets: list[str], jobs: list[Job], rows: list, keys: list[str], t0: float
+) -> pd.DataFrame:
     """Merge the rows the map jobs returned into each dataset's ``summary.csv``; all rows, tagged with ``dataset``.
 
     Args:
@@ -199,12 +278,17 @@ def merge_summaries(s: MapSettings, kind: str, datasets: list[str], jobs: list[J
     """
     tables = []
     for ds in datasets:
-        mine = [r for job, res in zip(jobs, rows) if job.kwargs["dataset"] == ds
-                for r in (res if isinstance(res, list) else [res])]
+        mine = [
+            r
+            for job, res in zip(jobs, rows)
+            if job.kwargs["dataset"] == ds
+            for r in (res if isinstance(res, list) else [res])
+        ]
         out_dir = Layout(s.data_dir).umap(kind, ds)
         update_summary(out_dir / "summary.csv", mine, keys)
-        print(f"{ds}: coordinates -> {out_dir}/, summary -> {out_dir / 'summary.csv'} "
-              f"({time.perf_counter() - t0:.1f} s)")
+        print(
+            f"{ds}: coordinates -> {out_dir}/, summary -> {out_dir / 'summary.csv'} ({time.perf_counter() - t0:.1f} s)"
+        )
         tables.append(pd.DataFrame(mine).assign(dataset=ds))
     return pd.concat(tables, ignore_index=True)
 
@@ -220,8 +304,9 @@ def _projected(x: np.ndarray, params: UmapParams, store: RepresentationStore, na
 # step 6
 
 
-def check_local_args(atoms: list[str], n_neighbors: int, min_dist: float, min_dist_layer0: float, seed: int,
-                     batch_size: int) -> None:
+def check_local_args(
+    atoms: list[str], n_neighbors: int, min_dist: float, min_dist_layer0: float, seed: int, batch_size: int
+) -> None:
     """Reject bad flags of step 6 before any work, with one message each."""
     unknown = [a for a in atoms if a not in ATOMIC_NUMBER]
     if unknown:
@@ -234,12 +319,23 @@ def check_local_args(atoms: list[str], n_neighbors: int, min_dist: float, min_di
 
 def _prepare(s: MapSettings, datasets: list[str], fn, engine: Engine | None, **kwargs) -> list[dict] | None:
     """The first job of every dataset (``fn``: model, trained if missing, and vectors); None with ``--plan``."""
-    return run_jobs([Job(ds, fn, dict(s=s, dataset=ds, **kwargs), gpu=s.device.startswith("cuda")) for ds in datasets],
-                    engine, what="datasets")
+    return run_jobs(
+        [Job(ds, fn, dict(s=s, dataset=ds, **kwargs), gpu=s.device.startswith("cuda")) for ds in datasets],
+        engine,
+        what="datasets",
+    )
 
 
-def local_maps(s: MapSettings, datasets: list[str], layers: list[int] | None, atoms: list[str], n_neighbors: int,
-               min_dist: float, min_dist_layer0: float, engine: Engine | None = None) -> pd.DataFrame | None:
+def local_maps(
+    s: MapSettings,
+    datasets: list[str],
+    layers: list[int] | None,
+    atoms: list[str],
+    n_neighbors: int,
+    min_dist: float,
+    min_dist_layer0: float,
+    engine: Engine | None = None,
+) -> pd.DataFrame | None:
     """Step 6: per-atom value-vector maps of each dataset, as jobs; returns the summary rows of all datasets.
 
     Jobs: one per dataset (:func:`local_prepare_job`: model, trained if missing, and vectors), then one per
@@ -251,16 +347,31 @@ def local_maps(s: MapSettings, datasets: list[str], layers: list[int] | None, at
     prepared = _prepare(s, datasets, local_prepare_job, engine, layers=layers, atoms=atoms, n_neighbors=n_neighbors)
     if prepared is None:  # --plan
         return None
-    jobs = [Job(f"{p['dataset']} {atom}", local_atom_job,
-                dict(s=s, dataset=p["dataset"], store=p["store"], atom=atom, layers=p["layers"],
-                     n_neighbors=n_neighbors, min_dist=min_dist, min_dist_layer0=min_dist_layer0))
-            for p in prepared for atom in p["atoms"]]
+    jobs = [
+        Job(
+            f"{p['dataset']} {atom}",
+            local_atom_job,
+            dict(
+                s=s,
+                dataset=p["dataset"],
+                store=p["store"],
+                atom=atom,
+                layers=p["layers"],
+                n_neighbors=n_neighbors,
+                min_dist=min_dist,
+                min_dist_layer0=min_dist_layer0,
+            ),
+        )
+        for p in prepared
+        for atom in p["atoms"]
+    ]
     rows = run_jobs(jobs, engine, what="atom maps")
     return merge_summaries(s, "local", datasets, jobs, rows, LOCAL_KEYS, t0)
 
 
-def local_prepare_job(s: MapSettings, dataset: str, layers: list[int] | None, atoms: list[str],
-                      n_neighbors: int) -> dict:
+def local_prepare_job(
+    s: MapSettings, dataset: str, layers: list[int] | None, atoms: list[str], n_neighbors: int
+) -> dict:
     """Step 6, the first job of a dataset: its model (trained here if missing) and the value vectors of its atoms.
 
     Atoms in fewer than ``2 * n_neighbors`` compounds of the split are skipped with a message.
@@ -281,21 +392,42 @@ def local_prepare_job(s: MapSettings, dataset: str, layers: list[int] | None, at
         keep = [a for a in atoms if counts[a] >= 2 * n_neighbors]
         for a in atoms:
             if a not in keep:
-                print(f"  skipping {a}: in {counts[a]} {s.split} compound(s) of {dataset}, fewer than "
-                      f"2·n_neighbors = {2 * n_neighbors}")
-        collect(p.model, p.data, p.scaler, p.store.folder,
-                local={l: [ATOMIC_NUMBER[a] for a in keep] for l in layers}, batch_size=s.batch_size, device=s.device)
-    print(f"  vectors of {len(keep)} atoms x {len(layers)} layers ready in {time.perf_counter() - p.t0:.1f} s "
-          f"({p.store.folder})")
+                print(
+                    f"  skipping {a}: in {counts[a]} {s.split} compound(s) of {dataset}, fewer than "
+                    f"2·n_neighbors = {2 * n_neighbors}"
+                )
+        collect(
+            p.model,
+            p.data,
+            p.scaler,
+            p.store.folder,
+            local={l: [ATOMIC_NUMBER[a] for a in keep] for l in layers},
+            batch_size=s.batch_size,
+            device=s.device,
+        )
+    print(
+        f"  vectors of {len(keep)} atoms x {len(layers)} layers ready in {time.perf_counter() - p.t0:.1f} s "
+        f"({p.store.folder})"
+    )
     ox_file = oxidation_path(s.data_dir, dataset, s.split)
     if load_oxidation(ox_file) is None:
-        print(f"  no oxidation guesses at {ox_file} (run guess_oxidation.py --dataset {dataset} --split {s.split}); "
-              f"oxidation states shown grey")
+        print(
+            f"  no oxidation guesses at {ox_file} (run guess_oxidation.py --dataset {dataset} --split {s.split}); "
+            f"oxidation states shown grey"
+        )
     return {"dataset": dataset, "layers": layers, "atoms": keep, "store": str(p.store.folder)}
 
 
-def local_atom_job(s: MapSettings, dataset: str, store: str, atom: str, layers: list[int], n_neighbors: int,
-                   min_dist: float, min_dist_layer0: float) -> list[dict]:
+def local_atom_job(
+    s: MapSettings,
+    dataset: str,
+    store: str,
+    atom: str,
+    layers: list[int],
+    n_neighbors: int,
+    min_dist: float,
+    min_dist_layer0: float,
+) -> list[dict]:
     """Step 6, one job per dataset and atom: the UMAP of its value vectors at each layer (cached), the kNN
     metrics, the coordinates CSV of each layer and the atom's figure (layers x colourings, PNG and HTML).
 
@@ -329,26 +461,63 @@ def local_atom_job(s: MapSettings, dataset: str, store: str, atom: str, layers: 
         params = local_params(layer, n_neighbors, min_dist, min_dist_layer0, s.umap_seed)
         coords[layer], seconds = _projected(x, params, p_store, f"local__{atom}__layer{layer}")
         m = local_metrics(np.asarray(x), coords[layer], ox, seed=s.seed)
-        rows.append({"features": s.features, "split": s.split, "atom": atom, "layer": layer, **m,
-                     "n_neighbors": params.n_neighbors, "min_dist": params.min_dist, "umap_seconds": seconds})
-        write_csv(pd.DataFrame({"row": comp.row[idx], "formula": comp.formula[idx], "fraction": frac,
-                                "target": target, "prediction": pred, "oxidation_state": ox,
-                                "umap_x": coords[layer][:, 0], "umap_y": coords[layer][:, 1]}),
-                  out_dir / f"{s.features}__{s.split}__{atom}__layer{layer}.csv")
+        rows.append(
+            {
+                "features": s.features,
+                "split": s.split,
+                "atom": atom,
+                "layer": layer,
+                **m,
+                "n_neighbors": params.n_neighbors,
+                "min_dist": params.min_dist,
+                "umap_seconds": seconds,
+            }
+        )
+        write_csv(
+            pd.DataFrame(
+                {
+                    "row": comp.row[idx],
+                    "formula": comp.formula[idx],
+                    "fraction": frac,
+                    "target": target,
+                    "prediction": pred,
+                    "oxidation_state": ox,
+                    "umap_x": coords[layer][:, 0],
+                    "umap_y": coords[layer][:, 1],
+                }
+            ),
+            out_dir / f"{s.features}__{s.split}__{atom}__layer{layer}.csv",
+        )
     lim = tuple(np.nanpercentile(np.r_[target, pred], [1, 99]))
-    colourings = [make_colouring("fraction", f"fraction of {atom}", frac, cmap="viridis"),
-                  make_colouring("target", "target", target, cmap="plasma", limits=lim),
-                  make_colouring("prediction", "prediction", pred, cmap="plasma", limits=lim),
-                  make_colouring("oxidation_state", f"mean oxidation state of {atom}"
-                                 + ("; kNN accuracy uses it rounded" if np.isfinite(ox).any() else "; none known"),
-                                 ox, style="diverging", cmap="RdYlBu_r")]
+    colourings = [
+        make_colouring("fraction", f"fraction of {atom}", frac, cmap="viridis"),
+        make_colouring("target", "target", target, cmap="plasma", limits=lim),
+        make_colouring("prediction", "prediction", pred, cmap="plasma", limits=lim),
+        make_colouring(
+            "oxidation_state",
+            f"mean oxidation state of {atom}"
+            + ("; kNN accuracy uses it rounded" if np.isfinite(ox).any() else "; none known"),
+            ox,
+            style="diverging",
+            cmap="RdYlBu_r",
+        ),
+    ]
     stem = fig_dir / f"{s.features}__{s.split}__{atom}"
-    hover = hover_text(comp.formula[idx], {"fraction": frac, "target": target, "prediction": pred,
-                                           f"oxidation state of {atom}": ox})
-    draw(coords, colourings, hover, stem,
-         f"{atom} in {len(idx)} {dataset} {s.split} compounds: value vectors ({s.features}), UMAP", s)
-    print(f"  {dataset} {atom}: {len(idx)} compounds, {int(np.isfinite(ox).sum())} with an oxidation guess -> "
-          f"{stem}.png/.html")
+    hover = hover_text(
+        comp.formula[idx], {"fraction": frac, "target": target, "prediction": pred, f"oxidation state of {atom}": ox}
+    )
+    draw(
+        coords,
+        colourings,
+        hover,
+        stem,
+        f"{atom} in {len(idx)} {dataset} {s.split} compounds: value vectors ({s.features}), UMAP",
+        s,
+    )
+    print(
+        f"  {dataset} {atom}: {len(idx)} compounds, {int(np.isfinite(ox).sum())} with an oxidation guess -> "
+        f"{stem}.png/.html"
+    )
     return rows
 
 
@@ -363,8 +532,14 @@ def check_global_args(n_neighbors: int, min_dist: float | None, seed: int, batch
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
 
 
-def global_maps(s: MapSettings, datasets: list[str], layers: list[int] | None, n_neighbors: int,
-                min_dist: float | None, engine: Engine | None = None) -> pd.DataFrame | None:
+def global_maps(
+    s: MapSettings,
+    datasets: list[str],
+    layers: list[int] | None,
+    n_neighbors: int,
+    min_dist: float | None,
+    engine: Engine | None = None,
+) -> pd.DataFrame | None:
     """Step 7: pooled compound-vector maps of each dataset, as jobs; returns the summary rows of all datasets.
 
     Jobs: one per dataset (:func:`global_prepare_job`: model, trained if missing, and vectors), one per
@@ -373,21 +548,32 @@ def global_maps(s: MapSettings, datasets: list[str], layers: list[int] | None, n
     ``engine.plan`` only the dataset jobs are listed (the layers depend on the model) and None is returned.
     """
     t0, datasets = time.perf_counter(), list(dict.fromkeys(datasets))
-    prepared = _prepare(s, datasets, global_prepare_job, engine, layers=layers, n_neighbors=n_neighbors,
-                        min_dist=min_dist)
+    prepared = _prepare(
+        s, datasets, global_prepare_job, engine, layers=layers, n_neighbors=n_neighbors, min_dist=min_dist
+    )
     if prepared is None:  # --plan
         return None
     shared = ("dataset", "store", "n_layers", "params")
-    jobs = [Job(f"{p['dataset']} layer {layer}", global_layer_job, dict(s=s, layer=layer, **{k: p[k] for k in shared}))
-            for p in prepared for layer in p["layers"]]
+    jobs = [
+        Job(f"{p['dataset']} layer {layer}", global_layer_job, dict(s=s, layer=layer, **{k: p[k] for k in shared}))
+        for p in prepared
+        for layer in p["layers"]
+    ]
     table = merge_summaries(s, "global", datasets, jobs, run_jobs(jobs, engine, what="layer maps"), GLOBAL_KEYS, t0)
-    run_jobs([Job(p["dataset"], global_draw_job, dict(s=s, layers=p["layers"], **{k: p[k] for k in shared}))
-              for p in prepared], engine, what="figures")
+    run_jobs(
+        [
+            Job(p["dataset"], global_draw_job, dict(s=s, layers=p["layers"], **{k: p[k] for k in shared}))
+            for p in prepared
+        ],
+        engine,
+        what="figures",
+    )
     return table
 
 
-def global_prepare_job(s: MapSettings, dataset: str, layers: list[int] | None, n_neighbors: int,
-                       min_dist: float | None) -> dict:
+def global_prepare_job(
+    s: MapSettings, dataset: str, layers: list[int] | None, n_neighbors: int, min_dist: float | None
+) -> dict:
     """Step 7, the first job of a dataset: its model (trained here if missing) and the pooled vectors.
 
     Returns:
@@ -404,12 +590,16 @@ def global_prepare_job(s: MapSettings, dataset: str, layers: list[int] | None, n
         n_layers = p.model.cfg.n_layers
         layers = check_layers(layers, n_layers + 1, f"{n_layers} = the encoder output")
         n = len(p.data)
-        params = validate_umap(UmapParams(n_neighbors, global_min_dist(n) if min_dist is None else min_dist,
-                                          GLOBAL_METRIC, s.umap_seed), n)
-        collect(p.model, p.data, p.scaler, p.store.folder, global_layers=layers, batch_size=s.batch_size,
-                device=s.device)
-    print(f"  pooled vectors of {n} compounds x {len(layers)} layer inputs ready in "
-          f"{time.perf_counter() - p.t0:.1f} s ({p.store.folder})")
+        params = validate_umap(
+            UmapParams(n_neighbors, global_min_dist(n) if min_dist is None else min_dist, GLOBAL_METRIC, s.umap_seed), n
+        )
+        collect(
+            p.model, p.data, p.scaler, p.store.folder, global_layers=layers, batch_size=s.batch_size, device=s.device
+        )
+    print(
+        f"  pooled vectors of {n} compounds x {len(layers)} layer inputs ready in "
+        f"{time.perf_counter() - p.t0:.1f} s ({p.store.folder})"
+    )
     return {"dataset": dataset, "layers": layers, "n_layers": n_layers, "params": params, "store": str(p.store.folder)}
 
 
@@ -428,23 +618,43 @@ def global_layer_job(s: MapSettings, dataset: str, store: str, layer: int, n_lay
     coords, seconds = _projected(x, params, p_store, f"global__layer{layer}")
     m = global_metrics(x, coords, comp.target, seed=s.seed)
     del x
-    row = {"features": s.features, "split": s.split, "layer": layer,
-           "layer_is": "encoder output" if layer == n_layers else "layer input", **m,
-           "n_neighbors": params.n_neighbors, "min_dist": params.min_dist, "metric": params.metric,
-           "umap_seconds": seconds}
-    write_csv(pd.DataFrame({"row": comp.row, "formula": comp.formula, "n_elements": comp.n_elements,
-                            "target": comp.target, "prediction": comp.prediction,
-                            "error": comp.prediction - comp.target,
-                            "en_pauling_mad": pauling_en_mad(comp.elements, comp.fractions),
-                            "umap_x": coords[:, 0], "umap_y": coords[:, 1]}),
-              Layout(s.data_dir).umap("global", dataset) / f"{s.features}__{s.split}__layer{layer}.csv")
-    print(f"  {dataset} layer {layer}: UMAP {'(cached)' if np.isnan(seconds) else f'{seconds:.1f} s'}, "
-          f"kNN R² {m['knn_r2_repr']:.3f}")
+    row = {
+        "features": s.features,
+        "split": s.split,
+        "layer": layer,
+        "layer_is": "encoder output" if layer == n_layers else "layer input",
+        **m,
+        "n_neighbors": params.n_neighbors,
+        "min_dist": params.min_dist,
+        "metric": params.metric,
+        "umap_seconds": seconds,
+    }
+    write_csv(
+        pd.DataFrame(
+            {
+                "row": comp.row,
+                "formula": comp.formula,
+                "n_elements": comp.n_elements,
+                "target": comp.target,
+                "prediction": comp.prediction,
+                "error": comp.prediction - comp.target,
+                "en_pauling_mad": pauling_en_mad(comp.elements, comp.fractions),
+                "umap_x": coords[:, 0],
+                "umap_y": coords[:, 1],
+            }
+        ),
+        Layout(s.data_dir).umap("global", dataset) / f"{s.features}__{s.split}__layer{layer}.csv",
+    )
+    print(
+        f"  {dataset} layer {layer}: UMAP {'(cached)' if np.isnan(seconds) else f'{seconds:.1f} s'}, "
+        f"kNN R² {m['knn_r2_repr']:.3f}"
+    )
     return row
 
 
-def global_draw_job(s: MapSettings, dataset: str, store: str, layers: list[int], n_layers: int,
-                    params: UmapParams) -> str:
+def global_draw_job(
+    s: MapSettings, dataset: str, store: str, layers: list[int], n_layers: int, params: UmapParams
+) -> str:
     """Step 7, the last job of a dataset: the grid of layer inputs x colourings (PNG and HTML), from the
     coordinates the layer jobs cached (read back exactly; no vector is loaded).
 
@@ -454,25 +664,43 @@ def global_draw_job(s: MapSettings, dataset: str, store: str, layers: list[int],
     with dataset_errors(dataset):
         p_store = RepresentationStore(store)
         comp = p_store.compounds
-        coords = {layer: project(p_store.global_(layer), params, p_store.umap_dir, f"global__layer{layer}")[0]
-                  for layer in layers}  # memory-mapped vectors: only their length is read for the cache's name
+        coords = {
+            layer: project(p_store.global_(layer), params, p_store.umap_dir, f"global__layer{layer}")[0]
+            for layer in layers
+        }  # memory-mapped vectors: only their length is read for the cache's name
     n_el = comp.n_elements.astype(np.float64)
     error = comp.prediction - comp.target
     en = pauling_en_mad(comp.elements, comp.fractions)
     lim = tuple(np.nanpercentile(np.r_[comp.target, comp.prediction], [1, 99]))
-    colourings = [make_colouring("n_elements", "number of elements", n_el, style="discrete", cmap="viridis",
-                                 title="number of elements"),
-                  make_colouring("target", "target", comp.target, cmap="plasma", limits=lim),
-                  make_colouring("prediction", "prediction", comp.prediction, cmap="plasma", limits=lim),
-                  make_colouring("error", "prediction − target", error, style="diverging"),
-                  make_colouring("EN_deviation", EN_LABEL, en, cmap="cividis",
-                                 title="Pauling electronegativity deviation")]
+    colourings = [
+        make_colouring(
+            "n_elements", "number of elements", n_el, style="discrete", cmap="viridis", title="number of elements"
+        ),
+        make_colouring("target", "target", comp.target, cmap="plasma", limits=lim),
+        make_colouring("prediction", "prediction", comp.prediction, cmap="plasma", limits=lim),
+        make_colouring("error", "prediction − target", error, style="diverging"),
+        make_colouring("EN_deviation", EN_LABEL, en, cmap="cividis", title="Pauling electronegativity deviation"),
+    ]
     stem = Layout(s.data_dir).umap_figures("global", dataset) / f"{s.features}__{s.split}"
-    hover = hover_text(comp.formula, {"elements": n_el, "target": comp.target, "prediction": comp.prediction,
-                                      "error": error, "Pauling EN deviation": en})
-    draw(coords, colourings, hover, stem,
-         f"{dataset} {s.split}: {len(comp)} compounds, pooled layer inputs ({s.features}), UMAP cosine", s,
-         row_label=lambda l: f"encoder output (layer {l})" if l == n_layers else f"layer {l} input")
+    hover = hover_text(
+        comp.formula,
+        {
+            "elements": n_el,
+            "target": comp.target,
+            "prediction": comp.prediction,
+            "error": error,
+            "Pauling EN deviation": en,
+        },
+    )
+    draw(
+        coords,
+        colourings,
+        hover,
+        stem,
+        f"{dataset} {s.split}: {len(comp)} compounds, pooled layer inputs ({s.features}), UMAP cosine",
+        s,
+        row_label=lambda l: f"encoder output (layer {l})" if l == n_layers else f"layer {l} input",
+    )
     print(f"  {dataset}: figures -> {stem}.png/.html")
     return str(stem)
 

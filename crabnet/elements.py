@@ -37,7 +37,7 @@ def symbol(z: int) -> str:
     return SYMBOLS[z - 1]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def feature_frame(name: str) -> pd.DataFrame:
     """Raw CBFV element table ``name`` as a DataFrame indexed by element symbol.
 
@@ -57,9 +57,7 @@ def feature_frame(name: str) -> pd.DataFrame:
         with resources.as_file(path) as p:
             df = pd.read_csv(p, index_col=0)
     except (ModuleNotFoundError, FileNotFoundError) as err:
-        raise RuntimeError(
-            "element feature tables come from the CBFV package: pip install CBFV==1.1.0"
-        ) from err
+        raise RuntimeError("element feature tables come from the CBFV package: pip install CBFV==1.1.0") from err
     if "Dummy" in df.index:
         df = df.drop(index="Dummy")
         df = df.loc[:, (df != 0).any(axis=0)]  # the Dummy column is all zero for real elements

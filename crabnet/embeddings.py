@@ -94,8 +94,11 @@ def embedding_frames(model: CrabNet, *, batch_size: int = 128) -> dict[tuple[int
     qkv[:, :, absent, :] = np.nan
     index = pd.Index(SYMBOLS, name="element")
     columns = [str(c) for c in range(qkv.shape[-1])]
-    return {(layer, kind): pd.DataFrame(qkv[layer, k], index=index, columns=columns)
-            for layer in range(qkv.shape[0]) for k, kind in enumerate(KINDS)}
+    return {
+        (layer, kind): pd.DataFrame(qkv[layer, k], index=index, columns=columns)
+        for layer in range(qkv.shape[0])
+        for k, kind in enumerate(KINDS)
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,8 +128,9 @@ def write_embeddings(
     """
     paths = []
     for (layer, kind), frame in sorted(frames.items()):
-        paths.append(write_frame(frame, embedding_path(data_dir, features, dataset, layer, kind),
-                                 float_format="%.7g", na_rep=""))
+        paths.append(
+            write_frame(frame, embedding_path(data_dir, features, dataset, layer, kind), float_format="%.7g", na_rep="")
+        )
     return paths
 
 
@@ -142,9 +146,14 @@ def predictions_path(data_dir: Path | str, dataset: str, features: str, split: s
 
 def predictions_frame(formula, target, prediction, uncertainty) -> pd.DataFrame:
     """Columns formula, target, prediction, uncertainty (one row per compound)."""
-    return pd.DataFrame({"formula": np.asarray(formula, dtype=object), "target": np.asarray(target, np.float64),
-                         "prediction": np.asarray(prediction, np.float64),
-                         "uncertainty": np.asarray(uncertainty, np.float64)})
+    return pd.DataFrame(
+        {
+            "formula": np.asarray(formula, dtype=object),
+            "target": np.asarray(target, np.float64),
+            "prediction": np.asarray(prediction, np.float64),
+            "uncertainty": np.asarray(uncertainty, np.float64),
+        }
+    )
 
 
 def write_predictions(frame: pd.DataFrame, path: Path | str) -> Path:
@@ -156,8 +165,9 @@ def write_predictions(frame: pd.DataFrame, path: Path | str) -> Path:
 # the job of step 4 (one model): run by crabnet.engine here or on a Dask worker
 
 
-def model_job(data_dir: Path, dataset: str, features: str, recipe, device: str, seed: int, force: bool,
-              precision: str) -> dict:
+def model_job(
+    data_dir: Path, dataset: str, features: str, recipe, device: str, seed: int, force: bool, precision: str
+) -> dict:
     """Train or load one model (``crabnet.train.ensure_model``), write its embeddings and test
     predictions; return the result row of step 4's table (small and picklable)."""
     from crabnet.data import load_dataset
@@ -165,12 +175,22 @@ def model_job(data_dir: Path, dataset: str, features: str, recipe, device: str, 
     from crabnet.utils import resolve_device
 
     test = load_dataset(data_dir, dataset, splits=("test",), verbose=False)["test"]
-    model, scaler, meta = ensure_model(data_dir, dataset, features, recipe, device=resolve_device(device), seed=seed,
-                                       force=force, written_by="get_crabnet_embeddings.py", precision=precision)
+    model, scaler, meta = ensure_model(
+        data_dir,
+        dataset,
+        features,
+        recipe,
+        device=resolve_device(device),
+        seed=seed,
+        force=force,
+        written_by="get_crabnet_embeddings.py",
+        precision=precision,
+    )
     paths = write_embeddings(embedding_frames(model), data_dir, features, dataset)
     pred, unc = predict(model, test, scaler)
-    pred_path = write_predictions(predictions_frame(test.formula, test.target, pred, unc),
-                                  predictions_path(data_dir, dataset, features))
+    pred_path = write_predictions(
+        predictions_frame(test.formula, test.target, pred, unc), predictions_path(data_dir, dataset, features)
+    )
     return model_row(data_dir, dataset, features, meta, pred_path, len(paths))
 
 
@@ -180,13 +200,21 @@ def model_row(data_dir: Path, dataset: str, features: str, meta: dict, pred_path
 
     pred = pd.read_csv(pred_path)
     rec = meta.get("recipe", {})
-    return {"dataset": dataset, "features": features, "n_test": len(pred),
-            "test_mae": float(np.mean(np.abs(pred.prediction - pred.target))),
-            "published": published_mae(dataset, features),
-            "recipe": (f"full {meta['full_recipe']}" if meta.get("full_recipe")
-                       else f"short ({meta.get('epochs_run', rec.get('epochs', '?'))} epochs)"),
-            "embeddings": str(embedding_path(data_dir, features, dataset, 0, "Q").parent), "n_csv": n_csv,
-            "predictions": str(pred_path)}
+    return {
+        "dataset": dataset,
+        "features": features,
+        "n_test": len(pred),
+        "test_mae": float(np.mean(np.abs(pred.prediction - pred.target))),
+        "published": published_mae(dataset, features),
+        "recipe": (
+            f"full {meta['full_recipe']}"
+            if meta.get("full_recipe")
+            else f"short ({meta.get('epochs_run', rec.get('epochs', '?'))} epochs)"
+        ),
+        "embeddings": str(embedding_path(data_dir, features, dataset, 0, "Q").parent),
+        "n_csv": n_csv,
+        "predictions": str(pred_path),
+    }
 
 
 def model_outputs_current(data_dir: Path, dataset: str, features: str, recipe) -> dict | None:
@@ -207,7 +235,18 @@ def model_outputs_current(data_dir: Path, dataset: str, features: str, recipe) -
 
 
 __all__ = [
-    "KINDS", "model_job", "model_row", "model_outputs_current", "BENCHMARK_DATASETS", "present_elements", "element_qkv",
-    "embedding_frames", "embedding_path", "write_embeddings", "read_embedding_csv", "predictions_path",
-    "predictions_frame", "write_predictions",
+    "KINDS",
+    "model_job",
+    "model_row",
+    "model_outputs_current",
+    "BENCHMARK_DATASETS",
+    "present_elements",
+    "element_qkv",
+    "embedding_frames",
+    "embedding_path",
+    "write_embeddings",
+    "read_embedding_csv",
+    "predictions_path",
+    "predictions_frame",
+    "write_predictions",
 ]

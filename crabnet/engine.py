@@ -37,15 +37,23 @@ import sys
 import time
 import traceback
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from crabnet.utils import UsageError, available_cpus
 
 PLAN_LOG_ENV = "CRABNET_PLAN_LOG"  # --plan appends its totals here (make paper-plan)
-JOBQUEUE = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster",
-            "htcondor": "HTCondorCluster", "moab": "MoabCluster", "oar": "OARCluster"}
+JOBQUEUE = {
+    "slurm": "SLURMCluster",
+    "pbs": "PBSCluster",
+    "sge": "SGECluster",
+    "lsf": "LSFCluster",
+    "htcondor": "HTCondorCluster",
+    "moab": "MoabCluster",
+    "oar": "OARCluster",
+}
 SCHEDULERS = ("local", "sequential", *JOBQUEUE)
 CONNECT_TIMEOUT_S = 20
 
@@ -102,25 +110,51 @@ class JobsFailed(RuntimeError):
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Add --scheduler, --scheduler-file, --threads-per-job, --jobs-per-gpu and --retries."""
     g = parser.add_argument_group("where the jobs run (Dask; see docs in crabnet/engine.py and the README)")
-    g.add_argument("--scheduler", default=None, metavar="WHERE",
-                   help="local = this machine (one process for one job, else an embedded Dask LocalCluster); "
-                        "sequential = this process, one job after the other; tcp://HOST:PORT = an existing Dask "
-                        f"scheduler; {'|'.join(JOBQUEUE)} = a dask-jobqueue cluster configured in Dask's "
-                        "jobqueue.yaml or DASK_JOBQUEUE__… variables (default: local; sequential for the small jobs of "
-                        "--quick)")
-    g.add_argument("--scheduler-file", type=Path, default=None, metavar="PATH",
-                   help="connect to the Dask scheduler that wrote this file (dask scheduler --scheduler-file PATH)")
-    g.add_argument("--threads-per-job", type=int, default=None, metavar="N",
-                   help="torch/BLAS/numba threads of each job (default: cores / jobs running at once on that "
-                        "machine; a run is bit for bit the same for the same N)")
-    g.add_argument("--jobs-per-gpu", type=int, default=1, metavar="K",
-                   help="trainings sharing one GPU at once (the embedded cluster; external workers: "
-                        "dask worker --resources GPU=K)")
-    g.add_argument("--retries", type=int, default=2, help="retries of a job that raised (a job whose worker died "
-                                                          "is always rescheduled by Dask)")
-    g.add_argument("--plan", action="store_true",
-                   help="print every job with its estimated cost (from rates measured on this machine) and what "
-                        "is already done; run nothing")
+    g.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="WHERE",
+        help="local = this machine (one process for one job, else an embedded Dask LocalCluster); "
+        "sequential = this process, one job after the other; tcp://HOST:PORT = an existing Dask "
+        f"scheduler; {'|'.join(JOBQUEUE)} = a dask-jobqueue cluster configured in Dask's "
+        "jobqueue.yaml or DASK_JOBQUEUE__… variables (default: local; sequential for the small jobs of "
+        "--quick)",
+    )
+    g.add_argument(
+        "--scheduler-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="connect to the Dask scheduler that wrote this file (dask scheduler --scheduler-file PATH)",
+    )
+    g.add_argument(
+        "--threads-per-job",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch/BLAS/numba threads of each job (default: cores / jobs running at once on that "
+        "machine; a run is bit for bit the same for the same N)",
+    )
+    g.add_argument(
+        "--jobs-per-gpu",
+        type=int,
+        default=1,
+        metavar="K",
+        help="trainings sharing one GPU at once (the embedded cluster; external workers: "
+        "dask worker --resources GPU=K)",
+    )
+    g.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="retries of a job that raised (a job whose worker died is always rescheduled by Dask)",
+    )
+    g.add_argument(
+        "--plan",
+        action="store_true",
+        help="print every job with its estimated cost (from rates measured on this machine) and what "
+        "is already done; run nothing",
+    )
 
 
 def engine_from_args(args: dict, *, small: bool = False) -> Engine:
@@ -132,22 +166,31 @@ def engine_from_args(args: dict, *, small: bool = False) -> Engine:
     scheduler = args.pop("scheduler", None)
     if scheduler is None:  # not given: local, or this process for small jobs
         scheduler = "sequential" if small else "local"
-    return Engine(scheduler=scheduler, scheduler_file=args.pop("scheduler_file", None),
-                  threads_per_job=args.pop("threads_per_job", None), jobs_per_gpu=args.pop("jobs_per_gpu", 1),
-                  retries=args.pop("retries", 2), plan=args.pop("plan", False))
+    return Engine(
+        scheduler=scheduler,
+        scheduler_file=args.pop("scheduler_file", None),
+        threads_per_job=args.pop("threads_per_job", None),
+        jobs_per_gpu=args.pop("jobs_per_gpu", 1),
+        retries=args.pop("retries", 2),
+        plan=args.pop("plan", False),
+    )
 
 
 def check_engine(engine: Engine) -> None:
     """One clear error per bad setting (before any work starts)."""
     s = engine.scheduler
     if engine.scheduler_file is None and s not in SCHEDULERS and "://" not in s:
-        raise UsageError(f"--scheduler must be one of {', '.join(SCHEDULERS)} or a scheduler address such as "
-                         f"tcp://127.0.0.1:8786, got {s!r}")
+        raise UsageError(
+            f"--scheduler must be one of {', '.join(SCHEDULERS)} or a scheduler address such as "
+            f"tcp://127.0.0.1:8786, got {s!r}"
+        )
     if engine.scheduler_file is not None and s not in ("local", ""):
         raise UsageError("give either --scheduler or --scheduler-file, not both")
     if engine.scheduler_file is not None and not Path(engine.scheduler_file).is_file():
-        raise UsageError(f"--scheduler-file {engine.scheduler_file} does not exist (start the scheduler with "
-                         "dask scheduler --scheduler-file PATH first)")
+        raise UsageError(
+            f"--scheduler-file {engine.scheduler_file} does not exist (start the scheduler with "
+            "dask scheduler --scheduler-file PATH first)"
+        )
     if engine.threads_per_job is not None and engine.threads_per_job < 1:
         raise UsageError(f"--threads-per-job must be >= 1, got {engine.threads_per_job}")
     if engine.jobs_per_gpu < 1:
@@ -170,8 +213,13 @@ def local_shape(n_jobs: int, threads_per_job: int | None, cores: int | None = No
     return max(1, min(n_jobs, cores // threads_per_job)), threads_per_job
 
 
-def run_jobs(jobs: list[Job], engine: Engine | None = None, *, what: str = "jobs",
-             on_result: Callable[[Job, Any], None] | None = None) -> list[Any] | None:
+def run_jobs(
+    jobs: list[Job],
+    engine: Engine | None = None,
+    *,
+    what: str = "jobs",
+    on_result: Callable[[Job, Any], None] | None = None,
+) -> list[Any] | None:
     """Run the jobs that are not done where ``engine`` says; return every job's result in order
     (None with ``engine.plan``: the plan is printed and nothing runs).
 
@@ -192,8 +240,9 @@ def run_jobs(jobs: list[Job], engine: Engine | None = None, *, what: str = "jobs
     if todo:
         workers, _ = local_shape(len(todo), engine.threads_per_job)
         remote = engine.scheduler_file is not None or engine.scheduler not in ("local", "sequential")
-        if not remote and (engine.scheduler == "sequential" or workers == 1 and not any(j.gpu for j in todo)
-                           or len(todo) == 1):
+        if not remote and (
+            engine.scheduler == "sequential" or workers == 1 and not any(j.gpu for j in todo) or len(todo) == 1
+        ):
             threads = engine.threads_per_job or available_cpus()
             print(f"running {len(todo)} {what} in this process, {threads} thread(s) each")
             _run_here(todo, threads, on_result)
@@ -214,16 +263,34 @@ def print_plan(jobs: list[Job], what: str = "jobs") -> None:
     gpu = sum(j.cost_s for j in todo if j.gpu)
     cores = available_cpus()
     longest = max((j.cost_s for j in todo), default=0.0)
-    print(f"total: {len(jobs)} {what}, {len(jobs) - len(todo)} done, {len(todo)} to run: "
-          + (f"{cpu / 3600:.2f} core-hours (about {_hms(max(cpu / cores, longest))} on this machine's {cores} "
-             f"core(s); the longest job {_hms(longest)})" if cpu or not gpu else "")
-          + (f"{gpu / 3600:.2f} GPU-hours" if gpu else ""))
+    print(
+        f"total: {len(jobs)} {what}, {len(jobs) - len(todo)} done, {len(todo)} to run: "
+        + (
+            f"{cpu / 3600:.2f} core-hours (about {_hms(max(cpu / cores, longest))} on this machine's {cores} "
+            f"core(s); the longest job {_hms(longest)})"
+            if cpu or not gpu
+            else ""
+        )
+        + (f"{gpu / 3600:.2f} GPU-hours" if gpu else "")
+    )
     log = os.environ.get(PLAN_LOG_ENV)
     if log:  # make paper-plan adds the steps up (python -m crabnet.engine --plan-total LOG)
         Path(log).parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as f:
-            f.write(json.dumps({"step": Path(sys.argv[0]).name, "what": what, "jobs": len(jobs), "to_run": len(todo),
-                                "core_s": cpu, "gpu_s": gpu, "longest_s": longest}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "step": Path(sys.argv[0]).name,
+                        "what": what,
+                        "jobs": len(jobs),
+                        "to_run": len(todo),
+                        "core_s": cpu,
+                        "gpu_s": gpu,
+                        "longest_s": longest,
+                    }
+                )
+                + "\n"
+            )
 
 
 def plan_total(log: Path) -> str:
@@ -231,14 +298,19 @@ def plan_total(log: Path) -> str:
     rows = [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
     cpu, gpu = sum(r["core_s"] for r in rows), sum(r["gpu_s"] for r in rows)
     cores, longest = available_cpus(), max((r["longest_s"] for r in rows), default=0.0)
-    lines = [f"{r['step']:<30} {r['to_run']:>4} of {r['jobs']:>4} {r['what']:<14} to run "
-             f"{r['core_s'] / 3600:9.2f} core-h {r['gpu_s'] / 3600:7.2f} GPU-h" for r in rows]
-    lines.append(f"the paper: {sum(r['to_run'] for r in rows)} jobs to run, {cpu / 3600:.1f} core-hours"
-                 + (f" and {gpu / 3600:.1f} GPU-hours" if gpu else "")
-                 + f"; on this machine ({cores} cores, one job per core) about "
-                 f"{max(cpu / cores, longest) / 3600:.1f} h; "
-                 f"on N such machines about max({cpu / cores / 3600:.1f} h / N, {longest / 3600:.1f} h for the longest "
-                 "job); steps 2 and 5 (minutes) are not counted")
+    lines = [
+        f"{r['step']:<30} {r['to_run']:>4} of {r['jobs']:>4} {r['what']:<14} to run "
+        f"{r['core_s'] / 3600:9.2f} core-h {r['gpu_s'] / 3600:7.2f} GPU-h"
+        for r in rows
+    ]
+    lines.append(
+        f"the paper: {sum(r['to_run'] for r in rows)} jobs to run, {cpu / 3600:.1f} core-hours"
+        + (f" and {gpu / 3600:.1f} GPU-hours" if gpu else "")
+        + f"; on this machine ({cores} cores, one job per core) about "
+        f"{max(cpu / cores, longest) / 3600:.1f} h; "
+        f"on N such machines about max({cpu / cores / 3600:.1f} h / N, {longest / 3600:.1f} h for the longest "
+        "job); steps 2 and 5 (minutes) are not counted"
+    )
     return "\n".join(lines)
 
 
@@ -280,8 +352,9 @@ def _end_worker_process() -> None:
     signal handler can be changed, so the process exits directly."""
     from crabnet.signals import EXIT_CODE
 
-    print(f"worker {os.getpid()} on {socket.gethostname()} stops after SIGTERM; its job will resume elsewhere",
-          flush=True)
+    print(
+        f"worker {os.getpid()} on {socket.gethostname()} stops after SIGTERM; its job will resume elsewhere", flush=True
+    )
     sys.stderr.flush()
     os._exit(EXIT_CODE)
 
@@ -348,7 +421,7 @@ def _run_here(jobs: list[Job], threads: int, on_result: Callable[[Job, Any], Non
             out = call_job(job.fn, job.kwargs, threads)
         except Preempted:
             raise
-        except Exception as err:  # noqa: BLE001 - reported with the others at the end
+        except Exception as err:
             failures.append((job.name, _error_text(err)))
             errors.append(err)
             continue
@@ -356,8 +429,9 @@ def _run_here(jobs: list[Job], threads: int, on_result: Callable[[Job, Any], Non
         if on_result is not None:
             on_result(job, job.result)
         if len(jobs) > 1:
-            _progress_line(i + 1 - len(failures), len(jobs), 0, len(failures), job.name, out["seconds"],
-                           time.perf_counter() - t0)
+            _progress_line(
+                i + 1 - len(failures), len(jobs), 0, len(failures), job.name, out["seconds"], time.perf_counter() - t0
+            )
     if len(errors) == 1 and len(jobs) == 1 and isinstance(errors[0], UsageError):
         raise errors[0]
     if failures:
@@ -368,13 +442,14 @@ def _error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def _progress_line(done: int, total: int, running: int, failed: int, name: str, seconds: float,
-                   elapsed: float) -> None:
+def _progress_line(done: int, total: int, running: int, failed: int, name: str, seconds: float, elapsed: float) -> None:
     """One plain line per finished job: counts, its time and an ETA over the jobs left."""
     left = total - done - failed
     eta = elapsed / max(done + failed, 1) * left if left else 0.0
-    print(f"[{done}/{total} done, {running} running, {failed} failed, ETA {_hms(eta)}] {name} ({_hms(seconds)})",
-          flush=True)
+    print(
+        f"[{done}/{total} done, {running} running, {failed} failed, ETA {_hms(eta)}] {name} ({_hms(seconds)})",
+        flush=True,
+    )
 
 
 def _hms(seconds: float) -> str:
@@ -396,8 +471,10 @@ def _client(engine: Engine, jobs: list[Job]) -> Iterator[Any]:
     cluster = None
     try:
         if engine.scheduler_file is not None:
-            client = _connect(lambda: Client(scheduler_file=str(engine.scheduler_file), timeout=CONNECT_TIMEOUT_S),
-                              f"the scheduler of {engine.scheduler_file}")
+            client = _connect(
+                lambda: Client(scheduler_file=str(engine.scheduler_file), timeout=CONNECT_TIMEOUT_S),
+                f"the scheduler of {engine.scheduler_file}",
+            )
         elif "://" in engine.scheduler:
             client = _connect(lambda: Client(engine.scheduler, timeout=CONNECT_TIMEOUT_S), engine.scheduler)
         elif engine.scheduler in JOBQUEUE:
@@ -409,7 +486,7 @@ def _client(engine: Engine, jobs: list[Job]) -> Iterator[Any]:
         with client:
             try:
                 client.register_plugin(_save_on_sigterm())
-            except Exception as err:  # noqa: BLE001 - workers that cannot take it still run the jobs
+            except Exception as err:
                 print(f"note: workers will not save training state on SIGTERM ({err})")
             yield client
     finally:
@@ -446,11 +523,18 @@ def local_cluster(workers: int, threads: int, resources: dict | None = None) -> 
     import dask
     from distributed import LocalCluster
 
-    env = {k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                     "NUMBA_NUM_THREADS")}
+    env = {k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")}
     with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
-        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                            dashboard_address=":0", resources=resources, env=env, silence_logs=40)
+        return LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=":0",
+            resources=resources,
+            env=env,
+            silence_logs=40,
+        )
 
 
 def _jobqueue_cluster(name: str, n_jobs: int) -> Any:
@@ -461,16 +545,19 @@ def _jobqueue_cluster(name: str, n_jobs: int) -> Any:
     try:
         cluster = cls()
     except ValueError as err:  # e.g. cores or memory not configured
-        raise UsageError(f"--scheduler {name}: dask-jobqueue needs its settings ({err}); set them in "
-                         f"~/.config/dask/jobqueue.yaml (jobqueue: {name}: cores, memory, …) or as "
-                         f"DASK_JOBQUEUE__{name.upper()}__CORES=… variables") from None
+        raise UsageError(
+            f"--scheduler {name}: dask-jobqueue needs its settings ({err}); set them in "
+            f"~/.config/dask/jobqueue.yaml (jobqueue: {name}: cores, memory, …) or as "
+            f"DASK_JOBQUEUE__{name.upper()}__CORES=… variables"
+        ) from None
     print(f"submitting {n_jobs} {name} job(s) through dask-jobqueue ({JOBQUEUE[name]})")
     cluster.scale(jobs=n_jobs)
     return cluster
 
 
-def _run_dask(client: Any, jobs: list[Job], engine: Engine, what: str,
-              on_result: Callable[[Job, Any], None] | None = None) -> None:
+def _run_dask(
+    client: Any, jobs: list[Job], engine: Engine, what: str, on_result: Callable[[Job, Any], None] | None = None
+) -> None:
     """Submit the jobs, print one line per finished job, set each job's result."""
     from distributed import as_completed
 
@@ -482,8 +569,18 @@ def _run_dask(client: Any, jobs: list[Job], engine: Engine, what: str,
     group = "".join(c if c.isalnum() else "_" for c in what)  # one Dask task group, so that Dask queues them
     for i, job in enumerate(jobs):
         resources = {"GPU": 1} if job.gpu else None
-        futures.append(client.submit(call_job, job.fn, job.kwargs, threads, key=f"{group}-{tag}-{i}", pure=False,
-                                     retries=engine.retries, resources=resources))
+        futures.append(
+            client.submit(
+                call_job,
+                job.fn,
+                job.kwargs,
+                threads,
+                key=f"{group}-{tag}-{i}",
+                pure=False,
+                retries=engine.retries,
+                resources=resources,
+            )
+        )
     index = {f.key: i for i, f in enumerate(futures)}
     print(f"submitted {len(jobs)} {what} to the Dask scheduler at {client.scheduler.address}", flush=True)
     failures: list[tuple[str, str]] = []
@@ -502,8 +599,15 @@ def _run_dask(client: Any, jobs: list[Job], engine: Engine, what: str,
             if on_result is not None:
                 on_result(jobs[i], jobs[i].result)
         running = _running(client, futures)
-        _progress_line(done, len(jobs), running, len(failures), jobs[i].name,
-                       0.0 if fut.status == "error" else out["seconds"], time.perf_counter() - t0)
+        _progress_line(
+            done,
+            len(jobs),
+            running,
+            len(failures),
+            jobs[i].name,
+            0.0 if fut.status == "error" else out["seconds"],
+            time.perf_counter() - t0,
+        )
     if failures:
         raise JobsFailed(failures, len(jobs))
 
@@ -513,7 +617,7 @@ def _running(client: Any, futures: list[Any]) -> int:
     keys = {f.key for f in futures if f.status == "pending"}
     try:
         return sum(1 for tasks in client.processing().values() for k in tasks if k in keys)
-    except Exception:  # noqa: BLE001 - a count for a progress line only
+    except Exception:
         return 0
 
 

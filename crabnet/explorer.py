@@ -42,9 +42,10 @@ import html
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -111,7 +112,7 @@ def decode_weights(text: str, shape: Sequence[int]) -> np.ndarray:
 
 def _spread(n_groups_sizes: dict[int, int], n: int) -> dict[int, int]:
     """Share ``n`` picks among groups as evenly as their sizes allow (water filling)."""
-    quota = {g: 0 for g in n_groups_sizes}
+    quota = dict.fromkeys(n_groups_sizes, 0)
     left = n
     active = [g for g, size in n_groups_sizes.items() if size > 0]
     while left > 0 and active:
@@ -126,8 +127,12 @@ def _spread(n_groups_sizes: dict[int, int], n: int) -> dict[int, int]:
     return quota
 
 
-def choose_compounds(store: Any, dataset: str = "", rows: Sequence[int] = (), n_others: int = DEFAULT_EXPLORE,
-                     ) -> list[tuple[int, str]]:
+def choose_compounds(
+    store: Any,
+    dataset: str = "",
+    rows: Sequence[int] = (),
+    n_others: int = DEFAULT_EXPLORE,
+) -> list[tuple[int, str]]:
     """Rows of a store to embed in the explorer, each with its group, in the order of the page's list.
 
     First the paper's compounds of ``dataset`` that the store holds (group ``paper``), then
@@ -212,23 +217,42 @@ def explorer_payload(store: Any, chosen: Sequence[tuple[int, str]], dataset: str
             key = normalise_formula(h.formula)
         except DataError:
             key = h.formula
-        compounds.append({
-            "formula": h.formula, "key": key, "row": int(i), "group": group, "symbols": list(h.symbols),
-            "fractions": _round(h.fractions, 4), "target": _round([h.target])[0],
-            "prediction": _round(h.prediction), "attention": encode_weights(h.attention),
-        })
+        compounds.append(
+            {
+                "formula": h.formula,
+                "key": key,
+                "row": int(i),
+                "group": group,
+                "symbols": list(h.symbols),
+                "fractions": _round(h.fractions, 4),
+                "target": _round([h.target])[0],
+                "prediction": _round(h.prediction),
+                "attention": encode_weights(h.attention),
+            }
+        )
         if h.attribution is not None:  # (c, k), row-major like the maps
             compounds[-1]["attribution"] = _round(h.attribution)
             compounds[-1]["importance"] = _round(attention_importance(h.attention, h.fractions), 4)
     config = attrs.get("model_config") or {}
     return {
-        "dataset": dataset, "split": attrs.get("split", ""), "capture": attrs.get("capture", "epoch"),
-        "steps": [int(s) for s in store.steps], "n_layers": int(attrs["n_layers"]), "n_heads": int(attrs["n_heads"]),
-        "features": attrs.get("features", config.get("features", "")), "n_store": len(store),
-        "test_mae": attrs.get("test_mae"), "epochs_run": attrs.get("epochs_run"), "n_others": int(n_others),
+        "dataset": dataset,
+        "split": attrs.get("split", ""),
+        "capture": attrs.get("capture", "epoch"),
+        "steps": [int(s) for s in store.steps],
+        "n_layers": int(attrs["n_layers"]),
+        "n_heads": int(attrs["n_heads"]),
+        "features": attrs.get("features", config.get("features", "")),
+        "n_store": len(store),
+        "test_mae": attrs.get("test_mae"),
+        "epochs_run": attrs.get("epochs_run"),
+        "n_others": int(n_others),
         "attribution": bool(getattr(store, "has_attribution", False)),
-        "store": f"attention/{dataset}/attention.zarr", "quant_max": QUANT_MAX, "quant_nan": QUANT_NAN,
-        "created": time.strftime("%Y-%m-%d %H:%M"), "version": crabnet.__version__, "compounds": compounds,
+        "store": f"attention/{dataset}/attention.zarr",
+        "quant_max": QUANT_MAX,
+        "quant_nan": QUANT_NAN,
+        "created": time.strftime("%Y-%m-%d %H:%M"),
+        "version": crabnet.__version__,
+        "compounds": compounds,
     }
 
 
@@ -236,12 +260,16 @@ def render_explorer(payload: dict) -> str:
     """The HTML page for a payload (all data, styles and scripts inline)."""
     data = json.dumps(payload, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
     title = f"Attention explorer · {payload['dataset']}"
-    return (_PAGE.replace("__TITLE__", html.escape(title)).replace("__DATASET__", html.escape(payload["dataset"]))
-            .replace("__DATA__", data))
+    return (
+        _PAGE.replace("__TITLE__", html.escape(title))
+        .replace("__DATASET__", html.escape(payload["dataset"]))
+        .replace("__DATA__", data)
+    )
 
 
-def write_explorer(store: Any, path: Path | str, dataset: str, rows: Sequence[int] = (),
-                   n_others: int = DEFAULT_EXPLORE) -> ExplorerInfo:
+def write_explorer(
+    store: Any, path: Path | str, dataset: str, rows: Sequence[int] = (), n_others: int = DEFAULT_EXPLORE
+) -> ExplorerInfo:
     """Choose compounds (:func:`choose_compounds`), embed them and write the page atomically.
 
     Args:
@@ -257,8 +285,13 @@ def write_explorer(store: Any, path: Path | str, dataset: str, rows: Sequence[in
     path = Path(path)
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-    return ExplorerInfo(path=path, n_compounds=len(chosen), n_paper=sum(g == "paper" for _, g in chosen),
-                        size=path.stat().st_size, seconds=time.perf_counter() - t0)
+    return ExplorerInfo(
+        path=path,
+        n_compounds=len(chosen),
+        n_paper=sum(g == "paper" for _, g in chosen),
+        size=path.stat().st_size,
+        seconds=time.perf_counter() - t0,
+    )
 
 
 _PAGE = r"""<!DOCTYPE html>

@@ -50,8 +50,12 @@ from crabnet.layout import Layout
 
 IMPORTANCES = ("attention", "rollout", "shuffled", "fraction")  # the columns of the table, in this order
 PAIRED = ("attention", "rollout")  # compared with the fraction-only control compound by compound
-LABELS = {"attention": "attention (raw)", "rollout": "attention rollout", "shuffled": "shuffled (control)",
-          "fraction": "fraction only (control)"}
+LABELS = {
+    "attention": "attention (raw)",
+    "rollout": "attention rollout",
+    "shuffled": "shuffled (control)",
+    "fraction": "fraction only (control)",
+}
 BLOCK_BYTES = 64 << 20  # faithfulness_table reads about this many bytes of attention at once
 
 
@@ -169,10 +173,13 @@ def rollout_importance(attention: np.ndarray, fractions: np.ndarray) -> np.ndarr
 def _hash_uniform(seed: int, row: np.ndarray, capture: np.ndarray, slot: np.ndarray) -> np.ndarray:
     """Uniform [0, 1) numbers from a SplitMix64 hash of (seed, row, capture, slot) (broadcast)."""
     with np.errstate(over="ignore"):
-        x = (np.uint64(seed % 2**64) * np.uint64(0x9E3779B97F4A7C15)
-             + np.asarray(row, np.uint64) * np.uint64(0xD1B54A32D192ED03)
-             + np.asarray(capture, np.uint64) * np.uint64(0x8CB92BA72F3D8DD7)
-             + np.asarray(slot, np.uint64) + np.uint64(1))
+        x = (
+            np.uint64(seed % 2**64) * np.uint64(0x9E3779B97F4A7C15)
+            + np.asarray(row, np.uint64) * np.uint64(0xD1B54A32D192ED03)
+            + np.asarray(capture, np.uint64) * np.uint64(0x8CB92BA72F3D8DD7)
+            + np.asarray(slot, np.uint64)
+            + np.uint64(1)
+        )
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         x = x ^ (x >> np.uint64(31))
@@ -186,8 +193,9 @@ def shuffled(values: np.ndarray, keep: np.ndarray, seed: int, rows: np.ndarray, 
     at capture ``captures[t]`` depends only on (seed, row, capture).
     """
     b, c, E = values.shape
-    keys = _hash_uniform(seed, np.asarray(rows)[:, None, None], np.asarray(captures)[None, :, None],
-                         np.arange(E)[None, None, :])
+    keys = _hash_uniform(
+        seed, np.asarray(rows)[:, None, None], np.asarray(captures)[None, :, None], np.arange(E)[None, None, :]
+    )
     keys = np.where(np.broadcast_to(keep[:, None, :], (b, c, E)), keys, np.inf)  # padding sorts last
     order = np.argsort(keys, axis=-1, kind="stable")
     return np.take_along_axis(values, order, axis=-1)
@@ -249,8 +257,9 @@ def top1_agreement(x: np.ndarray, y: np.ndarray, keep: np.ndarray, rtol: float =
         return np.where(size > 0, both / np.where(size > 0, size, 1), np.nan)
 
 
-def block_importances(attention: np.ndarray, fractions: np.ndarray, keep: np.ndarray, seed: int,
-                      rows: np.ndarray, captures: np.ndarray) -> dict[str, np.ndarray]:
+def block_importances(
+    attention: np.ndarray, fractions: np.ndarray, keep: np.ndarray, seed: int, rows: np.ndarray, captures: np.ndarray
+) -> dict[str, np.ndarray]:
     """The four importances of a block of compounds at every capture.
 
     Args:
@@ -264,9 +273,12 @@ def block_importances(attention: np.ndarray, fractions: np.ndarray, keep: np.nda
     """
     f = np.asarray(fractions, dtype=np.float64)[:, None, :]
     raw = attention_importance(attention, f)
-    return {"attention": raw, "rollout": rollout_importance(attention, f),
-            "shuffled": shuffled(raw, keep, seed, rows, captures),
-            "fraction": np.broadcast_to(f, raw.shape)}
+    return {
+        "attention": raw,
+        "rollout": rollout_importance(attention, f),
+        "shuffled": shuffled(raw, keep, seed, rows, captures),
+        "fraction": np.broadcast_to(f, raw.shape),
+    }
 
 
 def faithfulness_table(store: Any, seed: int = 0, block_bytes: int = BLOCK_BYTES):
@@ -294,8 +306,10 @@ def faithfulness_table(store: Any, seed: int = 0, block_bytes: int = BLOCK_BYTES
     import pandas as pd
 
     if not getattr(store, "has_attribution", False):
-        raise ValueError(f"{getattr(store, 'path', 'the store')} holds no attribution "
-                         "(made before attribution was captured); run get_training_attention.py again")
+        raise ValueError(
+            f"{getattr(store, 'path', 'the store')} holds no attribution "
+            "(made before attribution was captured); run get_training_attention.py again"
+        )
     group = store.group
     att, attr = group["attention"], group["attribution"]
     n, c = att.shape[0], att.shape[1]
@@ -318,8 +332,10 @@ def faithfulness_table(store: Any, seed: int = 0, block_bytes: int = BLOCK_BYTES
         keep_c = np.broadcast_to(keep[:, None, :], a.shape)
         per: dict[str, np.ndarray] = {}  # (b, c) per compound, NaN where left out
         for name, imp in imps.items():
-            for metric, values, need in (("tau", kendall_tau(a, imp, keep_c), 3),
-                                         ("top1", top1_agreement(a, imp, keep_c), 2)):
+            for metric, values, need in (
+                ("tau", kendall_tau(a, imp, keep_c), 3),
+                ("top1", top1_agreement(a, imp, keep_c), 2),
+            ):
                 per[f"{metric}_{name}"] = np.where((k >= need)[:, None], values, np.nan)
         for metric in ("tau", "top1"):
             for name in PAIRED:
@@ -365,8 +381,10 @@ def plot_faithfulness(table, path: Path | str, title: str = "", capture: str = "
     fig = Figure(figsize=(11, 4.2))
     axes = fig.subplots(1, 2)
     x = np.asarray(table["step"])
-    for ax, metric, ylabel in ((axes[0], "tau", "Kendall τ(|attribution|, importance)\ncompounds with ≥ 3 elements"),
-                               (axes[1], "top1", "top-1 agreement\ncompounds with ≥ 2 elements")):
+    for ax, metric, ylabel in (
+        (axes[0], "tau", "Kendall τ(|attribution|, importance)\ncompounds with ≥ 3 elements"),
+        (axes[1], "top1", "top-1 agreement\ncompounds with ≥ 2 elements"),
+    ):
         for name in IMPORTANCES:
             y = np.asarray(table[f"{metric}_{name}"], dtype=np.float64)
             se = np.asarray(table[f"{metric}_{name}_se"], dtype=np.float64)
@@ -379,8 +397,11 @@ def plot_faithfulness(table, path: Path | str, title: str = "", capture: str = "
     axes[0].legend(fontsize=8, loc="best")
     n_tau = int(np.max(table["n_tau"])) if len(table) else 0
     n_top1 = int(np.max(table["n_top1"])) if len(table) else 0
-    fig.suptitle(f"{title}: does attention rank elements as leave-one-out attribution does? "
-                 f"({n_tau} / {n_top1} compounds; bands ±1 SE)", fontsize=10)
+    fig.suptitle(
+        f"{title}: does attention rank elements as leave-one-out attribution does? "
+        f"({n_tau} / {n_top1} compounds; bands ±1 SE)",
+        fontsize=10,
+    )
     fig.tight_layout()
     return save_png(fig, path, dpi=110)
 
@@ -394,12 +415,14 @@ def summary_rows(table, captures: tuple[int, ...] = (0, -1)) -> str:
         row = table.iloc[c]
         label = f"{int(row['capture'])} ({int(row['step'])})"
         for metric in ("tau", "top1"):
-            cells = "".join(cell.format(row[f"{metric}_{k}"], row[f"{metric}_{k}_se"]).replace("+", " ")
-                            for k in IMPORTANCES)
+            cells = "".join(
+                cell.format(row[f"{metric}_{k}"], row[f"{metric}_{k}_se"]).replace("+", " ") for k in IMPORTANCES
+            )
             lines.append(f"{label:16s}{metric:16s}{cells}")
             if f"{metric}_attention_vs_fraction" in row:
-                cells = "".join(cell.format(row[f"{metric}_{k}_vs_fraction"], row[f"{metric}_{k}_vs_fraction_se"])
-                                for k in PAIRED)
+                cells = "".join(
+                    cell.format(row[f"{metric}_{k}_vs_fraction"], row[f"{metric}_{k}_vs_fraction_se"]) for k in PAIRED
+                )
                 lines.append(f"{'':16s}{'  minus fraction':16s}{cells}")
             label = ""
     return "\n".join(lines)
@@ -421,23 +444,33 @@ def write_faithfulness(store: Any, data_dir: Path | str, dataset: str, seed: int
     return table, csv, png
 
 
-def refresh_faithfulness(store: Any, data_dir: Path | str, dataset: str, seed: int = 0, force: bool = False,
-                         store_time: float | None = None) -> None:
+def refresh_faithfulness(
+    store: Any, data_dir: Path | str, dataset: str, seed: int = 0, force: bool = False, store_time: float | None = None
+) -> None:
     """Step 2: write faithfulness.csv and its figure unless the store has no attribution or they
     are newer than the store (``store_time``, its modification time; ``force`` recomputes); prints
     what it did and the table's first and last capture."""
     csv, png = faithfulness_paths(data_dir, dataset)
     if not store.has_attribution:
-        print(f"faithfulness: {store.path} has no attribution (made before it was captured); "
-              f"run get_training_attention.py --force for {csv.name}")
+        print(
+            f"faithfulness: {store.path} has no attribution (made before it was captured); "
+            f"run get_training_attention.py --force for {csv.name}"
+        )
         return
-    if (not force and store_time is not None and csv.is_file() and png.is_file()
-            and min(csv.stat().st_mtime, png.stat().st_mtime) > store_time):
+    if (
+        not force
+        and store_time is not None
+        and csv.is_file()
+        and png.is_file()
+        and min(csv.stat().st_mtime, png.stat().st_mtime) > store_time
+    ):
         print(f"faithfulness: {csv} is up to date (--force recomputes)")
         return
     t0 = time.perf_counter()
     table, csv, png = write_faithfulness(store, data_dir, dataset, seed=seed)
-    print(f"faithfulness ({time.perf_counter() - t0:.1f} s) -> {csv}, {png}\n"
-          f"  Kendall tau(|attribution|, importance) over {int(table['n_tau'].iloc[0])} compounds with >= 3 "
-          f"elements, top-1 agreement over {int(table['n_top1'].iloc[0])} with >= 2 (mean ± SE):\n"
-          + "\n".join("  " + line for line in summary_rows(table).splitlines()))
+    print(
+        f"faithfulness ({time.perf_counter() - t0:.1f} s) -> {csv}, {png}\n"
+        f"  Kendall tau(|attribution|, importance) over {int(table['n_tau'].iloc[0])} compounds with >= 3 "
+        f"elements, top-1 agreement over {int(table['n_top1'].iloc[0])} with >= 2 (mean ± SE):\n"
+        + "\n".join("  " + line for line in summary_rows(table).splitlines())
+    )

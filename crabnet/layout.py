@@ -21,49 +21,95 @@ SPLITS = ("train", "val", "test")
 
 # The 18 "extended benchmark" datasets (SPEC §3), in the order of the published MAE table.
 BENCHMARK_DATASETS: tuple[str, ...] = (
-    "aflow__ael_bulk_modulus_vrh", "aflow__ael_debye_temperature", "aflow__ael_shear_modulus_vrh",
-    "aflow__agl_thermal_conductivity_300K", "aflow__agl_thermal_expansion_300K", "aflow__Egap",
-    "aflow__energy_atom", "CritExam__Ed", "CritExam__Ef", "mp_bulk_modulus", "mp_elastic_anisotropy",
-    "mp_e_hull", "mp_mu_b", "mp_shear_modulus", "OQMD_Bandgap", "OQMD_Energy_per_atom",
-    "OQMD_Formation_Enthalpy", "OQMD_Volume_per_atom",
+    "aflow__ael_bulk_modulus_vrh",
+    "aflow__ael_debye_temperature",
+    "aflow__ael_shear_modulus_vrh",
+    "aflow__agl_thermal_conductivity_300K",
+    "aflow__agl_thermal_expansion_300K",
+    "aflow__Egap",
+    "aflow__energy_atom",
+    "CritExam__Ed",
+    "CritExam__Ef",
+    "mp_bulk_modulus",
+    "mp_elastic_anisotropy",
+    "mp_e_hull",
+    "mp_mu_b",
+    "mp_shear_modulus",
+    "OQMD_Bandgap",
+    "OQMD_Energy_per_atom",
+    "OQMD_Formation_Enthalpy",
+    "OQMD_Volume_per_atom",
 )
 
 # (paths, written by, content): the outputs table of data/README.md (``python -m crabnet.layout``
 # prints it; a test checks that data/README.md holds it)
 OUTPUTS: tuple[tuple[str, str, str], ...] = (
-    ("`models/<dataset>__<features>.pt`, `…__npj.pt`", "1, 4, 6, 7",
-     "checkpoint of the immi / npj recipe: weights, model config, target scaler, metadata with the training "
-     "history (`torch.load(..., weights_only=True)`); step 1 writes `…__attention.pt` beside a full-recipe one"),
-    ("`models/<dataset>__<features>[__npj].state.pt`", "1, 4, 6, 7, benchmarks/accuracy.py",
-     "state of an unfinished training (weights, optimiser, SWA, RNGs, history), saved about once a minute; the "
-     "same command goes on from it; removed when the checkpoint is written"),
-    ("`attention/<dataset>/attention.zarr`", "1",
-     "Zarr v3 group of attention captures and the leave-one-element-out attribution of every element at every "
-     "capture (layout in `crabnet/capture.py`; stores made before attribution have none); `attention.zarr.partial` "
-     "= an unfinished run, ignored by readers, with `attention.zarr.state.pt` its training state"),
-    ("`videos/<dataset>/<formula>.mp4`, `<formula>_attention.mp4`, `<formula>_progress.mp4`", "2",
-     "H.264 videos, one frame per capture: heatmaps of all heads of a layer, prediction vs target, both side by "
-     "side (`_layerN` / `_layers` in the name for `--layer N≠0` / `all`)"),
-    ("`explorer/<dataset>.html`", "2",
-     "the attention explorer: one offline page (search, layer/head, capture slider with play; view in the URL "
-     "hash `#compound=Hf1O2&layer=0&head=2&capture=8`); cells carry `data-query`, `data-key`, `data-value`"),
-    ("`attention/<dataset>/faithfulness.csv`, `figures/faithfulness/<dataset>.png`", "2",
-     "agreement of attention with leave-one-element-out attribution per capture, beside shuffled and "
-     "fraction-only controls"),
-    ("`index.html`", "every step, at its end", "the report: every output below, linked relatively (zip the "
-     "folder to share it)"),
-    ("`figures/training/<checkpoint>.png`", "the report", "learning curve of a checkpoint: train loss, validation "
-     "MAE, learning rate, SWA updates per epoch"),
-    ("`oxidation/<dataset>__<split>.json`, `.csv`, `oxidation/element_ox_states.json`", "3",
-     "{formula: {element: mean oxidation state} or null} in dataset row order; common/ICSD/all states per element"),
-    ("`oxidation/cache/`", "3", "every guess, written as each job finishes, shared by all datasets; an "
-     "interrupted run resumes from it"),
+    (
+        "`models/<dataset>__<features>.pt`, `…__npj.pt`",
+        "1, 4, 6, 7",
+        "checkpoint of the immi / npj recipe: weights, model config, target scaler, metadata with the training "
+        "history (`torch.load(..., weights_only=True)`); step 1 writes `…__attention.pt` beside a full-recipe one",
+    ),
+    (
+        "`models/<dataset>__<features>[__npj].state.pt`",
+        "1, 4, 6, 7, benchmarks/accuracy.py",
+        "state of an unfinished training (weights, optimiser, SWA, RNGs, history), saved about once a minute; the "
+        "same command goes on from it; removed when the checkpoint is written",
+    ),
+    (
+        "`attention/<dataset>/attention.zarr`",
+        "1",
+        "Zarr v3 group of attention captures and the leave-one-element-out attribution of every element at every "
+        "capture (layout in `crabnet/capture.py`; stores made before attribution have none); `attention.zarr.partial` "
+        "= an unfinished run, ignored by readers, with `attention.zarr.state.pt` its training state",
+    ),
+    (
+        "`videos/<dataset>/<formula>.mp4`, `<formula>_attention.mp4`, `<formula>_progress.mp4`",
+        "2",
+        "H.264 videos, one frame per capture: heatmaps of all heads of a layer, prediction vs target, both side by "
+        "side (`_layerN` / `_layers` in the name for `--layer N≠0` / `all`)",
+    ),
+    (
+        "`explorer/<dataset>.html`",
+        "2",
+        "the attention explorer: one offline page (search, layer/head, capture slider with play; view in the URL "
+        "hash `#compound=Hf1O2&layer=0&head=2&capture=8`); cells carry `data-query`, `data-key`, `data-value`",
+    ),
+    (
+        "`attention/<dataset>/faithfulness.csv`, `figures/faithfulness/<dataset>.png`",
+        "2",
+        "agreement of attention with leave-one-element-out attribution per capture, beside shuffled and "
+        "fraction-only controls",
+    ),
+    (
+        "`index.html`",
+        "every step, at its end",
+        "the report: every output below, linked relatively (zip the folder to share it)",
+    ),
+    (
+        "`figures/training/<checkpoint>.png`",
+        "the report",
+        "learning curve of a checkpoint: train loss, validation MAE, learning rate, SWA updates per epoch",
+    ),
+    (
+        "`oxidation/<dataset>__<split>.json`, `.csv`, `oxidation/element_ox_states.json`",
+        "3",
+        "{formula: {element: mean oxidation state} or null} in dataset row order; common/ICSD/all states per element",
+    ),
+    (
+        "`oxidation/cache/`",
+        "3",
+        "every guess, written as each job finishes, shared by all datasets; an interrupted run resumes from it",
+    ),
     ("`embeddings/<features>/<dataset>__layer<L>__<Q|K|V>.csv`", "4", "118 rows (H…Og) × d_model"),
     ("`predictions/<dataset>__<features>__test.csv`", "4", "formula, target, prediction, uncertainty"),
     ("`figures/correlation/`", "5", "Pearson matrices (PNG + offline HTML) and `summary.csv`"),
     ("`umap/local/<dataset>/`, `figures/umap_local/<dataset>/`", "6", "per-atom UMAP coordinates, summary, plots"),
-    ("`umap/global/<dataset>/`, `figures/umap_global/<dataset>/`", "7",
-     "per-compound UMAP coordinates, summary, plots"),
+    (
+        "`umap/global/<dataset>/`, `figures/umap_global/<dataset>/`",
+        "7",
+        "per-compound UMAP coordinates, summary, plots",
+    ),
     ("`umap/cache/`", "6, 7", "cached representations and UMAP coordinates keyed by their inputs"),
     ("`stats/`, `figures/stats/`", "8", "dataset statistics and element-prevalence / diversity plots"),
     ("`benchmarks/`", "benchmarks/*.py", "figures of the benchmark scripts as JSON"),
@@ -223,7 +269,7 @@ def folds_of(data_dir: Path | str, dataset: str) -> list[int]:
     folder = Layout(data_dir).matbench(dataset)
     folds = []
     for p in folder.glob("train*.csv"):
-        tail = p.stem[len("train"):]
+        tail = p.stem[len("train") :]
         if tail.isdigit() and all((folder / f"{s}{tail}.csv").is_file() for s in SPLITS):
             folds.append(int(tail))
     return sorted(folds)
@@ -247,8 +293,9 @@ def resolve_datasets(data_dir: Path | str, names: list[str] | None) -> list[tupl
     if not (data_dir / BENCHMARK).is_dir() and not (data_dir / MATBENCH).is_dir():
         dataset_dir(data_dir, "aflow__Egap")  # fetches the published sets (or explains how to)
     if not names or "all" in names:
-        return [(BENCHMARK, n) for n in available(data_dir, BENCHMARK)] + \
-               [(MATBENCH, n) for n in available(data_dir, MATBENCH)]
+        return [(BENCHMARK, n) for n in available(data_dir, BENCHMARK)] + [
+            (MATBENCH, n) for n in available(data_dir, MATBENCH)
+        ]
     out: list[tuple[str, str]] = []
     for name in dict.fromkeys(names):
         if (data_dir / BENCHMARK / name).is_dir():
@@ -257,8 +304,10 @@ def resolve_datasets(data_dir: Path | str, names: list[str] | None) -> list[tupl
             out.append((MATBENCH, name))
         else:
             have = available(data_dir, BENCHMARK) + available(data_dir, MATBENCH)
-            raise DataError(f"dataset {name!r} not found under {data_dir}/{BENCHMARK}/ or {data_dir}/{MATBENCH}/. "
-                            f"Available: {', '.join(have) or 'none'}")
+            raise DataError(
+                f"dataset {name!r} not found under {data_dir}/{BENCHMARK}/ or {data_dir}/{MATBENCH}/. "
+                f"Available: {', '.join(have) or 'none'}"
+            )
     return out
 
 

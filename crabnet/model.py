@@ -49,7 +49,7 @@ class CrabNetConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CrabNetConfig":
+    def from_dict(cls, d: dict) -> CrabNetConfig:
         d = dict(d)
         d["head_dims"] = tuple(d.get("head_dims", cls.head_dims))
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
@@ -155,8 +155,9 @@ def gather_rows(x: torch.Tensor, real: torch.Tensor, multiple: int = 1) -> torch
     return F.pad(xr, (0, 0, 0, extra)) if extra else xr
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor, p: float,
-           fused: bool) -> torch.Tensor:
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor, p: float, fused: bool
+) -> torch.Tensor:
     """softmax(q kᵀ / √Dh, masked) with dropout ``p``, times v: 3 x (B, H, E, Dh) -> (B, H, E, Dh).
 
     ``fused``: PyTorch's ``scaled_dot_product_attention`` (used off the CPU). On the CPU it is
@@ -307,7 +308,12 @@ class CrabNet(nn.Module):
         return x + torch.cat([pe, ple], dim=-1)  # linear in [0, D/2), log in [D/2, D)
 
     def forward_internals(
-        self, elements: torch.Tensor, fractions: torch.Tensor, *, attention: bool = False, hidden: bool = False,
+        self,
+        elements: torch.Tensor,
+        fractions: torch.Tensor,
+        *,
+        attention: bool = False,
+        hidden: bool = False,
         real: torch.Tensor | None = None,
     ) -> Internals:
         """Forward pass returning the output and, on request, attention maps and layer inputs.
@@ -362,7 +368,8 @@ class CrabNet(nn.Module):
         out = torch.stack([value * torch.sigmoid(logit), logit, log_unc], dim=-1)
         return Internals(out, torch.stack(maps, dim=1) if attention else None, inputs if hidden else None)
 
-    def forward(self, elements: torch.Tensor, fractions: torch.Tensor,
-                real: torch.Tensor | None = None) -> torch.Tensor:  # -> (B, 3)
+    def forward(
+        self, elements: torch.Tensor, fractions: torch.Tensor, real: torch.Tensor | None = None
+    ) -> torch.Tensor:  # -> (B, 3)
         """(B, E), (B, E) -> (B, 3); ``real``: see :meth:`forward_internals`."""
         return self.forward_internals(elements, fractions, real=real).output

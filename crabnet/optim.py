@@ -24,9 +24,23 @@ import torch
 class Lamb(torch.optim.Optimizer):
     """Layer-wise adaptive moments (You et al. 2019), as used by CrabNet."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.0, max_weight_norm: float = 10.0, fused: bool = True):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_weight_norm=max_weight_norm)
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        max_weight_norm: float = 10.0,
+        fused: bool = True,
+    ):
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "max_weight_norm": max_weight_norm,
+        }
         super().__init__(params, defaults)
         self.fused = fused  # use PyTorch's fused Adam kernel for the moments where it applies
         self._bufs: dict[torch.Tensor, torch.Tensor] = {}  # scratch per parameter, kept between steps
@@ -88,12 +102,14 @@ class Lamb(torch.optim.Optimizer):
         """
         if not self.fused or not hasattr(torch, "_fused_adamw_"):
             return False
-        if any(1.0 - b ** 1e9 != 1.0 for b in (beta1, beta2)):  # bias correction would not be exactly 1
+        if any(1.0 - b**1e9 != 1.0 for b in (beta1, beta2)):  # bias correction would not be exactly 1
             return False
         dev = params[0].device
-        return dev.type in ("cpu", "cuda") and all(
-            t.device == dev and t.dtype == torch.float32 and t.is_contiguous() for t in (*params, *grads)
-        ) and _fused_verified(dev, beta1, beta2)
+        return (
+            dev.type in ("cpu", "cuda")
+            and all(t.device == dev and t.dtype == torch.float32 and t.is_contiguous() for t in (*params, *grads))
+            and _fused_verified(dev, beta1, beta2)
+        )
 
     def _step_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """Scratch tensors for the update, one per parameter, kept between steps (not saved).
@@ -119,8 +135,15 @@ def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.dot(t.reshape(-1), t.reshape(-1)) for t in tensors]).sqrt()
 
 
-def _foreach_adam_direction(grads: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor],
-                            steps: list[torch.Tensor], beta1: float, beta2: float, eps: float) -> None:
+def _foreach_adam_direction(
+    grads: list[torch.Tensor],
+    m: list[torch.Tensor],
+    v: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> None:
     """Moments updated in place, ``steps`` = m / (sqrt(v) + eps), with ``torch._foreach_*`` kernels."""
     torch._foreach_lerp_(m, grads, 1 - beta1)  # m = beta1 m + (1 - beta1) g
     torch._foreach_mul_(v, beta2)
@@ -137,12 +160,32 @@ def _fused_counts(n: int, device: torch.device) -> list[torch.Tensor]:
     return [torch.full((), 1e9, device=device) for _ in range(n)]
 
 
-def _fused_adam_direction(grads: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor],
-                          steps: list[torch.Tensor], counts: list[torch.Tensor], beta1: float, beta2: float,
-                          eps: float) -> None:
+def _fused_adam_direction(
+    grads: list[torch.Tensor],
+    m: list[torch.Tensor],
+    v: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    counts: list[torch.Tensor],
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> None:
     """What :func:`_foreach_adam_direction` does, in PyTorch's fused Adam kernel (``Lamb._adam_direction``)."""
-    torch._fused_adamw_(steps, grads, m, v, [], counts, lr=-1.0, beta1=beta1, beta2=beta2,
-                        weight_decay=-1.0, eps=eps, amsgrad=False, maximize=False)
+    torch._fused_adamw_(
+        steps,
+        grads,
+        m,
+        v,
+        [],
+        counts,
+        lr=-1.0,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=-1.0,
+        eps=eps,
+        amsgrad=False,
+        maximize=False,
+    )
 
 
 # device type -> whether torch._fused_adamw_ passed fused_adam_probe there (checked once per process)
@@ -150,8 +193,7 @@ _FUSED_VERDICT: dict[str, bool] = {}
 FUSED_PROBE_RTOL, FUSED_PROBE_ATOL = 1e-5, 1e-6  # allowed difference from the foreach path
 
 
-def fused_adam_probe(device: torch.device | str, beta1: float = 0.9, beta2: float = 0.999,
-                     eps: float = 1e-6) -> dict:
+def fused_adam_probe(device: torch.device | str, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-6) -> dict:
     """Check Lamb's use of ``torch._fused_adamw_`` against the foreach path on ``device``.
 
     A few tiny tensors (one 0-dim) with the same gradients and moments go through both paths; the
@@ -177,7 +219,7 @@ def fused_adam_probe(device: torch.device | str, beta1: float = 0.9, beta2: floa
         pairs = [(a, b) for xs, ys in zip(out, ref) for a, b in zip(xs, ys)]
         diff = max(float((a - b).abs().max()) for a, b in pairs)
         ok = all(torch.allclose(a, b, rtol=FUSED_PROBE_RTOL, atol=FUSED_PROBE_ATOL) for a, b in pairs)
-    except Exception as err:  # noqa: BLE001 - any failure of the private kernel means: do not use it
+    except Exception as err:
         return {"ok": False, "max_abs_diff": None, "error": f"{type(err).__name__}: {err}"}
     return {"ok": ok, "max_abs_diff": diff, "error": None}
 
@@ -190,8 +232,11 @@ def _fused_verified(device: torch.device, beta1: float, beta2: float) -> bool:
         verdict = _FUSED_VERDICT[device.type] = bool(result["ok"])
         if not verdict:
             why = result["error"] or f"differs from the foreach path by up to {result['max_abs_diff']:.3g}"
-            warnings.warn(f"Lamb: torch._fused_adamw_ on {device.type}: {why}; using the foreach path instead",
-                          RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"Lamb: torch._fused_adamw_ on {device.type}: {why}; using the foreach path instead",
+                RuntimeWarning,
+                stacklevel=4,
+            )
     return verdict
 
 
@@ -231,8 +276,11 @@ class Lookahead:
             torch._foreach_copy_(fast, slow)
 
     def state_dict(self) -> dict:
-        return {"base": self.base.state_dict(), "counter": self.counter,
-                "slow": [] if self.slow is None else [[s.clone() for s in g] for g in self.slow]}
+        return {
+            "base": self.base.state_dict(),
+            "counter": self.counter,
+            "slow": [] if self.slow is None else [[s.clone() for s in g] for g in self.slow],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.base.load_state_dict(state["base"])
@@ -262,7 +310,7 @@ class SWA:
     RULE = 2  # 2: a reset adds the current weights at once, as the original does (1: it only reset the count)
 
     def __init__(self, params):
-        self.params = [p for p in params]
+        self.params = list(params)
         self.avg = [torch.zeros_like(p) for p in self.params]
         self.n_averaged = 0
         self.minimum = 1e9
@@ -303,8 +351,13 @@ class SWA:
         return True
 
     def state_dict(self) -> dict:
-        return {"avg": [a.clone() for a in self.avg], "n_averaged": self.n_averaged, "minimum": self.minimum,
-                "maximum": self.maximum, "resets": self.resets}
+        return {
+            "avg": [a.clone() for a in self.avg],
+            "n_averaged": self.n_averaged,
+            "minimum": self.minimum,
+            "maximum": self.maximum,
+            "resets": self.resets,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():

@@ -46,6 +46,7 @@ How the work is shared and bounded:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import heapq
@@ -55,9 +56,10 @@ import re
 import threading
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -242,8 +244,10 @@ def element_sums(symbol: str, sites: int) -> tuple[tuple[int, int], ...]:
 def _element_arrays(symbol: str, sites: int) -> tuple[np.ndarray, np.ndarray]:
     """:func:`element_sums` as two int64 arrays (sums, scores), in the same order."""
     pairs = element_sums(symbol, sites)
-    return (np.array([v for v, _ in pairs], dtype=np.int64).reshape(-1),
-            np.array([sc for _, sc in pairs], dtype=np.int64).reshape(-1))
+    return (
+        np.array([v for v, _ in pairs], dtype=np.int64).reshape(-1),
+        np.array([sc for _, sc in pairs], dtype=np.int64).reshape(-1),
+    )
 
 
 _DENSE_ABOVE = 4096  # (sums so far) x (sums of the element) above which numpy arrays replace dicts
@@ -267,11 +271,12 @@ class _Reach:
             return self.low, self.dense
         low = min(self.table)
         arr = np.full(max(self.table) - low + 1, _UNREACHED, dtype=np.int64)
-        arr[np.fromiter(self.table.keys(), dtype=np.int64, count=len(self.table)) - low] = \
-            np.fromiter(self.table.values(), dtype=np.int64, count=len(self.table))
+        arr[np.fromiter(self.table.keys(), dtype=np.int64, count=len(self.table)) - low] = np.fromiter(
+            self.table.values(), dtype=np.int64, count=len(self.table)
+        )
         return low, arr
 
-    def extend(self, symbol: str, sites: int) -> "_Reach":
+    def extend(self, symbol: str, sites: int) -> _Reach:
         """The best scores of (element symbol with sites atoms) followed by this suffix."""
         if self.size() * len(element_sums(symbol, sites)) <= _DENSE_ABOVE and self.table is not None:
             out: dict[int, int] = {}
@@ -290,7 +295,7 @@ class _Reach:
         for i, (v, sc) in enumerate(zip((vs - v_min).tolist(), scs.tolist())):
             if not i % 16:
                 _check_time(end)
-            window = out_arr[v: v + arr.size]
+            window = out_arr[v : v + arr.size]
             np.maximum(window, arr + sc, out=window)
         return _Reach(low=low + v_min, dense=out_arr)
 
@@ -497,16 +502,22 @@ class GuessCache:
 
     def add(self, guess: Guess, max_seconds: float) -> None:
         """Record a result (appended to the file, flushed at least once a second and by :meth:`flush`)."""
-        e = {"key": guess.key, "states": guess.states, "reason": guess.reason,
-             "seconds": round(guess.seconds, 6), "max_seconds": max_seconds}
+        e = {
+            "key": guess.key,
+            "states": guess.states,
+            "reason": guess.reason,
+            "seconds": round(guess.seconds, 6),
+            "max_seconds": max_seconds,
+        }
         self.entries[guess.key] = e
         if self.path is None:
             return
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            needs_newline = self.path.is_file() and self.path.stat().st_size > 0 and \
-                not self.path.read_bytes()[-1:] == b"\n"
-            self._file = open(self.path, "a", encoding="utf-8")
+            needs_newline = (
+                self.path.is_file() and self.path.stat().st_size > 0 and self.path.read_bytes()[-1:] != b"\n"
+            )
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across writes, closed by close()
             if needs_newline:  # a killed run left half a line: start on a fresh one
                 self._file.write("\n")
         self._file.write(json.dumps(e) + "\n")
@@ -527,7 +538,7 @@ class GuessCache:
             self._file.close()
             self._file = None
 
-    def __enter__(self) -> "GuessCache":
+    def __enter__(self) -> GuessCache:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -575,8 +586,12 @@ def read_formulas(path: Path | str) -> list[str]:
     return read_text_table(path, ("formula",))["formula"].tolist()
 
 
-def keys_for(label: str, formulas: list[str], max_sites: int | None,
-             memo: dict[str, tuple[str | None, int, str | None]] | None = None) -> SplitFormulas:
+def keys_for(
+    label: str,
+    formulas: list[str],
+    max_sites: int | None,
+    memo: dict[str, tuple[str | None, int, str | None]] | None = None,
+) -> SplitFormulas:
     """Composition keys of formulas (:func:`composition_key`); unparseable ones and those over ``max_sites``
     get a reason.
 
@@ -653,8 +668,14 @@ def chunks_of(keys: list[str], chunk_size: int) -> list[list[str]]:
     return [[keys[i] for i in sorted(m)] for m in members]
 
 
-def guess_all(keys: Iterable[str | None], cache: GuessCache, *, max_seconds: float, engine: Engine | None = None,
-              chunk_size: int = CHUNK_SIZE) -> dict | None:
+def guess_all(
+    keys: Iterable[str | None],
+    cache: GuessCache,
+    *,
+    max_seconds: float,
+    engine: Engine | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> dict | None:
     """Guess every distinct key that the cache lacks, as jobs of :mod:`crabnet.engine`.
 
     The keys to do are cut into chunks of about ``chunk_size`` and equal cost (:func:`chunks_of`), each a
@@ -684,8 +705,15 @@ def guess_all(keys: Iterable[str | None], cache: GuessCache, *, max_seconds: flo
     parts = chunks_of(todo, chunk_size) if todo else []
     # "oxidation-…": Dask puts the chunks in one task group "oxidation" (the key up to the first "-"), so that its
     # scheduler queues them and hands them out as workers free up, instead of assigning them all at once
-    jobs = [Job(f"oxidation-chunk {i + 1} of {len(parts)}", guess_chunk, {"keys": part, "max_seconds": max_seconds},
-                cost_s=sum(map(estimated_seconds, part))) for i, part in enumerate(parts)]
+    jobs = [
+        Job(
+            f"oxidation-chunk {i + 1} of {len(parts)}",
+            guess_chunk,
+            {"keys": part, "max_seconds": max_seconds},
+            cost_s=sum(map(estimated_seconds, part)),
+        )
+        for i, part in enumerate(parts)
+    ]
     reasons: dict[str, int] = {}
 
     def record(job: Job, result: list[ChunkResult]) -> None:
@@ -702,9 +730,15 @@ def guess_all(keys: Iterable[str | None], cache: GuessCache, *, max_seconds: flo
     finally:
         cache.close()
     seconds = time.perf_counter() - t0
-    return {"distinct": len(distinct), "cached": len(distinct) - len(todo), "computed": len(todo),
-            "chunks": len(jobs), "seconds": seconds,
-            "per_second": len(todo) / seconds if todo and seconds > 0 else math.nan, "reasons": reasons}
+    return {
+        "distinct": len(distinct),
+        "cached": len(distinct) - len(todo),
+        "computed": len(todo),
+        "chunks": len(jobs),
+        "seconds": seconds,
+        "per_second": len(todo) / seconds if todo and seconds > 0 else math.nan,
+        "reasons": reasons,
+    }
 
 
 def results_for(split: SplitFormulas, cache: GuessCache, max_seconds: float) -> list[tuple[dict | None, str | None]]:
@@ -746,20 +780,19 @@ def write_split(split: SplitFormulas, results: list[tuple[dict | None, str | Non
     elements = [el for el in SYMBOLS if el in present]
     column = {el: i for i, el in enumerate(elements)}
     counts: dict[str, int] = {"rows": len(split.formulas), "formulas": len(mapping), "guessed": 0}
-    with atomic_path(out_dir / f"{split.label}.csv") as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh)
-            w.writerow(["row", "formula", "composition", "reason", *elements])
-            for i, (f, key, (states, reason)) in enumerate(zip(split.formulas, split.keys, results), start=1):
-                if states is not None:
-                    counts["guessed"] += 1
-                else:
-                    r = (reason or ERROR).split(":")[0]
-                    counts[r] = counts.get(r, 0) + 1
-                cells = [""] * len(elements)
-                for el, v in (states or {}).items():
-                    cells[column[el]] = repr(float(v))
-                w.writerow([i, f, key or "", reason or "", *cells])
+    with atomic_path(out_dir / f"{split.label}.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["row", "formula", "composition", "reason", *elements])
+        for i, (f, key, (states, reason)) in enumerate(zip(split.formulas, split.keys, results), start=1):
+            if states is not None:
+                counts["guessed"] += 1
+            else:
+                r = (reason or ERROR).split(":")[0]
+                counts[r] = counts.get(r, 0) + 1
+            cells = [""] * len(elements)
+            for el, v in (states or {}).items():
+                cells[column[el]] = repr(float(v))
+            w.writerow([i, f, key or "", reason or "", *cells])
     return counts
 
 
@@ -778,9 +811,11 @@ def element_ox_states() -> dict[str, dict[str, list[int]]]:
     out = {}
     for sym in SYMBOLS:
         el = Element(sym)
-        out[sym] = {"common": [int(x) for x in el.common_oxidation_states],
-                    "icsd": [int(x) for x in el.icsd_oxidation_states],
-                    "all": [int(x) for x in el.oxidation_states]}
+        out[sym] = {
+            "common": [int(x) for x in el.common_oxidation_states],
+            "icsd": [int(x) for x in el.icsd_oxidation_states],
+            "all": [int(x) for x in el.oxidation_states],
+        }
     return out
 
 
@@ -852,17 +887,42 @@ def oxidation_states(guesses: dict[str, dict[str, float] | None] | None, formula
     for i, f in enumerate(formulas):
         guess = guesses.get(lookup_key(f) or "")
         if guess and guess.get(symbol) is not None:
-            try:
+            with contextlib.suppress(TypeError, ValueError):
                 out[i] = float(guess[symbol])
-            except (TypeError, ValueError):
-                pass
     return out
 
 
 __all__ = [
-    "Guess", "GuessCache", "SplitFormulas", "composition_key", "guess_states", "guess_amounts", "element_sums",
-    "pymatgen_tables", "parse_key", "guess_bounded", "guess_chunk", "chunks_of", "estimated_seconds", "cache_path",
-    "read_formulas", "keys_for", "guess_all", "results_for", "write_split", "element_ox_states",
-    "write_element_ox_states", "progress_bar", "lookup_key", "oxidation_path", "load_oxidation", "oxidation_states",
-    "NO_SOLUTION", "TIMEOUT", "MAX_SITES", "INVALID", "ERROR", "CHUNK_SIZE",
+    "Guess",
+    "GuessCache",
+    "SplitFormulas",
+    "composition_key",
+    "guess_states",
+    "guess_amounts",
+    "element_sums",
+    "pymatgen_tables",
+    "parse_key",
+    "guess_bounded",
+    "guess_chunk",
+    "chunks_of",
+    "estimated_seconds",
+    "cache_path",
+    "read_formulas",
+    "keys_for",
+    "guess_all",
+    "results_for",
+    "write_split",
+    "element_ox_states",
+    "write_element_ox_states",
+    "progress_bar",
+    "lookup_key",
+    "oxidation_path",
+    "load_oxidation",
+    "oxidation_states",
+    "NO_SOLUTION",
+    "TIMEOUT",
+    "MAX_SITES",
+    "INVALID",
+    "ERROR",
+    "CHUNK_SIZE",
 ]

@@ -64,8 +64,9 @@ def load_model(path: Path | str, device: str = "cpu") -> TrainedModel:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m crabnet.predict", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m crabnet.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("formulas", nargs="*", metavar="FORMULA", help="formulas to predict")
     p.add_argument("--model", type=Path, required=True, help="checkpoint (.pt) written by a training step")
     p.add_argument("--csv", type=Path, default=None, help="also predict the 'formula' column of this CSV")

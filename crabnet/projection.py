@@ -81,21 +81,25 @@ def validate_umap(params: UmapParams, n_points: int | None = None) -> UmapParams
     if isinstance(nn_, bool) or not isinstance(nn_, (int, np.integer)) or nn_ < 2:
         raise UmapParamError(f"n_neighbors must be an integer >= 2, got {nn_!r}")
     md = params.min_dist
-    if isinstance(md, bool) or not isinstance(md, (int, float, np.floating)) or not math.isfinite(md) \
-            or not 0 <= md <= 1:
+    if (
+        isinstance(md, bool)
+        or not isinstance(md, (int, float, np.floating))
+        or not math.isfinite(md)
+        or not 0 <= md <= 1
+    ):
         raise UmapParamError(f"min_dist must be a number in [0, 1] (UMAP's spread is 1), got {md!r}")
     if params.metric not in METRICS:
         raise UmapParamError(f"metric must be one of {', '.join(METRICS)}, got {params.metric!r}")
     s = params.seed
     if s is not None and (isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0):
-        raise UmapParamError(f"seed must be a non-negative integer, or None for parallel (not reproducible) "
-                             f"UMAP, got {s!r}")
+        raise UmapParamError(
+            f"seed must be a non-negative integer, or None for parallel (not reproducible) UMAP, got {s!r}"
+        )
     e = params.n_epochs
     if e is not None and (isinstance(e, bool) or not isinstance(e, (int, np.integer)) or e < 1):
         raise UmapParamError(f"n_epochs must be a positive integer or None, got {e!r}")
     if n_points is not None and n_points <= nn_:
-        raise UmapParamError(f"UMAP needs more points than n_neighbors: got {n_points} points for "
-                             f"n_neighbors {nn_}")
+        raise UmapParamError(f"UMAP needs more points than n_neighbors: got {n_points} points for n_neighbors {nn_}")
     return params
 
 
@@ -117,9 +121,17 @@ def fit_umap(x: np.ndarray, params: UmapParams) -> np.ndarray:
         raise UmapParamError("UMAP input holds NaN or infinite values")
     import umap  # slow import (numba); only when projecting
 
-    reducer = umap.UMAP(n_neighbors=int(params.n_neighbors), min_dist=float(params.min_dist), metric=params.metric,
-                        n_components=2, random_state=params.seed, n_jobs=1 if params.seed is not None else -1,
-                        n_epochs=params.n_epochs, low_memory=True, verbose=False)
+    reducer = umap.UMAP(
+        n_neighbors=int(params.n_neighbors),
+        min_dist=float(params.min_dist),
+        metric=params.metric,
+        n_components=2,
+        random_state=params.seed,
+        n_jobs=1 if params.seed is not None else -1,
+        n_epochs=params.n_epochs,
+        low_memory=True,
+        verbose=False,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         coords = reducer.fit_transform(x).astype(np.float32)
@@ -133,8 +145,9 @@ def fit_umap(x: np.ndarray, params: UmapParams) -> np.ndarray:
     return coords
 
 
-def project(x: np.ndarray, params: UmapParams, cache_dir: Path | str, name: str, *,
-            force: bool = False) -> tuple[np.ndarray, bool]:
+def project(
+    x: np.ndarray, params: UmapParams, cache_dir: Path | str, name: str, *, force: bool = False
+) -> tuple[np.ndarray, bool]:
     """``fit_umap`` with the coordinates cached as ``<cache_dir>/<name>__n<rows>__<params key>.npy``.
 
     The caller names the input (e.g. ``local__O__layer0``) inside a folder whose key already
@@ -149,14 +162,14 @@ def project(x: np.ndarray, params: UmapParams, cache_dir: Path | str, name: str,
     if path.is_file() and not force:
         return np.load(path, allow_pickle=False), True
     coords = fit_umap(np.asarray(x), params)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, coords)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, coords)
     return coords, False
 
 
-def local_params(layer: int, n_neighbors: int = 5, min_dist: float = 0.3, min_dist_layer0: float = 0.8,
-                 seed: int | None = 0) -> UmapParams:
+def local_params(
+    layer: int, n_neighbors: int = 5, min_dist: float = 0.3, min_dist_layer0: float = 0.8, seed: int | None = 0
+) -> UmapParams:
     """The paper's local settings: n_neighbors 5, min_dist 0.3 (0.8 for layer 0), Euclidean."""
     return UmapParams(n_neighbors, min_dist_layer0 if layer == 0 else min_dist, "euclidean", seed)
 
@@ -215,8 +228,7 @@ def knn_indices(x: np.ndarray, k: int, metric: str, queries: np.ndarray | None =
     return np.take_along_axis(idx, order, axis=1)
 
 
-def vote_accuracy(neighbours: np.ndarray, labels: np.ndarray, queries: np.ndarray,
-                  balanced: bool = False) -> float:
+def vote_accuracy(neighbours: np.ndarray, labels: np.ndarray, queries: np.ndarray, balanced: bool = False) -> float:
     """Share of queries whose label equals the majority label of their neighbours (ties: smallest).
 
     Args:
@@ -246,8 +258,9 @@ def knn_r2(neighbours: np.ndarray, y: np.ndarray, queries: np.ndarray) -> float:
     return float(1 - ss_res / ss_tot) if ss_tot > 0 else float("nan")
 
 
-def trustworthiness_of(x: np.ndarray, coords: np.ndarray, metric: str, *, k: int = K_NEIGHBOURS,
-                       max_points: int = MAX_EVAL, seed: int = 0) -> tuple[float, int]:
+def trustworthiness_of(
+    x: np.ndarray, coords: np.ndarray, metric: str, *, k: int = K_NEIGHBOURS, max_points: int = MAX_EVAL, seed: int = 0
+) -> tuple[float, int]:
     """scikit-learn trustworthiness of a 2-D embedding (on a seeded subsample of ``max_points``).
 
     Returns:
@@ -259,12 +272,23 @@ def trustworthiness_of(x: np.ndarray, coords: np.ndarray, metric: str, *, k: int
     k = min(k, (len(idx) - 1) // 2)
     if k < 1:
         return float("nan"), 0
-    return float(trustworthiness(np.asarray(x[idx], np.float64), np.asarray(coords[idx], np.float64),
-                                 n_neighbors=k, metric=metric)), k
+    return float(
+        trustworthiness(
+            np.asarray(x[idx], np.float64), np.asarray(coords[idx], np.float64), n_neighbors=k, metric=metric
+        )
+    ), k
 
 
-def local_metrics(x: np.ndarray, coords: np.ndarray, oxidation: np.ndarray, *, k: int = K_NEIGHBOURS,
-                  seed: int = 0, shuffles: int = 10, max_eval: int = MAX_EVAL) -> dict:
+def local_metrics(
+    x: np.ndarray,
+    coords: np.ndarray,
+    oxidation: np.ndarray,
+    *,
+    k: int = K_NEIGHBOURS,
+    seed: int = 0,
+    shuffles: int = 10,
+    max_eval: int = MAX_EVAL,
+) -> dict:
     """How well an atom's value vectors and their UMAP separate its rounded oxidation state.
 
     Leave-one-out kNN (k = 10, Euclidean) vote accuracy among the compounds with a known
@@ -285,10 +309,18 @@ def local_metrics(x: np.ndarray, coords: np.ndarray, oxidation: np.ndarray, *, k
     """
     known = np.flatnonzero(np.isfinite(oxidation))
     labels = np.rint(oxidation[known]).astype(np.int64)
-    out = {"n_compounds": len(x), "n_known_ox": len(known),
-           "n_ox_classes": int(len(np.unique(labels))), "majority_share": float("nan"),
-           "knn_acc_repr": float("nan"), "knn_acc_umap": float("nan"), "knn_acc_shuffled": float("nan"),
-           "knn_bacc_repr": float("nan"), "knn_bacc_umap": float("nan"), "knn_bacc_shuffled": float("nan")}
+    out = {
+        "n_compounds": len(x),
+        "n_known_ox": len(known),
+        "n_ox_classes": int(len(np.unique(labels))),
+        "majority_share": float("nan"),
+        "knn_acc_repr": float("nan"),
+        "knn_acc_umap": float("nan"),
+        "knn_acc_shuffled": float("nan"),
+        "knn_bacc_repr": float("nan"),
+        "knn_bacc_umap": float("nan"),
+        "knn_bacc_shuffled": float("nan"),
+    }
     if len(known):
         out["majority_share"] = float(np.bincount(labels - labels.min()).max() / len(labels))
     if len(known) >= 3 * k:
@@ -305,8 +337,16 @@ def local_metrics(x: np.ndarray, coords: np.ndarray, oxidation: np.ndarray, *, k
     return out
 
 
-def global_metrics(x: np.ndarray, coords: np.ndarray, target: np.ndarray, *, k: int = K_NEIGHBOURS,
-                   metric: str = GLOBAL_METRIC, seed: int = 0, max_eval: int = MAX_EVAL) -> dict:
+def global_metrics(
+    x: np.ndarray,
+    coords: np.ndarray,
+    target: np.ndarray,
+    *,
+    k: int = K_NEIGHBOURS,
+    metric: str = GLOBAL_METRIC,
+    seed: int = 0,
+    max_eval: int = MAX_EVAL,
+) -> dict:
     """How well the pooled compound vectors and their UMAP carry the target.
 
     Leave-one-out kNN regression (mean of k = 10 neighbours) R² of the target from the vectors
@@ -317,9 +357,12 @@ def global_metrics(x: np.ndarray, coords: np.ndarray, target: np.ndarray, *, k: 
     nb_repr = knn_indices(x, k, metric, q)
     nb_umap = knn_indices(coords, k, "euclidean", q)
     shuffled = np.random.default_rng(seed).permutation(np.asarray(target))
-    out = {"n_compounds": len(x), "n_eval": len(q), "knn_r2_repr": knn_r2(nb_repr, target, q),
-           "knn_r2_umap": knn_r2(nb_umap, target, q), "knn_r2_shuffled": knn_r2(nb_repr, shuffled, q)}
+    out = {
+        "n_compounds": len(x),
+        "n_eval": len(q),
+        "knn_r2_repr": knn_r2(nb_repr, target, q),
+        "knn_r2_umap": knn_r2(nb_umap, target, q),
+        "knn_r2_shuffled": knn_r2(nb_repr, shuffled, q),
+    }
     out["trustworthiness"], out["trust_k"] = trustworthiness_of(x, coords, metric, seed=seed)
     return out
-
-

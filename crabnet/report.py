@@ -32,9 +32,10 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 from urllib.parse import quote
 
 import crabnet
@@ -86,10 +87,12 @@ def write_learning_curve(history: dict, path: Path | str) -> Path:
     epochs = series("epoch") or list(range(1, n + 1))
     fig = Figure(figsize=(10, 6.2), layout="constrained")
     axes = fig.subplots(2, 2, sharex=True)
-    panels = [(axes[0, 0], loss, "train loss (RobustL1, scaled)", "#1f77b4"),
-              (axes[0, 1], val, "validation MAE (target units)", "#d62728"),
-              (axes[1, 0], lr, "learning rate (end of epoch)", "#2ca02c"),
-              (axes[1, 1], swa, "SWA updates in the epoch", "#9467bd")]
+    panels = [
+        (axes[0, 0], loss, "train loss (RobustL1, scaled)", "#1f77b4"),
+        (axes[0, 1], val, "validation MAE (target units)", "#d62728"),
+        (axes[1, 0], lr, "learning rate (end of epoch)", "#2ca02c"),
+        (axes[1, 1], swa, "SWA updates in the epoch", "#9467bd"),
+    ]
     for ax, ys, label, colour in panels:
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
@@ -104,14 +107,21 @@ def write_learning_curve(history: dict, path: Path | str) -> Path:
             ax.yaxis.get_major_locator().set_params(integer=True)
         else:
             finite = [(x, y) for x, y in zip(xs, ys) if not math.isnan(y)]
-            ax.plot([x for x, _ in finite], [y for _, y in finite], color=colour, lw=1.6,
-                    marker="o" if len(finite) <= 60 else None, ms=3)
+            ax.plot(
+                [x for x, _ in finite],
+                [y for _, y in finite],
+                color=colour,
+                lw=1.6,
+                marker="o" if len(finite) <= 60 else None,
+                ms=3,
+            )
         if ys is val:
             finite = [(y, x) for x, y in zip(xs, ys) if not math.isnan(y)]
             best, at = min(finite)
             ax.axhline(best, color=colour, lw=0.8, ls=":")
-            ax.text(0.98, 0.92, f"best {best:.4g} (epoch {at:g})", ha="right", va="top", transform=ax.transAxes,
-                    fontsize=9)
+            ax.text(
+                0.98, 0.92, f"best {best:.4g} (epoch {at:g})", ha="right", va="top", transform=ax.transAxes, fontsize=9
+            )
         if ys is lr:
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     for ax in axes[1]:
@@ -145,7 +155,7 @@ class Found:
 
     def add(self, dataset: str, kind: str, item: Any) -> None:
         self.datasets.setdefault(dataset, {}).setdefault(kind, []).append(item)
-        for p in (item if isinstance(item, tuple) else (item,)):
+        for p in item if isinstance(item, tuple) else (item,):
             if isinstance(p, Path):
                 self.used.add(p)
             elif isinstance(p, Model):
@@ -180,15 +190,17 @@ def published_test_mae(dataset: str, features: str) -> float | None:
 def _files(folder: Path, suffixes: Sequence[str] = MEDIA) -> list[Path]:
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes
-                  and not p.name.startswith("."))
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".")
+    )
 
 
 def _subdirs(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
-                  and not p.name.endswith(".zarr"))
+    return sorted(
+        p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and not p.name.endswith(".zarr")
+    )
 
 
 def _history_figure(root: Path, ckpt: Path, meta: dict) -> Path | None:
@@ -231,8 +243,12 @@ def scan(root: Path | str) -> Found:
             meta = {}
         dataset = str(meta.get("dataset") or _name(ckpt, 1))
         features = str(meta.get("features") or "")
-        model = Model(path=ckpt, meta=meta, figure=_history_figure(root, ckpt, meta),
-                      published=published_test_mae(dataset, features) if features else None)
+        model = Model(
+            path=ckpt,
+            meta=meta,
+            figure=_history_figure(root, ckpt, meta),
+            published=published_test_mae(dataset, features) if features else None,
+        )
         found.add(dataset, "models", model)
     for folder in _subdirs(root / "attention"):
         store = folder / "attention.zarr" / "zarr.json"
@@ -330,8 +346,13 @@ def _num(value: Any, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
-def csv_table(root: Path, path: Path, max_rows: int = TABLE_ROWS, caption: str | None = None,
-              keep: Callable[[str], bool] | None = None) -> str:
+def csv_table(
+    root: Path,
+    path: Path,
+    max_rows: int = TABLE_ROWS,
+    caption: str | None = None,
+    keep: Callable[[str], bool] | None = None,
+) -> str:
     """A CSV rendered as an HTML table (first ``max_rows`` rows; numbers to 4 significant digits).
 
     ``keep``: show only the columns whose name it accepts (all by default).
@@ -348,18 +369,25 @@ def csv_table(root: Path, path: Path, max_rows: int = TABLE_ROWS, caption: str |
         rows = [[row[i] for i in cols if i < len(row)] for row in rows]
     head, body = rows[0], rows[1:]
     cap = caption or path.relative_to(root).as_posix()
-    more = (f" · first {max_rows} of {len(body)} rows" if len(body) > max_rows
-            else f" · {len(body)} row{'' if len(body) == 1 else 's'}")
-    out = [f"<div class='table-wrap'><table class='data'><caption><a href='{_href(root, path)}'>{_esc(cap)}</a>"
-           f"<span class='muted'>{more}</span></caption><thead><tr>"]
+    more = (
+        f" · first {max_rows} of {len(body)} rows"
+        if len(body) > max_rows
+        else f" · {len(body)} row{'' if len(body) == 1 else 's'}"
+    )
+    out = [
+        f"<div class='table-wrap'><table class='data'><caption><a href='{_href(root, path)}'>{_esc(cap)}</a>"
+        f"<span class='muted'>{more}</span></caption><thead><tr>"
+    ]
     out += [f"<th>{_esc(h)}</th>" for h in head]
     out.append("</tr></thead><tbody>")
     for row in body[:max_rows]:
         out.append("<tr>" + "".join(f"<td>{_esc(_num(v))}</td>" for v in row) + "</tr>")
     out.append("</tbody></table></div>")
     if len(body) > FOLD_ROWS:  # long tables start folded; the caption stays visible
-        return (f"<details class='table'><summary><b>{_esc(cap)}</b> <span class='muted'>· {len(body)} rows "
-                f"(show)</span></summary>{''.join(out)}</details>")
+        return (
+            f"<details class='table'><summary><b>{_esc(cap)}</b> <span class='muted'>· {len(body)} rows "
+            f"(show)</span></summary>{''.join(out)}</details>"
+        )
     return "".join(out)
 
 
@@ -374,9 +402,11 @@ def thumbs(root: Path, images: Iterable[Path], twins: bool = True) -> str:
         target = twin if twins and twin.is_file() else png
         extra = f" · <a href='{_href(root, png)}'>PNG</a>" if target != png else ""
         label = "interactive" if target != png else "full size"
-        cards.append(f"<figure class='thumb'><a href='{_href(root, target)}'><img src='{_href(root, png)}' "
-                     f"alt='{_esc(png.stem)}'></a><figcaption>{_breakable(png.stem)}<br><a href='{_href(root, target)}'>"
-                     f"{label}</a>{extra}</figcaption></figure>")
+        cards.append(
+            f"<figure class='thumb'><a href='{_href(root, target)}'><img src='{_href(root, png)}' "
+            f"alt='{_esc(png.stem)}'></a><figcaption>{_breakable(png.stem)}<br><a href='{_href(root, target)}'>"
+            f"{label}</a>{extra}</figcaption></figure>"
+        )
     return f"<div class='thumbs'>{''.join(cards)}</div>" if cards else ""
 
 
@@ -397,12 +427,19 @@ def _model_section(root: Path, model: Model) -> str:
     val = [v for v in (history.get("val_mae") or []) if isinstance(v, (int, float)) and math.isfinite(v)]
     swa = sum(v for v in (history.get("swa_updates") or []) if isinstance(v, (int, float)) and math.isfinite(v))
     test = m.get("test_mae")
-    rows = [("features", f"{m.get('features', '?')} ({'CrabNet' if m.get('features') == 'mat2vec' else 'HotCrab' if m.get('features') == 'onehot' else 'CrabNet variant'})"),
-            ("recipe", (_recipe_text(recipe) + (" (full recipe)" if m.get("full_recipe") else " (short run)"))
-             if recipe else "–"),
-            ("precision", m.get("precision", "–")),
-            ("epochs run", f"{m.get('epochs_run', '–')}" + (" (stopped early)" if m.get("stopped_early") else "")),
-            ("test MAE", _num(test) if test is not None else "–")]
+    rows = [
+        (
+            "features",
+            f"{m.get('features', '?')} ({'CrabNet' if m.get('features') == 'mat2vec' else 'HotCrab' if m.get('features') == 'onehot' else 'CrabNet variant'})",
+        ),
+        (
+            "recipe",
+            (_recipe_text(recipe) + (" (full recipe)" if m.get("full_recipe") else " (short run)")) if recipe else "–",
+        ),
+        ("precision", m.get("precision", "–")),
+        ("epochs run", f"{m.get('epochs_run', '–')}" + (" (stopped early)" if m.get("stopped_early") else "")),
+        ("test MAE", _num(test) if test is not None else "–"),
+    ]
     if model.published is not None:
         ratio = f" · ours/published {float(test) / model.published:.2f}" if isinstance(test, (int, float)) else ""
         rows.append(("published test MAE", f"{_num(model.published)}{ratio}"))
@@ -414,14 +451,24 @@ def _model_section(root: Path, model: Model) -> str:
         rows.append(("training time", f"{_num(m['train_seconds'], 3)} s"))
     if m.get("written_by"):
         rows.append(("written by", m["written_by"]))
-    rows.append(("checkpoint", f"<a href='{_href(root, model.path)}'>{_esc(model.path.name)}</a> "
-                               f"<span class='muted'>{_size(model.path)}</span>"))
+    rows.append(
+        (
+            "checkpoint",
+            f"<a href='{_href(root, model.path)}'>{_esc(model.path.name)}</a> "
+            f"<span class='muted'>{_size(model.path)}</span>",
+        )
+    )
     facts = "".join(f"<tr><th>{_esc(a)}</th><td>{b if a == 'checkpoint' else _esc(b)}</td></tr>" for a, b in rows)
-    figure = (f"<a href='{_href(root, model.figure)}'><img class='curve' src='{_href(root, model.figure)}' "
-              f"alt='learning curve of {_esc(model.path.stem)}'></a>" if model.figure else
-              "<p class='muted'>no learning curve (the checkpoint holds no training history)</p>")
-    return (f"<div class='model'><h4>{_esc(model.path.stem)}</h4><div class='model-body'>"
-            f"<table class='facts'>{facts}</table>{figure}</div></div>")
+    figure = (
+        f"<a href='{_href(root, model.figure)}'><img class='curve' src='{_href(root, model.figure)}' "
+        f"alt='learning curve of {_esc(model.path.stem)}'></a>"
+        if model.figure
+        else "<p class='muted'>no learning curve (the checkpoint holds no training history)</p>"
+    )
+    return (
+        f"<div class='model'><h4>{_esc(model.path.stem)}</h4><div class='model-body'>"
+        f"<table class='facts'>{facts}</table>{figure}</div></div>"
+    )
 
 
 def _videos_section(root: Path, dataset: str, videos: list[Path], explorer: Path | None) -> str:
@@ -435,10 +482,14 @@ def _videos_section(root: Path, dataset: str, videos: list[Path], explorer: Path
                 parts.append(f"<a href='{_href(root, p)}'>{kind} only</a>")
         formula = re.sub(r"_(layer[\d-]+|layers|row\d+)+$", "", v.stem)
         if explorer is not None:
-            parts.append(f"<a href='{_href(root, explorer, 'compound=' + quote(formula) + '&layer=0&head=all&capture=last')}'>"
-                         "explore</a>")
-        cards.append(f"<figure class='video'><video controls preload='metadata' src='{_href(root, v, 't=0.01')}'></video>"
-                     f"<figcaption><b>{_esc(v.stem)}</b> · {' · '.join(parts)}</figcaption></figure>")
+            parts.append(
+                f"<a href='{_href(root, explorer, 'compound=' + quote(formula) + '&layer=0&head=all&capture=last')}'>"
+                "explore</a>"
+            )
+        cards.append(
+            f"<figure class='video'><video controls preload='metadata' src='{_href(root, v, 't=0.01')}'></video>"
+            f"<figcaption><b>{_esc(v.stem)}</b> · {' · '.join(parts)}</figcaption></figure>"
+        )
     return f"<div class='videos'>{''.join(cards)}</div>" if cards else ""
 
 
@@ -466,12 +517,16 @@ def _oxidation_summary(root: Path, paths: list[Path]) -> str:
         why = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
         twin = p.with_suffix(".json")
         json_link = f" · <a href='{_href(root, twin)}'>JSON</a>" if twin.is_file() else ""
-        rows.append(f"<tr><td><a href='{_href(root, p)}'>{_esc(p.stem)}</a>{json_link}</td><td>{len(records)}</td>"
-                    f"<td>{guessed}</td><td>{share}</td><td>{_esc(why) or '–'}</td></tr>")
+        rows.append(
+            f"<tr><td><a href='{_href(root, p)}'>{_esc(p.stem)}</a>{json_link}</td><td>{len(records)}</td>"
+            f"<td>{guessed}</td><td>{share}</td><td>{_esc(why) or '–'}</td></tr>"
+        )
     if not rows:
         return ""
-    return ("<table class='data'><thead><tr><th>file</th><th>formulas</th><th>charge-balanced guess</th>"
-            f"<th>share</th><th>no guess</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+    return (
+        "<table class='data'><thead><tr><th>file</th><th>formulas</th><th>charge-balanced guess</th>"
+        f"<th>share</th><th>no guess</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
 
 
 def _embedding_links(root: Path, paths: list[Path]) -> str:
@@ -485,9 +540,11 @@ def _embedding_links(root: Path, paths: list[Path]) -> str:
         for p in sorted(ps, key=lambda p: (p.stem.rsplit("__", 1)[0], order.get(p.stem.rsplit("__", 1)[-1], 3))):
             layer = p.stem.rsplit("__", 2)[-2] if p.stem.count("__") >= 2 else p.stem
             layers.setdefault(layer, []).append(p)
-        groups = [f"{_esc(layer.replace('layer', 'layer '))}: " + " ".join(
-                  f"<a href='{_href(root, p)}'>{_esc(p.stem.rsplit('__', 1)[-1])}</a>" for p in files)
-                  for layer, files in layers.items()]
+        groups = [
+            f"{_esc(layer.replace('layer', 'layer '))}: "
+            + " ".join(f"<a href='{_href(root, p)}'>{_esc(p.stem.rsplit('__', 1)[-1])}</a>" for p in files)
+            for layer, files in layers.items()
+        ]
         lines.append(f"<li><b>{_esc(features)}</b> — {' · '.join(groups)}</li>")
     return f"<ul class='plain'>{''.join(lines)}</ul>"
 
@@ -502,36 +559,46 @@ def _dataset_section(root: Path, dataset: str, kinds: dict[str, list]) -> str:
         out.append("<h3>Attention through training</h3>")
         for store in kinds.get("store", []):
             a = _store_attrs(store)
-            out.append(f"<p>Store <code>{_esc(store.parent.relative_to(root).as_posix())}</code>: "
-                       f"{_esc(a.get('n_compounds', '?'))} {_esc(a.get('split', ''))} compounds × "
-                       f"{_esc(a.get('n_captures', '?'))} captures (by {_esc(a.get('capture', 'epoch'))}, capture 0 = untrained) × "
-                       f"{_esc(a.get('n_layers', '?'))} layers × {_esc(a.get('n_heads', '?'))} heads; "
-                       f"{_esc(a.get('features', ''))}, {_esc(a.get('epochs_run', '?'))} epochs"
-                       + (f", test MAE {_esc(_num(a['test_mae']))}" if a.get("test_mae") is not None else "") + ".</p>")
+            out.append(
+                f"<p>Store <code>{_esc(store.parent.relative_to(root).as_posix())}</code>: "
+                f"{_esc(a.get('n_compounds', '?'))} {_esc(a.get('split', ''))} compounds × "
+                f"{_esc(a.get('n_captures', '?'))} captures (by {_esc(a.get('capture', 'epoch'))}, capture 0 = untrained) × "
+                f"{_esc(a.get('n_layers', '?'))} layers × {_esc(a.get('n_heads', '?'))} heads; "
+                f"{_esc(a.get('features', ''))}, {_esc(a.get('epochs_run', '?'))} epochs"
+                + (f", test MAE {_esc(_num(a['test_mae']))}" if a.get("test_mae") is not None else "")
+                + ".</p>"
+            )
         if explorer:
-            out.append(f"<p class='explorer-link'><a class='button' href='{_href(root, explorer)}'>Open the attention "
-                       f"explorer</a> <span class='muted'>{_size(explorer)} · every head of every layer at every capture "
-                       "for the embedded compounds; search, slider and play</span></p>")
+            out.append(
+                f"<p class='explorer-link'><a class='button' href='{_href(root, explorer)}'>Open the attention "
+                f"explorer</a> <span class='muted'>{_size(explorer)} · every head of every layer at every capture "
+                "for the embedded compounds; search, slider and play</span></p>"
+            )
         out.append(_videos_section(root, dataset, kinds.get("videos", []), explorer))
         extra = kinds.get("attention_files", [])
         if extra:
             out.append(thumbs(root, [p for p in extra if p.suffix == ".png"], twins=False))
             out += [csv_table(root, p) for p in extra if p.suffix == ".csv"]
     if kinds.get("faithfulness") or kinds.get("faithfulness_csv"):
-        out.append("<h3>Faithfulness of attention</h3><p class='muted'>Does attention rank the elements as the "
-                   "leave-one-element-out attribution does? Kendall τ between |attribution| and the attention an "
-                   "element receives (raw, and rollout across layers) over compounds with ≥ 3 elements, and top-1 "
-                   "agreement over compounds with ≥ 2, at every capture; beside a shuffled control and the "
-                   "element's fraction alone (columns <code>_se</code>: standard errors, in the CSV).</p>")
+        out.append(
+            "<h3>Faithfulness of attention</h3><p class='muted'>Does attention rank the elements as the "
+            "leave-one-element-out attribution does? Kendall τ between |attribution| and the attention an "
+            "element receives (raw, and rollout across layers) over compounds with ≥ 3 elements, and top-1 "
+            "agreement over compounds with ≥ 2, at every capture; beside a shuffled control and the "
+            "element's fraction alone (columns <code>_se</code>: standard errors, in the CSV).</p>"
+        )
         out.append(thumbs(root, kinds.get("faithfulness", []), twins=False))
-        out += [csv_table(root, p, keep=lambda name: not name.endswith("_se"))
-                for p in kinds.get("faithfulness_csv", [])]
+        out += [
+            csv_table(root, p, keep=lambda name: not name.endswith("_se")) for p in kinds.get("faithfulness_csv", [])
+        ]
     if kinds.get("predictions") or kinds.get("embeddings"):
         out.append("<h3>Predictions and element embeddings</h3>")
         out.append(file_links(root, kinds.get("predictions", [])))
         if kinds.get("embeddings"):
-            out.append("<p>Q/K/V element embeddings (118 elements × d_model), by layer:</p>"
-                       + _embedding_links(root, kinds["embeddings"]))
+            out.append(
+                "<p>Q/K/V element embeddings (118 elements × d_model), by layer:</p>"
+                + _embedding_links(root, kinds["embeddings"])
+            )
     if kinds.get("oxidation"):
         out.append("<h3>Oxidation-state guesses</h3>" + _oxidation_summary(root, kinds["oxidation"]))
     for scope, title in (("local", "Local (per-atom) EDM UMAP"), ("global", "Global (per-compound) EDM UMAP")):
@@ -542,7 +609,9 @@ def _dataset_section(root: Path, dataset: str, kinds: dict[str, list]) -> str:
             out += [csv_table(root, p) for p in summary]
             coords = [p for p in csvs if p.name != "summary.csv"]
             if coords:
-                out.append(f"<details><summary>{len(coords)} coordinate tables</summary>{file_links(root, coords)}</details>")
+                out.append(
+                    f"<details><summary>{len(coords)} coordinate tables</summary>{file_links(root, coords)}</details>"
+                )
     if kinds.get("prevalence"):
         out.append("<h3>Element prevalence</h3>" + thumbs(root, kinds["prevalence"], twins=False))
     out.append("</section>")
@@ -560,12 +629,19 @@ def data_table(head: Sequence[str], rows: Iterable[Sequence[Any]], caption: str 
     """
     rows = [list(r) for r in rows]
     body = "".join("<tr>" + "".join(f"<td>{_esc(_num(v))}</td>" for v in r) + "</tr>" for r in rows)
-    table = ("<div class='table-wrap'><table class='data'>" + (f"<caption>{_esc(caption)}</caption>" if caption else "")
-             + "<thead><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in head) + f"</tr></thead><tbody>{body}</tbody>"
-             "</table></div>")
+    table = (
+        "<div class='table-wrap'><table class='data'>"
+        + (f"<caption>{_esc(caption)}</caption>" if caption else "")
+        + "<thead><tr>"
+        + "".join(f"<th>{_esc(h)}</th>" for h in head)
+        + f"</tr></thead><tbody>{body}</tbody>"
+        "</table></div>"
+    )
     if len(rows) > FOLD_ROWS:
-        return (f"<details class='table'><summary><b>{_esc(caption)}</b> <span class='muted'>· {len(rows)} rows "
-                f"(show)</span></summary>{table}</details>")
+        return (
+            f"<details class='table'><summary><b>{_esc(caption)}</b> <span class='muted'>· {len(rows)} rows "
+            f"(show)</span></summary>{table}</details>"
+        )
     return table
 
 
@@ -650,7 +726,7 @@ def full_recipe_models(root: Path, metas: dict[Path, dict] | None = None) -> lis
                 if meta is None and path.is_file():
                     try:
                         meta = read_meta(path)
-                    except Exception:  # noqa: BLE001 - shown as unreadable in its dataset's section
+                    except Exception:
                         meta = None
                 if meta and meta.get("full_recipe"):
                     out.append((dataset, features, recipe, meta))
@@ -663,9 +739,28 @@ def paper_checks(root: Path, metas: dict[Path, dict] | None = None) -> list[Chec
 
     try:
         from crabnet.edm_maps import PAPER_ATOMS
-    except Exception:  # noqa: BLE001 - the checklist must not depend on the UMAP stack being importable
-        PAPER_ATOMS = ("Al", "Fe", "O", "C", "B", "N", "Ti", "Cu", "Li", "W", "Na", "Si", "Ag", "Te", "As", "Cr",
-                       "Pt", "Tl", "Sb")
+    except Exception:
+        PAPER_ATOMS = (
+            "Al",
+            "Fe",
+            "O",
+            "C",
+            "B",
+            "N",
+            "Ti",
+            "Cu",
+            "Li",
+            "W",
+            "Na",
+            "Si",
+            "Ag",
+            "Te",
+            "As",
+            "Cr",
+            "Pt",
+            "Tl",
+            "Sb",
+        )
     layout = Layout(root)
     models = [(d, f) for d in BENCHMARK_DATASETS for f in MODEL_NAMES]
     full = {(d, f) for d, f, _, _ in full_recipe_models(root, metas)}
@@ -681,8 +776,11 @@ def paper_checks(root: Path, metas: dict[Path, dict] | None = None) -> list[Chec
         layer, seen = 0, False
         while any(layout.embedding(f, d, layer, k).is_file() for k in "QKV"):
             seen = True
-            if not all((corr / f"{d}__{f}__layer{layer}__{k}.png").is_file() for k in "QKV"
-                       if layout.embedding(f, d, layer, k).is_file()):
+            if not all(
+                (corr / f"{d}__{f}__layer{layer}__{k}.png").is_file()
+                for k in "QKV"
+                if layout.embedding(f, d, layer, k).is_file()
+            ):
                 return False
             layer += 1
         return seen
@@ -691,29 +789,56 @@ def paper_checks(root: Path, metas: dict[Path, dict] | None = None) -> list[Chec
         return any((layout.umap_figures(scope, d) / f"{f}__test{name}.png").is_file() for f in MODEL_NAMES)
 
     return [
-        Check(1, f"{dataset}: attention captured over {epochs} epochs",
-              {dataset: bool(attrs.get("complete")) and int(attrs.get("epochs") or 0) >= epochs}),
-        Check(2, f"{dataset}: videos and the attention explorer",
-              {"videos": any(layout.videos(dataset).glob("*.mp4")), "explorer": layout.explorer(dataset).is_file()}),
-        Check(3, "oxidation guesses: the 18 benchmark sets, all splits",
-              {f"{d} {s}": layout.oxidation_guesses(d, s).is_file() for d in BENCHMARK_DATASETS for s in SPLITS}),
-        Check(3, "oxidation guesses: the matbench sets, all folds and splits",
-              {f"{d} {s}{k}": layout.oxidation_guesses(d, f"{s}{k}").is_file() for d, k in folds for s in SPLITS}),
-        Check(4, "full-recipe models: the 18 sets × CrabNet (mat2vec) and HotCrab (onehot)",
-              {f"{d} {MODEL_NAMES[f]}": (d, f) in full for d, f in models}),
-        Check(4, "Q/K/V element embeddings of those models",
-              {f"{d} {MODEL_NAMES[f]}": (d, f) in full and layout.embedding(f, d, 0, "Q").is_file()
-               for d, f in models}),
-        Check(5, "correlation of the five element tables",
-              {n: (corr / f"{n}.png").is_file() for n in ("oliynyk", "magpie", "jarvis", "mat2vec", "onehot")}),
-        Check(5, "correlation of every learned Q/K/V embedding",
-              {f"{d} {MODEL_NAMES[f]}": learned(d, f) for d, f in models}),
-        Check(6, f"local EDM UMAP: {PAPER_LOCAL} test, the paper's {len(PAPER_ATOMS)} atoms",
-              {a: figure("local", PAPER_LOCAL, f"__{a}") for a in PAPER_ATOMS}),
+        Check(
+            1,
+            f"{dataset}: attention captured over {epochs} epochs",
+            {dataset: bool(attrs.get("complete")) and int(attrs.get("epochs") or 0) >= epochs},
+        ),
+        Check(
+            2,
+            f"{dataset}: videos and the attention explorer",
+            {"videos": any(layout.videos(dataset).glob("*.mp4")), "explorer": layout.explorer(dataset).is_file()},
+        ),
+        Check(
+            3,
+            "oxidation guesses: the 18 benchmark sets, all splits",
+            {f"{d} {s}": layout.oxidation_guesses(d, s).is_file() for d in BENCHMARK_DATASETS for s in SPLITS},
+        ),
+        Check(
+            3,
+            "oxidation guesses: the matbench sets, all folds and splits",
+            {f"{d} {s}{k}": layout.oxidation_guesses(d, f"{s}{k}").is_file() for d, k in folds for s in SPLITS},
+        ),
+        Check(
+            4,
+            "full-recipe models: the 18 sets × CrabNet (mat2vec) and HotCrab (onehot)",
+            {f"{d} {MODEL_NAMES[f]}": (d, f) in full for d, f in models},
+        ),
+        Check(
+            4,
+            "Q/K/V element embeddings of those models",
+            {f"{d} {MODEL_NAMES[f]}": (d, f) in full and layout.embedding(f, d, 0, "Q").is_file() for d, f in models},
+        ),
+        Check(
+            5,
+            "correlation of the five element tables",
+            {n: (corr / f"{n}.png").is_file() for n in ("oliynyk", "magpie", "jarvis", "mat2vec", "onehot")},
+        ),
+        Check(
+            5,
+            "correlation of every learned Q/K/V embedding",
+            {f"{d} {MODEL_NAMES[f]}": learned(d, f) for d, f in models},
+        ),
+        Check(
+            6,
+            f"local EDM UMAP: {PAPER_LOCAL} test, the paper's {len(PAPER_ATOMS)} atoms",
+            {a: figure("local", PAPER_LOCAL, f"__{a}") for a in PAPER_ATOMS},
+        ),
         Check(7, "global EDM UMAP: the four OQMD test sets", {d: figure("global", d, "") for d in PAPER_GLOBAL}),
         Check(8, "statistics: the 18 benchmark sets", {d: d in bench_rows for d in BENCHMARK_DATASETS}),
-        Check(8, "statistics: the matbench sets, every fold",
-              {f"{d} fold {k}": (d, k) in matbench_rows for d, k in folds}),
+        Check(
+            8, "statistics: the matbench sets, every fold", {f"{d} fold {k}": (d, k) in matbench_rows for d, k in folds}
+        ),
     ]
 
 
@@ -733,8 +858,10 @@ def _stats_comparison(root: Path) -> str:
         ours = pd.read_csv(path)
         key = ["mat_prop", "cv"] if kind == MATBENCH else ["mat_prop"]
         if not set(key + COLUMNS) <= set(ours.columns):
-            out.append(f"<p class='muted'>{_esc(path.relative_to(root).as_posix())} lacks the columns of step 8's "
-                       "table: not compared with the published one.</p>")
+            out.append(
+                f"<p class='muted'>{_esc(path.relative_to(root).as_posix())} lacks the columns of step 8's "
+                "table: not compared with the published one.</p>"
+            )
             continue
         mine = ours.set_index(key)
         rows = []
@@ -744,16 +871,41 @@ def _stats_comparison(root: Path) -> str:
                 continue
             _, problems = compare_with_published(ours[(ours[key] == pub[key]).all(axis=1)], published.loc[[i]], kind)
             row = mine.loc[k]
-            rows.append([*(k if isinstance(k, tuple) else (k,)), row["samples_total"], pub["samples_total"],
-                         row["train_diversity"], pub["train_diversity"], row["val_diversity"], pub["test_diversity"],
-                         row["test_diversity"], pub["val_diversity"],
-                         "✓ equal" if not problems else f"{len(problems)} column(s) differ"])
+            rows.append(
+                [
+                    *(k if isinstance(k, tuple) else (k,)),
+                    row["samples_total"],
+                    pub["samples_total"],
+                    row["train_diversity"],
+                    pub["train_diversity"],
+                    row["val_diversity"],
+                    pub["test_diversity"],
+                    row["test_diversity"],
+                    pub["val_diversity"],
+                    "✓ equal" if not problems else f"{len(problems)} column(s) differ",
+                ]
+            )
         if rows:
-            head = [*(["dataset", "fold"] if kind == MATBENCH else ["dataset"]), "samples", "published",
-                    "train diversity", "published", "val diversity", "published (their test column)",
-                    "test diversity", "published (their val column)", "all 12 columns"]
-            out.append(data_table(head, rows, f"Statistics of the {label}: ours beside the published "
-                                              f"({len(rows)} of {len(published)} written by step 8)"))
+            head = [
+                *(["dataset", "fold"] if kind == MATBENCH else ["dataset"]),
+                "samples",
+                "published",
+                "train diversity",
+                "published",
+                "val diversity",
+                "published (their test column)",
+                "test diversity",
+                "published (their val column)",
+                "all 12 columns",
+            ]
+            out.append(
+                data_table(
+                    head,
+                    rows,
+                    f"Statistics of the {label}: ours beside the published "
+                    f"({len(rows)} of {len(published)} written by step 8)",
+                )
+            )
     return "".join(out)
 
 
@@ -764,19 +916,37 @@ def _paper_section(found: Found) -> str:
     rows = []
     for dataset, features, recipe, meta in full_recipe_models(root, metas):
         published, ours = published_test_mae(dataset, features), meta.get("test_mae")
-        ratio = (f"{float(ours) / published:.2f}" if published and isinstance(ours, (int, float)) else "–")
-        rows.append([dataset, f"{MODEL_NAMES[features]} ({features})", meta.get("full_recipe") or recipe,
-                     published if published is not None else "–", ours if ours is not None else "–", ratio])
+        ratio = f"{float(ours) / published:.2f}" if published and isinstance(ours, (int, float)) else "–"
+        rows.append(
+            [
+                dataset,
+                f"{MODEL_NAMES[features]} ({features})",
+                meta.get("full_recipe") or recipe,
+                published if published is not None else "–",
+                ours if ours is not None else "–",
+                ratio,
+            ]
+        )
     body = ["<section class='card' id='paper'><h2>The paper vs this run</h2>"]
-    body.append(data_table(["dataset", "model", "recipe", "published test MAE", "our test MAE", "ours/published"],
-                           rows, "Test MAE of the full-recipe models (published: Wang et al. 2021, npj recipe)")
-                if rows else "<p class='muted'>No full-recipe CrabNet/HotCrab checkpoint yet: step 4 "
-                             "(<code>get_crabnet_embeddings.py</code>, without <code>--quick</code>) trains them.</p>")
+    body.append(
+        data_table(
+            ["dataset", "model", "recipe", "published test MAE", "our test MAE", "ours/published"],
+            rows,
+            "Test MAE of the full-recipe models (published: Wang et al. 2021, npj recipe)",
+        )
+        if rows
+        else "<p class='muted'>No full-recipe CrabNet/HotCrab checkpoint yet: step 4 "
+        "(<code>get_crabnet_embeddings.py</code>, without <code>--quick</code>) trains them.</p>"
+    )
     body.append(_stats_comparison(root))
     checks = paper_checks(root, metas)
-    body.append(data_table(["step", "what the paper did", "here", "missing"],
-                           [[c.step, c.what, c.status, c.missing()] for c in checks],
-                           "The paper's steps and datasets (SPEC §6), judged by the outputs under this folder"))
+    body.append(
+        data_table(
+            ["step", "what the paper did", "here", "missing"],
+            [[c.step, c.what, c.status, c.missing()] for c in checks],
+            "The paper's steps and datasets (SPEC §6), judged by the outputs under this folder",
+        )
+    )
     return "".join(body) + "</section>"
 
 
@@ -799,15 +969,19 @@ def render_report(found: Found) -> str:
     steps = []
     for i, (script, folder, what) in enumerate(STEPS, 1):
         done = (root / folder).is_dir() and any((root / folder).iterdir())
-        steps.append(f"<li class='{'done' if done else 'todo'}'><span class='tick'>{'✓' if done else '·'}</span> "
-                     f"{i}. <code>{script}</code> <span class='muted'>{_esc(what)}</span></li>")
-    sections.append("<section class='card'><h2>Workflow</h2><ol class='steps'>" + "".join(steps) + "</ol>"
-                    "<p class='muted'>Steps marked · have no outputs in this folder yet; run them (e.g. with "
-                    "<code>--quick</code>) and this page is refreshed at their end.</p></section>")
+        steps.append(
+            f"<li class='{'done' if done else 'todo'}'><span class='tick'>{'✓' if done else '·'}</span> "
+            f"{i}. <code>{script}</code> <span class='muted'>{_esc(what)}</span></li>"
+        )
+    sections.append(
+        "<section class='card'><h2>Workflow</h2><ol class='steps'>" + "".join(steps) + "</ol>"
+        "<p class='muted'>Steps marked · have no outputs in this folder yet; run them (e.g. with "
+        "<code>--quick</code>) and this page is refreshed at their end.</p></section>"
+    )
     try:
         sections.append(_paper_section(found))
         toc.append(("paper", "paper vs this run"))
-    except Exception as err:  # noqa: BLE001 - a broken comparison must not hide the rest of the report
+    except Exception as err:
         warnings.warn(f"report: no paper comparison: {type(err).__name__}: {err}", stacklevel=2)
     for dataset in sorted(found.datasets, key=str.lower):
         sections.append(_dataset_section(root, dataset, found.datasets[dataset]))
@@ -818,14 +992,18 @@ def render_report(found: Found) -> str:
         pngs = _summary_order(corr / "summary.csv", pngs)
         main = [p for p in pngs if not re.search(r"__z\d+$", p.stem)]
         zoom = [p for p in pngs if re.search(r"__z\d+$", p.stem)]
-        body = ("<section class='card' id='correlation'><h2>Element correlation</h2>"
-                "<p class='muted'>Pearson correlation between element vectors (lower triangle); thumbnails link to "
-                "the interactive version.</p>")
+        body = (
+            "<section class='card' id='correlation'><h2>Element correlation</h2>"
+            "<p class='muted'>Pearson correlation between element vectors (lower triangle); thumbnails link to "
+            "the interactive version.</p>"
+        )
         if (corr / "summary.csv").is_file():
             body += csv_table(root, corr / "summary.csv")
         body += thumbs(root, main)
         if zoom:
-            body += f"<details><summary>{len(zoom)} figures restricted to Z ≤ 92</summary>{thumbs(root, zoom)}</details>"
+            body += (
+                f"<details><summary>{len(zoom)} figures restricted to Z ≤ 92</summary>{thumbs(root, zoom)}</details>"
+            )
         sections.append(body + "</section>")
         toc.append(("correlation", "element correlation"))
         found.used.update(pngs + _files(corr, (".html", ".csv", ".js")))
@@ -849,16 +1027,20 @@ def render_report(found: Found) -> str:
     if other or ox.is_file():
         body = "<section class='card' id='other'><h2>Other outputs</h2>"
         if ox.is_file():
-            body += (f"<p>Common, ICSD and all oxidation states per element: <a href='{_href(root, ox)}'>"
-                     f"oxidation/element_ox_states.json</a></p>")
+            body += (
+                f"<p>Common, ICSD and all oxidation states per element: <a href='{_href(root, ox)}'>"
+                f"oxidation/element_ox_states.json</a></p>"
+            )
         body += file_links(root, other, label=lambda p: p.relative_to(root).as_posix())
         sections.append(body + "</section>")
         toc.append(("other", "other outputs"))
     nav = "".join(f"<a href='#{_esc(a)}'>{_esc(t)}</a>" for a, t in toc)
     stamp = time.strftime("%Y-%m-%d %H:%M")
-    return (_REPORT_HEAD + f"<header><h1>CrabNet explainability report</h1><span class='muted-light'>written {stamp} by "
-            f"crabnet {_esc(crabnet.__version__)} · everything under this folder, linked relatively</span>"
-            f"<nav>{nav}</nav></header><main>" + "".join(sections) + "</main></body></html>")
+    return (
+        _REPORT_HEAD + f"<header><h1>CrabNet explainability report</h1><span class='muted-light'>written {stamp} by "
+        f"crabnet {_esc(crabnet.__version__)} · everything under this folder, linked relatively</span>"
+        f"<nav>{nav}</nav></header><main>" + "".join(sections) + "</main></body></html>"
+    )
 
 
 def _summary_order(summary: Path, pngs: list[Path]) -> list[Path]:
@@ -880,7 +1062,9 @@ def _other_files(found: Found, limit: int = 300) -> list[Path]:
     skip_top = SKIP_DIRS | {"models", "attention", "embeddings"}
     for top in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and p.name not in skip_top):
         for folder, dirs, files in os.walk(top):
-            dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.endswith(".zarr") and not d.startswith("."))
+            dirs[:] = sorted(
+                d for d in dirs if d not in SKIP_DIRS and not d.endswith(".zarr") and not d.startswith(".")
+            )
             for name in sorted(files):
                 p = Path(folder) / name
                 if p.suffix.lower() in MEDIA and not name.startswith(".") and p not in found.used:
@@ -910,7 +1094,7 @@ def refresh_report(data_dir: Path | str) -> Path | None:
     """
     try:
         path = write_report(data_dir)
-    except Exception as err:  # noqa: BLE001 - the report must never fail the step that calls it
+    except Exception as err:
         print(f"warning: could not refresh the report in {data_dir}: {type(err).__name__}: {err}", file=sys.stderr)
         return None
     print(f"report -> {path}")

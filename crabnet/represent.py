@@ -96,11 +96,18 @@ def file_digest(path: Path | str, length: int = 16) -> str:
     return file_sha256(path)[:length]
 
 
-def representation_key(checkpoint: Path | str, split_csv: Path | str, dataset: str, split: str,
-                       drop_unary: bool = True) -> str:
+def representation_key(
+    checkpoint: Path | str, split_csv: Path | str, dataset: str, split: str, drop_unary: bool = True
+) -> str:
     """Key of a representation cache: checkpoint content, split content and the data settings."""
-    parts = {"version": CACHE_VERSION, "checkpoint": file_digest(checkpoint), "data": file_digest(split_csv),
-             "dataset": dataset, "split": split, "drop_unary": drop_unary}
+    parts = {
+        "version": CACHE_VERSION,
+        "checkpoint": file_digest(checkpoint),
+        "data": file_digest(split_csv),
+        "dataset": dataset,
+        "split": split,
+        "drop_unary": drop_unary,
+    }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -123,7 +130,7 @@ class _RowWriter:
 
     def __init__(self, path: Path, shape: tuple[int, int]):
         self.path, self.shape, self.rows = path, shape, 0
-        self.file = open(path, "wb")
+        self.file = open(path, "wb")  # noqa: SIM115 - kept open across appends, closed by close()
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")), "fortran_order": False, "shape": shape}
         np.lib.format.write_array_header_1_0(self.file, header)
 
@@ -212,9 +219,16 @@ class RepresentationStore:
 
 @torch.no_grad()
 def collect(
-    model: CrabNet, data: CompositionData, scaler: Scaler, folder: Path | str, *,
-    local: dict[int, list[int]] | None = None, global_layers: list[int] | None = None,
-    batch_size: int = 512, device: torch.device | str | None = None, progress: bool | None = None,
+    model: CrabNet,
+    data: CompositionData,
+    scaler: Scaler,
+    folder: Path | str,
+    *,
+    local: dict[int, list[int]] | None = None,
+    global_layers: list[int] | None = None,
+    batch_size: int = 512,
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
 ) -> RepresentationStore:
     """One inference pass writing the requested vectors (and the compounds table) into ``folder``.
 
@@ -236,15 +250,16 @@ def collect(
     folder.mkdir(parents=True, exist_ok=True)
     store = RepresentationStore(folder)
     n_layers, d = model.cfg.n_layers, model.cfg.d_model
-    local = {int(l): sorted(set(int(z) for z in zs)) for l, zs in (local or {}).items()}
-    global_layers = sorted(set(int(l) for l in (global_layers or [])))
+    local = {int(l): sorted({int(z) for z in zs}) for l, zs in (local or {}).items()}
+    global_layers = sorted({int(l) for l in (global_layers or [])})
     for l in local:
         if not 0 <= l < n_layers:
             raise ValueError(f"local vectors exist for layers 0..{n_layers - 1}, not {l}")
     for l in global_layers:
         if not 0 <= l <= n_layers:
-            raise ValueError(f"global vectors exist for layer inputs 0..{n_layers} ({n_layers} = encoder output), "
-                             f"not {l}")
+            raise ValueError(
+                f"global vectors exist for layer inputs 0..{n_layers} ({n_layers} = encoder output), not {l}"
+            )
 
     n = len(data)
     elements = np.asarray(data.elements)
@@ -277,8 +292,13 @@ def collect(
     prediction = np.empty(n, dtype=np.float64)
     layers_needed = sorted({l for l, _ in want_local} | set(want_global))
     try:
-        for start in tqdm(range(0, n, batch_size), desc="representations", unit="batch",
-                          disable=None if progress is None else not progress, dynamic_ncols=True):
+        for start in tqdm(
+            range(0, n, batch_size),
+            desc="representations",
+            unit="batch",
+            disable=None if progress is None else not progress,
+            dynamic_ncols=True,
+        ):
             stop = min(n, start + batch_size)
             el = torch.as_tensor(elements[start:stop], dtype=torch.long, device=device)
             fr = torch.as_tensor(np.asarray(data.fractions[start:stop]), dtype=torch.float32, device=device)
@@ -313,13 +333,16 @@ def collect(
             remove_path(w.path)
 
     if need_compounds:
-        with atomic_path(folder / "compounds.npz") as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, formula=np.asarray([str(s) for s in data.formula], dtype=str),
-                         row=np.asarray(data.rows, dtype=np.int64),
-                         target=np.asarray(data.target, dtype=np.float64),
-                         prediction=np.asarray(scaler.unscale(prediction), dtype=np.float64),
-                         elements=elements.astype(np.int16), fractions=np.asarray(data.fractions, np.float32))
+        with atomic_path(folder / "compounds.npz") as tmp, open(tmp, "wb") as f:
+            np.savez(
+                f,
+                formula=np.asarray([str(s) for s in data.formula], dtype=str),
+                row=np.asarray(data.rows, dtype=np.int64),
+                target=np.asarray(data.target, dtype=np.float64),
+                prediction=np.asarray(scaler.unscale(prediction), dtype=np.float64),
+                elements=elements.astype(np.int16),
+                fractions=np.asarray(data.fractions, np.float32),
+            )
     return store
 
 
@@ -329,8 +352,15 @@ def cache_folder(data_dir: Path | str, dataset: str, features: str, split: str, 
 
 
 def open_store(
-    data_dir: Path | str, dataset: str, features: str, split: str, checkpoint: Path | str, split_csv: Path | str,
-    *, drop_unary: bool = True, force: bool = False,
+    data_dir: Path | str,
+    dataset: str,
+    features: str,
+    split: str,
+    checkpoint: Path | str,
+    split_csv: Path | str,
+    *,
+    drop_unary: bool = True,
+    force: bool = False,
 ) -> RepresentationStore:
     """The cache folder for a checkpoint and split; stale folders of the same pair are removed.
 

@@ -18,7 +18,7 @@ import contextlib
 import os
 import signal
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 STOP = threading.Event()  # set: this process was asked to stop (SIGTERM); trainings save their state and stop
 EXIT_CODE = 128 + signal.SIGTERM  # 143: the exit code of a process stopped by SIGTERM
@@ -107,4 +107,3 @@ def deferred_stop() -> Iterator[None]:
             _deferring -= 1
     if main and not _deferring and _interrupt and STOP.is_set() and signal.getsignal(signal.SIGTERM) is _handler:
         raise Preempted("SIGTERM received")
-

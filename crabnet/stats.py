@@ -33,15 +33,26 @@ import pandas as pd
 
 from crabnet.data import SPLITS, read_split
 from crabnet.elements import N_ELEMENTS, SYMBOLS
-from crabnet.layout import (BENCHMARK, MATBENCH, Layout, SplitFile, available, folds_of, resolve_datasets,
-                            split_files)
+from crabnet.layout import BENCHMARK, MATBENCH, Layout, SplitFile, available, folds_of, resolve_datasets, split_files
 from crabnet.plotting import save_png
 from crabnet.reference import REFERENCE_DIR
 
 PUBLISHED = {BENCHMARK: "published_stats_benchmark.csv", MATBENCH: "published_stats_matbench_cv.csv"}
 TABLE_NAME = {BENCHMARK: "benchmark", MATBENCH: "matbench_cv"}
-COLUMNS = ["n_elements", "samples_total", "samples_train", "samples_val", "samples_test", "prop_train",
-           "prop_val", "prop_test", "train_diversity", "val_diversity", "test_diversity", "log2_samples_train"]
+COLUMNS = [
+    "n_elements",
+    "samples_total",
+    "samples_train",
+    "samples_val",
+    "samples_test",
+    "prop_train",
+    "prop_val",
+    "prop_test",
+    "train_diversity",
+    "val_diversity",
+    "test_diversity",
+    "log2_samples_train",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,11 +114,11 @@ def split_stats(path: Path | str, *, skip_invalid: bool = False) -> SplitStats:
         DataError: a bad row (file, row and formula named) unless ``skip_invalid``.
     """
     # the file's rows as they are: single-element compounds kept, duplicates not merged
-    data = read_split(path, drop_unary=False, skip_invalid=skip_invalid, merge_duplicates=False,
-                      verbose=skip_invalid)
+    data = read_split(path, drop_unary=False, skip_invalid=skip_invalid, merge_duplicates=False, verbose=skip_invalid)
     n_real = data.n_real
-    return SplitStats(samples=len(data), max_elements=int(n_real.max()) if len(data) else 0,
-                      counts=presence_counts(data.elements))
+    return SplitStats(
+        samples=len(data), max_elements=int(n_real.max()) if len(data) else 0, counts=presence_counts(data.elements)
+    )
 
 
 def table_row(stats: dict[str, SplitStats]) -> dict[str, float]:
@@ -151,8 +162,9 @@ def dataset_stats(data_dir: Path | str, kind: str, dataset: str, *, skip_invalid
     return [DatasetStats(kind, dataset, fold, splits) for fold, splits in by_fold.items()]
 
 
-def stats_job(data_dir: Path, kind: str, dataset: str, skip_invalid: bool = False,
-              figures: bool = True) -> list[DatasetStats]:
+def stats_job(
+    data_dir: Path, kind: str, dataset: str, skip_invalid: bool = False, figures: bool = True
+) -> list[DatasetStats]:
     """Step 8 for one dataset (a job of ``crabnet.engine``): its statistics and its prevalence plots.
 
     Args:
@@ -204,8 +216,10 @@ def merge_table(old: pd.DataFrame | None, new: pd.DataFrame, key: list[str]) -> 
     if old is not None and len(old):
         drop = old.set_index(key).index.isin(new.set_index(key).index)
         new = pd.concat([old[~drop], new], ignore_index=True)
-    order = sorted(range(len(new)), key=lambda i: tuple(
-        str(new.iloc[i][k]).lower() if k == "mat_prop" else new.iloc[i][k] for k in key))
+    order = sorted(
+        range(len(new)),
+        key=lambda i: tuple(str(new.iloc[i][k]).lower() if k == "mat_prop" else new.iloc[i][k] for k in key),
+    )
     return new.iloc[order].reset_index(drop=True)
 
 
@@ -213,8 +227,9 @@ def merge_table(old: pd.DataFrame | None, new: pd.DataFrame, key: list[str]) -> 
 # comparison with the published tables
 
 
-def compare_with_published(ours: pd.DataFrame, published: pd.DataFrame, kind: str,
-                           tol: float = 1e-9) -> tuple[int, list[str]]:
+def compare_with_published(
+    ours: pd.DataFrame, published: pd.DataFrame, kind: str, tol: float = 1e-9
+) -> tuple[int, list[str]]:
     """Compare our table with a published one, allowing for its swapped val/test diversity.
 
     Every published row whose dataset (and fold) we have is compared column by column: counts,
@@ -315,8 +330,12 @@ def plot_dataset_prevalence(stats: DatasetStats, folder: Path | str) -> None:
     counts = {s: st.counts for s, st in stats.splits.items()}
     what = stats.dataset if stats.fold is None else f"{stats.dataset} (fold {stats.fold})"
     for order, suffix in (("count", "by_count"), ("z", "by_z")):
-        plot_prevalence(counts, f"{what}: compounds containing each element",
-                        Path(folder) / f"{stats.dataset}__{suffix}.png", order=order)
+        plot_prevalence(
+            counts,
+            f"{what}: compounds containing each element",
+            Path(folder) / f"{stats.dataset}__{suffix}.png",
+            order=order,
+        )
 
 
 def plot_diversity(groups: list[tuple[str, pd.DataFrame]], title: str, path: Path | str) -> None:
@@ -353,14 +372,20 @@ def diversity_figure(groups: list[tuple[str, pd.DataFrame]], title: str):
     width = 0.27
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names) + 2.0), 5.0), layout="constrained")
     i = 0
-    for g, (label, frame) in enumerate(groups):
-        x = np.asarray(positions[i: i + len(frame)])
+    for g, (_label, frame) in enumerate(groups):
+        x = np.asarray(positions[i : i + len(frame)])
         i += len(frame)
         for j, split in enumerate(SPLITS):
             std = f"{split}_diversity_std"
-            ax.bar(x + (j - 1) * width, frame[f"{split}_diversity"].to_numpy(float), width=width,
-                   color=SPLIT_COLOURS[split], label=split if g == 0 else None,
-                   yerr=frame[std].to_numpy(float) if std in frame else None, capsize=2)
+            ax.bar(
+                x + (j - 1) * width,
+                frame[f"{split}_diversity"].to_numpy(float),
+                width=width,
+                color=SPLIT_COLOURS[split],
+                label=split if g == 0 else None,
+                yerr=frame[std].to_numpy(float) if std in frame else None,
+                capsize=2,
+            )
     ax.set_xticks(positions, names, rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
     ax.set_xlim(-0.7, pos - 1.3)
     lo = min((np.nanmin(f[[f"{s}_diversity" for s in SPLITS]].to_numpy(float)) for _, f in groups), default=0.0)
@@ -391,9 +416,32 @@ def matbench_summary(table: pd.DataFrame) -> pd.DataFrame:
 
 
 __all__ = [
-    "BENCHMARK", "MATBENCH", "REFERENCE_DIR", "COLUMNS", "SplitFile", "SplitStats", "DatasetStats", "available",
-    "folds_of", "resolve_datasets", "split_files", "presence_counts", "diversity_index", "split_stats", "table_row",
-    "dataset_stats", "stats_job", "stats_table", "counts_table", "merge_table", "compare_with_published",
-    "read_published", "plot_prevalence", "plot_dataset_prevalence", "prevalence_figure", "plot_diversity",
-    "diversity_figure", "matbench_summary",
+    "BENCHMARK",
+    "MATBENCH",
+    "REFERENCE_DIR",
+    "COLUMNS",
+    "SplitFile",
+    "SplitStats",
+    "DatasetStats",
+    "available",
+    "folds_of",
+    "resolve_datasets",
+    "split_files",
+    "presence_counts",
+    "diversity_index",
+    "split_stats",
+    "table_row",
+    "dataset_stats",
+    "stats_job",
+    "stats_table",
+    "counts_table",
+    "merge_table",
+    "compare_with_published",
+    "read_published",
+    "plot_prevalence",
+    "plot_dataset_prevalence",
+    "prevalence_figure",
+    "plot_diversity",
+    "diversity_figure",
+    "matbench_summary",
 ]

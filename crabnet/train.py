@@ -13,9 +13,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -124,7 +124,7 @@ class Scaler:
     std: float
 
     @classmethod
-    def fit(cls, y: np.ndarray) -> "Scaler":
+    def fit(cls, y: np.ndarray) -> Scaler:
         y = np.asarray(y, dtype=np.float64)
         std = float(y.std(ddof=1)) if len(y) > 1 else 1.0
         return cls(float(y.mean()), std if std > 0 else 1.0)
@@ -167,8 +167,14 @@ def to_tensors(data: CompositionData, device: torch.device) -> tuple[torch.Tenso
 
 
 @torch.no_grad()
-def _forward_batches(model: CrabNet, el: torch.Tensor, fr: torch.Tensor, batch_size: int,
-                     precision: str, real: list[torch.Tensor] | None = None) -> torch.Tensor:
+def _forward_batches(
+    model: CrabNet,
+    el: torch.Tensor,
+    fr: torch.Tensor,
+    batch_size: int,
+    precision: str,
+    real: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Raw outputs (n, 3) in float32 for tensors already on the model's device (eval mode).
 
     ``real``: the real slots of each batch (:func:`crabnet.model.real_slots`), if known.
@@ -176,16 +182,32 @@ def _forward_batches(model: CrabNet, el: torch.Tensor, fr: torch.Tensor, batch_s
     was_training = model.training
     model.eval()
     with autocast(precision, el.device):
-        out = torch.cat([model(el[i : i + batch_size], fr[i : i + batch_size],
-                               real=None if real is None else real[i // batch_size])
-                         for i in range(0, len(el), batch_size)]) if len(el) else torch.empty(0, 3)
+        out = (
+            torch.cat(
+                [
+                    model(
+                        el[i : i + batch_size],
+                        fr[i : i + batch_size],
+                        real=None if real is None else real[i // batch_size],
+                    )
+                    for i in range(0, len(el), batch_size)
+                ]
+            )
+            if len(el)
+            else torch.empty(0, 3)
+        )
     model.train(was_training)
     return out.float()
 
 
 def predict(
-    model: CrabNet, data: CompositionData, scaler: Scaler, *, batch_size: int = 4096,
-    device: torch.device | None = None, precision: str = "fp32",
+    model: CrabNet,
+    data: CompositionData,
+    scaler: Scaler,
+    *,
+    batch_size: int = 4096,
+    device: torch.device | None = None,
+    precision: str = "fp32",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Predictions and uncertainties (in target units) for every compound of ``data``.
 
@@ -211,14 +233,16 @@ class Validator:
     device once and evaluated in large batches without autograd at the training precision.
     """
 
-    def __init__(self, data: CompositionData, scaler: Scaler, device: torch.device, batch_size: int,
-                 precision: str):
+    def __init__(self, data: CompositionData, scaler: Scaler, device: torch.device, batch_size: int, precision: str):
         self.el, self.fr, _ = to_tensors(data, device)
         self.target = np.asarray(data.target, np.float64)
         self.scaler, self.batch_size, self.precision = scaler, batch_size, precision
         # off the CPU each batch's real slots are found once, here, so the passes need no host synchronisation
-        self.real = None if torch.device(device).type == "cpu" else [
-            real_slots(data.elements[i : i + batch_size], device) for i in range(0, len(data), batch_size)]
+        self.real = (
+            None
+            if torch.device(device).type == "cpu"
+            else [real_slots(data.elements[i : i + batch_size], device) for i in range(0, len(data), batch_size)]
+        )
 
     def __call__(self, model: CrabNet) -> float:
         out = _forward_batches(model, self.el, self.fr, self.batch_size, self.precision, self.real)
@@ -246,9 +270,14 @@ class History:
 
     def per_epoch(self) -> dict:
         """The per-epoch curves as a dict of lists (for checkpoints and learning-curve figures)."""
-        return {"epoch": list(range(1, self.epochs_run + 1)), "train_loss": self.train_loss,
-                "val_mae": self.val_mae, "lr": self.epoch_lr, "swa_updates": [max(0, a) for a in self.epoch_swa],
-                "swa_check": [a >= 0 for a in self.epoch_swa]}
+        return {
+            "epoch": list(range(1, self.epochs_run + 1)),
+            "train_loss": self.train_loss,
+            "val_mae": self.val_mae,
+            "lr": self.epoch_lr,
+            "swa_updates": [max(0, a) for a in self.epoch_swa],
+            "swa_check": [a >= 0 for a in self.epoch_swa],
+        }
 
 
 # Callback events: ("start", epoch=-1, step=0), ("step", epoch, step), ("epoch", epoch, step).
@@ -279,9 +308,20 @@ def state_save_interval() -> float:
     return value
 
 
-def save_training_state(path: Path | str, *, key: dict, epoch: int, model: CrabNet, optimizer: Lookahead,
-                        swa: SWA, gen: torch.Generator, noise_gen: torch.Generator, hist: History,
-                        callback_state: dict | None = None, partial: dict | None = None) -> None:
+def save_training_state(
+    path: Path | str,
+    *,
+    key: dict,
+    epoch: int,
+    model: CrabNet,
+    optimizer: Lookahead,
+    swa: SWA,
+    gen: torch.Generator,
+    noise_gen: torch.Generator,
+    hist: History,
+    callback_state: dict | None = None,
+    partial: dict | None = None,
+) -> None:
     """Everything ``fit`` needs to go on after ``epoch`` exactly as if it had not stopped.
 
     ``partial``: a stop inside the next epoch (SIGTERM) also saves how far that epoch went (batches
@@ -291,13 +331,18 @@ def save_training_state(path: Path | str, *, key: dict, epoch: int, model: CrabN
     """
     device = next(model.parameters()).device
     state = {
-        "key": key, "epoch": epoch,
+        "key": key,
+        "epoch": epoch,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict(), "swa": swa.state_dict(),
-        "gen": gen.get_state(), "noise_gen": noise_gen.get_state(),
+        "optimizer": optimizer.state_dict(),
+        "swa": swa.state_dict(),
+        "gen": gen.get_state(),
+        "noise_gen": noise_gen.get_state(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0, dtype=torch.uint8),
-        "history": asdict(hist), "callback": callback_state or {}, "partial": partial or {},
+        "history": asdict(hist),
+        "callback": callback_state or {},
+        "partial": partial or {},
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -315,8 +360,15 @@ def load_training_state(path: Path | str, key: dict) -> dict | None:
     return state
 
 
-def _restore_training_state(state: dict, model: CrabNet, optimizer: Lookahead, swa: SWA, gen: torch.Generator,
-                            noise_gen: torch.Generator, callback=None) -> tuple[History, int, dict]:
+def _restore_training_state(
+    state: dict,
+    model: CrabNet,
+    optimizer: Lookahead,
+    swa: SWA,
+    gen: torch.Generator,
+    noise_gen: torch.Generator,
+    callback=None,
+) -> tuple[History, int, dict]:
     """Load a state of :func:`save_training_state` into ``fit``'s objects (``callback``: a stateful one).
 
     Returns:
@@ -343,6 +395,7 @@ def _restore_training_state(state: dict, model: CrabNet, optimizer: Lookahead, s
 def plain_progress(progress: bool | None) -> bool:
     """Whether ``fit`` prints one plain line per epoch: ``progress`` None (the default) and stdout or
     stderr not a terminal (a cluster job's log, where the tqdm bar stays silent)."""
+
     def tty(stream) -> bool:
         return bool(getattr(stream, "isatty", lambda: False)())
 
@@ -370,8 +423,10 @@ def epoch_line(desc: str, hist: History, recipe: Recipe, seconds_per_epoch: floa
         checks = sum(a >= 0 for a in hist.epoch_swa)
         parts.append(f"SWA {f'+{added}' if added >= 0 else '-'} (checks {checks} failed {hist.swa_failures})")
     eta = "<=" if recipe.swa and recipe.early_stop else ""
-    parts.append(f"{seconds_per_epoch:.3g} s/epoch elapsed {_clock(elapsed)} "
-                 f"ETA {eta}{_clock(seconds_per_epoch * (recipe.epochs - hist.epochs_run))}")
+    parts.append(
+        f"{seconds_per_epoch:.3g} s/epoch elapsed {_clock(elapsed)} "
+        f"ETA {eta}{_clock(seconds_per_epoch * (recipe.epochs - hist.epochs_run))}"
+    )
     return " ".join(parts)
 
 
@@ -391,16 +446,29 @@ def _preempted(desc: str, where: str, state_path: Path | str | None) -> Preempte
     """The exception ``fit`` raises on SIGTERM, saying where the training state was saved."""
     if not state_path:
         return Preempted(f"{desc}: SIGTERM in {where}; no training state is kept")
-    return Preempted(f"{desc}: SIGTERM in {where}; the training state was saved at {state_path} "
-                     "(the same command goes on from there)")
+    return Preempted(
+        f"{desc}: SIGTERM in {where}; the training state was saved at {state_path} "
+        "(the same command goes on from there)"
+    )
 
 
 @deferred_stop()
 def fit(
-    model: CrabNet, train: CompositionData, val: CompositionData, scaler: Scaler, recipe: Recipe, *,
-    seed: int = 0, callback: Callback | None = None, progress: bool | None = None,
-    val_every: int = 1, desc: str = "train", state_path: Path | str | None = None,
-    state_key: dict | None = None, save_every_s: float | None = None, precision: str = "auto",
+    model: CrabNet,
+    train: CompositionData,
+    val: CompositionData,
+    scaler: Scaler,
+    recipe: Recipe,
+    *,
+    seed: int = 0,
+    callback: Callback | None = None,
+    progress: bool | None = None,
+    val_every: int = 1,
+    desc: str = "train",
+    state_path: Path | str | None = None,
+    state_key: dict | None = None,
+    save_every_s: float | None = None,
+    precision: str = "auto",
 ) -> History:
     """Train ``model`` in place with the CrabNet recipe (SPEC §4).
 
@@ -445,36 +513,66 @@ def fit(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
     hist = History(precision=precision)
-    key = {"n_train": n, "n_val": len(val), "batch_size": bs, "recipe": recipe_dict(recipe), "seed": seed,
-           "precision": precision, "swa_rule": SWA.RULE, **(state_key or {})}
+    key = {
+        "n_train": n,
+        "n_val": len(val),
+        "batch_size": bs,
+        "recipe": recipe_dict(recipe),
+        "seed": seed,
+        "precision": precision,
+        "swa_rule": SWA.RULE,
+        **(state_key or {}),
+    }
     save_every_s = state_save_interval() if save_every_s is None else save_every_s
     stateful = callback is not None and hasattr(callback, "state_dict") and hasattr(callback, "load_state_dict")
     start, partial = 0, {}
     state = load_training_state(state_path, key) if state_path else None
     if state is not None:
-        hist, start, partial = _restore_training_state(state, model, optimizer, swa, gen, noise_gen,
-                                                       callback if stateful else None)
+        hist, start, partial = _restore_training_state(
+            state, model, optimizer, swa, gen, noise_gen, callback if stateful else None
+        )
         at = f" batch {partial['batches'] + 1}/{n_batches}" if partial else ""
         print(f"resuming {desc} from {state_path} at epoch {start + 1}{at} of {recipe.epochs}", flush=True)
     t_resumed = hist.seconds
 
     def save(epoch: int, inside: dict | None = None) -> None:  # the state after `epoch` (+ `inside` the next)
         hist.seconds = t_resumed + time.perf_counter() - t0
-        save_training_state(state_path, key=key, epoch=epoch, model=model, optimizer=optimizer, swa=swa, gen=gen,
-                            noise_gen=noise_gen, hist=hist, callback_state=callback.state_dict() if stateful else None,
-                            partial=inside)
+        save_training_state(
+            state_path,
+            key=key,
+            epoch=epoch,
+            model=model,
+            optimizer=optimizer,
+            swa=swa,
+            gen=gen,
+            noise_gen=noise_gen,
+            hist=hist,
+            callback_state=callback.state_dict() if stateful else None,
+            partial=inside,
+        )
 
     model.train()
     if callback and state is None:
         callback("start", -1, 0)
     epochs = range(start, recipe.epochs)
-    bar = tqdm(epochs, desc=desc, unit="epoch", disable=False if progress else None, dynamic_ncols=True,
-               initial=start, total=recipe.epochs) if progress is not False else epochs
+    bar = (
+        tqdm(
+            epochs,
+            desc=desc,
+            unit="epoch",
+            disable=False if progress else None,
+            dynamic_ncols=True,
+            initial=start,
+            total=recipe.epochs,
+        )
+        if progress is not False
+        else epochs
+    )
     swa_first = recipe.epochs_step * recipe.swa_start - 1
     last_save = t_loop = time.perf_counter()
     lines = plain_progress(progress)
     stop = recipe.early_stop and hist.swa_failures >= recipe.early_stop
-    for epoch in ([] if stop else bar):
+    for epoch in [] if stop else bar:
         swa_epoch = recipe.swa and (epoch + 1) % (2 * recipe.epochs_step) == 0 and epoch >= swa_first
         if partial:  # resuming inside this epoch
             first, order, loss_sum, added = partial["batches"], partial["order"], partial["loss_sum"], partial["added"]
@@ -487,8 +585,7 @@ def fit(
         order_host = None if device.type == "cpu" else order.cpu().numpy()  # one synchronisation per epoch
         for b in range(first, n_batches):
             idx = order[b * bs : (b + 1) * bs]
-            real = None if order_host is None else real_slots(train.elements[order_host[b * bs : (b + 1) * bs]],
-                                                              device)
+            real = None if order_host is None else real_slots(train.elements[order_host[b * bs : (b + 1) * bs]], device)
             lr = triangular_lr(hist.steps, recipe.base_lr, recipe.max_lr, half_cycle)
             for g in optimizer.param_groups:
                 g["lr"] = lr
@@ -511,10 +608,13 @@ def fit(
                 callback("step", epoch, hist.steps)
             if STOP.is_set() and b + 1 < n_batches:  # SIGTERM: save inside the epoch and stop
                 if state_path:
-                    save(epoch - 1, {"batches": b + 1, "order": order.cpu(), "loss_sum": loss_sum.detach().cpu(),
-                                     "added": added})
-                raise _preempted(desc, f"epoch {epoch + 1}/{recipe.epochs} (after batch {b + 1}/{n_batches})",
-                                 state_path)
+                    save(
+                        epoch - 1,
+                        {"batches": b + 1, "order": order.cpu(), "loss_sum": loss_sum.detach().cpu(), "added": added},
+                    )
+                raise _preempted(
+                    desc, f"epoch {epoch + 1}/{recipe.epochs} (after batch {b + 1}/{n_batches})", state_path
+                )
         hist.train_loss.append(float(loss_sum) / n_batches)
         hist.epochs_run = epoch + 1
         hist.epoch_lr.append(lr)
@@ -528,8 +628,9 @@ def fit(
         _bar_postfix(bar, hist, recipe)
         now = time.perf_counter()
         if lines:
-            print(epoch_line(desc, hist, recipe, (now - t_loop) / (epoch + 1 - start), t_resumed + now - t0),
-                  flush=True)
+            print(
+                epoch_line(desc, hist, recipe, (now - t_loop) / (epoch + 1 - start), t_resumed + now - t0), flush=True
+            )
         stop = bool(recipe.early_stop and hist.swa_failures >= recipe.early_stop)
         hist.stopped_early = stop
         if state_path and (now - last_save >= save_every_s or stop or epoch + 1 == recipe.epochs or STOP.is_set()):
@@ -587,7 +688,7 @@ def read_checkpoint_meta(path: Path | str) -> dict | None:
     """The metadata of a checkpoint without building its model (memory-mapped read); None if unreadable."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - a partial or foreign file: treated as no checkpoint
+    except Exception:
         return None
     return dict(ckpt.get("meta", {}))
 
@@ -604,16 +705,25 @@ def recipe_dict(recipe: Recipe) -> dict:
 
 def training_meta(recipe: Recipe, hist: History, **extra) -> dict:
     """Checkpoint metadata of a training run: recipe, precision, history and ``extra`` fields."""
-    return {**extra, "recipe": recipe_dict(recipe), "full_recipe": recipe.name if recipe.is_full() else None,
-            "swa_rule": SWA.RULE,
-            "precision": hist.precision, "epochs_run": hist.epochs_run, "stopped_early": hist.stopped_early,
-            "swa_updates": hist.swa_updates, "swa_resets": hist.swa_resets,
-            "final_weights": "swa" if hist.swapped_swa else "last", "train_seconds": round(hist.seconds, 1),
-            "history": hist.per_epoch()}
+    return {
+        **extra,
+        "recipe": recipe_dict(recipe),
+        "full_recipe": recipe.name if recipe.is_full() else None,
+        "swa_rule": SWA.RULE,
+        "precision": hist.precision,
+        "epochs_run": hist.epochs_run,
+        "stopped_early": hist.stopped_early,
+        "swa_updates": hist.swa_updates,
+        "swa_resets": hist.swa_resets,
+        "final_weights": "swa" if hist.swapped_swa else "last",
+        "train_seconds": round(hist.seconds, 1),
+        "history": hist.per_epoch(),
+    }
 
 
-def new_model(features: str, splits: dict[str, CompositionData], device: torch.device | str, seed: int
-              ) -> tuple[CrabNet, Scaler]:
+def new_model(
+    features: str, splits: dict[str, CompositionData], device: torch.device | str, seed: int
+) -> tuple[CrabNet, Scaler]:
     """A freshly initialised model (seeded) for ``splits`` and the target scaler of its training split."""
     from crabnet.utils import seed_everything
 
@@ -623,8 +733,18 @@ def new_model(features: str, splits: dict[str, CompositionData], device: torch.d
 
 
 def save_trained(
-    data_dir: Path | str, dataset: str, features: str, recipe: Recipe, model: CrabNet, scaler: Scaler,
-    hist: History, test: CompositionData, *, seed: int, written_by: str, beside_full: bool = False,
+    data_dir: Path | str,
+    dataset: str,
+    features: str,
+    recipe: Recipe,
+    model: CrabNet,
+    scaler: Scaler,
+    hist: History,
+    test: CompositionData,
+    *,
+    seed: int,
+    written_by: str,
+    beside_full: bool = False,
 ) -> tuple[Path, dict]:
     """Evaluate on ``test`` and save the checkpoint of a finished training at :func:`checkpoint_path`.
 
@@ -635,8 +755,15 @@ def save_trained(
         ``(path, meta)``.
     """
     pred, _ = predict(model, test, scaler)
-    meta = training_meta(recipe, hist, dataset=dataset, features=features, seed=seed,
-                         test_mae=mae(pred, test.target), written_by=written_by)
+    meta = training_meta(
+        recipe,
+        hist,
+        dataset=dataset,
+        features=features,
+        seed=seed,
+        test_mae=mae(pred, test.target),
+        written_by=written_by,
+    )
     path = checkpoint_path(data_dir, dataset, features, recipe.name)
     if beside_full and path.exists():
         try:
@@ -650,9 +777,17 @@ def save_trained(
 
 
 def train_and_save(
-    data_dir: Path | str, dataset: str, features: str, recipe: Recipe, *, device: torch.device | str = "cpu",
-    seed: int = 0, splits: dict[str, CompositionData] | None = None, written_by: str = "",
-    progress: bool | None = None, precision: str = "auto",
+    data_dir: Path | str,
+    dataset: str,
+    features: str,
+    recipe: Recipe,
+    *,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    splits: dict[str, CompositionData] | None = None,
+    written_by: str = "",
+    progress: bool | None = None,
+    precision: str = "auto",
 ) -> tuple[CrabNet, Scaler, dict]:
     """Train a model on ``dataset`` with ``recipe`` and save it to :func:`checkpoint_path`.
 
@@ -670,11 +805,22 @@ def train_and_save(
     splits = splits or load_dataset(data_dir, dataset)
     model, scaler = new_model(features, splits, device, seed)
     state_path = Layout(data_dir).training_state(dataset, features, recipe.name)
-    hist = fit(model, splits["train"], splits["val"], scaler, recipe, seed=seed, desc=f"{dataset} {features}",
-               progress=progress, state_path=state_path, state_key={"dataset": dataset, "features": features},
-               precision=precision)
-    _, meta = save_trained(data_dir, dataset, features, recipe, model, scaler, hist, splits["test"], seed=seed,
-                           written_by=written_by)
+    hist = fit(
+        model,
+        splits["train"],
+        splits["val"],
+        scaler,
+        recipe,
+        seed=seed,
+        desc=f"{dataset} {features}",
+        progress=progress,
+        state_path=state_path,
+        state_key={"dataset": dataset, "features": features},
+        precision=precision,
+    )
+    _, meta = save_trained(
+        data_dir, dataset, features, recipe, model, scaler, hist, splits["test"], seed=seed, written_by=written_by
+    )
     state_path.unlink(missing_ok=True)
     return model, scaler, meta
 
@@ -686,8 +832,16 @@ def checkpoint_suits(meta: dict, recipe: Recipe) -> bool:
 
 
 def ensure_model(
-    data_dir: Path | str, dataset: str, features: str, recipe: Recipe, *, device: torch.device | str = "cpu",
-    seed: int = 0, force: bool = False, written_by: str = "", precision: str = "auto",
+    data_dir: Path | str,
+    dataset: str,
+    features: str,
+    recipe: Recipe,
+    *,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    force: bool = False,
+    written_by: str = "",
+    precision: str = "auto",
 ) -> tuple[CrabNet, Scaler, dict]:
     """Load the checkpoint of ``recipe`` (:func:`checkpoint_path`) if it suits it, else train and save it.
 
@@ -703,5 +857,6 @@ def ensure_model(
             print(f"using {path} ({kind}, test MAE {meta.get('test_mae', float('nan')):.4g})")
             return model, scaler, meta
         print(f"{path} was not trained with the full {recipe.name} recipe: training it again")
-    return train_and_save(data_dir, dataset, features, recipe, device=device, seed=seed, written_by=written_by,
-                          precision=precision)
+    return train_and_save(
+        data_dir, dataset, features, recipe, device=device, seed=seed, written_by=written_by, precision=precision
+    )

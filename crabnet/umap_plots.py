@@ -83,8 +83,15 @@ class Colouring:
         return cols
 
 
-def make_colouring(name: str, label: str, values, style: str = "continuous", cmap: str | None = None,
-                   limits: tuple[float, float] | None = None, title: str = "") -> Colouring:
+def make_colouring(
+    name: str,
+    label: str,
+    values,
+    style: str = "continuous",
+    cmap: str | None = None,
+    limits: tuple[float, float] | None = None,
+    title: str = "",
+) -> Colouring:
     """A colouring with limits: 1st–99th percentile (continuous), symmetric (diverging), integers."""
     v = np.asarray(values, dtype=np.float64)
     fin = v[np.isfinite(v)]
@@ -133,8 +140,16 @@ def _draw_panel(ax, xy: np.ndarray, c: Colouring, size: float, alpha: float, ord
     cmap, norm = _mpl_norm(c)
     unknown = ~np.isfinite(c.values)
     if unknown.any():
-        ax.scatter(xy[unknown, 0], xy[unknown, 1], s=size, c=UNKNOWN_COLOUR, alpha=min(alpha, 0.5), lw=0,
-                   rasterized=True, label=f"unknown ({int(unknown.sum())})")
+        ax.scatter(
+            xy[unknown, 0],
+            xy[unknown, 1],
+            s=size,
+            c=UNKNOWN_COLOUR,
+            alpha=min(alpha, 0.5),
+            lw=0,
+            rasterized=True,
+            label=f"unknown ({int(unknown.sum())})",
+        )
         ax.legend(loc="lower right", fontsize=7, frameon=False, markerscale=max(1.0, 6 / math.sqrt(size)))
     o = order[~unknown[order]]
     vals = np.clip(c.values[o], c.vmin, c.vmax) if not c.style.startswith("discrete") else c.values[o]
@@ -150,8 +165,15 @@ def _draw_panel(ax, xy: np.ndarray, c: Colouring, size: float, alpha: float, ord
     ax.set_yticks([])
 
 
-def plot_png(coords: dict[int, np.ndarray], colourings: list[Colouring], path: Path | str, *, title: str,
-             row_label=lambda layer: f"layer {layer}", seed: int = 0) -> Path:
+def plot_png(
+    coords: dict[int, np.ndarray],
+    colourings: list[Colouring],
+    path: Path | str,
+    *,
+    title: str,
+    row_label=lambda layer: f"layer {layer}",
+    seed: int = 0,
+) -> Path:
     """Grid of scatter plots: one row per layer, one column per colouring (grey = unknown).
 
     Args:
@@ -171,8 +193,9 @@ def plot_png(coords: dict[int, np.ndarray], colourings: list[Colouring], path: P
     n = len(next(iter(coords.values())))
     size, alpha = marker_style(n)
     order = np.random.default_rng(seed).permutation(n)
-    fig, axes = plt.subplots(len(layers), len(colourings), figsize=(3.9 * len(colourings), 3.4 * len(layers)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(layers), len(colourings), figsize=(3.9 * len(colourings), 3.4 * len(layers)), squeeze=False
+    )
     for r, layer in enumerate(layers):
         for col, c in enumerate(colourings):
             ax = axes[r, col]
@@ -213,8 +236,17 @@ def _plotly_colour(c: Colouring) -> dict:
         scale = []
         for i, col in enumerate(scale_cols):  # piecewise-constant bands
             scale += [[i / nb, col], [(i + 1) / nb, col]]
-        return {"color": values, "colorscale": scale, "cmin": lo, "cmax": c.vmax,
-                "colorbar": {"title": {"text": c.label.replace("\n", "<br>"), "side": "right"}, "tickvals": ticks, "ticktext": ticktext}}
+        return {
+            "color": values,
+            "colorscale": scale,
+            "cmin": lo,
+            "cmax": c.vmax,
+            "colorbar": {
+                "title": {"text": c.label.replace("\n", "<br>"), "side": "right"},
+                "tickvals": ticks,
+                "ticktext": ticktext,
+            },
+        }
     cmap = matplotlib.colormaps[c.cmap]
     values = np.clip(c.values, c.vmin, c.vmax)
     span = c.vmax - c.vmin
@@ -233,6 +265,7 @@ def _plotly_colour(c: Colouring) -> dict:
 
 def hover_text(formula, columns: dict[str, np.ndarray]) -> list[str]:
     """One hover label per point: the formula, then ``name: value`` lines (``unknown`` for NaN)."""
+
     def fmt(v) -> str:
         return "unknown" if not np.isfinite(v) else f"{v:.4g}"
 
@@ -240,8 +273,16 @@ def hover_text(formula, columns: dict[str, np.ndarray]) -> list[str]:
     return [f"<b>{f}</b><br>" + "<br>".join(f"{k}: {fmt(v[i])}" for k, v in cols) for i, f in enumerate(formula)]
 
 
-def plot_html(coords: dict[int, np.ndarray], colourings: list[Colouring], hover: list[str], path: Path | str, *,
-              title: str, row_label=lambda layer: f"layer {layer}", js: str = "inline") -> Path:
+def plot_html(
+    coords: dict[int, np.ndarray],
+    colourings: list[Colouring],
+    hover: list[str],
+    path: Path | str,
+    *,
+    title: str,
+    row_label=lambda layer: f"layer {layer}",
+    js: str = "inline",
+) -> Path:
     """Interactive offline HTML: one panel per layer, a menu to switch the colouring, hover labels.
     ``js``: where plotly.js comes from (see :func:`crabnet.plotting.save_html`)."""
     import plotly.graph_objects as go
@@ -254,27 +295,73 @@ def plot_html(coords: dict[int, np.ndarray], colourings: list[Colouring], hover:
     specs = [_plotly_colour(c) for c in colourings]
     cols = min(len(layers), 2 if len(layers) == 4 else 3)
     rows = math.ceil(len(layers) / cols)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[row_label(l) for l in layers],
-                        horizontal_spacing=0.05, vertical_spacing=0.08)
+    fig = make_subplots(
+        rows=rows,
+        cols=cols,
+        subplot_titles=[row_label(l) for l in layers],
+        horizontal_spacing=0.05,
+        vertical_spacing=0.08,
+    )
     for i, layer in enumerate(layers):
         xy = coords[layer]
         first = specs[0]
-        fig.add_trace(go.Scattergl(
-            x=xy[:, 0], y=xy[:, 1], mode="markers", text=hover, hoverinfo="text", name=row_label(layer),
-            marker={"size": size, "opacity": opacity, "color": first["color"], "colorscale": first["colorscale"],
-                    "cmin": first["cmin"], "cmax": first["cmax"], "colorbar": first["colorbar"],
-                    "showscale": i == len(layers) - 1},
-            showlegend=False), row=i // cols + 1, col=i % cols + 1)
-    buttons = [{"label": c.title, "method": "restyle",
-                "args": [{"marker.color": [s["color"]], "marker.colorscale": [s["colorscale"]],
-                          "marker.cmin": [s["cmin"]], "marker.cmax": [s["cmax"]], "marker.colorbar": [s["colorbar"]]}]}
-               for c, s in zip(colourings, specs)]
-    fig.update_layout(title=title, template="plotly_white", height=420 * rows + 80, width=460 * cols + 120,
-                      updatemenus=[{"buttons": buttons, "direction": "down", "x": 0, "xanchor": "left", "y": 1.0,
-                                    "yanchor": "bottom", "pad": {"b": 30}}],
-                      margin={"t": 110})
+        fig.add_trace(
+            go.Scattergl(
+                x=xy[:, 0],
+                y=xy[:, 1],
+                mode="markers",
+                text=hover,
+                hoverinfo="text",
+                name=row_label(layer),
+                marker={
+                    "size": size,
+                    "opacity": opacity,
+                    "color": first["color"],
+                    "colorscale": first["colorscale"],
+                    "cmin": first["cmin"],
+                    "cmax": first["cmax"],
+                    "colorbar": first["colorbar"],
+                    "showscale": i == len(layers) - 1,
+                },
+                showlegend=False,
+            ),
+            row=i // cols + 1,
+            col=i % cols + 1,
+        )
+    buttons = [
+        {
+            "label": c.title,
+            "method": "restyle",
+            "args": [
+                {
+                    "marker.color": [s["color"]],
+                    "marker.colorscale": [s["colorscale"]],
+                    "marker.cmin": [s["cmin"]],
+                    "marker.cmax": [s["cmax"]],
+                    "marker.colorbar": [s["colorbar"]],
+                }
+            ],
+        }
+        for c, s in zip(colourings, specs)
+    ]
+    fig.update_layout(
+        title=title,
+        template="plotly_white",
+        height=420 * rows + 80,
+        width=460 * cols + 120,
+        updatemenus=[
+            {
+                "buttons": buttons,
+                "direction": "down",
+                "x": 0,
+                "xanchor": "left",
+                "y": 1.0,
+                "yanchor": "bottom",
+                "pad": {"b": 30},
+            }
+        ],
+        margin={"t": 110},
+    )
     fig.update_xaxes(showticklabels=False)
     fig.update_yaxes(showticklabels=False)
     return save_html(fig, path, js=js)
-
-

@@ -26,10 +26,11 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -90,8 +91,10 @@ class VideoInput:
         if c < 1:
             raise VideoError(f"{self.formula}: the store holds no captures")
         if self.attention.ndim != 5 or self.attention.shape[0] != c or len(self.predictions) != c:
-            raise VideoError(f"{self.formula}: attention {self.attention.shape}, predictions "
-                             f"{np.shape(self.predictions)} and steps ({c},) do not agree")
+            raise VideoError(
+                f"{self.formula}: attention {self.attention.shape}, predictions "
+                f"{np.shape(self.predictions)} and steps ({c},) do not agree"
+            )
         if self.attention.shape[1] != len(self.layers):
             raise VideoError(f"{self.formula}: {self.attention.shape[1]} layers of maps for layers {self.layers}")
 
@@ -104,8 +107,7 @@ class VideoInput:
         return int(self.attention.shape[2])
 
     @classmethod
-    def from_history(cls, history: Any, layers: Sequence[int], capture: str = "epoch",
-                     dataset: str = "") -> "VideoInput":
+    def from_history(cls, history: Any, layers: Sequence[int], capture: str = "epoch", dataset: str = "") -> VideoInput:
         """Build from a :class:`crabnet.capture.CompoundHistory`, keeping ``layers`` only.
 
         Raises:
@@ -115,12 +117,18 @@ class VideoInput:
         bad = [l for l in layers if not 0 <= l < n_layers]
         if bad:
             raise VideoError(f"layer {bad[0]} out of range: the store has layers 0..{n_layers - 1}")
-        return cls(formula=str(history.formula), symbols=list(history.symbols),
-                   fractions=np.asarray(history.fractions, dtype=np.float64),
-                   target=float(history.target), steps=np.asarray(history.step),
-                   predictions=np.asarray(history.prediction, dtype=np.float64),
-                   attention=np.ascontiguousarray(history.attention[:, list(layers)], dtype=np.float32),
-                   layers=list(layers), capture=capture, dataset=dataset)
+        return cls(
+            formula=str(history.formula),
+            symbols=list(history.symbols),
+            fractions=np.asarray(history.fractions, dtype=np.float64),
+            target=float(history.target),
+            steps=np.asarray(history.step),
+            predictions=np.asarray(history.prediction, dtype=np.float64),
+            attention=np.ascontiguousarray(history.attention[:, list(layers)], dtype=np.float32),
+            layers=list(layers),
+            capture=capture,
+            dataset=dataset,
+        )
 
 
 def capture_label(capture: str, step: int, k: int) -> str:
@@ -153,7 +161,7 @@ class _TextStamps:
     is rendered once per process and stamped (alpha-blended) into the frame afterwards.
     """
 
-    _shared: dict[tuple[float, float], "_TextStamps"] = {}
+    _shared: dict[tuple[float, float], _TextStamps] = {}
 
     def __init__(self, fontsize: float, dpi: float):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -166,7 +174,7 @@ class _TextStamps:
         self.masks: dict[str, tuple[np.ndarray, float, float]] = {}
 
     @classmethod
-    def get(cls, fontsize: float, dpi: float) -> "_TextStamps":
+    def get(cls, fontsize: float, dpi: float) -> _TextStamps:
         key = (float(fontsize), float(dpi))
         if key not in cls._shared:
             cls._shared[key] = cls(fontsize, dpi)
@@ -297,8 +305,14 @@ class AttentionFigure(_BlitFigure):
                 ax.set_axis_off()
                 continue
             l, h = slots[i]
-            im = ax.imshow(np.ma.masked_invalid(data.attention[0, l, h]), cmap=cmap, vmin=0.0, vmax=1.0,
-                           interpolation="nearest", aspect="equal")
+            im = ax.imshow(
+                np.ma.masked_invalid(data.attention[0, l, h]),
+                cmap=cmap,
+                vmin=0.0,
+                vmax=1.0,
+                interpolation="nearest",
+                aspect="equal",
+            )
             self.images.append((im, l, h))
             ax.set_yticks(ticks, data.symbols)
             ax.set_xticks(ticks, fractions, fontsize=small, rotation=0 if k <= 4 else 45)
@@ -320,8 +334,10 @@ class AttentionFigure(_BlitFigure):
         self._update(0)
         self._freeze()
         height = self.fig.bbox.height
-        self.centres = [[[(height - y, x) for x, y in ax.transData.transform([(q, p) for q in range(k)])]
-                         for p in range(k)] for ax, _, _ in self.cells]
+        self.centres = [
+            [[(height - y, x) for x, y in ax.transData.transform([(q, p) for q in range(k)])] for p in range(k)]
+            for ax, _, _ in self.cells
+        ]
 
     def _update(self, k: int) -> None:
         d = self.data
@@ -330,8 +346,7 @@ class AttentionFigure(_BlitFigure):
             m = maps[l, h]
             im.set_data(m if np.isfinite(m).all() else np.ma.masked_invalid(m))
         self._k = k
-        self.title.set_text(f"{d.formula} · {layer_label(d.layers)} · "
-                            f"{capture_label(d.capture, d.steps[k], k)}")
+        self.title.set_text(f"{d.formula} · {layer_label(d.layers)} · {capture_label(d.capture, d.steps[k], k)}")
 
     def _decorate(self, frame: np.ndarray) -> None:
         """Write each cell's weight (black on light cells, white on dark ones)."""
@@ -379,8 +394,9 @@ class ProgressFigure(_BlitFigure):
         ax.axhline(data.target, color="0.25", ls="--", lw=1.3, label=f"target ({data.target:.4g})")
         (self.line,) = ax.plot([], [], "-o", color=LINE, lw=1.8, ms=3, label="prediction")
         self.guide = ax.axvline(x[0], color="0.6", lw=0.8, zorder=1)
-        (self.point,) = ax.plot([], [], "o", ms=10, color=HIGHLIGHT, mec="black", mew=0.8, zorder=5,
-                                label="current capture")
+        (self.point,) = ax.plot(
+            [], [], "o", ms=10, color=HIGHLIGHT, mec="black", mew=0.8, zorder=5, label="current capture"
+        )
         self.value = ax.set_title("", fontsize=10)  # the current capture's values, above the plot
         ax.set_xlabel("epoch" if data.capture == "epoch" else "optimiser step")
         ax.set_ylabel(f"prediction{f' ({data.dataset})' if data.dataset else ''}")
@@ -397,8 +413,9 @@ class ProgressFigure(_BlitFigure):
         self.line.set_data(x, d.predictions[: k + 1])
         self.point.set_data([x[-1]], [d.predictions[k]])
         self.guide.set_xdata([x[-1], x[-1]])
-        self.value.set_text(f"{capture_label(d.capture, d.steps[k], k)}: prediction {d.predictions[k]:.4g}, "
-                            f"target {d.target:.4g}")
+        self.value.set_text(
+            f"{capture_label(d.capture, d.steps[k], k)}: prediction {d.predictions[k]:.4g}, target {d.target:.4g}"
+        )
 
     def render(self, k: int, full: bool = False) -> np.ndarray:
         """RGB frame (h, w, 3) uint8 of capture k."""
@@ -454,21 +471,56 @@ def find_ffmpeg() -> str:
 
         return imageio_ffmpeg.get_ffmpeg_exe()
     except Exception as err:  # ImportError or its "no binary" RuntimeError
-        raise VideoError("no ffmpeg found: install ffmpeg on PATH or `pip install imageio-ffmpeg` "
-                         f"({err})") from err
+        raise VideoError(f"no ffmpeg found: install ffmpeg on PATH or `pip install imageio-ffmpeg` ({err})") from err
 
 
-def ffmpeg_command(ffmpeg: str, out: Path | str, size: tuple[int, int], fps: float, crf: int = 18,
-                   preset: str = DEFAULT_PRESET, metadata: dict[str, str] | None = None) -> list[str]:
+def ffmpeg_command(
+    ffmpeg: str,
+    out: Path | str,
+    size: tuple[int, int],
+    fps: float,
+    crf: int = 18,
+    preset: str = DEFAULT_PRESET,
+    metadata: dict[str, str] | None = None,
+) -> list[str]:
     """The ffmpeg command that encodes raw RGB frames from stdin to an H.264 MP4 at ``out``."""
     w, h = size
     if w % 2 or h % 2:
         raise VideoError(f"frame size {w}x{h} is not even (yuv420p needs even sizes)")
     meta = [a for k, v in (metadata or {}).items() for a in ("-metadata", f"{k}={v}")]
-    return [ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
-            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-framerate", f"{fps:g}", "-i", "pipe:0",
-            "-an", "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
-            "-movflags", "+faststart", *meta, "-f", "mp4", str(out)]
+    return [
+        ffmpeg,
+        "-hide_banner",
+        "-nostdin",
+        "-loglevel",
+        "error",
+        "-y",
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        "rgb24",
+        "-s",
+        f"{w}x{h}",
+        "-framerate",
+        f"{fps:g}",
+        "-i",
+        "pipe:0",
+        "-an",
+        "-c:v",
+        "libx264",
+        "-preset",
+        preset,
+        "-crf",
+        str(crf),
+        "-pix_fmt",
+        "yuv420p",
+        "-movflags",
+        "+faststart",
+        *meta,
+        "-f",
+        "mp4",
+        str(out),
+    ]
 
 
 class _Pipe:
@@ -497,9 +549,16 @@ class _Pipe:
 
 
 @contextlib.contextmanager
-def ffmpeg_writer(path: Path | str, size: tuple[int, int], fps: float, *, crf: int = 18,
-                  preset: str = DEFAULT_PRESET, metadata: dict[str, str] | None = None,
-                  ffmpeg: str | None = None) -> Iterator[_Pipe]:
+def ffmpeg_writer(
+    path: Path | str,
+    size: tuple[int, int],
+    fps: float,
+    *,
+    crf: int = 18,
+    preset: str = DEFAULT_PRESET,
+    metadata: dict[str, str] | None = None,
+    ffmpeg: str | None = None,
+) -> Iterator[_Pipe]:
     """Encode frames piped to ffmpeg into ``path`` (H.264 MP4), renamed into place on success.
 
     Yields an object with ``write(frame)`` for (h, w, 3) uint8 RGB frames. Nothing is left at
@@ -518,10 +577,8 @@ def ffmpeg_writer(path: Path | str, size: tuple[int, int], fps: float, *, crf: i
         pipe = _Pipe(proc, err, Path(path), size)
         try:
             yield pipe
-            try:
+            with contextlib.suppress(BrokenPipeError, OSError):
                 proc.stdin.close()
-            except (BrokenPipeError, OSError):
-                pass
             rc = proc.wait()
         except BaseException:
             proc.kill()
@@ -558,8 +615,9 @@ def probe_video(path: Path | str, count_frames: bool = True, ffmpeg: str | None 
     path = Path(path)
     if not path.is_file():
         raise VideoError(f"no video at {path}")
-    text = subprocess.run([exe, "-hide_banner", "-nostdin", "-i", str(path)], capture_output=True,
-                          text=True, errors="replace").stderr
+    text = subprocess.run(
+        [exe, "-hide_banner", "-nostdin", "-i", str(path)], capture_output=True, text=True, errors="replace"
+    ).stderr
     dur = re.search(r"Duration: (\d+):(\d+):(\d+(?:\.\d+)?)", text)
     stream = re.search(r"Stream #\S+.*?Video: (.*)", text)
     if not dur or not stream:
@@ -570,16 +628,25 @@ def probe_video(path: Path | str, count_frames: bool = True, ffmpeg: str | None 
     meta = dict(re.findall(r"^\s{4}(\w+)\s*:\s(.*)$", text.split("Stream #")[0], flags=re.M))
     frames = None
     if count_frames:
-        out = subprocess.run([exe, "-nostdin", "-v", "error", "-i", str(path), "-map", "0:v:0", "-f", "framecrc", "-"],
-                             capture_output=True, text=True, errors="replace")
+        out = subprocess.run(
+            [exe, "-nostdin", "-v", "error", "-i", str(path), "-map", "0:v:0", "-f", "framecrc", "-"],
+            capture_output=True,
+            text=True,
+            errors="replace",
+        )
         if out.returncode != 0:
             raise VideoError(f"ffmpeg cannot decode {path}:\n{out.stderr.strip()}")
         frames = sum(1 for ln in out.stdout.splitlines() if ln.strip() and not ln.startswith("#"))
     h, m, s = dur.groups()
-    return VideoInfo(frames=frames, duration=int(h) * 3600 + int(m) * 60 + float(s),
-                     width=int(size.group(1)) if size else 0, height=int(size.group(2)) if size else 0,
-                     codec=line.split()[0].strip(","), pix_fmt=pix.group(1) if pix else "",
-                     metadata={k.lower(): v.strip() for k, v in meta.items()})
+    return VideoInfo(
+        frames=frames,
+        duration=int(h) * 3600 + int(m) * 60 + float(s),
+        width=int(size.group(1)) if size else 0,
+        height=int(size.group(2)) if size else 0,
+        codec=line.split()[0].strip(","),
+        pix_fmt=pix.group(1) if pix else "",
+        metadata={k.lower(): v.strip() for k, v in meta.items()},
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -648,8 +715,9 @@ def sample_compounds(store: Any, n: int = DEFAULT_SAMPLE) -> list[int]:
     return picked
 
 
-def select_compounds(store: Any, formulas: Sequence[str] = (), indices: Sequence[int] = (),
-                     dataset: str = "", n_sample: int = 0) -> tuple[list[int], list[str]]:
+def select_compounds(
+    store: Any, formulas: Sequence[str] = (), indices: Sequence[int] = (), dataset: str = "", n_sample: int = 0
+) -> tuple[list[int], list[str]]:
     """Rows of the store to render, and the paper compounds not found in it.
 
     Explicit ``formulas`` (matched after normalising, ``HfO2`` finds ``Hf1O2``) and ``indices``
@@ -695,8 +763,11 @@ def select_compounds(store: Any, formulas: Sequence[str] = (), indices: Sequence
         return sample_compounds(store, n_sample), missing
     if not rows:
         example = store.formulas[0] if len(store) else "Fe2O3"
-        what = (f"none of the paper's {dataset} compounds ({', '.join(paper)}) is in the captured split"
-                if paper else f"the paper made no videos for {dataset}")
+        what = (
+            f"none of the paper's {dataset} compounds ({', '.join(paper)}) is in the captured split"
+            if paper
+            else f"the paper made no videos for {dataset}"
+        )
         raise ValueError(f"{what}; choose compounds with --formula (e.g. --formula {example}) or --index")
     return list(dict.fromkeys(rows)), missing
 
@@ -723,8 +794,11 @@ def video_paths(out_dir: Path | str, formula: str, layers: Sequence[int], n_laye
     elif list(layers) != [0]:
         base += "_layer" + "-".join(str(l) for l in layers)
     out = Path(out_dir)
-    return {"attention": out / f"{base}_attention.mp4", "progress": out / f"{base}_progress.mp4",
-            "merged": out / f"{base}.mp4"}
+    return {
+        "attention": out / f"{base}_attention.mp4",
+        "progress": out / f"{base}_progress.mp4",
+        "merged": out / f"{base}.mp4",
+    }
 
 
 @dataclass
@@ -746,10 +820,12 @@ class VideoJob:
     def metadata(self) -> dict[str, str]:
         """Written into each video's ``comment``; an up-to-date check compares it."""
         d = self.data
-        return {"title": f"{d.formula} {layer_label(d.layers)}",
-                "comment": f"crabnet attention video; dataset={d.dataset}; formula={d.formula}; "
-                           f"layers={','.join(map(str, d.layers))}; captures={d.n_captures}; fps={self.fps:g}; "
-                           f"dpi={self.dpi:g}; crf={self.crf}; preset={self.preset}"}
+        return {
+            "title": f"{d.formula} {layer_label(d.layers)}",
+            "comment": f"crabnet attention video; dataset={d.dataset}; formula={d.formula}; "
+            f"layers={','.join(map(str, d.layers))}; captures={d.n_captures}; fps={self.fps:g}; "
+            f"dpi={self.dpi:g}; crf={self.crf}; preset={self.preset}",
+        }
 
     def up_to_date(self, newer_than: float) -> bool:
         """All three videos exist, are newer than ``newer_than`` (a store's mtime) and were made with these settings."""
@@ -763,8 +839,9 @@ class VideoJob:
         return meta.get("comment") == self.metadata()["comment"]
 
 
-def plan_jobs(store: Any, rows: Sequence[int], layers: Sequence[int], out_dir: Path | str, *, dataset: str = "",
-              **settings: Any) -> list[VideoJob]:
+def plan_jobs(
+    store: Any, rows: Sequence[int], layers: Sequence[int], out_dir: Path | str, *, dataset: str = "", **settings: Any
+) -> list[VideoJob]:
     """One job per chosen row of a store, with its output paths.
 
     A formula that occurs twice among the rows (e.g. polymorphs) gets ``_row<i>`` in its later names.
@@ -810,12 +887,24 @@ def render_job(job: VideoJob, progress: bool | None = False) -> dict[str, Path]:
         first = renderer.frames(0)
         meta = job.metadata()
         with contextlib.ExitStack() as stack:
-            pipes = {kind: stack.enter_context(ffmpeg_writer(
-                job.outputs[kind], (first[kind].shape[1], first[kind].shape[0]), job.fps, crf=job.crf,
-                preset=job.preset, metadata=meta, ffmpeg=job.ffmpeg)) for kind in KINDS}
+            pipes = {
+                kind: stack.enter_context(
+                    ffmpeg_writer(
+                        job.outputs[kind],
+                        (first[kind].shape[1], first[kind].shape[0]),
+                        job.fps,
+                        crf=job.crf,
+                        preset=job.preset,
+                        metadata=meta,
+                        ffmpeg=job.ffmpeg,
+                    )
+                )
+                for kind in KINDS
+            }
             disable = None if progress is None else not progress
-            for k in tqdm(range(job.data.n_captures), desc=job.data.formula, unit="frame", disable=disable,
-                          leave=False):
+            for k in tqdm(
+                range(job.data.n_captures), desc=job.data.formula, unit="frame", disable=disable, leave=False
+            ):
                 frames = first if k == 0 else renderer.frames(k)
                 for kind in KINDS:
                     pipes[kind].write(frames[kind])
@@ -846,8 +935,12 @@ def _pool_context():
     return multiprocessing.get_context("spawn")
 
 
-def run_jobs(jobs: Sequence[VideoJob], workers: int = 0, progress: bool | None = None,
-             on_done: Callable[[VideoJob, dict[str, Path]], None] | None = None) -> list[dict[str, Path]]:
+def run_jobs(
+    jobs: Sequence[VideoJob],
+    workers: int = 0,
+    progress: bool | None = None,
+    on_done: Callable[[VideoJob, dict[str, Path]], None] | None = None,
+) -> list[dict[str, Path]]:
     """Render and encode several jobs, on a process pool when there are several jobs and workers.
 
     Args:

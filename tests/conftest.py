@@ -79,8 +79,14 @@ def require_data(reason: str) -> None:
 # --------------------------------------------------------------------------------------------
 # a real headless Chromium for the browser tests (Debian's `chromium`, driven by Playwright)
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 
 
 def chromium_executable() -> str | None:

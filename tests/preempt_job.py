@@ -29,8 +29,16 @@ def train(data_dir: Path, checkpoint: Path, epochs: int) -> int:
     scaler = Scaler.fit(splits["train"].target)
     state = data_dir / "models" / "tiny.state.pt"
     recipe = Recipe(epochs=epochs, epochs_step=1, batch_size=16, early_stop=0)
-    fit(model, splits["train"], splits["val"], scaler, recipe, desc="tiny onehot", state_path=state,
-        state_key={"dataset": "tiny"})
+    fit(
+        model,
+        splits["train"],
+        splits["val"],
+        scaler,
+        recipe,
+        desc="tiny onehot",
+        state_path=state,
+        state_key={"dataset": "tiny"},
+    )
     save_checkpoint(checkpoint, model, scaler)
     state.unlink()
     return 0

@@ -54,6 +54,7 @@ def _run(model, el, fr):
     def hook(i):
         def record(module, args, out):
             outputs[i] = (out[0] if isinstance(out, tuple) else out).detach()
+
         return record
 
     handles = [layer.self_attn.register_forward_hook(hook(i)) for i, layer in enumerate(model.layers)]
@@ -95,8 +96,7 @@ def test_captured_weights_equal_multihead_attention_per_head(config):
             ref_out, ref_w = mha(x, x, x, key_padding_mask=~keep, need_weights=True, average_attn_weights=False)
         got = att[:, i]  # (B, H, E, E)
         # real query rows: the same distribution over the keys, head by head
-        torch.testing.assert_close(torch.where(q_real, got, 0.0), torch.where(q_real, ref_w, 0.0),
-                                   rtol=0, atol=ATOL)
+        torch.testing.assert_close(torch.where(q_real, got, 0.0), torch.where(q_real, ref_w, 0.0), rtol=0, atol=ATOL)
         # padding: no weight on padding keys, padding query rows empty
         assert (got[~keep[:, None, :, None].expand_as(got)] == 0).all()
         assert (got.masked_select(~keep[:, None, None, :]) == 0).all()
@@ -134,8 +134,7 @@ def test_weights_times_values_give_the_layer_output(config):
         np.testing.assert_allclose(out[keep].numpy(), attn_out[i][keep].double().numpy(), rtol=0, atol=1e-5)
         # padding query rows carry no weight: only the out-projection bias is left there
         if (~keep).any():
-            np.testing.assert_allclose(out[~keep].numpy(),
-                                       b_o.expand(int((~keep).sum()), d).numpy(), atol=1e-12)
+            np.testing.assert_allclose(out[~keep].numpy(), b_o.expand(int((~keep).sum()), d).numpy(), atol=1e-12)
 
 
 def test_capture_is_independent_of_the_batch():

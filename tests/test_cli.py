@@ -34,11 +34,11 @@ def test_stated_or_missing_defaults_are_not_repeated():
 
 
 def test_usage_errors_are_one_line_with_exit_code_2(capsys):
+    import argparse
+
     from crabnet.cli import run
     from crabnet.data import DataError
     from crabnet.utils import UsageError
-
-    import argparse
 
     def main(problem):
         raise problem
@@ -53,10 +53,17 @@ def test_usage_errors_are_one_line_with_exit_code_2(capsys):
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message of a machine without a GPU")
-@pytest.mark.parametrize("script", ["get_training_attention.py", "get_crabnet_embeddings.py", "plot_global_edm_umap.py"])
+@pytest.mark.parametrize(
+    "script", ["get_training_attention.py", "get_crabnet_embeddings.py", "plot_global_edm_umap.py"]
+)
 def test_cuda_without_gpu_is_a_clear_error(script, tiny_data):
-    run = subprocess.run([sys.executable, str(ROOT / script), "--data-dir", str(tiny_data), "--dataset", "tiny",
-                          "--device", "cuda"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / script), "--data-dir", str(tiny_data), "--dataset", "tiny", "--device", "cuda"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 2
     assert "error: --device cuda was requested but no CUDA GPU is available" in run.stderr
     assert "Traceback" not in run.stderr

@@ -9,10 +9,26 @@ import pandas as pd
 import pytest
 
 import plot_element_correlation as pec
-from crabnet.correlation import (GROUPS, Correlation, collect_sources, control_frames, element_correlation, group_labels, group_separation,
-                                 lower_triangle, matrix_spearman, plot_correlation_html, plot_correlation_png,
-                                 read_representation_csv, reindex_by_z, representation_name, restrict_z,
-                                 row_pearson, summarise, zscore_columns)
+from crabnet.correlation import (
+    GROUPS,
+    Correlation,
+    collect_sources,
+    control_frames,
+    element_correlation,
+    group_labels,
+    group_separation,
+    lower_triangle,
+    matrix_spearman,
+    plot_correlation_html,
+    plot_correlation_png,
+    read_representation_csv,
+    reindex_by_z,
+    representation_name,
+    restrict_z,
+    row_pearson,
+    summarise,
+    zscore_columns,
+)
 from crabnet.elements import ATOMIC_NUMBER, SYMBOLS
 from crabnet.plotting import save_html, save_png
 
@@ -20,9 +36,7 @@ A = np.sqrt(1.5)  # z-score of 1, 2, 3 (population std): -A, 0, A
 
 
 def test_zscore_known_answer_constant_and_missing():
-    x = np.array([[1.0, 10.0, 3.0, 7.0, 1.0],
-                  [2.0, 20.0, 2.0, 7.0, np.nan],
-                  [3.0, 30.0, 1.0, 7.0, 3.0]])
+    x = np.array([[1.0, 10.0, 3.0, 7.0, 1.0], [2.0, 20.0, 2.0, 7.0, np.nan], [3.0, 30.0, 1.0, 7.0, 3.0]])
     z, kept = zscore_columns(x)
     assert kept.tolist() == [True, True, True, False, True]  # the constant column is dropped
     np.testing.assert_allclose(z[:, 0], [-A, 0, A])
@@ -35,8 +49,10 @@ def test_zscore_known_answer_constant_and_missing():
 
 
 def test_correlation_known_answer():
-    frame = pd.DataFrame({"a": [1.0, 2.0, 3.0], "b": [10.0, 20.0, 30.0], "c": [3.0, 2.0, 1.0], "k": [7.0, 7.0, 7.0]},
-                         index=["Li", "H", "O"])
+    frame = pd.DataFrame(
+        {"a": [1.0, 2.0, 3.0], "b": [10.0, 20.0, 30.0], "c": [3.0, 2.0, 1.0], "k": [7.0, 7.0, 7.0]},
+        index=["Li", "H", "O"],
+    )
     corr = element_correlation(frame, "toy")
     assert (corr.n_features, corr.n_dropped) == (3, 1)
     h, li, o = ATOMIC_NUMBER["H"] - 1, ATOMIC_NUMBER["Li"] - 1, ATOMIC_NUMBER["O"] - 1
@@ -185,9 +201,18 @@ def _learned_csv(root, features="mat2vec", dataset="tiny", layer=0, kind="Q", se
 
 def test_script_subset_summary_and_up_to_date(tmp_path, capsys):
     _learned_csv(tmp_path)
-    kw = dict(data_dir=tmp_path, device="cpu", seed=0, quick=True, force=False,
-              source=["oliynyk", "tiny__mat2vec__layer0__Q"], no_control=True, permutations=99, z_max=92,
-              no_html=False)
+    kw = dict(
+        data_dir=tmp_path,
+        device="cpu",
+        seed=0,
+        quick=True,
+        force=False,
+        source=["oliynyk", "tiny__mat2vec__layer0__Q"],
+        no_control=True,
+        permutations=99,
+        z_max=92,
+        no_html=False,
+    )
     assert pec.main(**kw) == 0
     out = capsys.readouterr().out
     fig_dir = tmp_path / "figures" / "correlation"
@@ -218,16 +243,37 @@ def test_script_finds_all_learned_and_bad_source(tmp_path, capsys):
 
     from crabnet.cli import run
 
-    rc = run(pec.main, Namespace(data_dir=tmp_path, device="cpu", seed=0, quick=True, force=False,
-                                 source=["nonsense"], no_control=True, permutations=9, z_max=92, no_html=True))
+    rc = run(
+        pec.main,
+        Namespace(
+            data_dir=tmp_path,
+            device="cpu",
+            seed=0,
+            quick=True,
+            force=False,
+            source=["nonsense"],
+            no_control=True,
+            permutations=9,
+            z_max=92,
+            no_html=True,
+        ),
+    )
     assert rc == 2 and "--source 'nonsense'" in capsys.readouterr().err
 
 
 def test_untrained_control_frames():
     a = control_frames(seed=3, device="cpu")
     b = control_frames(seed=3, device="cpu")
-    assert list(a)[:4] == ["untrained_onehot__layer0__Q", "untrained_onehot__layer0__K",
-                           "untrained_onehot__layer0__V", "untrained_onehot__layer1__Q"] and len(a) == 9
+    assert (
+        list(a)[:4]
+        == [
+            "untrained_onehot__layer0__Q",
+            "untrained_onehot__layer0__K",
+            "untrained_onehot__layer0__V",
+            "untrained_onehot__layer1__Q",
+        ]
+        and len(a) == 9
+    )
     frame = a["untrained_onehot__layer2__V"]
     assert frame.shape == (118, 512)
     np.testing.assert_array_equal(frame.to_numpy(), b["untrained_onehot__layer2__V"].to_numpy())
@@ -236,17 +282,32 @@ def test_untrained_control_frames():
 
 
 def test_script_controls_in_summary_not_plotted_with_quick(tmp_path, capsys):
-    rc = pec.main(data_dir=tmp_path, device="cpu", seed=0, quick=True, force=False, source=["magpie", "control"],
-                  no_control=False, permutations=49, z_max=92, no_html=True)
+    rc = pec.main(
+        data_dir=tmp_path,
+        device="cpu",
+        seed=0,
+        quick=True,
+        force=False,
+        source=["magpie", "control"],
+        no_control=False,
+        permutations=49,
+        z_max=92,
+        no_html=True,
+    )
     assert rc == 0
     summary = pd.read_csv(tmp_path / "figures" / "correlation" / "summary.csv")
-    assert summary["representation"].tolist()[:3] == ["magpie", "untrained_onehot__layer0__Q",
-                                                      "untrained_onehot__layer0__K"]
+    assert summary["representation"].tolist()[:3] == [
+        "magpie",
+        "untrained_onehot__layer0__Q",
+        "untrained_onehot__layer0__K",
+    ]
     assert (summary["kind"] == "untrained").sum() == 18
     assert set(summary.loc[summary["kind"] == "untrained", "model"]) == {"untrained_onehot", "untrained_mat2vec"}
     hot = summary[summary["model"] == "untrained_onehot"]
     assert (hot["separation"].abs() < 0.1).all()  # random layers on one-hot input: no chemistry
-    assert sorted(p.name for p in (tmp_path / "figures" / "correlation").glob("*.png")) == ["magpie.png",
-                                                                                           "magpie__z92.png"]
+    assert sorted(p.name for p in (tmp_path / "figures" / "correlation").glob("*.png")) == [
+        "magpie.png",
+        "magpie__z92.png",
+    ]
     out = capsys.readouterr().out
     assert "untrained_onehot" in out and "mean over each model" in out

@@ -53,8 +53,11 @@ def _fake_gpus(monkeypatch, capabilities: list[tuple[int, int]], keyword: bool =
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
     monkeypatch.setattr(torch.cuda, "device", device)
-    monkeypatch.setattr(torch.cuda, "get_device_capability",
-                        lambda index=None: capabilities[current[0] if index is None else int(index)])
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_capability",
+        lambda index=None: capabilities[current[0] if index is None else int(index)],
+    )
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported if keyword else legacy_is_bf16_supported)
     return asked
 

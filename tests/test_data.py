@@ -8,23 +8,34 @@ import zipfile
 import numpy as np
 import pytest
 
-from crabnet.data import (DataError, batch_size_for, compositions_from_formulas, extract_datasets, load_dataset,
-                          normalise_formula, parse_formula, read_split)
+from crabnet.data import (
+    DataError,
+    batch_size_for,
+    compositions_from_formulas,
+    extract_datasets,
+    load_dataset,
+    normalise_formula,
+    parse_formula,
+    read_split,
+)
 from crabnet.utils import file_sha256
 
 
-@pytest.mark.parametrize("formula, expected", [
-    ("Fe2O3", {"Fe": 2, "O": 3}),
-    ("Li0.5Co0.5O2", {"Li": 0.5, "Co": 0.5, "O": 2}),
-    ("Ca(OH)2", {"Ca": 1, "O": 2, "H": 2}),
-    ("(NH4)2SO4", {"N": 2, "H": 8, "S": 1, "O": 4}),
-    ("[Co(NH3)6]Cl3", {"Co": 1, "N": 6, "H": 18, "Cl": 3}),
-    ("NbO1.9S1e-1", {"Nb": 1, "O": 1.9, "S": 0.1}),
-    ("FeOFe", {"Fe": 2, "O": 1}),
-    ("  Fe2 O3 ", {"Fe": 2, "O": 3}),
-    ("Si1E+1O2", {"Si": 10, "O": 2}),
-    ("Hf1O2", {"Hf": 1, "O": 2}),
-])
+@pytest.mark.parametrize(
+    "formula, expected",
+    [
+        ("Fe2O3", {"Fe": 2, "O": 3}),
+        ("Li0.5Co0.5O2", {"Li": 0.5, "Co": 0.5, "O": 2}),
+        ("Ca(OH)2", {"Ca": 1, "O": 2, "H": 2}),
+        ("(NH4)2SO4", {"N": 2, "H": 8, "S": 1, "O": 4}),
+        ("[Co(NH3)6]Cl3", {"Co": 1, "N": 6, "H": 18, "Cl": 3}),
+        ("NbO1.9S1e-1", {"Nb": 1, "O": 1.9, "S": 0.1}),
+        ("FeOFe", {"Fe": 2, "O": 1}),
+        ("  Fe2 O3 ", {"Fe": 2, "O": 3}),
+        ("Si1E+1O2", {"Si": 10, "O": 2}),
+        ("Hf1O2", {"Hf": 1, "O": 2}),
+    ],
+)
 def test_parse_accepted(formula, expected):
     got = parse_formula(formula)
     assert got.keys() == expected.keys()
@@ -32,18 +43,21 @@ def test_parse_accepted(formula, expected):
         assert got[k] == pytest.approx(v)
 
 
-@pytest.mark.parametrize("formula, why", [
-    ("", "empty"),
-    ("   ", "empty"),
-    ("Xx2O3", "unknown element"),
-    ("fe2o3", "capital"),
-    ("Fe2(O3", "unbalanced"),
-    ("Fe2O3)", "unbalanced"),
-    ("[Fe2O3)", "unbalanced"),
-    ("Fe-2O3", "unexpected character"),
-    ("Fe0O0", "positive"),
-    ("Fe1.2.3O", "bad amount"),
-])
+@pytest.mark.parametrize(
+    "formula, why",
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        ("Xx2O3", "unknown element"),
+        ("fe2o3", "capital"),
+        ("Fe2(O3", "unbalanced"),
+        ("Fe2O3)", "unbalanced"),
+        ("[Fe2O3)", "unbalanced"),
+        ("Fe-2O3", "unexpected character"),
+        ("Fe0O0", "positive"),
+        ("Fe1.2.3O", "bad amount"),
+    ],
+)
 def test_parse_rejected(formula, why):
     with pytest.raises(DataError, match=why):
         parse_formula(formula)
@@ -70,15 +84,18 @@ def _write(tmp_path, text, name="bad.csv"):
     return p
 
 
-@pytest.mark.parametrize("text, match", [
-    ("formula\nFe2O3\n", "missing column"),
-    ("", "empty"),
-    ("formula,target\n", "no data rows"),
-    ("formula,target\nFe2O3,1.0\nNaCl,nan\n", r"row 2, formula 'NaCl'.*non-finite"),
-    ("formula,target\nFe2O3,1.0\nNaCl,\n", r"row 2.*missing or non-finite|row 2.*non-numeric"),
-    ("formula,target\nFe2O3,abc\n", "non-numeric"),
-    ("formula,target\nFe2O3,1\nQq2O,1.0\n", r"bad\.csv, row 2, formula 'Qq2O'.*unknown element"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("formula\nFe2O3\n", "missing column"),
+        ("", "empty"),
+        ("formula,target\n", "no data rows"),
+        ("formula,target\nFe2O3,1.0\nNaCl,nan\n", r"row 2, formula 'NaCl'.*non-finite"),
+        ("formula,target\nFe2O3,1.0\nNaCl,\n", r"row 2.*missing or non-finite|row 2.*non-numeric"),
+        ("formula,target\nFe2O3,abc\n", "non-numeric"),
+        ("formula,target\nFe2O3,1\nQq2O,1.0\n", r"bad\.csv, row 2, formula 'Qq2O'.*unknown element"),
+    ],
+)
 def test_bad_csv_clear_error(tmp_path, text, match):
     with pytest.raises(DataError, match=match):
         read_split(_write(tmp_path, text))
@@ -153,7 +170,9 @@ def test_fetch_failure_gives_manual_instructions(tmp_path, monkeypatch):
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version (network unreachable)")
 
     monkeypatch.setattr(data_mod.subprocess, "run", failing_run)
-    with pytest.raises(DataError, match=r"(?s)could not download crabnet==2\.0\.8.*network unreachable.*place the files by hand"):
+    with pytest.raises(
+        DataError, match=r"(?s)could not download crabnet==2\.0\.8.*network unreachable.*place the files by hand"
+    ):
         data_mod.dataset_dir(tmp_path, "aflow__Egap")
     assert not (tmp_path / "benchmark_data").exists()
 
@@ -169,11 +188,14 @@ def _write_user_dataset(root, splits):
 def test_duplicates_merged_and_train_test_overlap(tmp_path, capsys):
     # Fe2O3 twice and Fe4O6 (same fractions), FeO/OFe (same pairs in another order) and
     # Li0.1Co0.2O0.3/Li1Co2O3 (float64 fractions differ in the last bit, float32 ones do not)
-    root = _write_user_dataset(tmp_path, {
-        "train": "Fe2O3,1\nNaCl,5\nFe2O3,2\nLi0.1Co0.2O0.3,7\nFe4O6,3\nFeO,10\nLi1Co2O3,9\nFe,4\nOFe,12\nKBr,6\n",
-        "val": "ZnS,1\nMgO,2\n",
-        "test": "MgO,1\nFe4O6,0\nCaO,2\nNaCl,3\n",
-    })
+    root = _write_user_dataset(
+        tmp_path,
+        {
+            "train": "Fe2O3,1\nNaCl,5\nFe2O3,2\nLi0.1Co0.2O0.3,7\nFe4O6,3\nFeO,10\nLi1Co2O3,9\nFe,4\nOFe,12\nKBr,6\n",
+            "val": "ZnS,1\nMgO,2\n",
+            "test": "MgO,1\nFe4O6,0\nCaO,2\nNaCl,3\n",
+        },
+    )
     splits = load_dataset(root, "user", fetch=False)
     out, err = capsys.readouterr()
     train = splits["train"]
@@ -200,17 +222,27 @@ def test_batch_size_counts_csv_rows_before_drops(tmp_path):
 
     # 2890 compounds + 10 single-element rows: 2^round(log2(2900) - 4) = 256, but 128 for 2890
     assert (batch_size_for(2900), batch_size_for(2890)) == (256, 128)
-    root = _write_user_dataset(tmp_path, {
-        "train": "".join(f"Li{i}O1000,{i % 7}\n" for i in range(1, 2891)) + "Fe,1\n" * 10,
-        "val": "NaCl,1\nKBr,2\n",
-        "test": "NaCl,1\n",
-    })
+    root = _write_user_dataset(
+        tmp_path,
+        {
+            "train": "".join(f"Li{i}O1000,{i % 7}\n" for i in range(1, 2891)) + "Fe,1\n" * 10,
+            "val": "NaCl,1\nKBr,2\n",
+            "test": "NaCl,1\n",
+        },
+    )
     splits = load_dataset(root, "user", fetch=False, verbose=False)
     train = splits["train"]
     assert (len(train), train.n_csv_rows, train.n_merged) == (2890, 2900, 0)
     assert train.padded(train.width + 2).n_csv_rows == train.subset(np.arange(5)).n_csv_rows == 2900
     assert compositions_from_formulas(["NaCl", "KBr"]).n_csv_rows == 2
     model = build_model("onehot", d_model=16, n_heads=2, d_ff=32, head_dims=(16, 8))
-    hist = fit(model, train, splits["val"], Scaler.fit(train.target), Recipe(epochs=1, epochs_step=1),
-               progress=False, precision="fp32")
+    hist = fit(
+        model,
+        train,
+        splits["val"],
+        Scaler.fit(train.target),
+        Recipe(epochs=1, epochs_step=1),
+        progress=False,
+        precision="fp32",
+    )
     assert hist.steps == -(-2890 // 256)  # batches of 256: one epoch of ceil(2890 / 256) steps

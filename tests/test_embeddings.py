@@ -12,9 +12,15 @@ import torch
 import get_crabnet_embeddings as gce
 from crabnet.cli import run
 from crabnet.elements import SYMBOLS, feature_table
-from crabnet.embeddings import (element_qkv, embedding_frames, embedding_path,
-                                predictions_frame, read_embedding_csv,
-                                write_embeddings, write_predictions)
+from crabnet.embeddings import (
+    element_qkv,
+    embedding_frames,
+    embedding_path,
+    predictions_frame,
+    read_embedding_csv,
+    write_embeddings,
+    write_predictions,
+)
 from crabnet.layout import BENCHMARK_DATASETS
 from crabnet.reference import published_mae
 from crabnet.train import build_model
@@ -129,8 +135,17 @@ def test_expand_datasets():
 
 
 def test_script_trains_writes_and_reuses(tiny_data, capsys):
-    kw = dict(data_dir=tiny_data, dataset=["tiny"], device="cpu", seed=0, quick=False, force=False,
-              features=["onehot"], epochs=1, epochs_step=1)
+    kw = dict(
+        data_dir=tiny_data,
+        dataset=["tiny"],
+        device="cpu",
+        seed=0,
+        quick=False,
+        force=False,
+        features=["onehot"],
+        epochs=1,
+        epochs_step=1,
+    )
     assert gce.main(**kw) == 0
     out = capsys.readouterr().out
     assert (tiny_data / "models" / "tiny__onehot.pt").is_file()
@@ -156,8 +171,20 @@ def test_script_trains_writes_and_reuses(tiny_data, capsys):
 
 def test_script_missing_dataset_clear_error(tmp_path, capsys):
     (tmp_path / "benchmark_data" / "aflow__Egap").mkdir(parents=True)  # so nothing is fetched
-    rc = run(gce.main, argparse.Namespace(data_dir=tmp_path, dataset=["nope"], device="cpu", seed=0, quick=False,
-                                          force=False, features=["onehot"], epochs=1, epochs_step=1))
+    rc = run(
+        gce.main,
+        argparse.Namespace(
+            data_dir=tmp_path,
+            dataset=["nope"],
+            device="cpu",
+            seed=0,
+            quick=False,
+            force=False,
+            features=["onehot"],
+            epochs=1,
+            epochs_step=1,
+        ),
+    )
     assert rc == 2 and "dataset 'nope' not found" in capsys.readouterr().err
     assert not (tmp_path / "embeddings").exists()
 

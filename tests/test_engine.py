@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_dataset
+
 from crabnet.cli import run
 from crabnet.engine import Engine, Job, JobsFailed, local_shape, run_jobs
 from crabnet.utils import UsageError
@@ -43,13 +43,16 @@ def test_local_shape_fills_the_cores():
     assert local_shape(10, 4, cores=2) == (1, 4)
 
 
-@pytest.mark.parametrize("kw, msg", [
-    (dict(scheduler="spark"), "--scheduler must be one of"),
-    (dict(scheduler_file=Path("/nonexistent/scheduler.json")), "does not exist"),
-    (dict(threads_per_job=0), "--threads-per-job"),
-    (dict(jobs_per_gpu=0), "--jobs-per-gpu"),
-    (dict(retries=-1), "--retries"),
-])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(scheduler="spark"), "--scheduler must be one of"),
+        (dict(scheduler_file=Path("/nonexistent/scheduler.json")), "does not exist"),
+        (dict(threads_per_job=0), "--threads-per-job"),
+        (dict(jobs_per_gpu=0), "--jobs-per-gpu"),
+        (dict(retries=-1), "--retries"),
+    ],
+)
 def test_bad_settings_one_clear_error(kw, msg):
     with pytest.raises(UsageError, match=msg):
         Engine(**kw)
@@ -71,8 +74,9 @@ def test_unreachable_scheduler_is_one_clear_error():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(UsageError, match="cannot reach the Dask scheduler"):
-        run_jobs([Job("a", _square, {"x": 2}), Job("b", _square, {"x": 3})],
-                 Engine(scheduler=f"tcp://127.0.0.1:{port}"))
+        run_jobs(
+            [Job("a", _square, {"x": 2}), Job("b", _square, {"x": 3})], Engine(scheduler=f"tcp://127.0.0.1:{port}")
+        )
 
 
 def _two_datasets(root: Path) -> Path:
@@ -81,12 +85,34 @@ def _two_datasets(root: Path) -> Path:
     return root
 
 
-def _step4(data_dir: Path, *extra: str, epochs: int = 2, env: dict | None = None, timeout: float = 240,
-           check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(SCRIPT), "--data-dir", str(data_dir), "--dataset", "tiny", "--dataset", "tiny2",
-           "--features", "onehot", "--epochs", str(epochs), "--device", "cpu", *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+def _step4(
+    data_dir: Path, *extra: str, epochs: int = 2, env: dict | None = None, timeout: float = 240, check: bool = True
+) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--data-dir",
+        str(data_dir),
+        "--dataset",
+        "tiny",
+        "--dataset",
+        "tiny2",
+        "--features",
+        "onehot",
+        "--epochs",
+        str(epochs),
+        "--device",
+        "cpu",
+        *extra,
+    ]
+    out = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
     if check:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
@@ -142,15 +168,47 @@ def test_external_scheduler_and_workers(sequential_reference, tmp_path):
     sched_file = tmp_path / "scheduler.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     dask = [sys.executable, "-m", "distributed.cli"]
-    procs = [subprocess.Popen([*dask[:2], "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port",
-                               str(port), "--dashboard-address", ":0", "--scheduler-file", str(sched_file)],
-                              env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    procs = [
+        subprocess.Popen(
+            [
+                *dask[:2],
+                "distributed.cli.dask_scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--dashboard-address",
+                ":0",
+                "--scheduler-file",
+                str(sched_file),
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
     try:
         _wait_for(sched_file)
         for _ in range(2):
-            procs.append(subprocess.Popen([*dask[:2], "distributed.cli.dask_worker", f"tcp://127.0.0.1:{port}",
-                                           "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"],
-                                          env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        *dask[:2],
+                        "distributed.cli.dask_worker",
+                        f"tcp://127.0.0.1:{port}",
+                        "--nthreads",
+                        "1",
+                        "--host",
+                        "127.0.0.1",
+                        "--no-dashboard",
+                    ],
+                    env=env,
+                    cwd=ROOT,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
         by_address = tmp_path / "by_address"
         _two_datasets(by_address)
         out = _step4(by_address, "--scheduler", f"tcp://127.0.0.1:{port}", "--threads-per-job", "1")
@@ -197,12 +255,16 @@ def test_slurm_through_dask_jobqueue_with_fake_sbatch(sequential_reference, tmp_
     jobs_dir.mkdir()
     data = tmp_path / "data"
     _two_datasets(data)
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_SLURM_DIR": str(jobs_dir),
-           "DASK_JOBQUEUE__SLURM__CORES": "1", "DASK_JOBQUEUE__SLURM__MEMORY": "4GB",
-           "DASK_JOBQUEUE__SLURM__PYTHON": sys.executable,
-           "DASK_JOBQUEUE__SLURM__SCHEDULER_OPTIONS": "{'host': '127.0.0.1', 'dashboard_address': ':0'}",
-           "DASK_JOBQUEUE__SLURM__WORKER_EXTRA_ARGS": "['--host', '127.0.0.1']",
-           "DASK_JOBQUEUE__SLURM__JOB_SCRIPT_PROLOGUE": f"['export PYTHONPATH={ROOT}']"}
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_SLURM_DIR": str(jobs_dir),
+        "DASK_JOBQUEUE__SLURM__CORES": "1",
+        "DASK_JOBQUEUE__SLURM__MEMORY": "4GB",
+        "DASK_JOBQUEUE__SLURM__PYTHON": sys.executable,
+        "DASK_JOBQUEUE__SLURM__SCHEDULER_OPTIONS": "{'host': '127.0.0.1', 'dashboard_address': ':0'}",
+        "DASK_JOBQUEUE__SLURM__WORKER_EXTRA_ARGS": "['--host', '127.0.0.1']",
+        "DASK_JOBQUEUE__SLURM__JOB_SCRIPT_PROLOGUE": f"['export PYTHONPATH={ROOT}']",
+    }
     out = _step4(data, "--scheduler", "slurm", "--threads-per-job", "1", env=env)
     assert "submitting 2 slurm job(s) through dask-jobqueue" in out.stdout
     scripts = list(jobs_dir.glob("job-*.sh"))
@@ -215,9 +277,21 @@ def test_missing_jobqueue_settings_is_one_clear_error(tiny_data, capsys, monkeyp
     import get_crabnet_embeddings as gce
 
     write_dataset(tiny_data, "tiny2", sizes=(40, 16, 16), seed=1)
-    rc = run(gce.main, argparse.Namespace(data_dir=tiny_data, dataset=["tiny", "tiny2"], device="cpu", seed=0,
-                                          quick=False, force=False, features=["onehot"], epochs=1, epochs_step=1,
-                                          scheduler="pbs"))
+    rc = run(
+        gce.main,
+        argparse.Namespace(
+            data_dir=tiny_data,
+            dataset=["tiny", "tiny2"],
+            device="cpu",
+            seed=0,
+            quick=False,
+            force=False,
+            features=["onehot"],
+            epochs=1,
+            epochs_step=1,
+            scheduler="pbs",
+        ),
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --scheduler pbs") and "jobqueue" in err
@@ -234,17 +308,42 @@ def test_killed_worker_job_resumes(tmp_path, sig):
     reference = _two_datasets(tmp_path / "reference")
     _step4(reference, "--scheduler", "sequential", "--threads-per-job", "1", epochs=12)
     data = _two_datasets(tmp_path / "killed")
-    cmd = [sys.executable, str(SCRIPT), "--data-dir", str(data), "--dataset", "tiny", "--dataset", "tiny2",
-           "--features", "onehot", "--epochs", "12", "--device", "cpu", "--threads-per-job", "1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "CRABNET_STATE_EVERY_S": "0"})
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--data-dir",
+        str(data),
+        "--dataset",
+        "tiny",
+        "--dataset",
+        "tiny2",
+        "--features",
+        "onehot",
+        "--epochs",
+        "12",
+        "--device",
+        "cpu",
+        "--threads-per-job",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "CRABNET_STATE_EVERY_S": "0"},
+    )
     lines, killed = [], None
     try:
         for line in proc.stdout:
             lines.append(line)
             if killed is None and " epoch 3/" in line:
-                workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
-                           if "spawn_main" in " ".join(c.cmdline())]  # not the resource tracker
+                workers = [
+                    c
+                    for c in psutil.Process(proc.pid).children(recursive=True)
+                    if "spawn_main" in " ".join(c.cmdline())
+                ]  # not the resource tracker
                 assert workers, "no worker process found"
                 killed = workers[0].pid
                 os.kill(killed, sig)

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_videos import FORMULAS, C, H, write_store
 
 import generate_attention_videos as gav
-from crabnet.cli import run
 from crabnet.capture import AttentionStore
+from crabnet.cli import run
 from crabnet.data import normalise_formula
-from crabnet.explorer import (QUANT_MAX, choose_compounds, decode_weights, encode_weights, explorer_path,
-                              write_explorer)
-from test_videos import C, FORMULAS, H, write_store
+from crabnet.explorer import QUANT_MAX, choose_compounds, decode_weights, encode_weights, explorer_path, write_explorer
 
 TOL = 1e-3  # shown weights (4 decimals of a 16-bit code) vs the store
 
@@ -44,12 +43,26 @@ def test_weights_round_trip_within_quantisation():
 def test_choice_paper_first_then_chosen_then_spread(tmp_path):
     # the paper's aflow compounds HfO2, GaN, BN are in this store (as Hf1O2 …), plus duplicates and
     # 2-, 3- and 4-element others
-    others = ["Li1F1", "Na1Cl1", "K1Br1", "Mg1O1", "Ca1S1", "Al2O3", "Fe2O3", "Li2O1Ti1", "Na1Nb1O3",
-              "Ba1Ti1O3", "Li1Fe1P1O4", "Ca1Mg1Si2O6", "K1Al1Si3O8"]
+    others = [
+        "Li1F1",
+        "Na1Cl1",
+        "K1Br1",
+        "Mg1O1",
+        "Ca1S1",
+        "Al2O3",
+        "Fe2O3",
+        "Li2O1Ti1",
+        "Na1Nb1O3",
+        "Ba1Ti1O3",
+        "Li1Fe1P1O4",
+        "Ca1Mg1Si2O6",
+        "K1Al1Si3O8",
+    ]
     formulas = ["Ga1N1", "Hf1O2", "Li1F1", "B1N1", "O2Hf1", *others[1:], "Li1F1"]
     store = store_at(tmp_path, formulas=formulas)
-    chosen = choose_compounds(store, "aflow__ael_bulk_modulus_vrh", rows=[store.find("Fe2O3"), store.find("HfO2")],
-                              n_others=6)
+    chosen = choose_compounds(
+        store, "aflow__ael_bulk_modulus_vrh", rows=[store.find("Fe2O3"), store.find("HfO2")], n_others=6
+    )
     groups = [g for _, g in chosen]
     forms = [store.formulas[i] for i, _ in chosen]
     # the paper's order (…, HfO2, …, GaN, …, BN …), then the chosen row not already there, then six others
@@ -126,8 +139,9 @@ def open_page(page, path: Path, fragment: str = "") -> None:
 
 
 def shown_cells(page, table: str = "table.heatmap") -> dict[tuple[str, str], float]:
-    cells = page.eval_on_selector_all(f"{table} td[data-value]",
-                                      "els => els.map(e => [e.dataset.query, e.dataset.key, e.dataset.value])")
+    cells = page.eval_on_selector_all(
+        f"{table} td[data-value]", "els => els.map(e => [e.dataset.query, e.dataset.key, e.dataset.value])"
+    )
     return {(q, k): float(v) for q, k, v in cells}
 
 
@@ -239,8 +253,9 @@ def test_browser_attribution_bars_show_the_store_values(page, attributed_page, p
     assert page.is_visible("#attribution-box") and "epoch 3" in page.text_content("#attribution-title")
 
     def shown() -> dict[str, tuple[float, float]]:
-        rows = page.eval_on_selector_all("#attribution tbody tr", "els => els.map(e => "
-                                         "[e.dataset.element, e.dataset.value, e.dataset.importance])")
+        rows = page.eval_on_selector_all(
+            "#attribution tbody tr", "els => els.map(e => [e.dataset.element, e.dataset.value, e.dataset.importance])"
+        )
         return {s: (float(v), float(m)) for s, v, m in rows}
 
     h = store.compound("Gd2O7Ti2")

@@ -18,9 +18,19 @@ import generate_attention_videos as gav
 from crabnet.capture import AttentionRecorder, AttentionStore, AttentionWriter, capture_split
 from crabnet.data import compositions_from_formulas, load_dataset
 from crabnet.elements import SYMBOLS
-from crabnet.faithfulness import (IMPORTANCES, attention_importance, faithfulness_paths, faithfulness_table,
-                                  kendall_tau, leave_one_out, ranking, rollout, rollout_importance, shuffled,
-                                  top1_agreement)
+from crabnet.faithfulness import (
+    IMPORTANCES,
+    attention_importance,
+    faithfulness_paths,
+    faithfulness_table,
+    kendall_tau,
+    leave_one_out,
+    ranking,
+    rollout,
+    rollout_importance,
+    shuffled,
+    top1_agreement,
+)
 from crabnet.model import Internals
 from crabnet.train import Recipe, Scaler, build_model, fit, predict
 from crabnet.utils import seed_everything
@@ -64,10 +74,14 @@ class IgnoresSodium(nn.Module):
 
 
 def capture_store(tmp_path, model, data, scaler, steps=(0,), attribution=True):
-    writer = AttentionWriter(tmp_path / "attention" / "synth" / "attention.zarr", data, model.n_layers
-                             if hasattr(model, "n_layers") else model.cfg.n_layers,
-                             model.n_heads if hasattr(model, "n_heads") else model.cfg.n_heads,
-                             {"dataset": "synth", "capture": "epoch"}, attribution=attribution)
+    writer = AttentionWriter(
+        tmp_path / "attention" / "synth" / "attention.zarr",
+        data,
+        model.n_layers if hasattr(model, "n_layers") else model.cfg.n_layers,
+        model.n_heads if hasattr(model, "n_heads") else model.cfg.n_heads,
+        {"dataset": "synth", "capture": "epoch"},
+        attribution=attribution,
+    )
     for s in steps:
         capture_split(model, data, scaler, writer, s)
     writer.finalize(progress=False)
@@ -105,8 +119,11 @@ def test_element_the_prediction_ignores_has_zero_attribution_and_ranks_last(tmp_
 
     # the agreement code ranks Na last by |attribution|, by raw attention and by rollout
     h_maps = store.group["attention"][:, 0]
-    imps = {"attribution": np.abs(attr), "attention": attention_importance(h_maps, data.fractions),
-            "rollout": rollout_importance(h_maps, data.fractions)}
+    imps = {
+        "attribution": np.abs(attr),
+        "attention": attention_importance(h_maps, data.fractions),
+        "rollout": rollout_importance(h_maps, data.fractions),
+    }
     for row in np.flatnonzero(is_na.any(1) & (n_real >= 2)):
         last = int(np.flatnonzero(keep[row])[-1])
         for name, imp in imps.items():
@@ -205,8 +222,20 @@ def test_store_without_attribution_still_reads_and_step2_says_so(tmp_path, capsy
     g = zarr.open_group(store.path, mode="r+")
     del g.attrs["attribution"]
     assert not AttentionStore(store.path).has_attribution
-    argv = ["--data-dir", str(tmp_path), "--dataset", "synth", "--workers", "1", "--dpi", "40", "--formula", "NaCl",
-            "--explore", "0"]
+    argv = [
+        "--data-dir",
+        str(tmp_path),
+        "--dataset",
+        "synth",
+        "--workers",
+        "1",
+        "--dpi",
+        "40",
+        "--formula",
+        "NaCl",
+        "--explore",
+        "0",
+    ]
     assert gav.main(**vars(gav.parse_args(argv))) == 0
     assert "no attribution" in capsys.readouterr().out
     csv, png = faithfulness_paths(tmp_path, "synth")
@@ -328,8 +357,10 @@ def test_table_matches_a_per_compound_computation_and_not_the_block_size(tmp_pat
     assert table.loc[1, "top1_fraction_se"] == pytest.approx(np.std(tops, ddof=1) / np.sqrt(len(tops)), abs=1e-9)
     # the same table from a new seed differs only in the shuffled control
     other = faithfulness_table(store, seed=4)
-    pd.testing.assert_frame_equal(other.drop(columns=[c for c in other if "shuffled" in c]),
-                                  table.drop(columns=[c for c in table if "shuffled" in c]))
+    pd.testing.assert_frame_equal(
+        other.drop(columns=[c for c in other if "shuffled" in c]),
+        table.drop(columns=[c for c in table if "shuffled" in c]),
+    )
 
 
 def test_step2_writes_faithfulness_csv_and_figure_and_report_shows_them(tmp_path, capsys):
@@ -337,8 +368,20 @@ def test_step2_writes_faithfulness_csv_and_figure_and_report_shows_them(tmp_path
     model = build_model("onehot", **SMALL).eval()
     data = compositions_from_formulas(FORMULAS)
     capture_store(tmp_path, model, data, Scaler(0.0, 1.0), steps=(0, 1, 2))
-    argv = ["--data-dir", str(tmp_path), "--dataset", "synth", "--workers", "1", "--dpi", "40", "--formula", "Fe2O3",
-            "--explore", "2"]
+    argv = [
+        "--data-dir",
+        str(tmp_path),
+        "--dataset",
+        "synth",
+        "--workers",
+        "1",
+        "--dpi",
+        "40",
+        "--formula",
+        "Fe2O3",
+        "--explore",
+        "2",
+    ]
     assert gav.main(**vars(gav.parse_args(argv))) == 0
     out = capsys.readouterr().out
     csv, png = faithfulness_paths(tmp_path, "synth")

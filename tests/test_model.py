@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from crabnet import model as model_module
+from crabnet.data import compositions_from_formulas
 from crabnet.model import CrabNetConfig, FractionalEncoder, gather_rows
 from crabnet.train import Scaler, build_model, load_checkpoint, predict, save_checkpoint
-from crabnet.data import compositions_from_formulas
 
 
 @pytest.mark.parametrize("features, n", [("mat2vec", 11_987_206), ("onehot", 11_945_222)])

@@ -237,7 +237,11 @@ def test_swa_state_round_trip():
     other = SWA([torch.nn.Parameter(torch.zeros(1))])
     other.load_state_dict(swa.state_dict())
     assert (other.n_averaged, other.minimum, other.maximum, other.resets) == (
-        swa.n_averaged, swa.minimum, swa.maximum, swa.resets)
+        swa.n_averaged,
+        swa.minimum,
+        swa.maximum,
+        swa.resets,
+    )
     torch.testing.assert_close(other.avg[0], swa.avg[0])
 
 

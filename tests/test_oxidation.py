@@ -17,15 +17,27 @@ import warnings
 from pathlib import Path
 
 import pytest
-
-import guess_oxidation as go
 from conftest import write_dataset
-from crabnet.cli import run as cli_run
+
 import crabnet.oxidation as ox
+import guess_oxidation as go
+from crabnet.cli import run as cli_run
 from crabnet.engine import Engine, JobsFailed
-from crabnet.oxidation import (TIMEOUT, GuessCache, cache_path, chunks_of, composition_key, element_ox_states,
-                               element_sums, estimated_seconds, guess_all, guess_chunk, guess_states, keys_for,
-                               pymatgen_tables)
+from crabnet.oxidation import (
+    TIMEOUT,
+    GuessCache,
+    cache_path,
+    chunks_of,
+    composition_key,
+    element_ox_states,
+    element_sums,
+    estimated_seconds,
+    guess_all,
+    guess_chunk,
+    guess_states,
+    keys_for,
+    pymatgen_tables,
+)
 from crabnet.utils import available_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,10 +211,20 @@ def test_element_ox_states_cover_all_elements():
 
 
 def _step3(data_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "guess_oxidation.py"), "--data-dir", str(data_dir), "--dataset", "tiny",
-           "--split", "all", *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    cmd = [
+        sys.executable,
+        str(ROOT / "guess_oxidation.py"),
+        "--data-dir",
+        str(data_dir),
+        "--dataset",
+        "tiny",
+        "--split",
+        "all",
+        *extra,
+    ]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
@@ -234,31 +256,148 @@ def test_local_cluster_equals_sequential(tmp_path):
 
 HAND_PICKED = [
     # mixed valence and many sites
-    "Fe3O4", "Mn3O4", "Co3O4", "Pb3O4", "V6O13", "Fe7O8", "Mn5O8", "Ti4O7", "V3O5", "Eu3O4", "U3O8", "Sb2O4",
-    "Co6Mn7O13", "LiMn2O4", "Li4Ti5O12", "Fe2O3Fe", "Cr5O12", "Mo4O11", "W18O49", "Nb12O29",
+    "Fe3O4",
+    "Mn3O4",
+    "Co3O4",
+    "Pb3O4",
+    "V6O13",
+    "Fe7O8",
+    "Mn5O8",
+    "Ti4O7",
+    "V3O5",
+    "Eu3O4",
+    "U3O8",
+    "Sb2O4",
+    "Co6Mn7O13",
+    "LiMn2O4",
+    "Li4Ti5O12",
+    "Fe2O3Fe",
+    "Cr5O12",
+    "Mo4O11",
+    "W18O49",
+    "Nb12O29",
     # amounts as written (not reduced)
-    "N2O4", "NO2", "Fe6O8", "Mn6O8", "S2O6", "Cl2O6", "P4O10", "Fe4O6",
+    "N2O4",
+    "NO2",
+    "Fe6O8",
+    "Mn6O8",
+    "S2O6",
+    "Cl2O6",
+    "P4O10",
+    "Fe4O6",
     # many elements
-    "LiNaKMgCaAlSiO8", "Ba2YCu3O7", "CaCu3Ti4O12", "NaAlSi3O8", "KAl2AlSi3O10F2", "LiFePO4", "Cs2AgBiBr6",
-    "Ca(OH)2", "(NH4)2SO4", "[Co(NH3)6]Cl3", "CH3COOH",
+    "LiNaKMgCaAlSiO8",
+    "Ba2YCu3O7",
+    "CaCu3Ti4O12",
+    "NaAlSi3O8",
+    "KAl2AlSi3O10F2",
+    "LiFePO4",
+    "Cs2AgBiBr6",
+    "Ca(OH)2",
+    "(NH4)2SO4",
+    "[Co(NH3)6]Cl3",
+    "CH3COOH",
     # no solution, intermetallics
-    "CuZn", "Ni3Al", "MgCu2", "FeSi", "Cu3Au", "NaTl", "Ti3Al", "LaNi5",
+    "CuZn",
+    "Ni3Al",
+    "MgCu2",
+    "FeSi",
+    "Cu3Au",
+    "NaTl",
+    "Ti3Al",
+    "LaNi5",
     # single element
-    "Fe", "O2", "C60", "He", "Xe2",
+    "Fe",
+    "O2",
+    "C60",
+    "He",
+    "Xe2",
     # noble gases
-    "HeO", "XeF2", "XeF4", "XeF6", "XeO3", "XeO4", "KrF2", "ArCl", "NeO", "RnF2", "Xe2Na4O6",
+    "HeO",
+    "XeF2",
+    "XeF4",
+    "XeF6",
+    "XeO3",
+    "XeO4",
+    "KrF2",
+    "ArCl",
+    "NeO",
+    "RnF2",
+    "Xe2Na4O6",
     # states without ICSD counts (ties broken by pymatgen's order), fractional amounts
-    "Xe3Po2S3", "Np2O5", "Pu2O3", "Tc2O7", "PoO2", "Li0.5Co0.5O2", "Fe0.5Mn0.5O", "NbO1.9S0.1",
+    "Xe3Po2S3",
+    "Np2O5",
+    "Pu2O3",
+    "Tc2O7",
+    "PoO2",
+    "Li0.5Co0.5O2",
+    "Fe0.5Mn0.5O",
+    "NbO1.9S0.1",
 ]
 
 
 def random_formulas(n: int, seed: int, max_atoms: int = 4) -> list[str]:
     """Random compositions over elements of every kind; small enough for pymatgen to be fast."""
     rng = random.Random(seed)
-    pool = ["H", "Li", "Na", "K", "Mg", "Ca", "Ba", "Al", "Ga", "Si", "Ge", "Sn", "Pb", "Ti", "V", "Cr", "Mn",
-            "Fe", "Co", "Ni", "Cu", "Zn", "Mo", "W", "Nb", "Ta", "Ru", "Ag", "Au", "Hg", "La", "Ce", "Eu", "U",
-            "Pu", "Np", "Tc", "Po", "Xe", "Kr", "He", "Ar", "B", "C", "N", "P", "As", "Sb", "Bi", "O", "S", "Se",
-            "Te", "F", "Cl", "Br", "I"]
+    pool = [
+        "H",
+        "Li",
+        "Na",
+        "K",
+        "Mg",
+        "Ca",
+        "Ba",
+        "Al",
+        "Ga",
+        "Si",
+        "Ge",
+        "Sn",
+        "Pb",
+        "Ti",
+        "V",
+        "Cr",
+        "Mn",
+        "Fe",
+        "Co",
+        "Ni",
+        "Cu",
+        "Zn",
+        "Mo",
+        "W",
+        "Nb",
+        "Ta",
+        "Ru",
+        "Ag",
+        "Au",
+        "Hg",
+        "La",
+        "Ce",
+        "Eu",
+        "U",
+        "Pu",
+        "Np",
+        "Tc",
+        "Po",
+        "Xe",
+        "Kr",
+        "He",
+        "Ar",
+        "B",
+        "C",
+        "N",
+        "P",
+        "As",
+        "Sb",
+        "Bi",
+        "O",
+        "S",
+        "Se",
+        "Te",
+        "F",
+        "Cl",
+        "Br",
+        "I",
+    ]
     out = []
     for _ in range(n):
         els = rng.sample(pool, rng.choice((2, 2, 3, 3, 4, 5)))
@@ -266,7 +405,7 @@ def random_formulas(n: int, seed: int, max_atoms: int = 4) -> list[str]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pymatgen_answer(formula: str) -> str:
     return json.dumps(pymatgen_answer_uncached(formula))
 
@@ -327,8 +466,9 @@ def test_ties_follow_pymatgens_order(monkeypatch):
     assert ours("Xe3Po2S3") != {"Xe": 2.0, "Po": 0.0, "S": -2.0}
 
 
-@pytest.mark.parametrize("symbol,sites", [("N", 1), ("N", 4), ("Mn", 5), ("Fe", 3), ("O", 6), ("Xe", 3),
-                                          ("Sb", 4), ("He", 2)])
+@pytest.mark.parametrize(
+    "symbol,sites", [("N", 1), ("N", 4), ("Mn", 5), ("Fe", 3), ("O", 6), ("Xe", 3), ("Sb", 4), ("He", 2)]
+)
 def test_element_sums_enumerate_like_pymatgen(symbol, sites):
     """Sums in order of first appearance among the multisets of states, with the best ICSD score of each."""
     states, occurrence = pymatgen_tables()

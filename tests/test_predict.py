@@ -54,14 +54,32 @@ def test_command_line(checkpoint, tmp_path):
     path = checkpoint[0]
     (tmp_path / "in.csv").write_text("formula\nAl2O3\nMgO\n")
     out = tmp_path / "out.csv"
-    run = subprocess.run([sys.executable, "-m", "crabnet.predict", "--model", str(path), "Fe2O3",
-                          "--csv", str(tmp_path / "in.csv"), "--out", str(out)], cwd=ROOT, capture_output=True,
-                         text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "crabnet.predict",
+            "--model",
+            str(path),
+            "Fe2O3",
+            "--csv",
+            str(tmp_path / "in.csv"),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     table = pd.read_csv(out)
     assert table["formula"].tolist() == ["Fe2O3", "Al2O3", "MgO"]
     expected = load_model(path).predict(["Fe2O3", "Al2O3", "MgO"])
     np.testing.assert_allclose(table["prediction"], expected["prediction"], rtol=1e-5)
-    bad = subprocess.run([sys.executable, "-m", "crabnet.predict", "--model", str(path), "fe2o3"], cwd=ROOT,
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "crabnet.predict", "--model", str(path), "fe2o3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "fe2o3" in bad.stderr and "Traceback" not in bad.stderr

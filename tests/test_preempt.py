@@ -43,8 +43,19 @@ def _fit(splits, state_path=None, callback=None, progress=False, epochs=6, save_
     model = build_model("onehot", **SMALL)
     scaler = Scaler.fit(splits["train"].target)
     recipe = Recipe(epochs=epochs, epochs_step=1, batch_size=16, early_stop=0)  # 4 batches per epoch
-    hist = fit(model, splits["train"], splits["val"], scaler, recipe, progress=progress, callback=callback,
-               desc="tiny onehot", state_path=state_path, state_key={"dataset": "tiny"}, save_every_s=save_every_s)
+    hist = fit(
+        model,
+        splits["train"],
+        splits["val"],
+        scaler,
+        recipe,
+        progress=progress,
+        callback=callback,
+        desc="tiny onehot",
+        state_path=state_path,
+        state_key={"dataset": "tiny"},
+        save_every_s=save_every_s,
+    )
     return model, scaler, hist
 
 
@@ -72,8 +83,10 @@ def test_epoch_line_format():
     hist = History(epochs_run=12, train_loss=[0.12341], val_mae=[10.871], epoch_swa=[-1, 0, -1, 3], swa_failures=1)
     line = epoch_line("mp_bulk_modulus mat2vec", hist, Recipe(epochs=300), 4.1, 49.4)
     # ETA: 288 epochs left x 4.1 s = 1181 s; "<=": SWA early stopping may end the run sooner
-    assert line == ("mp_bulk_modulus mat2vec epoch 12/300 loss 0.1234 val MAE 10.87 SWA +3 (checks 2 failed 1) "
-                    "4.1 s/epoch elapsed 0:49 ETA <=19:41")
+    assert line == (
+        "mp_bulk_modulus mat2vec epoch 12/300 loss 0.1234 val MAE 10.87 SWA +3 (checks 2 failed 1) "
+        "4.1 s/epoch elapsed 0:49 ETA <=19:41"
+    )
     no_stop = epoch_line("d", hist, Recipe(epochs=12, early_stop=0), 3600.0, 7200.0)
     assert "elapsed 2:00:00 ETA 0:00" in no_stop
 
@@ -127,10 +140,15 @@ def test_sigterm_in_training_saves_state_and_resumes_bit_for_bit(tiny_data, tmp_
     out = capsys.readouterr().out
     assert f"resuming tiny onehot from {state} at epoch {saved['epoch'] + 2}" in out
     _assert_same_model(model, ref)
-    np.testing.assert_array_equal(predict(model, splits["test"], scaler)[0],
-                                  predict(ref, splits["test"], ref_scaler)[0])
-    assert (hist.train_loss, hist.val_mae, hist.lr, hist.epoch_swa) == (ref_hist.train_loss, ref_hist.val_mae,
-                                                                        ref_hist.lr, ref_hist.epoch_swa)
+    np.testing.assert_array_equal(
+        predict(model, splits["test"], scaler)[0], predict(ref, splits["test"], ref_scaler)[0]
+    )
+    assert (hist.train_loss, hist.val_mae, hist.lr, hist.epoch_swa) == (
+        ref_hist.train_loss,
+        ref_hist.val_mae,
+        ref_hist.lr,
+        ref_hist.epoch_swa,
+    )
 
 
 def test_sigterm_outside_training_stops_at_once(stop_handler, capsys):
@@ -208,8 +226,22 @@ def test_sigterm_in_step1_saves_state_and_staged_captures(tiny_data, monkeypatch
                 time.sleep(0.005)
 
     monkeypatch.setattr(gta.AttentionRecorder, "__call__", sigterm_at_step_2)
-    args = gta.parse_args(["--data-dir", str(tiny_data), "--dataset", "tiny", "--epochs", "2", "--batch-size", "16",
-                           "--features", "onehot", "--device", "cpu"])
+    args = gta.parse_args(
+        [
+            "--data-dir",
+            str(tiny_data),
+            "--dataset",
+            "tiny",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--features",
+            "onehot",
+            "--device",
+            "cpu",
+        ]
+    )
     assert run(gta.main, args) == 143
     err = capsys.readouterr().err
     state = tiny_data / "attention" / "tiny" / "attention.zarr.state.pt"

@@ -47,8 +47,9 @@ def test_final_weights_are_the_swa_average_of_the_rule(tiny_data):
             m = float(np.mean(np.abs(val_pred - splits["val"].target)))
             seen.append((m, [p.detach().clone() for p in params]))
 
-    hist = fit(model, splits["train"], splits["val"], scaler, recipe, progress=False, callback=callback,
-               precision="fp32")
+    hist = fit(
+        model, splits["train"], splits["val"], scaler, recipe, progress=False, callback=callback, precision="fp32"
+    )
     assert len(seen) == 3 * 4
     minimum = maximum = 1e9
     avg, n, added, resets = None, 0, 0, 0
@@ -74,8 +75,7 @@ def test_three_failed_swa_epochs_stop_training(tiny_data, monkeypatch):
     errors = itertools.count(1.0)  # 1, 2, 3, ...: never within 1 % of the minimum again
     monkeypatch.setattr(crabnet.train.Validator, "__call__", lambda self, model: next(errors))
     recipe = make_recipe("immi", epochs=30, batch_size=16)
-    hist = fit(model, splits["train"], splits["val"], scaler, recipe, progress=False, val_every=0,
-               precision="fp32")
+    hist = fit(model, splits["train"], splits["val"], scaler, recipe, progress=False, val_every=0, precision="fp32")
     # SWA epochs 1, 3, 5, 7: epoch 1 averages its first batch only, 3, 5 and 7 fail -> stop after epoch 7
     assert hist.stopped_early and hist.epochs_run == 8 and hist.swa_failures == 3
     assert hist.swa_updates == 1 and hist.epoch_swa == [-1, 1, -1, 0, -1, 0, -1, 0]
@@ -85,8 +85,16 @@ def test_three_failed_swa_epochs_stop_training(tiny_data, monkeypatch):
 def test_npj_recipe_checks_swa_every_20th_epoch_from_epoch_19(tiny_data, monkeypatch):
     splits, model, scaler = _setup(tiny_data)
     monkeypatch.setattr(crabnet.train.Validator, "__call__", lambda self, model: 1.0)
-    hist = fit(model, splits["train"], splits["val"], scaler, make_recipe("npj", epochs=40, batch_size=64),
-               progress=False, val_every=0, precision="fp32")
+    hist = fit(
+        model,
+        splits["train"],
+        splits["val"],
+        scaler,
+        make_recipe("npj", epochs=40, batch_size=64),
+        progress=False,
+        val_every=0,
+        precision="fp32",
+    )
     assert [e for e, a in enumerate(hist.epoch_swa) if a >= 0] == [19, 39]
 
 
@@ -103,8 +111,15 @@ def test_precision_resolution(monkeypatch):
 
 def test_bf16_training_learns_and_keeps_fp32_weights(tiny_data):
     splits, model, scaler = _setup(tiny_data)
-    hist = fit(model, splits["train"], splits["val"], scaler, make_recipe("immi", epochs=4, batch_size=16),
-               progress=False, precision="bf16")
+    hist = fit(
+        model,
+        splits["train"],
+        splits["val"],
+        scaler,
+        make_recipe("immi", epochs=4, batch_size=16),
+        progress=False,
+        precision="bf16",
+    )
     assert hist.precision == "bf16" and hist.train_loss[-1] < hist.train_loss[0]
     assert all(p.dtype == torch.float32 for p in model.parameters())
     pred, _ = predict(model, splits["test"], scaler)
@@ -117,14 +132,46 @@ def test_short_run_is_saved_beside_a_full_recipe_checkpoint(tiny_data):
     splits, model, scaler = _setup(tiny_data)
     short = make_recipe("immi", epochs=2)
     hist = History(epochs_run=2, precision="fp32")
-    path, meta = save_trained(tiny_data, "tiny", "onehot", short, model, scaler, hist, splits["test"], seed=0,
-                              written_by="test", beside_full=True)
+    path, meta = save_trained(
+        tiny_data,
+        "tiny",
+        "onehot",
+        short,
+        model,
+        scaler,
+        hist,
+        splits["test"],
+        seed=0,
+        written_by="test",
+        beside_full=True,
+    )
     assert path.name == "tiny__onehot.pt" and meta["full_recipe"] is None and np.isfinite(meta["test_mae"])
     save_checkpoint(path, model, scaler, {"full_recipe": "immi"})  # now a full-recipe checkpoint is there
-    path2, _ = save_trained(tiny_data, "tiny", "onehot", short, model, scaler, hist, splits["test"], seed=0,
-                            written_by="test", beside_full=True)
+    path2, _ = save_trained(
+        tiny_data,
+        "tiny",
+        "onehot",
+        short,
+        model,
+        scaler,
+        hist,
+        splits["test"],
+        seed=0,
+        written_by="test",
+        beside_full=True,
+    )
     assert path2.name == "tiny__onehot__attention.pt"
     assert load_checkpoint(path)[2]["full_recipe"] == "immi"  # kept
-    path3, _ = save_trained(tiny_data, "tiny", "onehot", make_recipe("npj", epochs=2), model, scaler, hist,
-                            splits["test"], seed=0, written_by="test")
+    path3, _ = save_trained(
+        tiny_data,
+        "tiny",
+        "onehot",
+        make_recipe("npj", epochs=2),
+        model,
+        scaler,
+        hist,
+        splits["test"],
+        seed=0,
+        written_by="test",
+    )
     assert path3.name == "tiny__onehot__npj.pt"

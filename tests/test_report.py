@@ -11,20 +11,24 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pytest
+from test_videos import write_store
 
 import generate_attention_videos as gav
 from crabnet.oxidation import SplitFormulas, write_split
 from crabnet.report import refresh_report, write_learning_curve, write_report
 from crabnet.train import Recipe, Scaler, build_model, recipe_dict, save_checkpoint
-from test_videos import write_store
 
-SMALL = dict(d_model=32, n_heads=2, d_ff=64, head_dims=(32, 16))
+SMALL = {"d_model": 32, "n_heads": 2, "d_ff": 64, "head_dims": (32, 16)}
 
 
 def history(n: int = 6) -> dict:
-    return {"epoch": list(range(1, n + 1)), "train_loss": [1.0 / (e + 1) for e in range(n)],
-            "val_mae": [10.0, 8.0, math.nan, 6.0, 7.0, 7.5][:n],
-            "lr": [1e-4 * (e + 1) for e in range(n)], "swa_updates": [0, 0, 1, 0, 2, 0][:n]}
+    return {
+        "epoch": list(range(1, n + 1)),
+        "train_loss": [1.0 / (e + 1) for e in range(n)],
+        "val_mae": [10.0, 8.0, math.nan, 6.0, 7.0, 7.5][:n],
+        "lr": [1e-4 * (e + 1) for e in range(n)],
+        "swa_updates": [0, 0, 1, 0, 2, 0][:n],
+    }
 
 
 def read_png(path: Path) -> np.ndarray:
@@ -73,32 +77,63 @@ def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("report")
     write_store(root)
     recipe = recipe_dict(Recipe(epochs=6, epochs_step=1))
-    save_small(root / "models" / "synth__onehot.pt",
-               {"dataset": "synth", "features": "onehot", "recipe": recipe, "epochs_run": 6, "test_mae": 1.2345,
-                "written_by": "test", "history": history()})
+    save_small(
+        root / "models" / "synth__onehot.pt",
+        {
+            "dataset": "synth",
+            "features": "onehot",
+            "recipe": recipe,
+            "epochs_run": 6,
+            "test_mae": 1.2345,
+            "written_by": "test",
+            "history": history(),
+        },
+    )
     save_small(root / "models" / "synth__mat2vec.pt", {"dataset": "synth", "features": "mat2vec", "test_mae": 2.5})
     (root / "models" / "synth__mat2vec.state.pt").write_bytes(b"not shown")
     figs = root / "figures"
-    for rel in ("umap_local/synth/onehot__test__O.png", "correlation/mat2vec.png", "correlation/mat2vec__z92.png",
-                "stats/diversity_benchmark.png", "stats/prevalence/synth__by_count.png", "faithfulness/synth.png"):
+    for rel in (
+        "umap_local/synth/onehot__test__O.png",
+        "correlation/mat2vec.png",
+        "correlation/mat2vec__z92.png",
+        "stats/diversity_benchmark.png",
+        "stats/prevalence/synth__by_count.png",
+        "faithfulness/synth.png",
+    ):
         path = figs / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         imsave(path, np.random.default_rng(0).random((30, 40)))  # any PNG
     for rel in ("umap_local/synth/onehot__test__O.html", "correlation/mat2vec.html"):
         (figs / rel).write_text("<html><body>plot</body></html>")
-    for rel, text in {"umap/local/synth/summary.csv": "atom,layer,knn_accuracy\nO,0,0.8123456\nO,1,0.9\n",
-                      "figures/correlation/summary.csv": "name,mean_abs_r\nmat2vec,0.25\n",
-                      "stats/benchmark.csv": "dataset,samples_total,train_diversity\nsynth,5,0.912345\n",
-                      "predictions/synth__onehot__test.csv": "formula,target,prediction\nHf1O2,60,61\n",
-                      "embeddings/onehot/synth__layer0__Q.csv": "element,0\nH,1\n",
-                      "notes/extra.json": "{}"}.items():
+    for rel, text in {
+        "umap/local/synth/summary.csv": "atom,layer,knn_accuracy\nO,0,0.8123456\nO,1,0.9\n",
+        "figures/correlation/summary.csv": "name,mean_abs_r\nmat2vec,0.25\n",
+        "stats/benchmark.csv": "dataset,samples_total,train_diversity\nsynth,5,0.912345\n",
+        "predictions/synth__onehot__test.csv": "formula,target,prediction\nHf1O2,60,61\n",
+        "embeddings/onehot/synth__layer0__Q.csv": "element,0\nH,1\n",
+        "notes/extra.json": "{}",
+    }.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
     # the oxidation table as step 3 writes it: one guess, one formula without a charge-balanced solution
     split = SplitFormulas("synth__test", ["Hf1O2", "P1W3"], ["Hf1 O2", "P1 W3"], [None, None])
     write_split(split, [({"Hf": 4.0, "O": -2.0}, None), (None, "no_solution")], root / "oxidation")
-    argv = ["--data-dir", str(root), "--dataset", "synth", "--workers", "1", "--dpi", "40", "--formula", "HfO2",
-            "--formula", "Fe2O3", "--explore", "1"]
+    argv = [
+        "--data-dir",
+        str(root),
+        "--dataset",
+        "synth",
+        "--workers",
+        "1",
+        "--dpi",
+        "40",
+        "--formula",
+        "HfO2",
+        "--formula",
+        "Fe2O3",
+        "--explore",
+        "1",
+    ]
     assert gav.main(**vars(gav.parse_args(argv))) == 0
     return root
 
@@ -126,7 +161,7 @@ def test_report_shows_and_links_everything(data_dir):
     parser = Links()
     parser.feed(text)
     assert len(parser.links) > 20
-    for tag, link in parser.links:
+    for _tag, link in parser.links:
         url = urlsplit(link)
         if not url.path:
             assert url.fragment, link  # an in-page anchor
@@ -190,10 +225,14 @@ def test_report_paper_vs_this_run(tmp_path):
 
     layout = Layout(tmp_path)
     layout.checkpoint("aflow__Egap", "mat2vec").parent.mkdir(parents=True)
-    save_small(layout.checkpoint("aflow__Egap", "mat2vec"),
-               {"dataset": "aflow__Egap", "features": "mat2vec", "full_recipe": "immi", "test_mae": 0.3456})
-    save_small(layout.checkpoint("aflow__Egap", "onehot"),  # a short run is no full-recipe model
-               {"dataset": "aflow__Egap", "features": "onehot", "full_recipe": None, "test_mae": 9.876})
+    save_small(
+        layout.checkpoint("aflow__Egap", "mat2vec"),
+        {"dataset": "aflow__Egap", "features": "mat2vec", "full_recipe": "immi", "test_mae": 0.3456},
+    )
+    save_small(
+        layout.checkpoint("aflow__Egap", "onehot"),  # a short run is no full-recipe model
+        {"dataset": "aflow__Egap", "features": "onehot", "full_recipe": None, "test_mae": 9.876},
+    )
     published = read_published(BENCHMARK)
     row = published[published["mat_prop"] == "aflow__Egap"].copy()
     row[["val_diversity", "test_diversity"]] = row[["test_diversity", "val_diversity"]].to_numpy()  # ours: unswapped
@@ -201,12 +240,15 @@ def test_report_paper_vs_this_run(tmp_path):
     row.to_csv(layout.stats_table(BENCHMARK), index=False, float_format="%.17g")
 
     text = write_report(tmp_path).read_text()
-    section = text[text.index("<section class='card' id='paper'>"):]
+    section = text[text.index("<section class='card' id='paper'>") :]
     section = section[: section.index("</section>")]
     assert "href='#paper'" in text
     reference = published_mae("aflow__Egap", "mat2vec")
-    mae = re.search(r"<tr><td>aflow__Egap</td><td>CrabNet \(mat2vec\)</td><td>immi</td><td>([^<]+)</td>"
-                    r"<td>([^<]+)</td><td>([^<]+)</td></tr>", section)
+    mae = re.search(
+        r"<tr><td>aflow__Egap</td><td>CrabNet \(mat2vec\)</td><td>immi</td><td>([^<]+)</td>"
+        r"<td>([^<]+)</td><td>([^<]+)</td></tr>",
+        section,
+    )
     assert mae, section
     assert float(mae.group(1)) == pytest.approx(reference, rel=1e-3) and mae.group(2) == "0.3456"
     assert float(mae.group(3)) == pytest.approx(0.3456 / reference, abs=0.01)

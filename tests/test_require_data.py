@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import REQUIRE_DATA_ENV, require_data
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,15 +8,28 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import require_data, write_dataset
 
 import get_dataset_stats as gds
-from conftest import require_data, write_dataset
 from crabnet.cli import run as cli_run
 from crabnet.data import parse_formula
 from crabnet.elements import ATOMIC_NUMBER, SYMBOLS
-from crabnet.stats import (BENCHMARK, COLUMNS, MATBENCH, REFERENCE_DIR, compare_with_published, dataset_stats,
-                           diversity_figure, diversity_index, matbench_summary, prevalence_figure, presence_counts,
-                           read_published, resolve_datasets, stats_table)
+from crabnet.stats import (
+    BENCHMARK,
+    COLUMNS,
+    MATBENCH,
+    REFERENCE_DIR,
+    compare_with_published,
+    dataset_stats,
+    diversity_figure,
+    diversity_index,
+    matbench_summary,
+    presence_counts,
+    prevalence_figure,
+    read_published,
+    resolve_datasets,
+    stats_table,
+)
 from crabnet.utils import available_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,8 +115,14 @@ def test_script_writes_tables_and_figures(tmp_path):
     assert (mb.samples_total == 21).all() and (mb.n_elements == 4).all()  # LiFePO4
     counts = pd.read_csv(stats / "element_counts_matbench_cv.csv")
     assert len(counts) == 6 and counts[list(SYMBOLS)].to_numpy().sum() > 0
-    for name in ("diversity_benchmark.png", "diversity_matbench_cv.png", "diversity_all.png",
-                 "prevalence/tiny__by_count.png", "prevalence/tiny__by_z.png", "prevalence/tinymb__by_z.png"):
+    for name in (
+        "diversity_benchmark.png",
+        "diversity_matbench_cv.png",
+        "diversity_all.png",
+        "prevalence/tiny__by_count.png",
+        "prevalence/tiny__by_z.png",
+        "prevalence/tinymb__by_z.png",
+    ):
         assert (figs / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     # a later run for another dataset adds its row and keeps the others
     assert run(tmp_path, "--dataset", "other", "--no-figures") == 0
@@ -124,8 +143,12 @@ def test_local_cluster_equals_sequential(tmp_path, capsys):
     assert run(tmp_path / "cluster", "--dataset", "tiny", "--dataset", "tinymb", "--threads-per-job", "1") == 0
     out = capsys.readouterr().out
     assert "LocalCluster: 2 worker process(es)" in out and "[2/2 done, 0 running, 0 failed" in out
-    files = sorted(p.relative_to(tmp_path / "sequential") for folder in ("stats", "figures")
-                   for p in (tmp_path / "sequential" / folder).rglob("*") if p.is_file())
+    files = sorted(
+        p.relative_to(tmp_path / "sequential")
+        for folder in ("stats", "figures")
+        for p in (tmp_path / "sequential" / folder).rglob("*")
+        if p.is_file()
+    )
     assert len(files) == 4 + 3 + 4  # 4 tables, 3 diversity charts, 2 prevalence plots of each dataset
     for rel in files:
         assert (tmp_path / "sequential" / rel).read_bytes() == (tmp_path / "cluster" / rel).read_bytes(), rel
@@ -149,10 +172,18 @@ def test_prevalence_labels_match_bars():
 
 
 def test_diversity_labels_match_bars():
-    bench = pd.DataFrame({"train_diversity": [0.9, 0.8], "val_diversity": [0.7, 0.6], "test_diversity": [0.5, 0.4]},
-                         index=["a", "b"])
-    table = pd.DataFrame({"mat_prop": ["m", "m"], "cv": [0, 1], "train_diversity": [0.95, 0.85],
-                          "val_diversity": [0.75, 0.65], "test_diversity": [0.55, 0.45]})
+    bench = pd.DataFrame(
+        {"train_diversity": [0.9, 0.8], "val_diversity": [0.7, 0.6], "test_diversity": [0.5, 0.4]}, index=["a", "b"]
+    )
+    table = pd.DataFrame(
+        {
+            "mat_prop": ["m", "m"],
+            "cv": [0, 1],
+            "train_diversity": [0.95, 0.85],
+            "val_diversity": [0.75, 0.65],
+            "test_diversity": [0.55, 0.45],
+        }
+    )
     mb = matbench_summary(table)
     assert mb.loc["m", "train_diversity"] == pytest.approx(0.9)
     assert mb.loc["m", "train_diversity_std"] == pytest.approx(np.std([0.95, 0.85], ddof=1))
@@ -189,8 +220,7 @@ def _real_data_or_skip() -> None:
 
 
 def _compare_real(names: list[str] | None) -> int:
-    results = [r for kind, name in resolve_datasets(REAL_DATA, names)
-               for r in dataset_stats(REAL_DATA, kind, name)]
+    results = [r for kind, name in resolve_datasets(REAL_DATA, names) for r in dataset_stats(REAL_DATA, kind, name)]
     compared = 0
     for kind in (BENCHMARK, MATBENCH):
         published = read_published(kind)

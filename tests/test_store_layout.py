@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from conftest import make_formulas
+
 from crabnet import capture
 from crabnet.capture import AttentionStore, AttentionWriter, capture_split, partial_path
 from crabnet.data import compositions_from_formulas
@@ -79,7 +79,7 @@ def test_known_maps_through_staging_and_blocked_reorganisation(tmp_path, monkeyp
         assert writer.begin_capture(10 * c) == c
         # batches of 3 across the staging chunks of 2, in a different order for each capture
         starts = list(range(0, N, 3))
-        for start in (starts if c % 2 == 0 else starts[::-1]):
+        for start in starts if c % 2 == 0 else starts[::-1]:
             writer.write_batch(c, start, maps[start : start + 3, c])
         writer.write_prediction(c, preds[:, c])
 

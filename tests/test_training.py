@@ -52,8 +52,16 @@ def test_capture_does_not_change_training(tiny_data, tmp_path):
     m2 = build_model("onehot", **SMALL)
     writer = AttentionWriter(tmp_path / "a.zarr", splits["val"], 3, 2, {"dataset": "tiny"})
     rec = AttentionRecorder(m2, splits["val"], scaler, writer, mode="epoch")
-    fit(m2, splits["train"], splits["val"], scaler, Recipe(epochs=4, epochs_step=1, batch_size=16),
-        seed=0, callback=rec, progress=False)
+    fit(
+        m2,
+        splits["train"],
+        splits["val"],
+        scaler,
+        Recipe(epochs=4, epochs_step=1, batch_size=16),
+        seed=0,
+        callback=rec,
+        progress=False,
+    )
     captured, _ = predict(m2, splits["test"], scaler)
     np.testing.assert_array_equal(plain, captured)
     assert writer.n_captures == 5 and writer.steps == [0, 1, 2, 3, 4]
@@ -66,8 +74,15 @@ def test_step_capture_every_k(tiny_data, tmp_path):
     scaler = Scaler.fit(splits["train"].target)
     writer = AttentionWriter(tmp_path / "a.zarr", splits["val"], 3, 2, {"dataset": "tiny"})
     rec = AttentionRecorder(model, splits["val"], scaler, writer, mode="step", every=3)
-    hist = fit(model, splits["train"], splits["val"], scaler, Recipe(epochs=2, epochs_step=1, batch_size=16),
-               callback=rec, progress=False)
+    hist = fit(
+        model,
+        splits["train"],
+        splits["val"],
+        scaler,
+        Recipe(epochs=2, epochs_step=1, batch_size=16),
+        callback=rec,
+        progress=False,
+    )
     assert hist.steps == 8  # 64 / 16 = 4 batches x 2 epochs
     assert writer.steps == [0, 3, 6]
     writer.finalize()
@@ -78,8 +93,9 @@ def test_step_capture_every_k(tiny_data, tmp_path):
 
 
 def run_script(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "get_training_attention.py"), *args],
-                          capture_output=True, text=True, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "get_training_attention.py"), *args], capture_output=True, text=True, cwd=cwd
+    )
 
 
 def test_script_two_epochs_store_contract(tiny_data):
@@ -89,8 +105,17 @@ def test_script_two_epochs_store_contract(tiny_data):
     assert not (path.parent / "attention.zarr.partial").exists()
     g = zarr.open_group(path, mode="r")
     a = dict(g.attrs)
-    for key in ("dataset", "features", "split", "capture", "n_layers", "n_heads", "n_elements",
-                "model_config", "created_with"):
+    for key in (
+        "dataset",
+        "features",
+        "split",
+        "capture",
+        "n_layers",
+        "n_heads",
+        "n_elements",
+        "model_config",
+        "created_with",
+    ):
         assert key in a, key
     assert a["dataset"] == "tiny" and a["split"] == "val" and a["capture"] == "epoch" and a["complete"]
     n, E, L, H = 24, a["n_elements"], a["n_layers"], a["n_heads"]
@@ -135,8 +160,9 @@ def test_training_sent_to_a_dask_scheduler_equals_sequential(tiny_data, tmp_path
     args = ("--dataset", "tiny", "--epochs", "2", "--device", "cpu", "--features", "onehot", "--threads-per-job", "1")
     here = run_script("--data-dir", str(tiny_data), *args, "--scheduler", "sequential")
     assert here.returncode == 0 and "running 1 trainings in this process" in here.stdout, here.stderr
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as cluster:
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    ) as cluster:
         sent = run_script("--data-dir", str(remote), *args, "--scheduler", cluster.scheduler_address)
     assert sent.returncode == 0, sent.stdout[-3000:] + sent.stderr[-3000:]
     assert f"submitted 1 trainings to the Dask scheduler at {cluster.scheduler_address}" in sent.stdout
@@ -168,9 +194,23 @@ def test_interrupted_run_leaves_no_complete_store(tiny_data, monkeypatch):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(gta.AttentionRecorder, "__call__", interrupting)
-    rc = gta.main(data_dir=tiny_data, dataset="tiny", device="cpu", seed=0, quick=False, force=False, epochs=3,
-                  epochs_step=None, features="onehot", capture="epoch", capture_every=1, split="val",
-                  batch_size=0, keep_unary=False, skip_invalid=False)
+    rc = gta.main(
+        data_dir=tiny_data,
+        dataset="tiny",
+        device="cpu",
+        seed=0,
+        quick=False,
+        force=False,
+        epochs=3,
+        epochs_step=None,
+        features="onehot",
+        capture="epoch",
+        capture_every=1,
+        split="val",
+        batch_size=0,
+        keep_unary=False,
+        skip_invalid=False,
+    )
     assert rc == 130
     path = tiny_data / "attention" / "tiny" / "attention.zarr"
     assert not path.exists() and (path.parent / "attention.zarr.partial").exists()
@@ -215,8 +255,19 @@ def _fit_resumable(splits, state_path, *, seed=0, interrupt_at_epoch=None):
         if event == "step" and epoch == interrupt_at_epoch:
             raise _Interrupt()
 
-    hist = fit(model, splits["train"], splits["val"], scaler, recipe, seed=seed, progress=False,
-               callback=callback, state_path=state_path, state_key={"dataset": "tiny"}, save_every_s=0)
+    hist = fit(
+        model,
+        splits["train"],
+        splits["val"],
+        scaler,
+        recipe,
+        seed=seed,
+        progress=False,
+        callback=callback,
+        state_path=state_path,
+        state_key={"dataset": "tiny"},
+        save_every_s=0,
+    )
     return model, scaler, hist
 
 
@@ -231,8 +282,12 @@ def test_interrupted_training_resumes_bit_for_bit(tiny_data, tmp_path):
     m, s, h = _fit_resumable(splits, state)
     np.testing.assert_array_equal(predict(m, splits["test"], s)[0], predict(m_ref, splits["test"], s_ref)[0])
     assert h.train_loss == h_ref.train_loss and h.val_mae == h_ref.val_mae
-    assert (h.epochs_run, h.steps, h.swa_updates, h.swa_failures) == (8, h_ref.steps, h_ref.swa_updates,
-                                                                      h_ref.swa_failures)
+    assert (h.epochs_run, h.steps, h.swa_updates, h.swa_failures) == (
+        8,
+        h_ref.steps,
+        h_ref.swa_updates,
+        h_ref.swa_failures,
+    )
 
 
 def test_state_of_other_run_is_ignored(tiny_data, tmp_path, capsys):
@@ -248,9 +303,23 @@ def test_state_of_other_run_is_ignored(tiny_data, tmp_path, capsys):
 
 
 def _run_step1(data_dir, epochs=4):
-    return gta.main(data_dir=data_dir, dataset="tiny", device="cpu", seed=0, quick=False, force=False, epochs=epochs,
-                    epochs_step=1, features="onehot", capture="epoch", capture_every=1, split="val",
-                    batch_size=16, keep_unary=False, skip_invalid=False)
+    return gta.main(
+        data_dir=data_dir,
+        dataset="tiny",
+        device="cpu",
+        seed=0,
+        quick=False,
+        force=False,
+        epochs=epochs,
+        epochs_step=1,
+        features="onehot",
+        capture="epoch",
+        capture_every=1,
+        split="val",
+        batch_size=16,
+        keep_unary=False,
+        skip_invalid=False,
+    )
 
 
 def test_interrupted_step1_goes_on_to_the_same_store(tiny_data, monkeypatch):

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import write_dataset
 
 import plot_global_edm_umap as pg
 import plot_local_edm_umap as pl
@@ -24,7 +25,6 @@ from crabnet.data import compositions_from_formulas, load_dataset
 from crabnet.represent import collect, open_store, pool_elements, value_vectors
 from crabnet.train import Scaler, build_model, checkpoint_path, predict, save_checkpoint
 from crabnet.utils import available_cpus, seed_everything
-from conftest import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(d_model=32, n_heads=2, d_ff=64, head_dims=(32, 16))
@@ -52,7 +52,7 @@ def test_pooling_ignores_padding():
         outs.append([pool_elements(h, el > 0) for h in hidden])
         # padding rows of the layer inputs are not zero, so a naive pooling would differ
         naive = hidden[0].mean(1)
-        assert not torch.allclose(naive, outs[-1][0][:, :SMALL["d_model"]], atol=1e-4)
+        assert not torch.allclose(naive, outs[-1][0][:, : SMALL["d_model"]], atol=1e-4)
     for a, b in zip(*outs):
         assert a.shape == (4, 5 * SMALL["d_model"])
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -131,8 +131,9 @@ def test_store_key_follows_checkpoint(tiny_data):
 def test_oxidation_alignment_by_formula(tmp_path):
     path = oxm.oxidation_path(tmp_path, "tiny", "test")
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"Hf1O2": {"Hf": 4.0, "O": -2.0}, "Fe2O3": {"Fe": 3.0, "O": -2.0},
-                                "CuZn": None, "Zz": {"Zz": 1}}))
+    path.write_text(
+        json.dumps({"Hf1O2": {"Hf": 4.0, "O": -2.0}, "Fe2O3": {"Fe": 3.0, "O": -2.0}, "CuZn": None, "Zz": {"Zz": 1}})
+    )
     guesses = oxm.load_oxidation(path)
     formulas = ["NaCl", "HfO2", "O3Fe2", "Fe4O6", "ZnCu"]  # reordered, differently written, absent
     np.testing.assert_array_equal(oxm.oxidation_states(guesses, formulas, "O"), [np.nan, -2, -2, -2, np.nan])
@@ -168,17 +169,20 @@ def test_oxidation_colouring_is_centred_and_greys_unknown():
 # UMAP settings and metrics
 
 
-@pytest.mark.parametrize("kwargs, n, match", [
-    ({"n_neighbors": 1}, None, "n_neighbors must be an integer >= 2"),
-    ({"n_neighbors": 4.5}, None, "n_neighbors must be an integer >= 2"),
-    ({"min_dist": -0.1}, None, r"min_dist must be a number in \[0, 1\]"),
-    ({"min_dist": 1.5}, None, r"min_dist must be a number in \[0, 1\]"),
-    ({"min_dist": float("nan")}, None, r"min_dist must be a number in \[0, 1\]"),
-    ({"metric": "cosinus"}, None, "metric must be one of"),
-    ({"seed": -1}, None, "seed must be a non-negative integer"),
-    ({"n_epochs": 0}, None, "n_epochs must be a positive integer"),
-    ({"n_neighbors": 15}, 15, "more points than n_neighbors"),
-])
+@pytest.mark.parametrize(
+    "kwargs, n, match",
+    [
+        ({"n_neighbors": 1}, None, "n_neighbors must be an integer >= 2"),
+        ({"n_neighbors": 4.5}, None, "n_neighbors must be an integer >= 2"),
+        ({"min_dist": -0.1}, None, r"min_dist must be a number in \[0, 1\]"),
+        ({"min_dist": 1.5}, None, r"min_dist must be a number in \[0, 1\]"),
+        ({"min_dist": float("nan")}, None, r"min_dist must be a number in \[0, 1\]"),
+        ({"metric": "cosinus"}, None, "metric must be one of"),
+        ({"seed": -1}, None, "seed must be a non-negative integer"),
+        ({"n_epochs": 0}, None, "n_epochs must be a positive integer"),
+        ({"n_neighbors": 15}, 15, "more points than n_neighbors"),
+    ],
+)
 def test_umap_parameters_rejected(kwargs, n, match):
     with pytest.raises(proj.UmapParamError, match=match):
         proj.validate_umap(proj.UmapParams(**kwargs), n)
@@ -239,8 +243,9 @@ def test_knn_with_duplicates_still_excludes_self():
 
 def test_summary_replaces_rows(tmp_path):
     path = tmp_path / "summary.csv"
-    em.update_summary(path, [{"atom": "O", "layer": 0, "v": 1.0}, {"atom": "Fe", "layer": 0, "v": 2.0}],
-                      ["atom", "layer"])
+    em.update_summary(
+        path, [{"atom": "O", "layer": 0, "v": 1.0}, {"atom": "Fe", "layer": 0, "v": 2.0}], ["atom", "layer"]
+    )
     df = em.update_summary(path, [{"atom": "O", "layer": 0, "v": 3.0}], ["atom", "layer"])
     assert len(df) == 2 and df.set_index("atom").loc["O", "v"] == 3.0
     assert len(pd.read_csv(path)) == 2
@@ -253,8 +258,12 @@ def test_summary_replaces_rows(tmp_path):
 @pytest.fixture
 def script_data(tmp_path, monkeypatch):
     write_dataset(tmp_path, sizes=(40, 16, 90))
-    save_checkpoint(checkpoint_path(tmp_path, "tiny", "mat2vec"), build_model("mat2vec", **SMALL),
-                    Scaler(4.0, 1.5), {"published_recipe": False})
+    save_checkpoint(
+        checkpoint_path(tmp_path, "tiny", "mat2vec"),
+        build_model("mat2vec", **SMALL),
+        Scaler(4.0, 1.5),
+        {"published_recipe": False},
+    )
     monkeypatch.setattr(proj, "fit_umap", lambda x, p: np.asarray(x, np.float32)[:, :2] * (1 + p.min_dist))
     return tmp_path
 
@@ -275,19 +284,46 @@ def test_local_script(script_data, capsys, monkeypatch):
     ox.write_text(json.dumps({f: ({"O": -2.0, "Fe": 8 / 3} if i % 2 else None) for i, f in enumerate(formulas)}))
     drawn = {}
     draw = em.plot_png
-    monkeypatch.setattr(em, "plot_png", lambda coords, colourings, path, **kw: drawn.update({path.stem: colourings})
-                        or draw(coords, colourings, path, **kw))
-    args = dict(data_dir=script_data, dataset=["tiny"], device="cpu", seed=0, quick=True, force=False,
-                features="mat2vec", split="test", layers=[0, 2], atom=["O", "Fe", "Ne"], n_neighbors=3,
-                min_dist=0.3, min_dist_layer0=0.8, umap_parallel=False, batch_size=32,
-                scheduler="sequential")  # the atom jobs run here, where UMAP and plot_png are patched
+    monkeypatch.setattr(
+        em,
+        "plot_png",
+        lambda coords, colourings, path, **kw: (
+            drawn.update({path.stem: colourings}) or draw(coords, colourings, path, **kw)
+        ),
+    )
+    args = dict(
+        data_dir=script_data,
+        dataset=["tiny"],
+        device="cpu",
+        seed=0,
+        quick=True,
+        force=False,
+        features="mat2vec",
+        split="test",
+        layers=[0, 2],
+        atom=["O", "Fe", "Ne"],
+        n_neighbors=3,
+        min_dist=0.3,
+        min_dist_layer0=0.8,
+        umap_parallel=False,
+        batch_size=32,
+        scheduler="sequential",
+    )  # the atom jobs run here, where UMAP and plot_png are patched
     assert _main(pl, args) == 0
     out = capsys.readouterr().out
     assert "skipping Ne: in 0 test compound(s)" in out
     assert "running 2 atom maps in this process" in out  # one job per dataset and kept atom
     csv = pd.read_csv(script_data / "umap" / "local" / "tiny" / "mat2vec__test__O__layer2.csv")
-    assert list(csv.columns) == ["row", "formula", "fraction", "target", "prediction", "oxidation_state",
-                                 "umap_x", "umap_y"]
+    assert list(csv.columns) == [
+        "row",
+        "formula",
+        "fraction",
+        "target",
+        "prediction",
+        "oxidation_state",
+        "umap_x",
+        "umap_y",
+    ]
     assert csv["formula"].str.contains("O").all() and (csv["oxidation_state"].dropna() == -2).all()
     assert csv["oxidation_state"].notna().any() and csv["oxidation_state"].isna().any()
     summary = pd.read_csv(script_data / "umap" / "local" / "tiny" / "summary.csv")
@@ -297,7 +333,7 @@ def test_local_script(script_data, capsys, monkeypatch):
     figs = script_data / "figures" / "umap_local" / "tiny"
     assert (figs / "mat2vec__test__O.png").stat().st_size > 10_000
     html = (figs / "mat2vec__test__O.html").read_text()
-    assert "<script src=\"https://cdn" not in html and "mean oxidation state of O" in html
+    assert '<script src="https://cdn' not in html and "mean oxidation state of O" in html
     # coloured by the continuous mean state (Fe 8/3 stays 8/3), the legend saying the kNN vote rounds it
     fe = {c.name: c for c in drawn["mat2vec__test__Fe"]}["oxidation_state"]
     assert fe.style == "diverging" and "rounded" in fe.label and fe.vmin < 0 < fe.vmax
@@ -310,9 +346,22 @@ def test_local_script(script_data, capsys, monkeypatch):
 
 
 def test_global_script(script_data, capsys):
-    args = dict(data_dir=script_data, dataset=["tiny"], device="cpu", seed=0, quick=True, force=False,
-                features="mat2vec", split="test", layers=None, n_neighbors=15, min_dist=None, umap_parallel=False,
-                batch_size=32, scheduler="sequential")  # the layer jobs run here, where UMAP is patched
+    args = dict(
+        data_dir=script_data,
+        dataset=["tiny"],
+        device="cpu",
+        seed=0,
+        quick=True,
+        force=False,
+        features="mat2vec",
+        split="test",
+        layers=None,
+        n_neighbors=15,
+        min_dist=None,
+        umap_parallel=False,
+        batch_size=32,
+        scheduler="sequential",
+    )  # the layer jobs run here, where UMAP is patched
     assert _main(pg, args) == 0
     out_dir = script_data / "umap" / "global" / "tiny"
     summary = pd.read_csv(out_dir / "summary.csv")
@@ -341,23 +390,49 @@ def _cluster_pair(tmp_path: Path) -> tuple[Path, Path]:
     first = tmp_path / "sequential"
     write_dataset(first, sizes=(40, 16, 90))
     seed_everything(0)
-    save_checkpoint(checkpoint_path(first, "tiny", "mat2vec"), build_model("mat2vec", **SMALL), Scaler(4.0, 1.5),
-                    {"published_recipe": False})
+    save_checkpoint(
+        checkpoint_path(first, "tiny", "mat2vec"),
+        build_model("mat2vec", **SMALL),
+        Scaler(4.0, 1.5),
+        {"published_recipe": False},
+    )
     return first, Path(shutil.copytree(first, tmp_path / "cluster"))
 
 
 def _run(script: str, data_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, str(ROOT / script), "--data-dir", str(data_dir), "--dataset", "tiny",
-                          "--device", "cpu", "--quick", "--threads-per-job", "1", *args], capture_output=True,
-                         text=True, timeout=900, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / script),
+            "--data-dir",
+            str(data_dir),
+            "--dataset",
+            "tiny",
+            "--device",
+            "cpu",
+            "--quick",
+            "--threads-per-job",
+            "1",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
 
 def _assert_same_maps(a: Path, b: Path, kind: str) -> None:
     """Coordinates, summaries (but the UMAP seconds) and PNG figures are equal."""
-    files = sorted(p.relative_to(a) for folder in (f"umap/{kind}", f"figures/umap_{kind}")
-                   for p in (a / folder).rglob("*") if p.suffix in (".csv", ".png"))
+    files = sorted(
+        p.relative_to(a)
+        for folder in (f"umap/{kind}", f"figures/umap_{kind}")
+        for p in (a / folder).rglob("*")
+        if p.suffix in (".csv", ".png")
+    )
     assert len(files) >= 4
     for rel in files:
         if rel.name == "summary.csv":
@@ -375,8 +450,10 @@ TWO_CORES = pytest.mark.skipif(available_cpus() < 2, reason="the embedded LocalC
 def test_local_atom_jobs_on_a_local_cluster_equal_sequential(tmp_path):
     seq, clu = _cluster_pair(tmp_path)
     args = ("--atom", "O", "--atom", "Fe", "--layers", "0", "2", "--n-neighbors", "3")
-    assert "running 2 atom maps in this process" in _run("plot_local_edm_umap.py", seq, *args,
-                                                         "--scheduler", "sequential").stdout
+    assert (
+        "running 2 atom maps in this process"
+        in _run("plot_local_edm_umap.py", seq, *args, "--scheduler", "sequential").stdout
+    )
     out = _run("plot_local_edm_umap.py", clu, *args, "--scheduler", "local").stdout  # --quick alone: in-process
     assert "submitted 2 atom maps" in out and "LocalCluster: 2 worker process(es)" in out
     _assert_same_maps(seq, clu, "local")
@@ -386,8 +463,10 @@ def test_local_atom_jobs_on_a_local_cluster_equal_sequential(tmp_path):
 @TWO_CORES
 def test_global_layer_jobs_on_a_local_cluster_equal_sequential(tmp_path):
     seq, clu = _cluster_pair(tmp_path)
-    assert "running 2 layer maps in this process" in _run("plot_global_edm_umap.py", seq, "--layers", "0", "3",
-                                                          "--scheduler", "sequential").stdout
+    assert (
+        "running 2 layer maps in this process"
+        in _run("plot_global_edm_umap.py", seq, "--layers", "0", "3", "--scheduler", "sequential").stdout
+    )
     out = _run("plot_global_edm_umap.py", clu, "--layers", "0", "3", "--scheduler", "local").stdout
     assert "submitted 2 layer maps" in out and "LocalCluster: 2 worker process(es)" in out
     _assert_same_maps(seq, clu, "global")

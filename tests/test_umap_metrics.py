@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_formulas
+
 from crabnet import projection as proj
 from crabnet.data import compositions_from_formulas
 from crabnet.represent import collect
@@ -167,8 +167,14 @@ def test_tiny_seeded_umap_keeps_the_clusters(tmp_path):
     target = cluster * 10.0 + rng.normal(scale=0.5, size=60)
     np.save(tmp_path / "x.npy", x)
     env = {**os.environ, "NUMBA_DISABLE_JIT": "1"}
-    proc = subprocess.run([sys.executable, "-c", UMAP_RUN, str(tmp_path / "x.npy"), "euclidean",
-                           str(tmp_path / "xy.npy")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", UMAP_RUN, str(tmp_path / "x.npy"), "euclidean", str(tmp_path / "xy.npy")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     a, b = np.load(tmp_path / "xy.npy", allow_pickle=False)
     assert a.shape == (60, 2) and a.dtype == np.float32 and np.isfinite(a).all()

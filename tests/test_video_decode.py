@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_videos import DPI, C, write_store
 
 from crabnet.capture import AttentionStore
 from crabnet.video import KINDS, FrameRenderer, VideoInput, VideoJob, find_ffmpeg, merge_frames, render_job, video_paths
-from test_videos import C, DPI, write_store
 
 LUMA = np.array([0.299, 0.587, 0.114])  # BT.601, as ffmpeg converts RGB to yuv420p and back by default
 TEXT_TOL = 32  # luma levels: largest difference allowed anywhere in the changing text
@@ -37,8 +37,25 @@ FRAME_SHARE = 0.001
 
 def decode_luma(path: Path, width: int, height: int) -> np.ndarray:
     """Every frame of a video as (frames, height, width) luma in 0-255, decoded by ffmpeg."""
-    out = subprocess.run([find_ffmpeg(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:v:0",
-                          "-f", "rawvideo", "-pix_fmt", "gray", "-"], capture_output=True, check=True).stdout
+    out = subprocess.run(
+        [
+            find_ffmpeg(),
+            "-nostdin",
+            "-v",
+            "error",
+            "-i",
+            str(path),
+            "-map",
+            "0:v:0",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "gray",
+            "-",
+        ],
+        capture_output=True,
+        check=True,
+    ).stdout
     assert len(out) % (width * height) == 0, f"{path}: {len(out)} bytes are not whole {width}x{height} frames"
     return np.frombuffer(out, np.uint8).reshape(-1, height, width).astype(np.float64)
 
@@ -51,8 +68,10 @@ def _text_box(fig, text) -> tuple[slice, slice]:
     """Pixel rows and columns of a matplotlib text in the figure's frames (1 px margin)."""
     bb = text.get_window_extent(fig.canvas.get_renderer())
     height = fig.fig.bbox.height
-    return (slice(max(0, math.floor(height - bb.y1) - 1), math.ceil(height - bb.y0) + 1),
-            slice(max(0, math.floor(bb.x0) - 1), math.ceil(bb.x1) + 1))
+    return (
+        slice(max(0, math.floor(height - bb.y1) - 1), math.ceil(height - bb.y0) + 1),
+        slice(max(0, math.floor(bb.x0) - 1), math.ceil(bb.x1) + 1),
+    )
 
 
 def _union(boxes):
@@ -80,8 +99,11 @@ def video(tmp_path_factory):
     renderer.close()
     a_box, p_box = _union(att_boxes), _union(prog_boxes)
     shift = full[0]["attention"].shape[1]  # the progress panel starts here in the merged frames
-    boxes = {"attention": [a_box], "progress": [p_box],
-             "merged": [a_box, (p_box[0], slice(p_box[1].start + shift, p_box[1].stop + shift))]}
+    boxes = {
+        "attention": [a_box],
+        "progress": [p_box],
+        "merged": [a_box, (p_box[0], slice(p_box[1].start + shift, p_box[1].stop + shift))],
+    }
     return job, full, boxes
 
 

@@ -11,12 +11,26 @@ import numpy as np
 import pytest
 
 import generate_attention_videos as gav
-from crabnet.cli import run
 from crabnet.capture import AttentionStore, AttentionWriter
+from crabnet.cli import run
 from crabnet.data import compositions_from_formulas
-from crabnet.video import (HIGHLIGHT, AttentionFigure, ProgressFigure, VideoError, VideoInput, VideoJob,
-                           ffmpeg_writer, find_ffmpeg, parse_layers, plan_jobs, probe_video, run_jobs, safe_name,
-                           select_compounds, video_paths)
+from crabnet.video import (
+    HIGHLIGHT,
+    AttentionFigure,
+    ProgressFigure,
+    VideoError,
+    VideoInput,
+    VideoJob,
+    ffmpeg_writer,
+    find_ffmpeg,
+    parse_layers,
+    plan_jobs,
+    probe_video,
+    run_jobs,
+    safe_name,
+    select_compounds,
+    video_paths,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMULAS = ["Hf1O2", "Gd2O7Ti2", "P1W3", "Fe2O3", "Al1Gd1O3"]
@@ -35,8 +49,9 @@ def write_store(data_dir: Path, dataset: str = "synth", formulas=FORMULAS, captu
     data = compositions_from_formulas(formulas, np.arange(len(formulas), dtype=np.float32) * 20 + 60)
     n, E = len(data), data.width
     path = data_dir / "attention" / dataset / "attention.zarr"
-    writer = AttentionWriter(path, data, L, H, {"dataset": dataset, "features": "onehot", "split": "val",
-                                                "capture": "epoch"})
+    writer = AttentionWriter(
+        path, data, L, H, {"dataset": dataset, "features": "onehot", "split": "val", "capture": "epoch"}
+    )
     real = data.elements > 0
     written = []
     for step in range(captures):
@@ -201,15 +216,19 @@ def test_dataset_without_paper_videos_renders_a_sample(tmp_path, capsys, monkeyp
     picked = line.split(": ")[-1].split(", ")
     assert len(picked) == 2 and set(picked) <= set(formulas)
     assert sorted(p.name for p in (tmp_path / "videos" / "synth").glob("*.mp4")) == sorted(
-        f"{f}{suffix}.mp4" for f in picked for suffix in ("", "_attention", "_progress"))
+        f"{f}{suffix}.mp4" for f in picked for suffix in ("", "_attention", "_progress")
+    )
     assert (tmp_path / "explorer" / "synth.html").is_file()
 
 
 def test_layer_all_one_row_per_layer(store_dir, capsys):
     assert run_main(store_dir, "--index", "2", "--layer", "all") == 0
     out_dir = store_dir / "videos" / "synth"
-    assert sorted(p.name for p in out_dir.iterdir()) == ["P1W3_layers.mp4", "P1W3_layers_attention.mp4",
-                                                         "P1W3_layers_progress.mp4"]
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "P1W3_layers.mp4",
+        "P1W3_layers_attention.mp4",
+        "P1W3_layers_progress.mp4",
+    ]
     data = history_input(store_dir / "attention" / "synth" / "attention.zarr", 2, layers=range(L))
     assert len(AttentionFigure(data, dpi=DPI).images) == L * H
     assert parse_layers("all", 3) == [0, 1, 2] and parse_layers("1", 3) == [1]
@@ -220,10 +239,9 @@ def test_layer_all_one_row_per_layer(store_dir, capsys):
 def test_ffmpeg_failure_raises_with_stderr(tmp_path):
     out = tmp_path / "v.mp4"
     frame = np.zeros((16, 16, 3), np.uint8)
-    with pytest.raises(VideoError) as info:
-        with ffmpeg_writer(out, (16, 16), 10, preset="no-such-preset") as pipe:
-            for _ in range(50):
-                pipe.write(frame)
+    with pytest.raises(VideoError) as info, ffmpeg_writer(out, (16, 16), 10, preset="no-such-preset") as pipe:
+        for _ in range(50):
+            pipe.write(frame)
     assert "ffmpeg failed" in str(info.value) and "preset" in str(info.value).lower()
     assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
 
@@ -231,12 +249,12 @@ def test_ffmpeg_failure_raises_with_stderr(tmp_path):
 def test_pool_runs_jobs_and_names_failing_compound(store_dir):
     path = store_dir / "attention" / "synth" / "attention.zarr"
     out = store_dir / "videos"
-    jobs = [VideoJob(history_input(path, i), video_paths(out, FORMULAS[i], [0], L), fps=10, dpi=30)
-            for i in (0, 3)]
+    jobs = [VideoJob(history_input(path, i), video_paths(out, FORMULAS[i], [0], L), fps=10, dpi=30) for i in (0, 3)]
     results = run_jobs(jobs, workers=2, progress=False)
     assert [r["merged"].name for r in results] == ["Hf1O2.mp4", "Fe2O3.mp4"]
-    assert all(probe_video(p, count_frames=False).duration == pytest.approx(0.5, abs=0.02)
-               for r in results for p in r.values())
+    assert all(
+        probe_video(p, count_frames=False).duration == pytest.approx(0.5, abs=0.02) for r in results for p in r.values()
+    )
     jobs[1].preset = "no-such-preset"
     with pytest.raises(VideoError, match=r"Fe2O3[\s\S]*ffmpeg failed"):
         run_jobs(jobs, workers=2, progress=False)
@@ -260,13 +278,43 @@ def test_help_states_defaults_and_next_step(capsys):
 @pytest.mark.slow
 def test_real_training_store_to_videos(tiny_data):
     """Step 1 on a tiny dataset, then step 2 as a user runs it."""
-    train = subprocess.run([sys.executable, str(ROOT / "get_training_attention.py"), "--data-dir", str(tiny_data),
-                            "--dataset", "tiny", "--epochs", "2", "--device", "cpu"],
-                           capture_output=True, text=True, cwd=ROOT)
+    train = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "get_training_attention.py"),
+            "--data-dir",
+            str(tiny_data),
+            "--dataset",
+            "tiny",
+            "--epochs",
+            "2",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert train.returncode == 0, train.stderr
-    proc = subprocess.run([sys.executable, str(ROOT / "generate_attention_videos.py"), "--data-dir", str(tiny_data),
-                           "--dataset", "tiny", "--index", "0", "--index", "1", "--dpi", "50"],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "generate_attention_videos.py"),
+            "--data-dir",
+            str(tiny_data),
+            "--dataset",
+            "tiny",
+            "--index",
+            "0",
+            "--index",
+            "1",
+            "--dpi",
+            "50",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr
     videos = sorted((tiny_data / "videos" / "tiny").glob("*.mp4"))
     assert len(videos) == 6
