@@ -56,12 +56,12 @@ from pathlib import Path
 
 from crabnet.capture import AttentionStore
 from crabnet.cli import DEMO_DATASET, add_common, make_parser, run
-from crabnet.data import DataError
+from crabnet.errors import DataError, UsageError
 from crabnet.explorer import DEFAULT_EXPLORE, explorer_path, write_explorer
 from crabnet.faithfulness import refresh_faithfulness
 from crabnet.layout import Layout
 from crabnet.report import refresh_report
-from crabnet.utils import UsageError, available_cpus
+from crabnet.utils import available_cpus
 from crabnet.video import (
     DEFAULT_PRESET,
     DEFAULT_SAMPLE,
@@ -83,6 +83,7 @@ def parse_args(argv=None):
     add_common(
         p,
         dataset=DEFAULT_DATASET,
+        device=False,
         quick_help=f"demo: the paper's {QUICK_DATASET} compounds in the store of get_training_attention.py --quick",
     )
     p.add_argument(
@@ -133,7 +134,6 @@ def parse_args(argv=None):
 def main(
     data_dir: Path,
     dataset: str | None,
-    device: str,
     seed: int,
     quick: bool,
     force: bool,
@@ -148,7 +148,7 @@ def main(
     no_explorer: bool = False,
     explore: int = DEFAULT_EXPLORE,
 ) -> int:
-    # device is a shared flag that rendering does not use; seed seeds the shuffled faithfulness control
+    # seed seeds the shuffled faithfulness control
     dataset = dataset or (QUICK_DATASET if quick else DEFAULT_DATASET)
     if fps <= 0 or dpi <= 0 or workers < 0 or not 0 <= crf <= 51 or explore < 0:
         raise UsageError("--fps and --dpi must be > 0, --workers and --explore >= 0, --crf in 0..51")

@@ -39,6 +39,7 @@ from pathlib import Path
 import pandas as pd
 
 from crabnet.cli import DEMO_DATASET, add_common, make_parser, run
+from crabnet.data import resolve_datasets
 from crabnet.engine import Job, add_engine_args, engine_from_args, run_jobs
 from crabnet.layout import Layout
 from crabnet.report import refresh_report
@@ -54,7 +55,6 @@ from crabnet.stats import (
     merge_table,
     plot_diversity,
     read_published,
-    resolve_datasets,
     stats_job,
     stats_table,
 )

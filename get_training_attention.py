@@ -40,10 +40,11 @@ from crabnet.cli import DEMO_DATASET, add_common, add_training, make_parser, run
 from crabnet.costs import cached_rates, dataset_training_cost_s
 from crabnet.data import SPLITS
 from crabnet.engine import Engine, Job, add_engine_args, engine_from_args, run_jobs
+from crabnet.errors import UsageError
 from crabnet.layout import Layout
 from crabnet.report import refresh_report
 from crabnet.train import make_recipe
-from crabnet.utils import UsageError, resolve_device
+from crabnet.utils import resolve_device
 
 DEFAULT_DATASET = "aflow__Egap"
 QUICK = {"dataset": DEMO_DATASET, "epochs": 8}

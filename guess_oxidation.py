@@ -46,9 +46,10 @@ import time
 from pathlib import Path
 
 from crabnet.cli import DEMO_DATASET, add_common, make_parser, run
-from crabnet.data import SPLITS
-from crabnet.engine import JobsFailed, add_engine_args, engine_from_args
-from crabnet.layout import BENCHMARK, MATBENCH, Layout, available, resolve_datasets, split_files
+from crabnet.data import SPLITS, resolve_datasets, split_files
+from crabnet.engine import add_engine_args, engine_from_args
+from crabnet.errors import JobsFailed, UsageError
+from crabnet.layout import BENCHMARK, MATBENCH, Layout, available
 from crabnet.oxidation import (
     CHUNK_SIZE,
     GuessCache,
@@ -62,7 +63,6 @@ from crabnet.oxidation import (
     write_split,
 )
 from crabnet.report import refresh_report
-from crabnet.utils import UsageError
 
 REASONS = ("no_solution", "timeout", "error", "max_sites", "invalid_formula")
 

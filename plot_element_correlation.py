@@ -52,9 +52,10 @@ from crabnet.correlation import (
     static_representation,
     summarise,
 )
+from crabnet.errors import UsageError
 from crabnet.layout import Layout
 from crabnet.report import refresh_report
-from crabnet.utils import UsageError, atomic_path, resolve_device
+from crabnet.utils import atomic_path, resolve_device
 
 QUICK_PERMUTATIONS = 999
 PERMUTATIONS = 9999

@@ -35,8 +35,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from crabnet.data import resolve_datasets, split_files
 from crabnet.engine import Engine, add_engine_args, engine_from_args
-from crabnet.layout import resolve_datasets, split_files
 from crabnet.oxidation import CHUNK_SIZE, TIMEOUT, GuessCache, guess_all, keys_for, read_formulas, results_for
 
 

@@ -35,8 +35,9 @@ import zarr
 from tqdm.auto import tqdm
 
 import crabnet
-from crabnet.data import CompositionData, DataError, normalise_formula, parse_formula
+from crabnet.data import CompositionData, normalise_formula, parse_formula
 from crabnet.elements import ATOMIC_NUMBER, SYMBOLS
+from crabnet.errors import DataError
 from crabnet.faithfulness import leave_one_out
 from crabnet.model import CrabNet
 from crabnet.train import Recipe, Scaler

@@ -9,9 +9,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from crabnet.engine import JobsFailed
+from crabnet.errors import JobsFailed, UsageError
 from crabnet.signals import EXIT_CODE, Preempted, install_stop_handler, uninstall_stop_handler
-from crabnet.utils import UsageError
 
 # the dataset every step's --quick uses, so that the demo steps chain (make demo)
 DEMO_DATASET = "aflow__ael_bulk_modulus_vrh"

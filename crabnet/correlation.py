@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from crabnet.elements import ATOMIC_NUMBER, N_ELEMENTS, SYMBOLS, feature_frame
-from crabnet.utils import UsageError
+from crabnet.errors import UsageError
 
 STATIC_TABLES = ("oliynyk", "magpie", "jarvis", "mat2vec", "onehot")
 REFERENCE_TABLES = ("oliynyk", "magpie")  # Spearman agreement is measured against these

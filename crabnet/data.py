@@ -26,17 +26,14 @@ import numpy as np
 import pandas as pd
 
 from crabnet.elements import ATOMIC_NUMBER, SYMBOLS
-from crabnet.layout import BENCHMARK, MATBENCH, SPLITS, Layout, available
-from crabnet.utils import UsageError, file_sha256
+from crabnet.errors import DataError
+from crabnet.layout import BENCHMARK, MATBENCH, SPLITS, Layout, SplitFile, available, folds_of
+from crabnet.utils import file_sha256
 
 WHEEL_SPEC = "crabnet==2.0.8"
 WHEEL_NAME = "crabnet-2.0.8-py3-none-any.whl"
 WHEEL_SHA256 = "4901565abaa5b4cd1a7841b9de647a3906df21676b226a7abf972d113f92054a"
 WHEEL_FOLDERS = (BENCHMARK, MATBENCH)  # under crabnet/data/ in the wheel
-
-
-class DataError(UsageError):
-    """A dataset file or formula that cannot be used, with a message naming where."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -633,6 +630,63 @@ def _main() -> int:
     n = len(available(args.data_dir, BENCHMARK))
     print(f"datasets ready: {n} benchmark sets in {folder.parent}")
     return 0
+
+
+# --------------------------------------------------------------------------------------------
+# datasets by name
+
+
+def resolve_datasets(data_dir: Path | str, names: list[str] | None) -> list[tuple[str, str]]:
+    """Turn ``--dataset`` values into ``(kind, name)`` pairs, fetching the published data if needed.
+
+    Args:
+        data_dir: the ``--data-dir`` root.
+        names: dataset names; ``None``, empty or ``["all"]`` means every benchmark set and every
+            matbench set present. A name is looked up under ``benchmark_data/`` first, then
+            ``matbench_cv/``.
+
+    Raises:
+        DataError: a name found in neither folder (the message lists what is available).
+    """
+    data_dir = Path(data_dir)
+    if not (data_dir / BENCHMARK).is_dir() and not (data_dir / MATBENCH).is_dir():
+        dataset_dir(data_dir, "aflow__Egap")  # fetches the published sets (or explains how to)
+    if not names or "all" in names:
+        return [(BENCHMARK, n) for n in available(data_dir, BENCHMARK)] + [
+            (MATBENCH, n) for n in available(data_dir, MATBENCH)
+        ]
+    out: list[tuple[str, str]] = []
+    for name in dict.fromkeys(names):
+        if (data_dir / BENCHMARK / name).is_dir():
+            out.append((BENCHMARK, name))
+        elif (data_dir / MATBENCH / name).is_dir():
+            out.append((MATBENCH, name))
+        else:
+            have = available(data_dir, BENCHMARK) + available(data_dir, MATBENCH)
+            raise DataError(
+                f"dataset {name!r} not found under {data_dir}/{BENCHMARK}/ or {data_dir}/{MATBENCH}/. "
+                f"Available: {', '.join(have) or 'none'}"
+            )
+    return out
+
+
+def split_files(data_dir: Path | str, kind: str, dataset: str, splits: tuple[str, ...] = SPLITS) -> list[SplitFile]:
+    """The CSV files of a dataset: one per split, or per split and fold for matbench sets.
+
+    Raises:
+        DataError: a missing split file (benchmark) or no complete fold (matbench).
+    """
+    folder = Path(data_dir) / kind / dataset
+    if kind == BENCHMARK:
+        files = [SplitFile(kind, dataset, s, None, folder / f"{s}.csv") for s in splits]
+        missing = [f.path.name for f in files if not f.path.is_file()]
+        if missing:
+            raise DataError(f"{folder}/: missing {', '.join(missing)} (a dataset needs train.csv, val.csv, test.csv)")
+        return files
+    folds = folds_of(data_dir, dataset)
+    if not folds:
+        raise DataError(f"{folder}/: no complete fold (expected train<k>.csv, val<k>.csv, test<k>.csv)")
+    return [SplitFile(kind, dataset, s, k, folder / f"{s}{k}.csv") for k in folds for s in splits]
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ import pandas as pd
 from crabnet.data import CompositionData, load_dataset
 from crabnet.elements import ATOMIC_NUMBER
 from crabnet.engine import Engine, Job, run_jobs
+from crabnet.errors import UsageError
 from crabnet.layout import Layout
 from crabnet.model import CrabNet
 from crabnet.oxidation import load_oxidation, oxidation_path, oxidation_states
@@ -58,7 +59,7 @@ from crabnet.projection import (
 from crabnet.represent import RepresentationStore, collect, open_store
 from crabnet.train import Recipe, Scaler, ensure_model
 from crabnet.umap_plots import Colouring, hover_text, make_colouring, pauling_en_mad, plot_html, plot_png
-from crabnet.utils import UsageError, atomic_path, seed_everything
+from crabnet.utils import atomic_path, seed_everything
 
 # The atoms of the paper's local-EDM figures (SPEC §6 step 6).
 PAPER_ATOMS = (

@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crabnet.utils import UsageError, available_cpus
+from crabnet.errors import JobsFailed, UsageError
+from crabnet.utils import available_cpus
 
 PLAN_LOG_ENV = "CRABNET_PLAN_LOG"  # --plan appends its totals here (make paper-plan)
 JOBQUEUE = {
@@ -96,15 +97,6 @@ class Engine:
 
     def __post_init__(self) -> None:
         check_engine(self)
-
-
-class JobsFailed(RuntimeError):
-    """Some jobs failed (after their retries); the others finished. ``failures``: (name, error text)."""
-
-    def __init__(self, failures: list[tuple[str, str]], total: int):
-        self.failures = failures
-        lines = [f"{len(failures)} of {total} job(s) failed:"] + [f"  {name}: {err}" for name, err in failures]
-        super().__init__("\n".join(lines))
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:

@@ -50,7 +50,8 @@ from typing import Any
 import numpy as np
 
 import crabnet
-from crabnet.data import DataError, normalise_formula
+from crabnet.data import normalise_formula
+from crabnet.errors import DataError
 from crabnet.faithfulness import attention_importance
 from crabnet.layout import Layout
 from crabnet.utils import atomic_path

@@ -1,4 +1,7 @@
-"""The data folder: every path under ``--data-dir``, dataset discovery and the benchmark set list.
+"""The data folder: every path under ``--data-dir``, the benchmark set list and what is on disk.
+
+This module only names paths: it imports nothing from the rest of the package (datasets are resolved
+and fetched by :mod:`crabnet.data`).
 
 One owner for the layout that connects the eight steps (SPEC §5). Scripts and modules ask a
 :class:`Layout` for a path instead of joining folder names themselves; ``OUTPUTS`` describes each
@@ -7,7 +10,6 @@ output for ``data/README.md`` (a test checks that the README lists every one of 
     layout = Layout("data")
     layout.checkpoint("mp_bulk_modulus", "mat2vec")        # data/models/mp_bulk_modulus__mat2vec.pt
     layout.attention_store("aflow__Egap")                  # data/attention/aflow__Egap/attention.zarr
-    resolve_datasets("data", ["all"])                      # [("benchmark_data", "aflow__ael_…"), …]
 """
 
 from __future__ import annotations
@@ -273,63 +275,6 @@ def folds_of(data_dir: Path | str, dataset: str) -> list[int]:
         if tail.isdigit() and all((folder / f"{s}{tail}.csv").is_file() for s in SPLITS):
             folds.append(int(tail))
     return sorted(folds)
-
-
-def resolve_datasets(data_dir: Path | str, names: list[str] | None) -> list[tuple[str, str]]:
-    """Turn ``--dataset`` values into ``(kind, name)`` pairs, fetching the published data if needed.
-
-    Args:
-        data_dir: the ``--data-dir`` root.
-        names: dataset names; ``None``, empty or ``["all"]`` means every benchmark set and every
-            matbench set present. A name is looked up under ``benchmark_data/`` first, then
-            ``matbench_cv/``.
-
-    Raises:
-        DataError: a name found in neither folder (the message lists what is available).
-    """
-    from crabnet.data import DataError, dataset_dir
-
-    data_dir = Path(data_dir)
-    if not (data_dir / BENCHMARK).is_dir() and not (data_dir / MATBENCH).is_dir():
-        dataset_dir(data_dir, "aflow__Egap")  # fetches the published sets (or explains how to)
-    if not names or "all" in names:
-        return [(BENCHMARK, n) for n in available(data_dir, BENCHMARK)] + [
-            (MATBENCH, n) for n in available(data_dir, MATBENCH)
-        ]
-    out: list[tuple[str, str]] = []
-    for name in dict.fromkeys(names):
-        if (data_dir / BENCHMARK / name).is_dir():
-            out.append((BENCHMARK, name))
-        elif (data_dir / MATBENCH / name).is_dir():
-            out.append((MATBENCH, name))
-        else:
-            have = available(data_dir, BENCHMARK) + available(data_dir, MATBENCH)
-            raise DataError(
-                f"dataset {name!r} not found under {data_dir}/{BENCHMARK}/ or {data_dir}/{MATBENCH}/. "
-                f"Available: {', '.join(have) or 'none'}"
-            )
-    return out
-
-
-def split_files(data_dir: Path | str, kind: str, dataset: str, splits: tuple[str, ...] = SPLITS) -> list[SplitFile]:
-    """The CSV files of a dataset: one per split, or per split and fold for matbench sets.
-
-    Raises:
-        DataError: a missing split file (benchmark) or no complete fold (matbench).
-    """
-    from crabnet.data import DataError
-
-    folder = Path(data_dir) / kind / dataset
-    if kind == BENCHMARK:
-        files = [SplitFile(kind, dataset, s, None, folder / f"{s}.csv") for s in splits]
-        missing = [f.path.name for f in files if not f.path.is_file()]
-        if missing:
-            raise DataError(f"{folder}/: missing {', '.join(missing)} (a dataset needs train.csv, val.csv, test.csv)")
-        return files
-    folds = folds_of(data_dir, dataset)
-    if not folds:
-        raise DataError(f"{folder}/: no complete fold (expected train<k>.csv, val<k>.csv, test<k>.csv)")
-    return [SplitFile(kind, dataset, s, k, folder / f"{s}{k}.csv") for k in folds for s in splits]
 
 
 if __name__ == "__main__":

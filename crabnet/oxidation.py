@@ -63,9 +63,10 @@ from typing import Any
 
 import numpy as np
 
-from crabnet.data import DataError, parse_formula, read_text_table
+from crabnet.data import parse_formula, read_text_table
 from crabnet.elements import ATOMIC_NUMBER, SYMBOLS
 from crabnet.engine import Engine, Job, run_jobs
+from crabnet.errors import DataError
 from crabnet.layout import Layout
 
 NO_SOLUTION = "no_solution"

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from crabnet.data import DataError, compositions_from_formulas, read_text_table
+from crabnet.data import compositions_from_formulas, read_text_table
+from crabnet.errors import DataError
 from crabnet.model import CrabNet
 from crabnet.train import Scaler, load_checkpoint, predict
 from crabnet.utils import atomic_path, resolve_device

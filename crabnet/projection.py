@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from crabnet.utils import UsageError, atomic_path
+from crabnet.errors import UmapParamError
+from crabnet.utils import atomic_path
 
 METRICS = ("euclidean", "cosine", "manhattan", "correlation", "chebyshev")
 K_NEIGHBOURS = 10  # k of the kNN metrics
@@ -31,10 +32,6 @@ MAX_EVAL = 5000  # query points of the kNN metrics and points of the trustworthi
 
 # --------------------------------------------------------------------------------------------
 # UMAP parameters and projection
-
-
-class UmapParamError(UsageError):
-    """A UMAP setting that cannot work, with a message naming it."""
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from crabnet.data import SPLITS, read_split
+from crabnet.data import SPLITS, read_split, split_files
 from crabnet.elements import N_ELEMENTS, SYMBOLS
-from crabnet.layout import BENCHMARK, MATBENCH, Layout, SplitFile, available, folds_of, resolve_datasets, split_files
+from crabnet.layout import BENCHMARK, MATBENCH, Layout, SplitFile
 from crabnet.plotting import save_png
 from crabnet.reference import REFERENCE_DIR
 
@@ -423,10 +423,6 @@ __all__ = [
     "SplitFile",
     "SplitStats",
     "DatasetStats",
-    "available",
-    "folds_of",
-    "resolve_datasets",
-    "split_files",
     "presence_counts",
     "diversity_index",
     "split_stats",

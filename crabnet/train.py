@@ -24,11 +24,12 @@ from tqdm.auto import tqdm
 import crabnet
 from crabnet.data import CompositionData, batch_size_for
 from crabnet.elements import feature_table
+from crabnet.errors import UsageError
 from crabnet.layout import Layout
 from crabnet.model import CrabNet, CrabNetConfig, real_slots
 from crabnet.optim import SWA, Lamb, Lookahead, triangular_lr
 from crabnet.signals import STOP, Preempted, deferred_stop
-from crabnet.utils import UsageError, atomic_path
+from crabnet.utils import atomic_path
 
 
 @dataclass

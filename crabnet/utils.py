@@ -12,10 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-class UsageError(ValueError):
-    """Bad input, a missing prerequisite or an unavailable device: the scripts report it as one
-    ``error: …`` line on stderr with exit code 2 (``crabnet.cli.run``), without a traceback."""
+from crabnet.errors import UsageError
 
 
 def resolve_device(name: str = "auto"):

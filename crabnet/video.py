@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from crabnet.errors import VideoError
 from crabnet.utils import atomic_path, available_cpus
 
 HIGHLIGHT = "#d62728"  # the current capture in the progress panel (used by nothing else there)
@@ -48,10 +49,6 @@ PAPER_COMPOUNDS: dict[str, list[str]] = {
     "aflow__ael_bulk_modulus_vrh": ["P1W3", "C11N4", "HfO2", "Pt3Ti1", "GaN", "Gd2O7Ti2", "BN", "AlGdO3", "Hf2La2O7"],
     "mp_bulk_modulus": ["SiO2", "FeCO3", "YSF", "Fe(HO)2", "AgSbTe2", "NaNO3", "Al2O3", "LiFeO2"],
 }
-
-
-class VideoError(RuntimeError):
-    """Rendering or encoding a video failed (the message names the compound and, for ffmpeg, its stderr)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -687,7 +684,8 @@ def sample_compounds(store: Any, n: int = DEFAULT_SAMPLE) -> list[int]:
     Returns:
         rows ordered by number of elements, then error.
     """
-    from crabnet.data import DataError, normalise_formula
+    from crabnet.data import normalise_formula
+    from crabnet.errors import DataError
 
     first: dict[str, int] = {}
     for i, f in enumerate(store.formulas):

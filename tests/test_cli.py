@@ -37,8 +37,7 @@ def test_usage_errors_are_one_line_with_exit_code_2(capsys):
     import argparse
 
     from crabnet.cli import run
-    from crabnet.data import DataError
-    from crabnet.utils import UsageError
+    from crabnet.errors import DataError, UsageError
 
     def main(problem):
         raise problem

@@ -18,8 +18,8 @@ import torch
 from conftest import write_dataset
 
 from crabnet.cli import run
-from crabnet.engine import Engine, Job, JobsFailed, local_shape, run_jobs
-from crabnet.utils import UsageError
+from crabnet.engine import Engine, Job, local_shape, run_jobs
+from crabnet.errors import JobsFailed, UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "get_crabnet_embeddings.py"

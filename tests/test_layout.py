@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from crabnet.layout import BENCHMARK_DATASETS, Layout, outputs_table, resolve_datasets
+from crabnet.data import resolve_datasets
+from crabnet.layout import BENCHMARK_DATASETS, Layout, outputs_table
 from crabnet.train import checkpoint_path
 
 ROOT = Path(__file__).resolve().parents[1]

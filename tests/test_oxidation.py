@@ -22,7 +22,8 @@ from conftest import write_dataset
 import crabnet.oxidation as ox
 import guess_oxidation as go
 from crabnet.cli import run as cli_run
-from crabnet.engine import Engine, JobsFailed
+from crabnet.engine import Engine
+from crabnet.errors import JobsFailed
 from crabnet.oxidation import (
     TIMEOUT,
     GuessCache,

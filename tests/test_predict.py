@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from crabnet import load_model
-from crabnet.data import DataError, compositions_from_formulas, load_dataset
+from crabnet.data import compositions_from_formulas, load_dataset
+from crabnet.errors import DataError
 from crabnet.train import Scaler, build_model, fit, make_recipe, predict, save_checkpoint
 from crabnet.utils import seed_everything
 

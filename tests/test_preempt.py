@@ -18,9 +18,10 @@ import torch
 
 from crabnet.cli import check_writable, run
 from crabnet.data import load_dataset
+from crabnet.errors import UsageError
 from crabnet.signals import STOP, Preempted, install_stop_handler, uninstall_stop_handler
 from crabnet.train import History, Recipe, Scaler, build_model, epoch_line, fit, predict, state_save_interval
-from crabnet.utils import UsageError, seed_everything
+from crabnet.utils import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = preempt_job.SMALL

@@ -12,7 +12,7 @@ from conftest import require_data, write_dataset
 
 import get_dataset_stats as gds
 from crabnet.cli import run as cli_run
-from crabnet.data import parse_formula
+from crabnet.data import parse_formula, resolve_datasets
 from crabnet.elements import ATOMIC_NUMBER, SYMBOLS
 from crabnet.stats import (
     BENCHMARK,
@@ -27,7 +27,6 @@ from crabnet.stats import (
     presence_counts,
     prevalence_figure,
     read_published,
-    resolve_datasets,
     stats_table,
 )
 from crabnet.utils import available_cpus

@@ -14,7 +14,8 @@ import zarr
 
 import get_training_attention as gta
 from crabnet.capture import AttentionRecorder, AttentionStore, AttentionWriter
-from crabnet.data import DataError, load_dataset
+from crabnet.data import load_dataset
+from crabnet.errors import DataError
 from crabnet.train import Recipe, Scaler, build_model, fit, predict
 from crabnet.utils import seed_everything
 
