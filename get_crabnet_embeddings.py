@@ -42,9 +42,9 @@ from crabnet.embeddings import model_job, model_outputs_current
 from crabnet.engine import Job, add_engine_args, engine_from_args, run_jobs
 from crabnet.errors import UsageError
 from crabnet.layout import BENCHMARK_DATASETS
-from crabnet.report import refresh_report
 from crabnet.train import make_recipe
 from crabnet.utils import resolve_device
+from crabnet.web.report import refresh_report
 
 DEFAULT_DATASETS = ("aflow__ael_bulk_modulus_vrh", "mp_bulk_modulus")
 QUICK = {"datasets": (DEMO_DATASET,), "epochs": 2}

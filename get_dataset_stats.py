@@ -36,29 +36,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
-
 from crabnet.cli import DEMO_DATASET, add_common, make_parser, run
 from crabnet.data import resolve_datasets
 from crabnet.engine import Job, add_engine_args, engine_from_args, run_jobs
-from crabnet.layout import Layout
-from crabnet.report import refresh_report
-from crabnet.stats import (
-    BENCHMARK,
-    MATBENCH,
-    REFERENCE_DIR,
-    TABLE_NAME,
-    DatasetStats,
-    compare_with_published,
-    counts_table,
-    matbench_summary,
-    merge_table,
-    plot_diversity,
-    read_published,
-    stats_job,
-    stats_table,
-)
-from crabnet.utils import atomic_path
+from crabnet.stats import REFERENCE_DIR, TABLE_NAME, check_published, stats_job, write_figures, write_tables
+from crabnet.web.report import refresh_report
 
 
 def parse_args(argv=None):
@@ -88,70 +70,6 @@ def parse_args(argv=None):
     )
     add_engine_args(p)
     return p.parse_args(argv)
-
-
-def write_tables(results: list[DatasetStats], data_dir: Path) -> dict[str, pd.DataFrame]:
-    """Write (merging into existing files) the statistics and element-count tables; return the stats tables."""
-    tables = {}
-    for kind in (BENCHMARK, MATBENCH):
-        if not any(r.kind == kind for r in results):
-            continue
-        key = ["mat_prop", "cv"] if kind == MATBENCH else ["mat_prop"]
-        for name, new, k in (
-            (f"{TABLE_NAME[kind]}.csv", stats_table(results, kind), key),
-            (f"element_counts_{TABLE_NAME[kind]}.csv", counts_table(results, kind), key + ["split"]),
-        ):
-            path = Layout(data_dir).stats() / name
-            old = pd.read_csv(path) if path.is_file() else None
-            table = merge_table(old, new, k)
-            with atomic_path(path) as tmp:
-                table.to_csv(tmp, index=False, float_format="%.17g")
-            print(f"wrote {path} ({len(table)} rows)")
-            if name == f"{TABLE_NAME[kind]}.csv":
-                tables[kind] = table
-    return tables
-
-
-def write_figures(tables: dict[str, pd.DataFrame], data_dir: Path) -> None:
-    """The diversity bar charts (the prevalence plots of each dataset are drawn by its job)."""
-    out = Layout(data_dir).stats_figures()
-    groups = []
-    if BENCHMARK in tables:
-        bench = tables[BENCHMARK].set_index("mat_prop")
-        plot_diversity([("benchmark", bench)], "Diversity of the benchmark sets", out / "diversity_benchmark.png")
-        groups.append(("benchmark", bench))
-    if MATBENCH in tables:
-        mb = matbench_summary(tables[MATBENCH])
-        plot_diversity(
-            [("matbench (mean ± std over folds)", mb)],
-            "Diversity of the matbench sets (mean ± std over folds)",
-            out / "diversity_matbench_cv.png",
-        )
-        groups.append(("matbench (mean ± std over folds)", mb))
-    if len(groups) == 2:
-        plot_diversity(groups, "Diversity of all datasets", out / "diversity_all.png")
-    print(f"figures in {out}/")
-
-
-def check_published(tables: dict[str, pd.DataFrame], reference_dir: Path) -> int:
-    """Print the comparison with the published tables; return the number of mismatches."""
-    bad = 0
-    for kind, table in tables.items():
-        published = read_published(kind, reference_dir)
-        if published is None:
-            print(f"published {TABLE_NAME[kind]} table not found in {reference_dir}/: comparison skipped")
-            continue
-        n, problems = compare_with_published(table, published, kind)
-        bad += len(problems)
-        verdict = (
-            "all equal (to 1e-9; published val/test diversity swapped)"
-            if not problems
-            else f"{len(problems)} MISMATCH(ES)"
-        )
-        print(f"published {TABLE_NAME[kind]} table: {n} rows compared, {verdict}")
-        for line in problems[:20]:
-            print(f"  {line}")
-    return bad
 
 
 def main(

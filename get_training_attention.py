@@ -42,9 +42,9 @@ from crabnet.data import SPLITS
 from crabnet.engine import Engine, Job, add_engine_args, engine_from_args, run_jobs
 from crabnet.errors import UsageError
 from crabnet.layout import Layout
-from crabnet.report import refresh_report
 from crabnet.train import make_recipe
 from crabnet.utils import resolve_device
+from crabnet.web.report import refresh_report
 
 DEFAULT_DATASET = "aflow__Egap"
 QUICK = {"dataset": DEMO_DATASET, "epochs": 8}

@@ -41,30 +41,22 @@ Examples:
 
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
 
 from crabnet.cli import DEMO_DATASET, add_common, make_parser, run
-from crabnet.data import SPLITS, resolve_datasets, split_files
+from crabnet.data import SPLITS, select_split_files
 from crabnet.engine import add_engine_args, engine_from_args
-from crabnet.errors import JobsFailed, UsageError
-from crabnet.layout import BENCHMARK, MATBENCH, Layout, available
+from crabnet.errors import UsageError
 from crabnet.oxidation import (
     CHUNK_SIZE,
-    GuessCache,
-    cache_path,
     guess_all,
     keys_for,
+    open_cache,
     progress_bar,
     read_formulas,
-    results_for,
-    write_element_ox_states,
-    write_split,
+    write_outputs,
 )
-from crabnet.report import refresh_report
-
-REASONS = ("no_solution", "timeout", "error", "max_sites", "invalid_formula")
+from crabnet.web.report import refresh_report
 
 
 def parse_args(argv=None):
@@ -126,42 +118,16 @@ def main(
     names = dataset or ([DEMO_DATASET] if quick else ["all"])
     splits = SPLITS if split == "all" else (split,)
     # a DataError (unknown dataset, unreadable file) ends the script with one error line via crabnet.cli.run
-    pairs = resolve_datasets(data_dir, names)  # fetches the published sets if needed
-    if "all" in names:  # every benchmark set, and the matbench sets named beside 'all'
-        named = [n for n in names if n != "all"]
-        pairs = [p for p in pairs if p[0] == BENCHMARK] + [
-            p for p in (resolve_datasets(data_dir, named) if named else []) if p[0] == MATBENCH
-        ]
-    if matbench:
-        pairs += [(MATBENCH, n) for n in available(data_dir, MATBENCH) if (MATBENCH, n) not in pairs]
-    files = [f for kind, name in pairs for f in split_files(data_dir, kind, name, splits)]
+    files = select_split_files(data_dir, names, splits, matbench=matbench)  # fetches the published sets if needed
     memo: dict = {}
     parts = [
         keys_for(f.label, read_formulas(f.path), max_sites, memo)
         for f in progress_bar(files, desc="reading formulas", unit="file")
     ]
 
-    cache_file = cache_path(data_dir)
-    if force and cache_file.exists() and not eng.plan:
-        cache_file.unlink()
-    cache = GuessCache(None if force and eng.plan else cache_file)  # a plan of --force: everything to do
-    if cache.unreadable:
-        print(f"note: ignored {cache.unreadable} unreadable line(s) of {cache_file} (an interrupted write)")
-    t0 = time.perf_counter()
-    try:
-        run = guess_all(
-            (k for p in parts for k in p.keys), cache, max_seconds=max_seconds, engine=eng, chunk_size=chunk_size
-        )
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: {len(cache)} results are saved in {cache_file}; run again to resume", file=sys.stderr)
-        return 130
-    except JobsFailed as err:
-        print(
-            f"{err}\nthe results of the other jobs are saved in {cache_file} ({len(cache)} in all); run again to "
-            "retry the failed ones",
-            file=sys.stderr,
-        )
-        return 1
+    cache = open_cache(data_dir, force=force, plan=eng.plan)
+    keys = (k for p in parts for k in p.keys)
+    run = guess_all(keys, cache, max_seconds=max_seconds, engine=eng, chunk_size=chunk_size)  # saved as they finish
     if run is None:  # --plan: the jobs were listed
         return 0
     print(
@@ -169,29 +135,7 @@ def main(
         f"in {run['seconds']:.1f} s ({run['per_second']:.1f} formulas/s, {run['chunks']} job(s)); "
         f"outcomes of the computed: {run['reasons'] or '-'}"
     )
-
-    out_dir = Layout(data_dir).oxidation()
-    write_element_ox_states(out_dir / "element_ox_states.json")
-    header = f"{'split':<45} {'rows':>7} {'guessed':>7} " + " ".join(f"{r:>15}" for r in REASONS)
-    print(header)
-    total: dict[str, int] = {}
-    for part in parts:
-        counts = write_split(part, results_for(part, cache, max_seconds), out_dir)
-        for k, v in counts.items():
-            total[k] = total.get(k, 0) + v
-        print(
-            f"{part.label:<45} {counts['rows']:>7} {counts['guessed']:>7} "
-            + " ".join(f"{counts.get(r, 0):>15}" for r in REASONS)
-        )
-    if len(parts) > 1:
-        print(
-            f"{'total':<45} {total['rows']:>7} {total['guessed']:>7} "
-            + " ".join(f"{total.get(r, 0):>15}" for r in REASONS)
-        )
-    print(
-        f"wrote {len(parts)} JSON + CSV pairs and element_ox_states.json to {out_dir}/ "
-        f"({time.perf_counter() - t0:.1f} s)"
-    )
+    write_outputs(parts, cache, max_seconds, data_dir)
     refresh_report(data_dir)
     return 0
 

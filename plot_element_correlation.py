@@ -54,8 +54,8 @@ from crabnet.correlation import (
 )
 from crabnet.errors import UsageError
 from crabnet.layout import Layout
-from crabnet.report import refresh_report
 from crabnet.utils import atomic_path, resolve_device
+from crabnet.web.report import refresh_report
 
 QUICK_PERMUTATIONS = 999
 PERMUTATIONS = 9999

@@ -44,10 +44,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from crabnet.cli import DEMO_DATASET, add_common, make_parser, run
-from crabnet.edm_maps import add_map_flags, check_global_args, global_maps, map_settings, print_table
+from crabnet.edm_maps import GLOBAL_SUMMARY, add_map_flags, check_global_args, global_maps, map_settings, print_table
 from crabnet.engine import add_engine_args, engine_from_args
-from crabnet.report import refresh_report
 from crabnet.utils import seed_everything
+from crabnet.web.report import refresh_report
 
 DEFAULT_DATASET = "OQMD_Bandgap"
 QUICK = {"dataset": DEMO_DATASET, "epochs": 8}
@@ -102,39 +102,15 @@ def main(
 ) -> int:
     datasets = dataset or [QUICK["dataset"] if quick else DEFAULT_DATASET]
     check_global_args(n_neighbors, min_dist, seed, batch_size)
+    epochs = QUICK["epochs"] if quick else None
     settings = map_settings(
-        data_dir,
-        features,
-        split,
-        recipe,
-        QUICK["epochs"] if quick else None,
-        device,
-        seed,
-        force,
-        batch_size,
-        umap_parallel,
-        html_js,
-        precision,
+        data_dir, features, split, recipe, epochs, device, seed, force, batch_size, umap_parallel, html_js, precision
     )
     seed_everything(seed)
     table = global_maps(settings, datasets, layers, n_neighbors, min_dist, engine_from_args(engine, small=quick))
     if table is None:  # --plan: the jobs were listed
         return 0
-    print_table(
-        table,
-        [
-            "dataset",
-            "layer",
-            "layer_is",
-            "n_compounds",
-            "knn_r2_repr",
-            "knn_r2_umap",
-            "knn_r2_shuffled",
-            "trustworthiness",
-        ],
-        "kNN (k=10) R² of the target from the pooled vectors (cosine) and from the 2-D UMAP; "
-        "shuffled = targets permuted:",
-    )
+    print_table(table, *GLOBAL_SUMMARY)
     refresh_report(data_dir)
     print("next: python get_dataset_stats.py" + (" --quick" if quick else ""))
     return 0

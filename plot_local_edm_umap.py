@@ -43,10 +43,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from crabnet.cli import DEMO_DATASET, add_common, make_parser, run
-from crabnet.edm_maps import PAPER_ATOMS, add_map_flags, check_local_args, local_maps, map_settings, print_table
+from crabnet.edm_maps import (
+    LOCAL_SUMMARY,
+    add_map_flags,
+    check_local_args,
+    local_maps,
+    map_settings,
+    print_table,
+)
 from crabnet.engine import add_engine_args, engine_from_args
-from crabnet.report import refresh_report
+from crabnet.reference import PAPER_ATOMS
 from crabnet.utils import seed_everything
+from crabnet.web.report import refresh_report
 
 DEFAULT_DATASET = "OQMD_Bandgap"
 QUICK = {"dataset": DEMO_DATASET, "atoms": ("O", "Al", "Si"), "epochs": 8}
@@ -99,19 +107,9 @@ def main(
     datasets = dataset or [QUICK["dataset"] if quick else DEFAULT_DATASET]
     atoms = list(dict.fromkeys(atom or (QUICK["atoms"] if quick else PAPER_ATOMS)))
     check_local_args(atoms, n_neighbors, min_dist, min_dist_layer0, seed, batch_size)
+    epochs = QUICK["epochs"] if quick else None
     settings = map_settings(
-        data_dir,
-        features,
-        split,
-        recipe,
-        QUICK["epochs"] if quick else None,
-        device,
-        seed,
-        force,
-        batch_size,
-        umap_parallel,
-        html_js,
-        precision,
+        data_dir, features, split, recipe, epochs, device, seed, force, batch_size, umap_parallel, html_js, precision
     )
     seed_everything(seed)
     table = local_maps(
@@ -119,27 +117,7 @@ def main(
     )
     if table is None:  # --plan: the jobs were listed
         return 0
-    print_table(
-        table,
-        [
-            "dataset",
-            "atom",
-            "layer",
-            "n_compounds",
-            "n_known_ox",
-            "n_ox_classes",
-            "majority_share",
-            "knn_acc_repr",
-            "knn_acc_umap",
-            "knn_acc_shuffled",
-            "knn_bacc_repr",
-            "knn_bacc_umap",
-            "knn_bacc_shuffled",
-            "trustworthiness",
-        ],
-        "kNN (k=10) accuracy (acc) and balanced accuracy (bacc) of the rounded oxidation state in the "
-        "value vectors (repr) and the 2-D UMAP; shuffled = labels permuted:",
-    )
+    print_table(table, *LOCAL_SUMMARY)
     refresh_report(data_dir)
     print(
         "next: python plot_global_edm_umap.py"

@@ -46,8 +46,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import throughput as tp  # noqa: E402  (benchmarks/throughput.py)
 import torch  # noqa: E402

@@ -28,12 +28,9 @@ import argparse
 import json
 import resource
 import signal
-import sys
 import time
 import warnings
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from crabnet.data import resolve_datasets, split_files
 from crabnet.engine import Engine, add_engine_args, engine_from_args

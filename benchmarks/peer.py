@@ -12,8 +12,10 @@ count, one after the other, each in its own process. The peer runs from a scratc
 this script creates the first time (``--venv``, default ``benchmarks/.peer_venv``, git-ignored):
 ``torch`` plus the peer's imports, then ``crabnet==2.0.8`` with ``--no-deps
 --ignore-requires-python`` (it declares Python < 3.11 but runs on 3.11). Both packages are named
-``crabnet``: each process's ``sys.path`` is arranged so that the name resolves to its own side,
-and each side checks which one it imported.
+``crabnet``: each side runs in its own interpreter (ours: this project's environment, where the package
+is installed with ``pip install -e .``; the peer: the scratch virtualenv) started with ``python -P`` from
+a scratch folder, so that neither the script's folder nor the working directory is on ``sys.path``, and
+each side checks which one it imported.
 
 Data: the splits are read once with this project's loader (``crabnet.data.load_dataset``, which
 drops single-element compounds as the original code did); the peer is fed exactly those rows as
@@ -74,7 +76,6 @@ def run_ours(cfg: dict) -> dict:
 
     Adapt here when the training API changes (named recipes, precision keyword).
     """
-    sys.path.insert(0, str(ROOT))
     import torch
 
     import crabnet
@@ -124,8 +125,6 @@ def run_ours(cfg: dict) -> dict:
 
 def run_peer(cfg: dict) -> dict:
     """Train and test the ``crabnet`` 2.0.8 package's CrabNet with the recipe in ``cfg``."""
-    here = str(Path(__file__).resolve().parent)
-    sys.path[:] = [p for p in sys.path if p not in ("", ".", here, str(ROOT))]
     import numpy as np
     import pandas as pd
     import torch
@@ -243,7 +242,7 @@ def run_child(python: Path, side: str, cfg: dict, workdir: Path, tag: str) -> di
     config.write_text(json.dumps(cfg))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(OMP_NUM_THREADS=str(cfg["threads"]), MKL_NUM_THREADS=str(cfg["threads"]), MPLBACKEND="Agg")
-    cmd = [str(python), str(Path(__file__).resolve()), "--child", side, "--child-config", str(config)]
+    cmd = [str(python), "-P", str(Path(__file__).resolve()), "--child", side, "--child-config", str(config)]
     print(f"running {tag} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, cwd=workdir, env=env)
     if proc.returncode:
@@ -253,7 +252,6 @@ def run_child(python: Path, side: str, cfg: dict, workdir: Path, tag: str) -> di
 
 def write_splits(data_dir: Path, dataset: str, out: Path) -> dict[str, int]:
     """Write the splits as this project's loader reads them (unary dropped) to formula,target CSVs."""
-    sys.path.insert(0, str(ROOT))
     import pandas as pd
 
     from crabnet.data import load_dataset

@@ -22,12 +22,9 @@ import argparse
 import json
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from crabnet.costs import count_rows
 from crabnet.embeddings import model_job

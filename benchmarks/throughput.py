@@ -14,11 +14,8 @@ same process; then the bf16/fp32 speed-up and what ``--precision auto`` picks on
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch

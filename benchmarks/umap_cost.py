@@ -37,9 +37,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 
 def load(data_dir: Path, dataset: str, split: str, max_compounds: int):
     """(model, scaler, data, what the model is)."""
@@ -81,9 +78,9 @@ def worker(
     import numpy as np
     import torch
 
-    from crabnet.edm_maps import PAPER_ATOMS
     from crabnet.elements import ATOMIC_NUMBER
     from crabnet.projection import UmapParams, global_metrics, global_min_dist, local_metrics, local_params, project
+    from crabnet.reference import PAPER_ATOMS
     from crabnet.represent import RepresentationStore, collect
 
     if threads:

@@ -18,20 +18,16 @@ Timings on a machine shared with other work vary: CPU ms per frame is the steadi
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from crabnet.capture import AttentionStore, AttentionWriter  # noqa: E402
-from crabnet.data import compositions_from_formulas  # noqa: E402
-from crabnet.utils import available_cpus  # noqa: E402
-from crabnet.video import PAPER_COMPOUNDS, FrameRenderer, VideoInput, VideoJob, render_job, run_jobs, video_paths  # noqa: E402
+from crabnet.capture import AttentionStore, AttentionWriter
+from crabnet.data import compositions_from_formulas
+from crabnet.utils import available_cpus
+from crabnet.video import PAPER_COMPOUNDS, FrameRenderer, VideoInput, VideoJob, render_job, run_jobs, video_paths
 
 DATASET = "aflow__ael_bulk_modulus_vrh"
 

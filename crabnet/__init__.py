@@ -10,8 +10,8 @@ The package behind the eight workflow scripts at the repository root:
 - ``crabnet.predict``      ``load_model(path).predict(formulas)`` and ``python -m crabnet.predict``
 - ``crabnet.capture``      streaming attention captures to Zarr and reading them back
 - ``crabnet.video``        attention and prediction-progress videos (step 2)
-- ``crabnet.explorer``     the offline attention explorer page (step 2)
-- ``crabnet.report``       ``data/index.html``, the report of every output
+- ``crabnet.web.explorer``  the offline attention explorer page (step 2)
+- ``crabnet.web.report``  ``data/index.html``, the report of every output (``crabnet/web/``: their HTML, CSS, JS)
 - ``crabnet.oxidation``    oxidation-state guesses (step 3)
 - ``crabnet.embeddings``   Q/K/V element embeddings (step 4)
 - ``crabnet.correlation``  element correlation matrices (step 5)

@@ -122,6 +122,7 @@ def run(main: Callable[..., int], args: argparse.Namespace) -> int:
     --data-dir that cannot be written; ``DataError`` is one) becomes one ``error: …`` line on stderr
     and exit code 2. SIGTERM (:func:`crabnet.signals.install_stop_handler`) makes a training save its
     state and stop, and any other work stop at once: one ``stopped: …`` line on stderr, exit code 143.
+    Failed jobs (:class:`~crabnet.errors.JobsFailed`) exit with 1, Ctrl-C with 130, each with one message.
     """
     installed = install_stop_handler()
     try:
@@ -135,8 +136,11 @@ def run(main: Callable[..., int], args: argparse.Namespace) -> int:
         print(f"stopped: {err}", file=sys.stderr, flush=True)
         return EXIT_CODE
     except JobsFailed as err:  # some of a step's jobs failed for good (crabnet.engine); the others finished
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(f"error: {err}\nthe other jobs' results are kept; run again to retry the failed ones", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # every step writes finished work at once (caches, checkpoints, state files)
+        print("\ninterrupted: finished work is kept; run the same command again to resume", file=sys.stderr)
+        return 130
     finally:
         if installed:
             uninstall_stop_handler()

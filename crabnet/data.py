@@ -670,6 +670,22 @@ def resolve_datasets(data_dir: Path | str, names: list[str] | None) -> list[tupl
     return out
 
 
+def select_split_files(
+    data_dir: Path | str, names: list[str], splits: tuple[str, ...] = SPLITS, *, matbench: bool = False
+) -> list[SplitFile]:
+    """The split files of ``--dataset`` values: ``all`` means every benchmark set (plus the matbench sets
+    named beside it); ``matbench`` adds every matbench set. Fetches the published sets if needed."""
+    pairs = resolve_datasets(data_dir, names)
+    if "all" in names:
+        named = [n for n in names if n != "all"]
+        pairs = [p for p in pairs if p[0] == BENCHMARK] + [
+            p for p in (resolve_datasets(data_dir, named) if named else []) if p[0] == MATBENCH
+        ]
+    if matbench:
+        pairs += [(MATBENCH, n) for n in available(data_dir, MATBENCH) if (MATBENCH, n) not in pairs]
+    return [f for kind, name in pairs for f in split_files(data_dir, kind, name, splits)]
+
+
 def split_files(data_dir: Path | str, kind: str, dataset: str, splits: tuple[str, ...] = SPLITS) -> list[SplitFile]:
     """The CSV files of a dataset: one per split, or per split and fold for matbench sets.
 

@@ -61,28 +61,6 @@ from crabnet.train import Recipe, Scaler, ensure_model
 from crabnet.umap_plots import Colouring, hover_text, make_colouring, pauling_en_mad, plot_html, plot_png
 from crabnet.utils import atomic_path, seed_everything
 
-# The atoms of the paper's local-EDM figures (SPEC §6 step 6).
-PAPER_ATOMS = (
-    "Al",
-    "Fe",
-    "O",
-    "C",
-    "B",
-    "N",
-    "Ti",
-    "Cu",
-    "Li",
-    "W",
-    "Na",
-    "Si",
-    "Ag",
-    "Te",
-    "As",
-    "Cr",
-    "Pt",
-    "Tl",
-    "Sb",
-)
 LOCAL_KEYS = ["features", "split", "atom", "layer"]
 GLOBAL_KEYS = ["features", "split", "layer"]
 EN_LABEL = "fraction-weighted mean absolute\ndeviation of Pauling electronegativity"
@@ -489,6 +467,28 @@ def local_atom_job(
             ),
             out_dir / f"{s.features}__{s.split}__{atom}__layer{layer}.csv",
         )
+    stem = fig_dir / f"{s.features}__{s.split}__{atom}"
+    _draw_local_atom(coords, comp.formula[idx], atom, frac, target, pred, ox, stem, dataset, s)
+    print(
+        f"  {dataset} {atom}: {len(idx)} compounds, {int(np.isfinite(ox).sum())} with an oxidation guess -> "
+        f"{stem}.png/.html"
+    )
+    return rows
+
+
+def _draw_local_atom(
+    coords: dict[int, np.ndarray],
+    formula: np.ndarray,
+    atom: str,
+    frac: np.ndarray,
+    target: np.ndarray,
+    pred: np.ndarray,
+    ox: np.ndarray,
+    stem: Path,
+    dataset: str,
+    s: MapSettings,
+) -> None:
+    """The figure of one atom: its layers x four colourings (fraction, target, prediction, oxidation state)."""
     lim = tuple(np.nanpercentile(np.r_[target, pred], [1, 99]))
     colourings = [
         make_colouring("fraction", f"fraction of {atom}", frac, cmap="viridis"),
@@ -503,23 +503,11 @@ def local_atom_job(
             cmap="RdYlBu_r",
         ),
     ]
-    stem = fig_dir / f"{s.features}__{s.split}__{atom}"
     hover = hover_text(
-        comp.formula[idx], {"fraction": frac, "target": target, "prediction": pred, f"oxidation state of {atom}": ox}
+        formula, {"fraction": frac, "target": target, "prediction": pred, f"oxidation state of {atom}": ox}
     )
-    draw(
-        coords,
-        colourings,
-        hover,
-        stem,
-        f"{atom} in {len(idx)} {dataset} {s.split} compounds: value vectors ({s.features}), UMAP",
-        s,
-    )
-    print(
-        f"  {dataset} {atom}: {len(idx)} compounds, {int(np.isfinite(ox).sum())} with an oxidation guess -> "
-        f"{stem}.png/.html"
-    )
-    return rows
+    title = f"{atom} in {len(formula)} {dataset} {s.split} compounds: value vectors ({s.features}), UMAP"
+    draw(coords, colourings, hover, stem, title, s)
 
 
 # --------------------------------------------------------------------------------------------
@@ -704,6 +692,41 @@ def global_draw_job(
     )
     print(f"  {dataset}: figures -> {stem}.png/.html")
     return str(stem)
+
+
+# the columns and heading of the summary table each step prints
+LOCAL_SUMMARY = (
+    [
+        "dataset",
+        "atom",
+        "layer",
+        "n_compounds",
+        "n_known_ox",
+        "n_ox_classes",
+        "majority_share",
+        "knn_acc_repr",
+        "knn_acc_umap",
+        "knn_acc_shuffled",
+        "knn_bacc_repr",
+        "knn_bacc_umap",
+        "knn_bacc_shuffled",
+        "trustworthiness",
+    ],
+    (
+        "kNN (k=10) accuracy (acc) and balanced accuracy (bacc) of the rounded oxidation state in the "
+        "value vectors (repr) and the 2-D UMAP; shuffled = labels permuted:"
+    ),
+)
+
+
+# the columns and heading of the summary table each step prints
+GLOBAL_SUMMARY = (
+    ["dataset", "layer", "layer_is", "n_compounds", "knn_r2_repr", "knn_r2_umap", "knn_r2_shuffled", "trustworthiness"],
+    (
+        "kNN (k=10) R² of the target from the pooled vectors (cosine) and from the 2-D UMAP; "
+        "shuffled = targets permuted:"
+    ),
+)
 
 
 def print_table(table: pd.DataFrame, columns: list[str], heading: str) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 BENCHMARK = "benchmark_data"
 MATBENCH = "matbench_cv"
+CACHE = "cache"  # the name of the cache folders (oxidation/cache/, umap/cache/): inputs to steps, not outputs
 SPLITS = ("train", "val", "test")
 
 # The 18 "extended benchmark" datasets (SPEC §3), in the order of the published MAE table.
@@ -148,10 +149,14 @@ class Layout:
         return self.dataset(dataset) / f"{split}.csv"
 
     # models (steps 1, 4, 6, 7)
+    def models_dir(self) -> Path:
+        """``models/``: the checkpoints."""
+        return self.root / "models"
+
     def checkpoint(self, dataset: str, features: str, recipe: str = "immi") -> Path:
         """``models/<dataset>__<features>.pt`` for the immi recipe, ``…__<recipe>.pt`` for others."""
         suffix = "" if recipe == "immi" else f"__{recipe}"
-        return self.root / "models" / f"{dataset}__{features}{suffix}.pt"
+        return self.models_dir() / f"{dataset}__{features}{suffix}.pt"
 
     def training_state(self, dataset: str, features: str, recipe: str = "immi") -> Path:
         """The state of an unfinished training: the checkpoint path with ``.state.pt``."""
@@ -162,20 +167,35 @@ class Layout:
         return self.root / "figures" / "training" / f"{Path(checkpoint).stem}.png"
 
     # step 1, 2
+    def attention_dir(self, dataset: str = "") -> Path:
+        """``attention/<dataset>/`` (``attention/`` without a dataset)."""
+        return self.root / "attention" / dataset
+
     def attention_store(self, dataset: str) -> Path:
-        return self.root / "attention" / dataset / "attention.zarr"
+        return self.attention_dir(dataset) / "attention.zarr"
+
+    def videos_dir(self) -> Path:
+        """``videos/``: a folder of videos per dataset."""
+        return self.root / "videos"
 
     def videos(self, dataset: str) -> Path:
-        return self.root / "videos" / dataset
+        return self.videos_dir() / dataset
+
+    def explorer_dir(self) -> Path:
+        """``explorer/``: a page per dataset."""
+        return self.root / "explorer"
 
     def explorer(self, dataset: str) -> Path:
-        return self.root / "explorer" / f"{dataset}.html"
+        return self.explorer_dir() / f"{dataset}.html"
 
     def faithfulness_csv(self, dataset: str) -> Path:
-        return self.root / "attention" / dataset / "faithfulness.csv"
+        return self.attention_dir(dataset) / "faithfulness.csv"
+
+    def faithfulness_figures(self) -> Path:
+        return self.root / "figures" / "faithfulness"
 
     def faithfulness_figure(self, dataset: str) -> Path:
-        return self.root / "figures" / "faithfulness" / f"{dataset}.png"
+        return self.faithfulness_figures() / f"{dataset}.png"
 
     # step 3
     def oxidation(self) -> Path:
@@ -189,28 +209,36 @@ class Layout:
         return self.oxidation() / "element_ox_states.json"
 
     def oxidation_cache(self, name: str) -> Path:
-        return self.oxidation() / "cache" / name
+        return self.oxidation() / CACHE / name
 
     # step 4, 5
+    def embeddings_dir(self, features: str = "") -> Path:
+        """``embeddings/<features>/`` (``embeddings/`` without features)."""
+        return self.root / "embeddings" / features
+
     def embedding(self, features: str, dataset: str, layer: int, kind: str) -> Path:
-        return self.root / "embeddings" / features / f"{dataset}__layer{layer}__{kind}.csv"
+        return self.embeddings_dir(features) / f"{dataset}__layer{layer}__{kind}.csv"
+
+    def predictions_dir(self) -> Path:
+        return self.root / "predictions"
 
     def predictions(self, dataset: str, features: str, split: str = "test") -> Path:
-        return self.root / "predictions" / f"{dataset}__{features}__{split}.csv"
+        return self.predictions_dir() / f"{dataset}__{features}__{split}.csv"
 
     def correlation_figures(self) -> Path:
         return self.root / "figures" / "correlation"
 
     # step 6, 7
-    def umap(self, scope: str, dataset: str) -> Path:
-        """``umap/<local|global>/<dataset>/``: coordinates and summary.csv."""
+    def umap(self, scope: str, dataset: str = "") -> Path:
+        """``umap/<local|global>/<dataset>/``: coordinates and summary.csv (``umap/<scope>/`` without a dataset)."""
         return self.root / "umap" / scope / dataset
 
-    def umap_figures(self, scope: str, dataset: str) -> Path:
+    def umap_figures(self, scope: str, dataset: str = "") -> Path:
+        """``figures/umap_<local|global>/<dataset>/`` (``figures/umap_<scope>/`` without a dataset)."""
         return self.root / "figures" / f"umap_{scope}" / dataset
 
     def umap_cache(self, dataset: str) -> Path:
-        return self.root / "umap" / "cache" / dataset
+        return self.root / "umap" / CACHE / dataset
 
     # step 8, report, benchmarks
     def stats(self) -> Path:
@@ -222,6 +250,10 @@ class Layout:
 
     def stats_figures(self) -> Path:
         return self.root / "figures" / "stats"
+
+    def prevalence_figures(self) -> Path:
+        """``figures/stats/prevalence/``: ``<dataset>__by_count.png`` and the like."""
+        return self.stats_figures() / "prevalence"
 
     def report(self) -> Path:
         return self.root / "index.html"

@@ -546,6 +546,17 @@ class GuessCache:
         self.close()
 
 
+def open_cache(data_dir: Path | str, *, force: bool = False, plan: bool = False) -> GuessCache:
+    """The shared cache of ``data_dir``; ``force`` deletes it first (a plan of ``force``: an empty cache)."""
+    path = cache_path(data_dir)
+    if force and path.exists() and not plan:
+        path.unlink()
+    cache = GuessCache(None if force and plan else path)
+    if cache.unreadable:
+        print(f"note: ignored {cache.unreadable} unreadable line(s) of {path} (an interrupted write)")
+    return cache
+
+
 def cache_path(data_dir: Path | str) -> Path:
     """The shared cache file, one per pymatgen version (its ICSD tables may change).
 
@@ -818,6 +829,31 @@ def element_ox_states() -> dict[str, dict[str, list[int]]]:
             "all": [int(x) for x in el.oxidation_states],
         }
     return out
+
+
+REASONS = ("no_solution", "timeout", "error", "max_sites", "invalid_formula")
+
+
+def write_outputs(parts: list[SplitFormulas], cache: GuessCache, max_seconds: float, data_dir: Path | str) -> None:
+    """Write every split's JSON + CSV and ``element_ox_states.json``, printing a table of outcomes per split."""
+    layout = Layout(data_dir)
+    out_dir = layout.oxidation()
+    write_element_ox_states(layout.element_ox_states())
+
+    def line(label: str, counts: dict) -> str:
+        reasons = " ".join(f"{counts.get(r, 0):>15}" for r in REASONS)
+        return f"{label:<45} {counts['rows']:>7} {counts['guessed']:>7} {reasons}"
+
+    print(f"{'split':<45} {'rows':>7} {'guessed':>7} " + " ".join(f"{r:>15}" for r in REASONS))
+    total: dict[str, int] = {}
+    for part in parts:
+        counts = write_split(part, results_for(part, cache, max_seconds), out_dir)
+        for k, v in counts.items():
+            total[k] = total.get(k, 0) + v
+        print(line(part.label, counts))
+    if len(parts) > 1:
+        print(line("total", total))
+    print(f"wrote {len(parts)} JSON + CSV pairs and element_ox_states.json to {out_dir}/")
 
 
 def write_element_ox_states(path: Path | str) -> None:

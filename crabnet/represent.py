@@ -41,6 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from crabnet.data import CompositionData
+from crabnet.layout import Layout
 from crabnet.model import CrabNet
 from crabnet.train import Scaler
 from crabnet.utils import atomic_path, file_sha256, remove_path
@@ -217,6 +218,77 @@ class RepresentationStore:
         return self.folder / "umap"
 
 
+def _requested(model: CrabNet, local: dict | None, global_layers: list[int] | None) -> tuple[dict, list[int]]:
+    """Normalise and check the requested layers: ``{layer: sorted atomic numbers}``, sorted layer inputs."""
+    n_layers = model.cfg.n_layers
+    local = {int(l): sorted({int(z) for z in zs}) for l, zs in (local or {}).items()}
+    global_layers = sorted({int(l) for l in (global_layers or [])})
+    for l in local:
+        if not 0 <= l < n_layers:
+            raise ValueError(f"local vectors exist for layers 0..{n_layers - 1}, not {l}")
+    for l in global_layers:
+        if not 0 <= l <= n_layers:
+            raise ValueError(
+                f"global vectors exist for layer inputs 0..{n_layers} ({n_layers} = encoder output), not {l}"
+            )
+    return local, global_layers
+
+
+def _open_writers(
+    folder: Path, elements: np.ndarray, d: int, want_local: set, want_global: list[int]
+) -> tuple[dict[str, _RowWriter], dict[int, np.ndarray]]:
+    """A partial ``.npy`` writer per missing array, and the rows of the compounds containing each atom."""
+    targets: dict[str, _RowWriter] = {}
+    rows_of: dict[int, np.ndarray] = {}
+    try:
+        for l, z in sorted(want_local):
+            rows_of[z] = np.flatnonzero((elements == z).any(1))
+            name = local_name(z, l)
+            targets[name] = _RowWriter(folder / f".{name}.partial.npy", (len(rows_of[z]), d))
+        for l in want_global:
+            name = global_name(l)
+            targets[name] = _RowWriter(folder / f".{name}.partial.npy", (len(elements), 5 * d))
+    except BaseException:
+        _discard(targets)
+        raise
+    return targets, rows_of
+
+
+def _discard(targets: dict[str, _RowWriter]) -> None:
+    for w in targets.values():
+        w.file.close()
+        remove_path(w.path)
+
+
+def _append_local(
+    targets: dict[str, _RowWriter], v: torch.Tensor, el_np: np.ndarray, start: int, l: int, zs: list[int], rows_of
+) -> None:
+    """Append the value vectors ``v`` (b, E, D) of atoms ``zs`` in the batch starting at row ``start``."""
+    stop = start + len(el_np)
+    for z in zs:
+        idx = rows_of[z]
+        lo, hi = np.searchsorted(idx, [start, stop])
+        if hi == lo:
+            continue
+        b_rows = idx[lo:hi] - start
+        pos = (el_np[b_rows] == z).argmax(1)
+        sel = v[torch.as_tensor(b_rows, device=v.device), torch.as_tensor(pos, device=v.device)]  # (k, D)
+        targets[local_name(z, l)].append(sel.float().cpu().numpy())
+
+
+def _write_compounds(folder: Path, data: CompositionData, scaler: Scaler, prediction: np.ndarray) -> None:
+    with atomic_path(folder / "compounds.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(
+            f,
+            formula=np.asarray([str(s) for s in data.formula], dtype=str),
+            row=np.asarray(data.rows, dtype=np.int64),
+            target=np.asarray(data.target, dtype=np.float64),
+            prediction=np.asarray(scaler.unscale(prediction), dtype=np.float64),
+            elements=np.asarray(data.elements).astype(np.int16),
+            fractions=np.asarray(data.fractions, np.float32),
+        )
+
+
 @torch.no_grad()
 def collect(
     model: CrabNet,
@@ -249,106 +321,51 @@ def collect(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     store = RepresentationStore(folder)
-    n_layers, d = model.cfg.n_layers, model.cfg.d_model
-    local = {int(l): sorted({int(z) for z in zs}) for l, zs in (local or {}).items()}
-    global_layers = sorted({int(l) for l in (global_layers or [])})
-    for l in local:
-        if not 0 <= l < n_layers:
-            raise ValueError(f"local vectors exist for layers 0..{n_layers - 1}, not {l}")
-    for l in global_layers:
-        if not 0 <= l <= n_layers:
-            raise ValueError(
-                f"global vectors exist for layer inputs 0..{n_layers} ({n_layers} = encoder output), not {l}"
-            )
-
-    n = len(data)
-    elements = np.asarray(data.elements)
-    # what is missing
+    local, global_layers = _requested(model, local, global_layers)
+    elements = np.asarray(data.elements)  # (n, E)
     want_local = {(l, z) for l, zs in local.items() for z in zs if not store.has(local_name(z, l))}
     want_global = [l for l in global_layers if not store.has(global_name(l))]
     need_compounds = not (folder / "compounds.npz").is_file()
     if not (want_local or want_global or need_compounds):
         return store
 
-    # output files (rows appended in compound order), rows of the compounds containing each atom
-    targets: dict[str, _RowWriter] = {}
-    rows_of: dict[int, np.ndarray] = {}
-    try:
-        for l, z in sorted(want_local):
-            rows_of[z] = np.flatnonzero((elements == z).any(1))
-            name = local_name(z, l)
-            targets[name] = _RowWriter(folder / f".{name}.partial.npy", (len(rows_of[z]), d))
-        for l in want_global:
-            name = global_name(l)
-            targets[name] = _RowWriter(folder / f".{name}.partial.npy", (n, 5 * d))
-    except BaseException:
-        for w in targets.values():
-            w.file.close()
-            remove_path(w.path)
-        raise
-
+    targets, rows_of = _open_writers(folder, elements, model.cfg.d_model, want_local, want_global)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
+    n = len(data)
     prediction = np.empty(n, dtype=np.float64)
     layers_needed = sorted({l for l, _ in want_local} | set(want_global))
+    bar = tqdm(
+        range(0, n, batch_size),
+        desc="representations",
+        unit="batch",
+        dynamic_ncols=True,
+        disable=None if progress is None else not progress,
+    )
     try:
-        for start in tqdm(
-            range(0, n, batch_size),
-            desc="representations",
-            unit="batch",
-            disable=None if progress is None else not progress,
-            dynamic_ncols=True,
-        ):
+        for start in bar:
             stop = min(n, start + batch_size)
-            el = torch.as_tensor(elements[start:stop], dtype=torch.long, device=device)
+            el = torch.as_tensor(elements[start:stop], dtype=torch.long, device=device)  # (b, E)
             fr = torch.as_tensor(np.asarray(data.fractions[start:stop]), dtype=torch.float32, device=device)
-            keep = el > 0
             out = model.forward_internals(el, fr, hidden=bool(layers_needed))
             prediction[start:stop] = out.output[:, 0].double().cpu().numpy()
             for l in layers_needed:
                 h = out.hidden[l]  # (b, E, D)
                 if l in want_global:
-                    targets[global_name(l)].append(pool_elements(h, keep).float().cpu().numpy())
+                    targets[global_name(l)].append(pool_elements(h, el > 0).float().cpu().numpy())
                 zs = [z for (ll, z) in want_local if ll == l]
                 if zs:
-                    v = value_vectors(model, h, l)  # (b, E, D)
-                    el_np = elements[start:stop]
-                    for z in zs:
-                        idx = rows_of[z]
-                        lo, hi = np.searchsorted(idx, [start, stop])
-                        if hi == lo:
-                            continue
-                        b_rows = idx[lo:hi] - start
-                        pos = (el_np[b_rows] == z).argmax(1)
-                        sel = v[torch.as_tensor(b_rows, device=device), torch.as_tensor(pos, device=device)]
-                        targets[local_name(z, l)].append(sel.float().cpu().numpy())
+                    _append_local(targets, value_vectors(model, h, l), elements[start:stop], start, l, zs, rows_of)
             del out
         for name in list(targets):
             w = targets.pop(name)
             w.close()
             os.replace(w.path, store.path(name))
     finally:
-        for w in targets.values():
-            w.file.close()
-            remove_path(w.path)
-
+        _discard(targets)
     if need_compounds:
-        with atomic_path(folder / "compounds.npz") as tmp, open(tmp, "wb") as f:
-            np.savez(
-                f,
-                formula=np.asarray([str(s) for s in data.formula], dtype=str),
-                row=np.asarray(data.rows, dtype=np.int64),
-                target=np.asarray(data.target, dtype=np.float64),
-                prediction=np.asarray(scaler.unscale(prediction), dtype=np.float64),
-                elements=elements.astype(np.int16),
-                fractions=np.asarray(data.fractions, np.float32),
-            )
+        _write_compounds(folder, data, scaler, prediction)
     return store
-
-
-def cache_folder(data_dir: Path | str, dataset: str, features: str, split: str, key: str) -> Path:
-    """``<data_dir>/umap/cache/<dataset>/<features>__<split>__<key>``."""
-    return Path(data_dir) / "umap" / "cache" / dataset / f"{features}__{split}__{key}"
 
 
 def open_store(
@@ -372,7 +389,7 @@ def open_store(
         force: empty the folder first (recompute everything, UMAP coordinates included).
     """
     key = representation_key(checkpoint, split_csv, dataset, split, drop_unary)
-    folder = cache_folder(data_dir, dataset, features, split, key)
+    folder = Layout(data_dir).umap_cache(dataset) / f"{features}__{split}__{key}"
     for old in folder.parent.glob(f"{features}__{split}__*"):
         if old != folder:
             remove_path(old)

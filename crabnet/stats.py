@@ -36,6 +36,7 @@ from crabnet.elements import N_ELEMENTS, SYMBOLS
 from crabnet.layout import BENCHMARK, MATBENCH, Layout, SplitFile
 from crabnet.plotting import save_png
 from crabnet.reference import REFERENCE_DIR
+from crabnet.utils import atomic_path
 
 PUBLISHED = {BENCHMARK: "published_stats_benchmark.csv", MATBENCH: "published_stats_matbench_cv.csv"}
 TABLE_NAME = {BENCHMARK: "benchmark", MATBENCH: "matbench_cv"}
@@ -182,7 +183,7 @@ def stats_job(
     """
     results = dataset_stats(data_dir, kind, dataset, skip_invalid=skip_invalid)
     if figures and results:
-        plot_dataset_prevalence(results[0], Layout(data_dir).stats_figures() / "prevalence")
+        plot_dataset_prevalence(results[0], Layout(data_dir).prevalence_figures())
     return results
 
 
@@ -415,6 +416,74 @@ def matbench_summary(table: pd.DataFrame) -> pd.DataFrame:
     return out.loc[sorted(out.index, key=str.lower)]
 
 
+# --------------------------------------------------------------------------------------------
+# outputs of a run
+
+
+def write_tables(results: list[DatasetStats], data_dir: Path) -> dict[str, pd.DataFrame]:
+    """Write (merging into existing files) the statistics and element-count tables; return the stats tables."""
+    tables = {}
+    for kind in (BENCHMARK, MATBENCH):
+        if not any(r.kind == kind for r in results):
+            continue
+        key = ["mat_prop", "cv"] if kind == MATBENCH else ["mat_prop"]
+        for name, new, k in (
+            (f"{TABLE_NAME[kind]}.csv", stats_table(results, kind), key),
+            (f"element_counts_{TABLE_NAME[kind]}.csv", counts_table(results, kind), key + ["split"]),
+        ):
+            path = Layout(data_dir).stats() / name
+            old = pd.read_csv(path) if path.is_file() else None
+            table = merge_table(old, new, k)
+            with atomic_path(path) as tmp:
+                table.to_csv(tmp, index=False, float_format="%.17g")
+            print(f"wrote {path} ({len(table)} rows)")
+            if name == f"{TABLE_NAME[kind]}.csv":
+                tables[kind] = table
+    return tables
+
+
+def write_figures(tables: dict[str, pd.DataFrame], data_dir: Path) -> None:
+    """The diversity bar charts (the prevalence plots of each dataset are drawn by its job)."""
+    out = Layout(data_dir).stats_figures()
+    groups = []
+    if BENCHMARK in tables:
+        bench = tables[BENCHMARK].set_index("mat_prop")
+        plot_diversity([("benchmark", bench)], "Diversity of the benchmark sets", out / "diversity_benchmark.png")
+        groups.append(("benchmark", bench))
+    if MATBENCH in tables:
+        mb = matbench_summary(tables[MATBENCH])
+        plot_diversity(
+            [("matbench (mean ± std over folds)", mb)],
+            "Diversity of the matbench sets (mean ± std over folds)",
+            out / "diversity_matbench_cv.png",
+        )
+        groups.append(("matbench (mean ± std over folds)", mb))
+    if len(groups) == 2:
+        plot_diversity(groups, "Diversity of all datasets", out / "diversity_all.png")
+    print(f"figures in {out}/")
+
+
+def check_published(tables: dict[str, pd.DataFrame], reference_dir: Path) -> int:
+    """Print the comparison with the published tables; return the number of mismatches."""
+    bad = 0
+    for kind, table in tables.items():
+        published = read_published(kind, reference_dir)
+        if published is None:
+            print(f"published {TABLE_NAME[kind]} table not found in {reference_dir}/: comparison skipped")
+            continue
+        n, problems = compare_with_published(table, published, kind)
+        bad += len(problems)
+        verdict = (
+            "all equal (to 1e-9; published val/test diversity swapped)"
+            if not problems
+            else f"{len(problems)} MISMATCH(ES)"
+        )
+        print(f"published {TABLE_NAME[kind]} table: {n} rows compared, {verdict}")
+        for line in problems[:20]:
+            print(f"  {line}")
+    return bad
+
+
 __all__ = [
     "BENCHMARK",
     "MATBENCH",
@@ -429,6 +498,9 @@ __all__ = [
     "table_row",
     "dataset_stats",
     "stats_job",
+    "write_tables",
+    "write_figures",
+    "check_published",
     "stats_table",
     "counts_table",
     "merge_table",

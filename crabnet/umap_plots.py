@@ -273,6 +273,15 @@ def hover_text(formula, columns: dict[str, np.ndarray]) -> list[str]:
     return [f"<b>{f}</b><br>" + "<br>".join(f"{k}: {fmt(v[i])}" for k, v in cols) for i, f in enumerate(formula)]
 
 
+def _colouring_buttons(colourings: list[Colouring], specs: list[dict]) -> list[dict]:
+    """The plotly menu entries that restyle every panel's markers to one colouring."""
+    keys = ("color", "colorscale", "cmin", "cmax", "colorbar")
+    return [
+        {"label": c.title, "method": "restyle", "args": [{f"marker.{k}": [spec[k]] for k in keys}]}
+        for c, spec in zip(colourings, specs)
+    ]
+
+
 def plot_html(
     coords: dict[int, np.ndarray],
     colourings: list[Colouring],
@@ -328,22 +337,7 @@ def plot_html(
             row=i // cols + 1,
             col=i % cols + 1,
         )
-    buttons = [
-        {
-            "label": c.title,
-            "method": "restyle",
-            "args": [
-                {
-                    "marker.color": [s["color"]],
-                    "marker.colorscale": [s["colorscale"]],
-                    "marker.cmin": [s["cmin"]],
-                    "marker.cmax": [s["cmax"]],
-                    "marker.colorbar": [s["colorbar"]],
-                }
-            ],
-        }
-        for c, s in zip(colourings, specs)
-    ]
+    buttons = _colouring_buttons(colourings, specs)
     fig.update_layout(
         title=title,
         template="plotly_white",

@@ -26,6 +26,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -678,7 +679,7 @@ def sample_compounds(store: Any, n: int = DEFAULT_SAMPLE) -> list[int]:
     a number, the error of the last capture (:func:`final_errors`) picks the median
     compound for one pick, else the best, the worst and evenly spaced ranks between. A formula is
     picked once (its first row). The explorer spreads its larger sample evenly over the numbers of
-    elements instead (:func:`crabnet.explorer.choose_compounds`), which for a handful would favour
+    elements instead (:func:`crabnet.web.explorer.choose_compounds`), which for a handful would favour
     rare ones (unaries, 7-element compounds).
 
     Returns:
@@ -711,6 +712,17 @@ def sample_compounds(store: Any, n: int = DEFAULT_SAMPLE) -> list[int]:
         elif quota[k] > 1:
             picked += [ranked[p] for p in np.unique(np.rint(np.linspace(0, len(ranked) - 1, quota[k])).astype(int))]
     return picked
+
+
+def print_selection(store: Any, rows: list[int], missing: list[str], dataset: str, *, explicit: bool) -> None:
+    """Say which asked-for compounds the store lacks, and which were chosen when no paper compound is there."""
+    if missing:
+        print(f"not in the captured {store.attrs.get('split', '')} split of {dataset} (skipped): {', '.join(missing)}")
+    if not explicit and len(missing) == len(PAPER_COMPOUNDS.get(dataset, [])):  # no paper compound here
+        print(
+            f"no paper videos for {dataset} in this store: {len(rows)} compounds across numbers of elements and "
+            f"errors (--formula/--index choose others): {', '.join(store.formulas[i] for i in rows)}"
+        )
 
 
 def select_compounds(
@@ -931,6 +943,34 @@ def _pool_context():
         ctx.set_forkserver_preload(["crabnet.capture", "crabnet.video"])
         return ctx
     return multiprocessing.get_context("spawn")
+
+
+def render_videos(jobs: list[VideoJob], store_time: float, *, force: bool = False, workers: int = 0) -> None:
+    """Render the jobs whose videos are older than the store (all with ``force``), printing each as it ends.
+
+    Raises:
+        VideoError: naming the compound whose rendering failed.
+    """
+    todo = []
+    for job in jobs:
+        if not force and job.up_to_date(store_time):
+            print(f"{job.outputs['merged']} and its _attention/_progress videos are up to date (--force re-renders)")
+        else:
+            todo.append(job)
+    if not todo:
+        return
+    first = todo[0].data
+    print(
+        f"rendering {len(todo)} compound(s) x {first.n_captures} captures, {len(first.layers)} layer(s) x "
+        f"{first.attention.shape[2]} heads, {todo[0].fps:g} fps"
+    )
+    t0 = time.perf_counter()
+    run_jobs(
+        todo,
+        workers=workers,
+        on_done=lambda job, paths: print(f"{job.data.formula}: {', '.join(p.name for p in paths.values())}"),
+    )
+    print(f"{3 * len(todo)} videos in {time.perf_counter() - t0:.1f} s -> {todo[0].outputs['merged'].parent}")
 
 
 def run_jobs(

@@ -10,7 +10,6 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"d_model": 32, "n_heads": 2, "d_ff": 64, "head_dims": (32, 16)}
 
 
@@ -45,7 +44,6 @@ def train(data_dir: Path, checkpoint: Path, epochs: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     from crabnet.cli import run
 
     data_dir, checkpoint, epochs = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])

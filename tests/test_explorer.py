@@ -17,7 +17,14 @@ import generate_attention_videos as gav
 from crabnet.capture import AttentionStore
 from crabnet.cli import run
 from crabnet.data import normalise_formula
-from crabnet.explorer import QUANT_MAX, choose_compounds, decode_weights, encode_weights, explorer_path, write_explorer
+from crabnet.web.explorer import (
+    QUANT_MAX,
+    choose_compounds,
+    decode_weights,
+    encode_weights,
+    explorer_path,
+    write_explorer,
+)
 
 TOL = 1e-3  # shown weights (4 decimals of a 16-bit code) vs the store
 

@@ -15,8 +15,8 @@ from test_videos import write_store
 
 import generate_attention_videos as gav
 from crabnet.oxidation import SplitFormulas, write_split
-from crabnet.report import refresh_report, write_learning_curve, write_report
 from crabnet.train import Recipe, Scaler, build_model, recipe_dict, save_checkpoint
+from crabnet.web.report import refresh_report, write_learning_curve, write_report
 
 SMALL = {"d_model": 32, "n_heads": 2, "d_ff": 64, "head_dims": (32, 16)}
 

@@ -18,7 +18,7 @@ figures, the dataset statistics and anything else found.
 
 Run by hand::
 
-    python -m crabnet.report --data-dir data
+    python -m crabnet.web.report --data-dir data
 """
 
 from __future__ import annotations
@@ -34,18 +34,21 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import crabnet
+from crabnet import web
 from crabnet.elements import SYMBOLS
+from crabnet.layout import BENCHMARK, BENCHMARK_DATASETS, CACHE, MATBENCH, SPLITS, Layout
+from crabnet.reference import PAPER_ATOMS
 from crabnet.utils import atomic_path
 
-REPORT_NAME = "index.html"
 TABLE_ROWS = 60  # rows of a CSV shown in the page (the rest behind the link)
 FOLD_ROWS = 12  # longer tables start folded
-SKIP_DIRS = {"benchmark_data", "matbench_cv", "cache"}  # inputs and caches are not outputs to show
+SKIP_DIRS = {BENCHMARK, MATBENCH, CACHE}  # inputs and caches are not outputs to show
 MEDIA = (".png", ".html", ".mp4", ".csv", ".json", ".svg", ".jpg")
 
 
@@ -205,7 +208,7 @@ def _subdirs(folder: Path) -> list[Path]:
 
 def _history_figure(root: Path, ckpt: Path, meta: dict) -> Path | None:
     """``figures/training/<checkpoint stem>.png``, written from ``meta['history']`` when missing or older."""
-    fig = root / "figures" / "training" / f"{ckpt.stem}.png"
+    fig = Layout(root).training_figure(ckpt)
     history = meta.get("history")
     stale = not fig.is_file() or fig.stat().st_mtime < ckpt.stat().st_mtime
     if stale and isinstance(history, dict) and history:
@@ -232,8 +235,8 @@ def _recipe_text(recipe: Any) -> str:
 def scan(root: Path | str) -> Found:
     """Find every output under ``root`` and sort it by dataset and kind."""
     root = Path(root)
-    found = Found(root=root)
-    for ckpt in _files(root / "models", (".pt",)):
+    found, layout = Found(root=root), Layout(root)
+    for ckpt in _files(layout.models_dir(), (".pt",)):
         if ckpt.name.endswith(".state.pt"):
             continue
         try:
@@ -250,41 +253,42 @@ def scan(root: Path | str) -> Found:
             published=published_test_mae(dataset, features) if features else None,
         )
         found.add(dataset, "models", model)
-    for folder in _subdirs(root / "attention"):
-        store = folder / "attention.zarr" / "zarr.json"
+    for folder in _subdirs(layout.attention_dir()):
+        store = layout.attention_store(folder.name) / "zarr.json"
         if store.is_file():
             found.add(folder.name, "store", store)
         for p in _files(folder, (".csv", ".png")):
-            found.add(folder.name, "faithfulness_csv" if p.name == "faithfulness.csv" else "attention_files", p)
-    for p in _files(root / "explorer", (".html",)):
+            kind = "faithfulness_csv" if p == layout.faithfulness_csv(folder.name) else "attention_files"
+            found.add(folder.name, kind, p)
+    for p in _files(layout.explorer_dir(), (".html",)):
         found.add(p.stem, "explorer", p)
-    for folder in _subdirs(root / "videos"):
+    for folder in _subdirs(layout.videos_dir()):
         for p in _files(folder, (".mp4",)):
             found.add(folder.name, "videos", p)
     # dataset names hold "__" themselves (aflow__Egap): the parts after the name are cut from the right
-    for p in _files(root / "predictions", (".csv",)):
+    for p in _files(layout.predictions_dir(), (".csv",)):
         found.add(_name(p, 2), "predictions", p)  # <dataset>__<features>__test
-    for p in _files(root / "oxidation", (".csv",)):
+    for p in _files(layout.oxidation(), (".csv",)):
         found.add(_name(p, 1), "oxidation", p)  # <dataset>__<split>
-    for p in _files(root / "oxidation", (".json",)):
+    for p in _files(layout.oxidation(), (".json",)):
         if "__" in p.stem:
             found.used.add(p)  # the JSON twin of a CSV shown above
-    for features_dir in _subdirs(root / "embeddings"):
+    for features_dir in _subdirs(layout.embeddings_dir()):
         for p in _files(features_dir, (".csv",)):
             found.add(_name(p, 2), "embeddings", p)  # <dataset>__layer<L>__<Q|K|V>
     for scope in ("local", "global"):
-        for folder in _subdirs(root / "figures" / f"umap_{scope}"):
+        for folder in _subdirs(layout.umap_figures(scope)):
             for p in _files(folder, (".png",)):
                 found.add(folder.name, f"umap_{scope}", p)
                 found.used.add(p.with_suffix(".html"))
             for p in _files(folder, (".js",)):
                 found.used.add(p)
-        for folder in _subdirs(root / "umap" / scope):
+        for folder in _subdirs(layout.umap(scope)):
             for p in _files(folder, (".csv",)):
                 found.add(folder.name, f"umap_{scope}_csv", p)
-    for p in _files(root / "figures" / "faithfulness", (".png",)):
+    for p in _files(layout.faithfulness_figures(), (".png",)):
         found.add(p.stem, "faithfulness", p)
-    for p in _files(root / "figures" / "stats" / "prevalence", (".png",)):
+    for p in _files(layout.prevalence_figures(), (".png",)):
         found.add(_name(p, 1), "prevalence", p)  # <dataset>__by_count
     return found
 
@@ -304,7 +308,12 @@ def _store_attrs(zarr_json: Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# HTML pieces
+# HTML pieces: the parts of report_parts.html filled in (their text escaped here)
+
+
+def _part(part: str, /, **values: Any) -> str:
+    """The part ``part`` of ``report_parts.html`` with ``values`` (markup or escaped text) filled in."""
+    return web.parts("report_parts.html")[part].substitute({k: str(v) for k, v in values.items()})
 
 
 def _esc(value: Any) -> str:
@@ -315,6 +324,16 @@ def _href(root: Path, path: Path, fragment: str = "") -> str:
     """Relative, URL-quoted link from the report to ``path``."""
     rel = path.relative_to(root).as_posix()
     return _esc(quote(rel, safe="/()-_.,~") + (f"#{fragment}" if fragment else ""))
+
+
+def _link(root: Path, path: Path, text: str, fragment: str = "") -> str:
+    """A link to ``path`` with the (escaped) ``text``."""
+    return _part("link", href=_href(root, path, fragment), text=_esc(text))
+
+
+def _file_link(root: Path, path: Path, text: str) -> str:
+    """A link to ``path`` with its size beside it."""
+    return _part("file_link", href=_href(root, path), text=_esc(text), size=_size(path))
 
 
 def _size(path: Path) -> str:
@@ -346,6 +365,21 @@ def _num(value: Any, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
+def _row(cells: Iterable[Any], tag: str = "td") -> str:
+    """A table row of cells given as markup (escape text first)."""
+    return _part("tr", cells="".join(_part(tag, text=c) for c in cells))
+
+
+def _table(head: Sequence[str], body: Sequence[str], caption: str, n_rows: int, fold_caption: str) -> str:
+    """A data table of escaped ``head`` names and ``body`` rows (markup); a table of more than ``FOLD_ROWS``
+    rows (``n_rows``, those shown or not) starts folded, ``fold_caption`` visible."""
+    head_html = "".join(_part("th", text=_esc(h)) for h in head)
+    table = _part("table", caption=caption, head=head_html, body="".join(body))
+    if n_rows > FOLD_ROWS:
+        return _part("folded", caption=_esc(fold_caption), n=n_rows, table=table)
+    return table
+
+
 def csv_table(
     root: Path,
     path: Path,
@@ -361,9 +395,9 @@ def csv_table(
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as err:
-        return f"<p class='muted'>cannot read {_esc(path.name)}: {_esc(err)}</p>"
+        return _part("muted", text=f"cannot read {_esc(path.name)}: {_esc(err)}")
     if not rows:
-        return f"<p class='muted'>{_esc(path.name)} is empty</p>"
+        return _part("muted", text=f"{_esc(path.name)} is empty")
     if keep is not None:
         cols = [i for i, name in enumerate(rows[0]) if keep(name)]
         rows = [[row[i] for i in cols if i < len(row)] for row in rows]
@@ -374,21 +408,18 @@ def csv_table(
         if len(body) > max_rows
         else f" · {len(body)} row{'' if len(body) == 1 else 's'}"
     )
-    out = [
-        f"<div class='table-wrap'><table class='data'><caption><a href='{_href(root, path)}'>{_esc(cap)}</a>"
-        f"<span class='muted'>{more}</span></caption><thead><tr>"
-    ]
-    out += [f"<th>{_esc(h)}</th>" for h in head]
-    out.append("</tr></thead><tbody>")
-    for row in body[:max_rows]:
-        out.append("<tr>" + "".join(f"<td>{_esc(_num(v))}</td>" for v in row) + "</tr>")
-    out.append("</tbody></table></div>")
-    if len(body) > FOLD_ROWS:  # long tables start folded; the caption stays visible
-        return (
-            f"<details class='table'><summary><b>{_esc(cap)}</b> <span class='muted'>· {len(body)} rows "
-            f"(show)</span></summary>{''.join(out)}</details>"
-        )
-    return "".join(out)
+    caption_html = _part("caption_link", href=_href(root, path), text=_esc(cap), more=more)
+    shown = [_row(_esc(_num(v)) for v in row) for row in body[:max_rows]]
+    return _table(head, shown, caption_html, len(body), cap)
+
+
+def data_table(head: Sequence[str], rows: Iterable[Sequence[Any]], caption: str = "") -> str:
+    """Rows of plain values as an HTML table in the style of :func:`csv_table` (numbers via ``_num``, all escaped).
+
+    Longer tables than ``FOLD_ROWS`` start folded, their caption visible.
+    """
+    body = [_row(_esc(_num(v)) for v in r) for r in rows]
+    return _table(head, body, _part("caption", text=_esc(caption)) if caption else "", len(body), caption)
 
 
 def thumbs(root: Path, images: Iterable[Path], twins: bool = True) -> str:
@@ -400,14 +431,19 @@ def thumbs(root: Path, images: Iterable[Path], twins: bool = True) -> str:
             # correlation figures: <name>__z92.png belongs to <name>.html
             twin = png.with_name(re.sub(r"__z\d+$", "", png.stem) + ".html")
         target = twin if twins and twin.is_file() else png
-        extra = f" · <a href='{_href(root, png)}'>PNG</a>" if target != png else ""
-        label = "interactive" if target != png else "full size"
+        extra = " · " + _link(root, png, "PNG") if target != png else ""
         cards.append(
-            f"<figure class='thumb'><a href='{_href(root, target)}'><img src='{_href(root, png)}' "
-            f"alt='{_esc(png.stem)}'></a><figcaption>{_breakable(png.stem)}<br><a href='{_href(root, target)}'>"
-            f"{label}</a>{extra}</figcaption></figure>"
+            _part(
+                "thumb",
+                target=_href(root, target),
+                src=_href(root, png),
+                alt=_esc(png.stem),
+                name=_breakable(png.stem),
+                label="interactive" if target != png else "full size",
+                extra=extra,
+            )
         )
-    return f"<div class='thumbs'>{''.join(cards)}</div>" if cards else ""
+    return _part("thumbs", cards="".join(cards)) if cards else ""
 
 
 def _breakable(name: str) -> str:
@@ -416,22 +452,21 @@ def _breakable(name: str) -> str:
 
 
 def file_links(root: Path, paths: Iterable[Path], label=lambda p: p.name) -> str:
-    items = [f"<a href='{_href(root, p)}'>{_esc(label(p))}</a> <span class='muted'>{_size(p)}</span>" for p in paths]
-    return "<ul class='files'>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>" if items else ""
+    items = "".join(_part("li", text=_file_link(root, p, label(p))) for p in paths)
+    return _part("files", items=items) if items else ""
 
 
-def _model_section(root: Path, model: Model) -> str:
+def _model_facts(root: Path, model: Model) -> list[tuple[str, str]]:
+    """(name, escaped value) rows of a checkpoint's summary."""
     m = model.meta
     recipe = m.get("recipe")
     history = m.get("history") if isinstance(m.get("history"), dict) else {}
     val = [v for v in (history.get("val_mae") or []) if isinstance(v, (int, float)) and math.isfinite(v)]
     swa = sum(v for v in (history.get("swa_updates") or []) if isinstance(v, (int, float)) and math.isfinite(v))
     test = m.get("test_mae")
+    model_name = MODEL_NAMES.get(str(m.get("features")), "CrabNet variant")
     rows = [
-        (
-            "features",
-            f"{m.get('features', '?')} ({'CrabNet' if m.get('features') == 'mat2vec' else 'HotCrab' if m.get('features') == 'onehot' else 'CrabNet variant'})",
-        ),
+        ("features", f"{m.get('features', '?')} ({model_name})"),
         (
             "recipe",
             (_recipe_text(recipe) + (" (full recipe)" if m.get("full_recipe") else " (short run)")) if recipe else "–",
@@ -451,46 +486,34 @@ def _model_section(root: Path, model: Model) -> str:
         rows.append(("training time", f"{_num(m['train_seconds'], 3)} s"))
     if m.get("written_by"):
         rows.append(("written by", m["written_by"]))
-    rows.append(
-        (
-            "checkpoint",
-            f"<a href='{_href(root, model.path)}'>{_esc(model.path.name)}</a> "
-            f"<span class='muted'>{_size(model.path)}</span>",
-        )
-    )
-    facts = "".join(f"<tr><th>{_esc(a)}</th><td>{b if a == 'checkpoint' else _esc(b)}</td></tr>" for a, b in rows)
-    figure = (
-        f"<a href='{_href(root, model.figure)}'><img class='curve' src='{_href(root, model.figure)}' "
-        f"alt='learning curve of {_esc(model.path.stem)}'></a>"
-        if model.figure
-        else "<p class='muted'>no learning curve (the checkpoint holds no training history)</p>"
-    )
-    return (
-        f"<div class='model'><h4>{_esc(model.path.stem)}</h4><div class='model-body'>"
-        f"<table class='facts'>{facts}</table>{figure}</div></div>"
-    )
+    rows = [(a, _esc(b)) for a, b in rows]
+    return [*rows, ("checkpoint", _file_link(root, model.path, model.path.name))]
+
+
+def _model_section(root: Path, model: Model) -> str:
+    facts = "".join(_part("fact", name=_esc(a), value=b) for a, b in _model_facts(root, model))
+    if model.figure:
+        figure = _part("curve", href=_href(root, model.figure), name=_esc(model.path.stem))
+    else:
+        figure = _part("muted", text="no learning curve (the checkpoint holds no training history)")
+    return _part("model", name=_esc(model.path.stem), facts=facts, figure=figure)
 
 
 def _videos_section(root: Path, dataset: str, videos: list[Path], explorer: Path | None) -> str:
     merged = [v for v in videos if not re.search(r"_(attention|progress)$", v.stem)]
     cards = []
     for v in merged:
-        parts = [f"<a href='{_href(root, v)}'>video</a>"]
+        links = [_link(root, v, "video")]
         for kind in ("attention", "progress"):
             p = v.with_name(f"{v.stem}_{kind}.mp4")
             if p.is_file():
-                parts.append(f"<a href='{_href(root, p)}'>{kind} only</a>")
+                links.append(_link(root, p, f"{kind} only"))
         formula = re.sub(r"_(layer[\d-]+|layers|row\d+)+$", "", v.stem)
         if explorer is not None:
-            parts.append(
-                f"<a href='{_href(root, explorer, 'compound=' + quote(formula) + '&layer=0&head=all&capture=last')}'>"
-                "explore</a>"
-            )
-        cards.append(
-            f"<figure class='video'><video controls preload='metadata' src='{_href(root, v, 't=0.01')}'></video>"
-            f"<figcaption><b>{_esc(v.stem)}</b> · {' · '.join(parts)}</figcaption></figure>"
-        )
-    return f"<div class='videos'>{''.join(cards)}</div>" if cards else ""
+            view = "compound=" + quote(formula) + "&layer=0&head=all&capture=last"
+            links.append(_link(root, explorer, "explore", view))
+        cards.append(_part("video", src=_href(root, v, "t=0.01"), name=_esc(v.stem), links=" · ".join(links)))
+    return _part("videos", cards="".join(cards)) if cards else ""
 
 
 def _oxidation_summary(root: Path, paths: list[Path]) -> str:
@@ -516,17 +539,9 @@ def _oxidation_summary(root: Path, paths: list[Path]) -> str:
         share = f"{100 * guessed / len(records):.1f} %" if records else "–"
         why = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
         twin = p.with_suffix(".json")
-        json_link = f" · <a href='{_href(root, twin)}'>JSON</a>" if twin.is_file() else ""
-        rows.append(
-            f"<tr><td><a href='{_href(root, p)}'>{_esc(p.stem)}</a>{json_link}</td><td>{len(records)}</td>"
-            f"<td>{guessed}</td><td>{share}</td><td>{_esc(why) or '–'}</td></tr>"
-        )
-    if not rows:
-        return ""
-    return (
-        "<table class='data'><thead><tr><th>file</th><th>formulas</th><th>charge-balanced guess</th>"
-        f"<th>share</th><th>no guess</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
-    )
+        json_link = " · " + _link(root, twin, "JSON") if twin.is_file() else ""
+        rows.append(_row([_link(root, p, p.stem) + json_link, len(records), guessed, share, _esc(why) or "–"]))
+    return _part("oxidation", rows="".join(rows)) if rows else ""
 
 
 def _embedding_links(root: Path, paths: list[Path]) -> str:
@@ -542,107 +557,84 @@ def _embedding_links(root: Path, paths: list[Path]) -> str:
             layers.setdefault(layer, []).append(p)
         groups = [
             f"{_esc(layer.replace('layer', 'layer '))}: "
-            + " ".join(f"<a href='{_href(root, p)}'>{_esc(p.stem.rsplit('__', 1)[-1])}</a>" for p in files)
+            + " ".join(_link(root, p, p.stem.rsplit("__", 1)[-1]) for p in files)
             for layer, files in layers.items()
         ]
-        lines.append(f"<li><b>{_esc(features)}</b> — {' · '.join(groups)}</li>")
-    return f"<ul class='plain'>{''.join(lines)}</ul>"
+        lines.append(_part("embedding_features", features=_esc(features), layers=" · ".join(groups)))
+    return _part("embeddings", items="".join(lines))
+
+
+def _attention_section(root: Path, dataset: str, kinds: dict[str, list]) -> list[str]:
+    """The attention store, the explorer link, the videos and other files of step 1 and 2."""
+    explorer = kinds.get("explorer", [None])[0]
+    if not (kinds.get("store") or explorer or kinds.get("videos")):
+        return []
+    out = [_part("h3", text="Attention through training")]
+    for store in kinds.get("store", []):
+        a = _store_attrs(store)
+        mae = f", test MAE {_esc(_num(a['test_mae']))}" if a.get("test_mae") is not None else ""
+        values = {k: a.get(k, "?") for k in ("n_compounds", "n_captures", "n_layers", "n_heads", "epochs_run")}
+        values = {k: _esc(v) for k, v in values.items()}
+        out.append(
+            _part(
+                "store",
+                path=_esc(store.parent.relative_to(root).as_posix()),
+                n=values["n_compounds"],
+                split=_esc(a.get("split", "")),
+                captures=values["n_captures"],
+                capture=_esc(a.get("capture", "epoch")),
+                layers=values["n_layers"],
+                heads=values["n_heads"],
+                features=_esc(a.get("features", "")),
+                epochs=values["epochs_run"],
+                mae=mae,
+            )
+        )
+    if explorer:
+        out.append(_part("explorer_link", href=_href(root, explorer), size=_size(explorer)))
+    out.append(_videos_section(root, dataset, kinds.get("videos", []), explorer))
+    extra = kinds.get("attention_files", [])
+    if extra:
+        out.append(thumbs(root, [p for p in extra if p.suffix == ".png"], twins=False))
+        out += [csv_table(root, p) for p in extra if p.suffix == ".csv"]
+    return out
 
 
 def _dataset_section(root: Path, dataset: str, kinds: dict[str, list]) -> str:
-    out = [f"<section class='card' id='{_esc(_anchor(dataset))}'><h2>{_esc(dataset)}</h2>"]
+    out = []
     if kinds.get("models"):
-        out.append("<h3>Training</h3>")
+        out.append(_part("h3", text="Training"))
         out += [_model_section(root, m) for m in kinds["models"]]
-    explorer = kinds.get("explorer", [None])[0]
-    if kinds.get("store") or explorer or kinds.get("videos"):
-        out.append("<h3>Attention through training</h3>")
-        for store in kinds.get("store", []):
-            a = _store_attrs(store)
-            out.append(
-                f"<p>Store <code>{_esc(store.parent.relative_to(root).as_posix())}</code>: "
-                f"{_esc(a.get('n_compounds', '?'))} {_esc(a.get('split', ''))} compounds × "
-                f"{_esc(a.get('n_captures', '?'))} captures (by {_esc(a.get('capture', 'epoch'))}, capture 0 = untrained) × "
-                f"{_esc(a.get('n_layers', '?'))} layers × {_esc(a.get('n_heads', '?'))} heads; "
-                f"{_esc(a.get('features', ''))}, {_esc(a.get('epochs_run', '?'))} epochs"
-                + (f", test MAE {_esc(_num(a['test_mae']))}" if a.get("test_mae") is not None else "")
-                + ".</p>"
-            )
-        if explorer:
-            out.append(
-                f"<p class='explorer-link'><a class='button' href='{_href(root, explorer)}'>Open the attention "
-                f"explorer</a> <span class='muted'>{_size(explorer)} · every head of every layer at every capture "
-                "for the embedded compounds; search, slider and play</span></p>"
-            )
-        out.append(_videos_section(root, dataset, kinds.get("videos", []), explorer))
-        extra = kinds.get("attention_files", [])
-        if extra:
-            out.append(thumbs(root, [p for p in extra if p.suffix == ".png"], twins=False))
-            out += [csv_table(root, p) for p in extra if p.suffix == ".csv"]
+    out += _attention_section(root, dataset, kinds)
     if kinds.get("faithfulness") or kinds.get("faithfulness_csv"):
-        out.append(
-            "<h3>Faithfulness of attention</h3><p class='muted'>Does attention rank the elements as the "
-            "leave-one-element-out attribution does? Kendall τ between |attribution| and the attention an "
-            "element receives (raw, and rollout across layers) over compounds with ≥ 3 elements, and top-1 "
-            "agreement over compounds with ≥ 2, at every capture; beside a shuffled control and the "
-            "element's fraction alone (columns <code>_se</code>: standard errors, in the CSV).</p>"
-        )
+        out.append(_part("faithfulness"))
         out.append(thumbs(root, kinds.get("faithfulness", []), twins=False))
         out += [
             csv_table(root, p, keep=lambda name: not name.endswith("_se")) for p in kinds.get("faithfulness_csv", [])
         ]
     if kinds.get("predictions") or kinds.get("embeddings"):
-        out.append("<h3>Predictions and element embeddings</h3>")
+        out.append(_part("h3", text="Predictions and element embeddings"))
         out.append(file_links(root, kinds.get("predictions", [])))
         if kinds.get("embeddings"):
-            out.append(
-                "<p>Q/K/V element embeddings (118 elements × d_model), by layer:</p>"
-                + _embedding_links(root, kinds["embeddings"])
-            )
+            out.append(_embedding_links(root, kinds["embeddings"]))
     if kinds.get("oxidation"):
-        out.append("<h3>Oxidation-state guesses</h3>" + _oxidation_summary(root, kinds["oxidation"]))
+        out.append(_part("h3", text="Oxidation-state guesses") + _oxidation_summary(root, kinds["oxidation"]))
     for scope, title in (("local", "Local (per-atom) EDM UMAP"), ("global", "Global (per-compound) EDM UMAP")):
         pngs, csvs = kinds.get(f"umap_{scope}", []), kinds.get(f"umap_{scope}_csv", [])
         if pngs or csvs:
-            out.append(f"<h3>{title}</h3>" + thumbs(root, pngs))
+            out.append(_part("h3", text=_esc(title)) + thumbs(root, pngs))
             summary = [p for p in csvs if p.name == "summary.csv"]
             out += [csv_table(root, p) for p in summary]
             coords = [p for p in csvs if p.name != "summary.csv"]
             if coords:
-                out.append(
-                    f"<details><summary>{len(coords)} coordinate tables</summary>{file_links(root, coords)}</details>"
-                )
+                out.append(_part("details", summary=f"{len(coords)} coordinate tables", body=file_links(root, coords)))
     if kinds.get("prevalence"):
-        out.append("<h3>Element prevalence</h3>" + thumbs(root, kinds["prevalence"], twins=False))
-    out.append("</section>")
-    return "".join(out)
+        out.append(_part("h3", text="Element prevalence") + thumbs(root, kinds["prevalence"], twins=False))
+    return _part("section", id=_esc(_anchor(dataset)), title=_esc(dataset), body="".join(out))
 
 
 def _anchor(name: str) -> str:
     return "ds-" + re.sub(r"[^A-Za-z0-9_-]+", "-", name)
-
-
-def data_table(head: Sequence[str], rows: Iterable[Sequence[Any]], caption: str = "") -> str:
-    """Rows of plain values as an HTML table in the style of :func:`csv_table` (numbers via ``_num``, all escaped).
-
-    Longer tables than ``FOLD_ROWS`` start folded, their caption visible.
-    """
-    rows = [list(r) for r in rows]
-    body = "".join("<tr>" + "".join(f"<td>{_esc(_num(v))}</td>" for v in r) + "</tr>" for r in rows)
-    table = (
-        "<div class='table-wrap'><table class='data'>"
-        + (f"<caption>{_esc(caption)}</caption>" if caption else "")
-        + "<thead><tr>"
-        + "".join(f"<th>{_esc(h)}</th>" for h in head)
-        + f"</tr></thead><tbody>{body}</tbody>"
-        "</table></div>"
-    )
-    if len(rows) > FOLD_ROWS:
-        return (
-            f"<details class='table'><summary><b>{_esc(caption)}</b> <span class='muted'>· {len(rows)} rows "
-            f"(show)</span></summary>{table}</details>"
-        )
-    return table
 
 
 # --------------------------------------------------------------------------------------------
@@ -682,7 +674,6 @@ class Check:
 
 def _matbench_folds() -> list[tuple[str, int]]:
     """(dataset, fold) of the paper's matbench statistics table (shipped in ``crabnet/reference``)."""
-    from crabnet.layout import MATBENCH
     from crabnet.reference import REFERENCE_DIR
     from crabnet.stats import PUBLISHED
 
@@ -712,7 +703,6 @@ def full_recipe_models(root: Path, metas: dict[Path, dict] | None = None) -> lis
         root: the data folder.
         metas: checkpoint metadata already read, by path (the rest is read here).
     """
-    from crabnet.layout import BENCHMARK_DATASETS, Layout
     from crabnet.train import RECIPES
 
     layout, metas = Layout(root), metas or {}
@@ -733,34 +723,23 @@ def full_recipe_models(root: Path, metas: dict[Path, dict] | None = None) -> lis
     return out
 
 
+def _learned_correlations(layout: Layout, d: str, f: str) -> bool:
+    """Whether every Q/K/V CSV of step 4 for this model (layers 0, 1, …) has its correlation figure of step 5."""
+    corr, layer, seen = layout.correlation_figures(), 0, False
+    while any(layout.embedding(f, d, layer, k).is_file() for k in "QKV"):
+        seen = True
+        if not all(
+            (corr / f"{d}__{f}__layer{layer}__{k}.png").is_file()
+            for k in "QKV"
+            if layout.embedding(f, d, layer, k).is_file()
+        ):
+            return False
+        layer += 1
+    return seen
+
+
 def paper_checks(root: Path, metas: dict[Path, dict] | None = None) -> list[Check]:
     """The paper's steps and datasets (SPEC §6), each judged by whether its outputs exist under ``root``."""
-    from crabnet.layout import BENCHMARK, BENCHMARK_DATASETS, MATBENCH, SPLITS, Layout
-
-    try:
-        from crabnet.edm_maps import PAPER_ATOMS
-    except Exception:
-        PAPER_ATOMS = (
-            "Al",
-            "Fe",
-            "O",
-            "C",
-            "B",
-            "N",
-            "Ti",
-            "Cu",
-            "Li",
-            "W",
-            "Na",
-            "Si",
-            "Ag",
-            "Te",
-            "As",
-            "Cr",
-            "Pt",
-            "Tl",
-            "Sb",
-        )
     layout = Layout(root)
     models = [(d, f) for d in BENCHMARK_DATASETS for f in MODEL_NAMES]
     full = {(d, f) for d, f, _, _ in full_recipe_models(root, metas)}
@@ -771,19 +750,7 @@ def paper_checks(root: Path, metas: dict[Path, dict] | None = None) -> list[Chec
     bench_rows = _table_keys(layout.stats_table(BENCHMARK), fold=False)
     matbench_rows = _table_keys(layout.stats_table(MATBENCH), fold=True)
     corr = layout.correlation_figures()
-
-    def learned(d: str, f: str) -> bool:  # every Q/K/V CSV of step 4 for this model (layers 0, 1, …) has its figure
-        layer, seen = 0, False
-        while any(layout.embedding(f, d, layer, k).is_file() for k in "QKV"):
-            seen = True
-            if not all(
-                (corr / f"{d}__{f}__layer{layer}__{k}.png").is_file()
-                for k in "QKV"
-                if layout.embedding(f, d, layer, k).is_file()
-            ):
-                return False
-            layer += 1
-        return seen
+    learned = partial(_learned_correlations, layout)
 
     def figure(scope: str, d: str, name: str) -> bool:
         return any((layout.umap_figures(scope, d) / f"{f}__test{name}.png").is_file() for f in MODEL_NAMES)
@@ -846,7 +813,6 @@ def _stats_comparison(root: Path) -> str:
     """Our step-8 statistics beside the published ones, for every dataset (and fold) step 8 has written."""
     import pandas as pd
 
-    from crabnet.layout import BENCHMARK, MATBENCH, Layout
     from crabnet.stats import COLUMNS, compare_with_published, read_published
 
     out = []
@@ -858,10 +824,7 @@ def _stats_comparison(root: Path) -> str:
         ours = pd.read_csv(path)
         key = ["mat_prop", "cv"] if kind == MATBENCH else ["mat_prop"]
         if not set(key + COLUMNS) <= set(ours.columns):
-            out.append(
-                f"<p class='muted'>{_esc(path.relative_to(root).as_posix())} lacks the columns of step 8's "
-                "table: not compared with the published one.</p>"
-            )
+            out.append(_part("stats_mismatch", path=_esc(path.relative_to(root).as_posix())))
             continue
         mine = ours.set_index(key)
         rows = []
@@ -927,17 +890,15 @@ def _paper_section(found: Found) -> str:
                 ratio,
             ]
         )
-    body = ["<section class='card' id='paper'><h2>The paper vs this run</h2>"]
-    body.append(
+    body = [
         data_table(
             ["dataset", "model", "recipe", "published test MAE", "our test MAE", "ours/published"],
             rows,
             "Test MAE of the full-recipe models (published: Wang et al. 2021, npj recipe)",
         )
         if rows
-        else "<p class='muted'>No full-recipe CrabNet/HotCrab checkpoint yet: step 4 "
-        "(<code>get_crabnet_embeddings.py</code>, without <code>--quick</code>) trains them.</p>"
-    )
+        else _part("no_full_models")
+    ]
     body.append(_stats_comparison(root))
     checks = paper_checks(root, metas)
     body.append(
@@ -947,37 +908,94 @@ def _paper_section(found: Found) -> str:
             "The paper's steps and datasets (SPEC §6), judged by the outputs under this folder",
         )
     )
-    return "".join(body) + "</section>"
+    return _part("section", id="paper", title="The paper vs this run", body="".join(body))
 
 
-STEPS = [
-    ("get_training_attention.py", "attention", "train CrabNet and capture attention during training"),
-    ("generate_attention_videos.py", "videos", "videos and the attention explorer"),
-    ("guess_oxidation.py", "oxidation", "oxidation-state guesses"),
-    ("get_crabnet_embeddings.py", "embeddings", "CrabNet / HotCrab element embeddings"),
-    ("plot_element_correlation.py", "figures/correlation", "element correlation matrices"),
-    ("plot_local_edm_umap.py", "figures/umap_local", "per-atom EDM UMAP"),
-    ("plot_global_edm_umap.py", "figures/umap_global", "per-compound EDM UMAP"),
-    ("get_dataset_stats.py", "stats", "dataset statistics"),
+# the workflow's steps: script, the folder of its outputs (a Layout method), what it does
+STEPS: list[tuple[str, Callable[[Layout], Path], str]] = [
+    ("get_training_attention.py", Layout.attention_dir, "train CrabNet and capture attention during training"),
+    ("generate_attention_videos.py", Layout.videos_dir, "videos and the attention explorer"),
+    ("guess_oxidation.py", Layout.oxidation, "oxidation-state guesses"),
+    ("get_crabnet_embeddings.py", Layout.embeddings_dir, "CrabNet / HotCrab element embeddings"),
+    ("plot_element_correlation.py", Layout.correlation_figures, "element correlation matrices"),
+    ("plot_local_edm_umap.py", lambda lay: lay.umap_figures("local"), "per-atom EDM UMAP"),
+    ("plot_global_edm_umap.py", lambda lay: lay.umap_figures("global"), "per-compound EDM UMAP"),
+    ("get_dataset_stats.py", Layout.stats, "dataset statistics"),
 ]
+
+
+def _workflow_section(layout: Layout) -> str:
+    """The eight steps, each ticked when its output folder holds something."""
+    steps = []
+    for i, (script, folder_of, what) in enumerate(STEPS, 1):
+        folder = folder_of(layout)
+        done = folder.is_dir() and any(folder.iterdir())
+        state, tick = ("done", "✓") if done else ("todo", "·")
+        steps.append(_part("step", state=state, tick=tick, n=i, script=_esc(script), what=_esc(what)))
+    return _part("workflow", steps="".join(steps))
+
+
+def _correlation_section(found: Found, layout: Layout) -> str:
+    """The element-correlation figures of step 5 ("" when there are none)."""
+    root, corr = found.root, layout.correlation_figures()
+    summary = corr / "summary.csv"
+    pngs = _files(corr, (".png",))
+    if not (pngs or summary.is_file()):
+        return ""
+    pngs = _summary_order(summary, pngs)
+    main = [p for p in pngs if not re.search(r"__z\d+$", p.stem)]
+    zoom = [p for p in pngs if re.search(r"__z\d+$", p.stem)]
+    body = _part(
+        "muted",
+        text="Pearson correlation between element vectors (lower triangle); thumbnails link to the interactive "
+        "version.",
+    )
+    if summary.is_file():
+        body += csv_table(root, summary)
+    body += thumbs(root, main)
+    if zoom:
+        body += _part("details", summary=f"{len(zoom)} figures restricted to Z ≤ 92", body=thumbs(root, zoom))
+    found.used.update(pngs + _files(corr, (".html", ".csv", ".js")))
+    return _part("section", id="correlation", title="Element correlation", body=body)
+
+
+def _stats_section(found: Found, layout: Layout) -> str:
+    """The statistics tables and figures of step 8 ("" when there are none)."""
+    root, stats = found.root, layout.stats()
+    stat_figs = _files(layout.stats_figures(), (".png",))
+    if not (stats.is_dir() or stat_figs):
+        return ""
+    body = thumbs(root, stat_figs, twins=False)
+    for p in _files(stats, (".csv",)):
+        if p.name.startswith("element_counts"):
+            body += _part("p", text="Element presence counts: " + _file_link(root, p, p.name))
+        else:
+            body += csv_table(root, p)
+        found.used.add(p)
+    found.used.update(stat_figs)
+    return _part("section", id="stats", title="Dataset statistics", body=body)
+
+
+def _other_section(found: Found, layout: Layout) -> str:
+    """Oxidation states per element and every output no section above shows ("" when there are none)."""
+    root, ox = found.root, layout.element_ox_states()
+    if ox.is_file():
+        found.used.add(ox)
+    other = _other_files(found)
+    if not (other or ox.is_file()):
+        return ""
+    body = ""
+    if ox.is_file():
+        link = _link(root, ox, ox.relative_to(root).as_posix())
+        body += _part("p", text="Common, ICSD and all oxidation states per element: " + link)
+    body += file_links(root, other, label=lambda p: p.relative_to(root).as_posix())
+    return _part("section", id="other", title="Other outputs", body=body)
 
 
 def render_report(found: Found) -> str:
     """The page for what :func:`scan` found (plus the global sections read here)."""
-    root = found.root
-    sections, toc = [], []
-    steps = []
-    for i, (script, folder, what) in enumerate(STEPS, 1):
-        done = (root / folder).is_dir() and any((root / folder).iterdir())
-        steps.append(
-            f"<li class='{'done' if done else 'todo'}'><span class='tick'>{'✓' if done else '·'}</span> "
-            f"{i}. <code>{script}</code> <span class='muted'>{_esc(what)}</span></li>"
-        )
-    sections.append(
-        "<section class='card'><h2>Workflow</h2><ol class='steps'>" + "".join(steps) + "</ol>"
-        "<p class='muted'>Steps marked · have no outputs in this folder yet; run them (e.g. with "
-        "<code>--quick</code>) and this page is refreshed at their end.</p></section>"
-    )
+    root, layout = found.root, Layout(found.root)
+    sections, toc = [_workflow_section(layout)], []
     try:
         sections.append(_paper_section(found))
         toc.append(("paper", "paper vs this run"))
@@ -986,60 +1004,22 @@ def render_report(found: Found) -> str:
     for dataset in sorted(found.datasets, key=str.lower):
         sections.append(_dataset_section(root, dataset, found.datasets[dataset]))
         toc.append((_anchor(dataset), dataset))
-    corr = root / "figures" / "correlation"
-    pngs = _files(corr, (".png",))
-    if pngs or (corr / "summary.csv").is_file():
-        pngs = _summary_order(corr / "summary.csv", pngs)
-        main = [p for p in pngs if not re.search(r"__z\d+$", p.stem)]
-        zoom = [p for p in pngs if re.search(r"__z\d+$", p.stem)]
-        body = (
-            "<section class='card' id='correlation'><h2>Element correlation</h2>"
-            "<p class='muted'>Pearson correlation between element vectors (lower triangle); thumbnails link to "
-            "the interactive version.</p>"
-        )
-        if (corr / "summary.csv").is_file():
-            body += csv_table(root, corr / "summary.csv")
-        body += thumbs(root, main)
-        if zoom:
-            body += (
-                f"<details><summary>{len(zoom)} figures restricted to Z ≤ 92</summary>{thumbs(root, zoom)}</details>"
-            )
-        sections.append(body + "</section>")
-        toc.append(("correlation", "element correlation"))
-        found.used.update(pngs + _files(corr, (".html", ".csv", ".js")))
-    stats = root / "stats"
-    stat_figs = _files(root / "figures" / "stats", (".png",))
-    if stats.is_dir() or stat_figs:
-        body = "<section class='card' id='stats'><h2>Dataset statistics</h2>" + thumbs(root, stat_figs, twins=False)
-        for p in _files(stats, (".csv",)):
-            if p.name.startswith("element_counts"):
-                body += f"<p>Element presence counts: <a href='{_href(root, p)}'>{_esc(p.name)}</a> <span class='muted'>{_size(p)}</span></p>"
-            else:
-                body += csv_table(root, p)
-            found.used.add(p)
-        sections.append(body + "</section>")
-        toc.append(("stats", "dataset statistics"))
-        found.used.update(stat_figs)
-    ox = root / "oxidation" / "element_ox_states.json"
-    if ox.is_file():
-        found.used.add(ox)
-    other = _other_files(found)
-    if other or ox.is_file():
-        body = "<section class='card' id='other'><h2>Other outputs</h2>"
-        if ox.is_file():
-            body += (
-                f"<p>Common, ICSD and all oxidation states per element: <a href='{_href(root, ox)}'>"
-                f"oxidation/element_ox_states.json</a></p>"
-            )
-        body += file_links(root, other, label=lambda p: p.relative_to(root).as_posix())
-        sections.append(body + "</section>")
-        toc.append(("other", "other outputs"))
-    nav = "".join(f"<a href='#{_esc(a)}'>{_esc(t)}</a>" for a, t in toc)
-    stamp = time.strftime("%Y-%m-%d %H:%M")
-    return (
-        _REPORT_HEAD + f"<header><h1>CrabNet explainability report</h1><span class='muted-light'>written {stamp} by "
-        f"crabnet {_esc(crabnet.__version__)} · everything under this folder, linked relatively</span>"
-        f"<nav>{nav}</nav></header><main>" + "".join(sections) + "</main></body></html>"
+    for anchor, title, section in (
+        ("correlation", "element correlation", _correlation_section),
+        ("stats", "dataset statistics", _stats_section),
+        ("other", "other outputs", _other_section),
+    ):
+        text = section(found, layout)
+        if text:
+            sections.append(text)
+            toc.append((anchor, title))
+    return web.fill(
+        "report.html",
+        css=web.styles("theme.css", "report.css"),
+        stamp=time.strftime("%Y-%m-%d %H:%M"),
+        version=_esc(crabnet.__version__),
+        nav="".join(_part("link", href="#" + _esc(a), text=_esc(t)) for a, t in toc),
+        sections="".join(sections),
     )
 
 
@@ -1058,8 +1038,8 @@ def _other_files(found: Found, limit: int = 300) -> list[Path]:
     """Output files nothing above shows (inputs, caches, stores and model files excluded), at most ``limit``."""
     import os
 
-    root, out = found.root, []
-    skip_top = SKIP_DIRS | {"models", "attention", "embeddings"}
+    root, out, layout = found.root, [], Layout(found.root)
+    skip_top = SKIP_DIRS | {layout.models_dir().name, layout.attention_dir().name, layout.embeddings_dir().name}
     for top in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and p.name not in skip_top):
         for folder, dirs, files in os.walk(top):
             dirs[:] = sorted(
@@ -1080,7 +1060,7 @@ def write_report(data_dir: Path | str) -> Path:
     if not root.is_dir():
         raise FileNotFoundError(f"no data folder at {root}")
     text = render_report(scan(root))
-    path = root / REPORT_NAME
+    path = Layout(root).report()
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return path
@@ -1099,63 +1079,6 @@ def refresh_report(data_dir: Path | str) -> Path | None:
         return None
     print(f"report -> {path}")
     return path
-
-
-_REPORT_HEAD = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>CrabNet explainability report</title>
-<style>
-:root { --fg:#1d2330; --muted:#5f6b7a; --line:#d8dde5; --bg:#f5f7fa; --accent:#1f77b4; }
-* { box-sizing:border-box; }
-body { margin:0; font:14px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
-       color:var(--fg); background:var(--bg); }
-header { background:#17324d; color:#fff; padding:16px 24px 10px; position:sticky; top:0; z-index:2; }
-header h1 { margin:0 0 2px; font-size:21px; font-weight:600; }
-.muted-light { color:#c9d6e3; font-size:13px; }
-header nav { margin-top:8px; display:flex; flex-wrap:wrap; gap:6px; }
-header nav a { color:#fff; background:#25496d; padding:2px 10px; border-radius:12px; text-decoration:none; font-size:13px; }
-header nav a:hover { background:#2f5d8a; }
-main { padding:18px 24px 40px; max-width:1500px; }
-.card { background:#fff; border:1px solid var(--line); border-radius:8px; padding:14px 18px; margin-bottom:18px;
-        scroll-margin-top:110px; }
-h2 { font-size:19px; margin:0 0 8px; }
-h3 { font-size:15px; margin:18px 0 8px; padding-top:10px; border-top:1px solid #edf0f4; }
-h4 { font-size:14px; margin:6px 0; }
-a { color:var(--accent); }
-.muted { color:var(--muted); font-size:12.5px; }
-code { background:#eef1f5; padding:1px 4px; border-radius:4px; font-size:12.5px; }
-ol.steps { list-style:none; padding:0; margin:0; columns:2; }
-ol.steps li { padding:2px 0; }
-ol.steps .tick { display:inline-block; width:18px; text-align:center; font-weight:700; }
-ol.steps li.done .tick { color:#2ca02c; }
-ol.steps li.todo { color:var(--muted); }
-.model-body { display:flex; gap:18px; align-items:flex-start; flex-wrap:wrap; }
-table.facts th { text-align:left; font-weight:500; color:var(--muted); padding:2px 14px 2px 0; vertical-align:top; }
-table.facts td { padding:2px 0; }
-img.curve { max-width:620px; width:100%; border:1px solid var(--line); border-radius:6px; }
-.videos { display:grid; grid-template-columns:repeat(auto-fill, minmax(420px, 1fr)); gap:14px; }
-figure.video { margin:0; }
-figure.video video { width:100%; border-radius:6px; background:#000; }
-figure figcaption { font-size:12.5px; color:var(--muted); padding-top:3px; }
-.thumbs { display:grid; grid-template-columns:repeat(auto-fill, minmax(230px, 1fr)); gap:12px; margin:8px 0; }
-figure.thumb { margin:0; border:1px solid var(--line); border-radius:6px; padding:6px; background:#fff; }
-figure.thumb img { width:100%; height:190px; object-fit:contain; display:block; }
-figure.thumb figcaption { overflow-wrap:anywhere; }
-.table-wrap { overflow-x:auto; margin:8px 0 12px; }
-table.data { border-collapse:collapse; font-size:12.5px; font-variant-numeric:tabular-nums; }
-table.data caption { text-align:left; padding-bottom:4px; font-weight:600; }
-table.data th { background:#eef3f9; text-align:left; padding:4px 8px; border-bottom:1px solid var(--line); white-space:nowrap; }
-table.data td { padding:3px 8px; border-bottom:1px solid #eef0f3; white-space:nowrap; }
-table.data td:last-child { white-space:normal; }
-table.data tr:hover td { background:#f7f9fc; }
-ul.files { margin:4px 0; padding-left:18px; columns:2; }
-ul.plain { margin:4px 0; padding-left:18px; }
-a.button { display:inline-block; background:var(--accent); color:#fff; text-decoration:none; padding:6px 14px;
-           border-radius:6px; font-weight:600; }
-a.button:hover { background:#17598a; }
-details summary { cursor:pointer; color:var(--accent); margin:6px 0; }
-</style></head><body>
-"""
 
 
 def parse_args(argv=None):
