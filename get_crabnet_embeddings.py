@@ -22,7 +22,8 @@ Next    plot_element_correlation.py
 A model whose checkpoint suits the request and whose embeddings and predictions are newer than it
 is not run again; --force retrains. The models are independent jobs: with several, they run on an
 embedded Dask LocalCluster (one per core), or anywhere --scheduler says (an existing Dask cluster,
-SLURM/PBS through dask-jobqueue; see crabnet/engine.py).
+SLURM/PBS through dask-jobqueue; see crabnet/engine.py). Started by torchrun (docs/distributed.md), all
+processes train each model together, one model after the other, and rank 0 writes the outputs.
 
 Examples:
     python get_crabnet_embeddings.py --quick        # CPU demo: aflow__ael_bulk_modulus_vrh, short training if no model
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from crabnet import distributed
 from crabnet.cli import DEMO_DATASET, add_common, add_training, make_parser, run
 from crabnet.costs import cached_rates, dataset_training_cost_s
 from crabnet.embeddings import model_job, model_outputs_current
@@ -159,6 +161,8 @@ def main(
     ]
     rows = run_jobs(jobs, eng, what="models")
     if rows is None:  # --plan
+        return 0
+    if not distributed.is_main():  # under torchrun rank 0 reports
         return 0
     for row in rows:
         print(

@@ -21,7 +21,9 @@ learning rate cycling every 2 epochs, SWA checks every 2nd epoch with early stop
 
 The training is one job (crabnet.capture.attention_job): it runs in this process, or on a Dask cluster
 with --scheduler tcp://HOST:PORT, --scheduler-file PATH or --scheduler slurm|pbs|… (see crabnet/engine.py;
---data-dir must then be on a filesystem the workers share).
+--data-dir must then be on a filesystem the workers share). Started by torchrun (torchrun --nproc_per_node N
+get_training_attention.py …, also across machines; docs/distributed.md), the N processes train the one model
+together, each on its share of every batch, and rank 0 writes the store and the checkpoint.
 
 Examples:
     python get_training_attention.py --quick                  # CPU demo, a few minutes
@@ -35,6 +37,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from crabnet import distributed
 from crabnet.capture import AttentionRecorder, attention_job  # noqa: F401 - tests patch gta.AttentionRecorder
 from crabnet.cli import DEMO_DATASET, add_common, add_training, make_parser, run
 from crabnet.costs import cached_rates, dataset_training_cost_s
@@ -111,8 +114,10 @@ def settings_match(store: Path, wanted: dict) -> bool:
 
 def local_threads(engine: Engine) -> Engine:
     """The training here (``--scheduler local`` or ``sequential``) keeps torch's thread count, as before
-    the engine, unless ``--threads-per-job`` is given; elsewhere the workers' count applies."""
-    if engine.threads_per_job is None and engine.scheduler_file is None and engine.scheduler in ("local", "sequential"):
+    the engine, unless ``--threads-per-job`` is given; elsewhere the workers' count applies (under
+    torchrun: cores / ranks, :func:`crabnet.distributed.threads_per_rank`)."""
+    here = engine.scheduler_file is None and engine.scheduler in ("local", "sequential")
+    if engine.threads_per_job is None and here and not distributed.requested():
         import torch
 
         return replace(engine, threads_per_job=torch.get_num_threads())
@@ -197,6 +202,8 @@ def main(
     except KeyboardInterrupt:  # the job said where its captures are staged
         return 130
     if results is None:  # --plan: the job was listed
+        return 0
+    if not distributed.is_main():  # under torchrun rank 0 reports
         return 0
     r = results[0]
     if up_to_date:

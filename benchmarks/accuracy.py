@@ -9,19 +9,20 @@ stop; the recipe of the published MAEs) and prints the test MAE beside the publi
 
 Writes ``<data-dir>/benchmarks/accuracy__<dataset>__<features>.json`` with the figures and saves
 the checkpoint to ``<data-dir>/models/`` (reused by later steps, since it follows the recipe).
+
+Under torchrun (``torchrun --nproc_per_node N benchmarks/accuracy.py …``; docs/distributed.md) the N
+processes train each model together and rank 0 writes and prints the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from crabnet import distributed
 from crabnet.data import load_dataset
 from crabnet.reference import PUBLISHED_MAE, published_mae
 from crabnet.train import make_recipe, train_and_save
@@ -62,8 +63,11 @@ def main(
 ) -> int:
     if threads:
         torch.set_num_threads(threads)
-    dev = resolve_device(device)
-    splits = load_dataset(data_dir, dataset)
+    elif distributed.requested():  # under torchrun: this machine's cores / its ranks
+        torch.set_num_threads(distributed.threads_per_rank())
+    dev = distributed.init(resolve_device(device))  # under torchrun: the process group; this rank's GPU
+    with distributed.main_first():  # rank 0 fetches the datasets if they are missing
+        splits = load_dataset(data_dir, dataset)
     rows = []
     for feat in features:
         _, _, meta = train_and_save(
@@ -78,6 +82,8 @@ def main(
             progress=True,
             precision=precision,
         )  # a bar in logs too: runs take long
+        if not distributed.is_main():  # under torchrun rank 0 writes the figures
+            continue
         ref = published_mae(dataset, feat, reference)
         row = {
             "dataset": dataset,
@@ -94,6 +100,7 @@ def main(
             "train_seconds": meta["train_seconds"],
             "device": str(dev),
             "threads": torch.get_num_threads(),
+            "ranks": distributed.world_size(),  # torchrun processes that trained the model together
         }
         rows.append(row)
         out = data_dir / "benchmarks" / f"accuracy__{dataset}__{feat}__{recipe}__{meta['precision']}__seed{seed}.json"

@@ -337,9 +337,14 @@ def attention_job(data_dir: Path, recipe: Recipe, settings: dict, device: str, f
         force: discard staged captures and a saved training state.
         skip_invalid: skip bad rows (reported) instead of raising.
 
+    Under torchrun (docs/distributed.md) every rank runs this job and they train the model together;
+    rank 0 alone captures and writes the store, the checkpoint and the training state.
+
     Returns:
         ``store``, ``checkpoint`` (paths as text), ``n_captures``, ``n_compounds``, ``reorganise_s``,
-        ``epochs_run``, ``train_s``, ``val_mae`` (last epoch), ``test_mae`` and ``swa`` (SWA weights kept).
+        ``epochs_run``, ``train_s``, ``val_mae`` (last epoch), ``test_mae`` and ``swa`` (SWA weights kept);
+        on ranks other than 0 only ``store``, ``checkpoint``, ``epochs_run``, ``train_s``, ``val_mae``,
+        ``test_mae`` and ``swa``.
 
     Raises:
         KeyboardInterrupt: after saying where the captures are staged.
@@ -349,6 +354,7 @@ def attention_job(data_dir: Path, recipe: Recipe, settings: dict, device: str, f
     import sys
     import time
 
+    from crabnet import distributed
     from crabnet.data import load_dataset
     from crabnet.layout import Layout
     from crabnet.signals import Preempted
@@ -358,8 +364,9 @@ def attention_job(data_dir: Path, recipe: Recipe, settings: dict, device: str, f
     dataset, features, split = settings["dataset"], settings["features"], settings["split"]
     capture, capture_every, seed = settings["capture"], settings["capture_every"], settings["seed"]
     store = Layout(data_dir).attention_store(dataset)
-    splits = load_dataset(data_dir, dataset, drop_unary=settings["drop_unary"], skip_invalid=skip_invalid)
-    dev = resolve_device(device)
+    dev = distributed.init(resolve_device(device))  # under torchrun: the process group; this rank's GPU
+    with distributed.main_first():  # rank 0 fetches the datasets if they are missing
+        splits = load_dataset(data_dir, dataset, drop_unary=settings["drop_unary"], skip_invalid=skip_invalid)
     model, scaler = new_model(features, splits, dev, seed)
     print(
         f"{dataset}: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test; "
@@ -368,17 +375,20 @@ def attention_job(data_dir: Path, recipe: Recipe, settings: dict, device: str, f
     )
 
     state_path = store.with_name(store.name + ".state.pt")
-    writer = AttentionWriter(
-        store,
-        splits[split],
-        model.cfg.n_layers,
-        model.cfg.n_heads,
-        {**settings, "model_config": model.cfg.to_dict(), "recipe": recipe_dict(recipe)},
-        resume=not force,
-    )
-    if not writer.resumed:
-        state_path.unlink(missing_ok=True)  # a state without its captures cannot be resumed
-    recorder = AttentionRecorder(model, splits[split], scaler, writer, mode=capture, every=capture_every)
+    writer = recorder = None
+    if distributed.is_main():  # under torchrun rank 0 alone captures (the others wait in the next step)
+        writer = AttentionWriter(
+            store,
+            splits[split],
+            model.cfg.n_layers,
+            model.cfg.n_heads,
+            {**settings, "model_config": model.cfg.to_dict(), "recipe": recipe_dict(recipe)},
+            resume=not force,
+        )
+        if not writer.resumed:
+            state_path.unlink(missing_ok=True)  # a state without its captures cannot be resumed
+        recorder = AttentionRecorder(model, splits[split], scaler, writer, mode=capture, every=capture_every)
+    staged = partial_path(store)
     try:
         hist = fit(
             model,
@@ -395,13 +405,13 @@ def attention_job(data_dir: Path, recipe: Recipe, settings: dict, device: str, f
         )
     except KeyboardInterrupt:
         print(
-            f"\ninterrupted: captures staged in {writer.staging} (incomplete, not used by later steps); "
+            f"\ninterrupted: captures staged in {staged} (incomplete, not used by later steps); "
             f"the same command goes on from the last saved epoch ({state_path.name})",
             file=sys.stderr,
         )
         raise
     except Preempted as err:  # SIGTERM: fit saved its state; crabnet.cli.run prints this and exits 143
-        raise Preempted(f"{err}; captures staged in {writer.staging}") from None
+        raise Preempted(f"{err}; captures staged in {staged}") from None
     ckpt, meta = save_trained(
         data_dir,
         dataset,
@@ -415,6 +425,17 @@ def attention_job(data_dir: Path, recipe: Recipe, settings: dict, device: str, f
         written_by="get_training_attention.py",
         beside_full=True,
     )
+    result = {
+        "store": str(store),
+        "checkpoint": str(ckpt),
+        "epochs_run": hist.epochs_run,
+        "train_s": hist.seconds,
+        "val_mae": hist.val_mae[-1] if hist.val_mae else float("nan"),
+        "test_mae": meta["test_mae"],
+        "swa": bool(hist.swapped_swa),
+    }
+    if writer is None:  # a rank other than 0: rank 0 writes the store
+        return result
     state_path.unlink(missing_ok=True)
     t0 = time.perf_counter()
     writer.finalize(
@@ -426,19 +447,14 @@ def attention_job(data_dir: Path, recipe: Recipe, settings: dict, device: str, f
             "precision_used": hist.precision,
             "test_mae": meta["test_mae"],
             "train_seconds": round(hist.seconds, 2),
+            **({"ranks": distributed.world_size()} if distributed.world_size() > 1 else {}),  # under torchrun
         }
     )
     return {
-        "store": str(store),
-        "checkpoint": str(ckpt),
+        **result,
         "n_captures": writer.n_captures,
         "n_compounds": len(splits[split]),
         "reorganise_s": time.perf_counter() - t0,
-        "epochs_run": hist.epochs_run,
-        "train_s": hist.seconds,
-        "val_mae": hist.val_mae[-1] if hist.val_mae else float("nan"),
-        "test_mae": meta["test_mae"],
-        "swa": bool(hist.swapped_swa),
     }
 
 

@@ -169,23 +169,32 @@ def model_job(
     data_dir: Path, dataset: str, features: str, recipe, device: str, seed: int, force: bool, precision: str
 ) -> dict:
     """Train or load one model (``crabnet.train.ensure_model``), write its embeddings and test
-    predictions; return the result row of step 4's table (small and picklable)."""
+    predictions; return the result row of step 4's table (small and picklable).
+
+    Under torchrun (docs/distributed.md) every rank runs this job and they train the model together;
+    rank 0 writes the files and returns the row, the other ranks return ``{"dataset", "features", "rank"}``.
+    """
+    from crabnet import distributed
     from crabnet.data import load_dataset
     from crabnet.train import ensure_model, predict
     from crabnet.utils import resolve_device
 
-    test = load_dataset(data_dir, dataset, splits=("test",), verbose=False)["test"]
+    dev = distributed.init(resolve_device(device))  # under torchrun: the process group; this rank's GPU
+    with distributed.main_first():  # rank 0 fetches the datasets if they are missing
+        test = load_dataset(data_dir, dataset, splits=("test",), verbose=False)["test"]
     model, scaler, meta = ensure_model(
         data_dir,
         dataset,
         features,
         recipe,
-        device=resolve_device(device),
+        device=dev,
         seed=seed,
         force=force,
         written_by="get_crabnet_embeddings.py",
         precision=precision,
     )
+    if not distributed.is_main():
+        return {"dataset": dataset, "features": features, "rank": distributed.rank()}
     paths = write_embeddings(embedding_frames(model), data_dir, features, dataset)
     pred, unc = predict(model, test, scaler)
     pred_path = write_predictions(

@@ -229,9 +229,11 @@ def run_jobs(
     todo = [j for j in jobs if not j.done]
     if len(jobs) > len(todo):
         print(f"{len(jobs) - len(todo)} of {len(jobs)} {what} up to date, not scheduled")
-    if todo:
+    remote = engine.scheduler_file is not None or engine.scheduler not in ("local", "sequential")
+    if todo and _under_torchrun(remote):
+        _run_ranks(todo, engine.threads_per_job, what, on_result)
+    elif todo:
         workers, _ = local_shape(len(todo), engine.threads_per_job)
-        remote = engine.scheduler_file is not None or engine.scheduler not in ("local", "sequential")
         if not remote and (
             engine.scheduler == "sequential" or workers == 1 and not any(j.gpu for j in todo) or len(todo) == 1
         ):
@@ -428,6 +430,47 @@ def _run_here(jobs: list[Job], threads: int, on_result: Callable[[Job, Any], Non
         raise errors[0]
     if failures:
         raise JobsFailed(failures, len(jobs))
+
+
+def _under_torchrun(remote: bool) -> bool:
+    """Whether this process is one of several torchrun ranks (:mod:`crabnet.distributed`).
+
+    Raises:
+        UsageError: it is, and ``--scheduler`` names a Dask cluster (the two do not mix).
+    """
+    if os.environ.get("WORLD_SIZE", "").strip() in ("", "0", "1"):  # no torchrun ranks (and no torch import)
+        return False
+    from crabnet import distributed
+
+    if not distributed.requested():
+        return False
+    if remote:
+        raise UsageError("under torchrun the jobs run in the ranks themselves; leave out --scheduler/--scheduler-file")
+    return True
+
+
+def _run_ranks(
+    jobs: list[Job], threads: int | None, what: str, on_result: Callable[[Job, Any], None] | None = None
+) -> None:
+    """Under torchrun: every rank runs every job, one after the other, in this process (each training is
+    one model trained by all ranks together), with cores / ranks threads (or ``--threads-per-job``).
+
+    A failure is raised at once, not collected: the other ranks would wait for this one in the next
+    collective, so torchrun must end them all.
+    """
+    from crabnet import distributed
+
+    threads = threads or distributed.threads_per_rank()
+    if distributed.is_main():
+        print(
+            f"running {len(jobs)} {what} on {distributed.world_size()} torchrun ranks together, "
+            f"{threads} thread(s) per rank",
+            flush=True,
+        )
+    for job in jobs:
+        job.result = call_job(job.fn, job.kwargs, threads)["result"]
+        if on_result is not None:
+            on_result(job, job.result)
 
 
 def _error_text(err: BaseException) -> str:

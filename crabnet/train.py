@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 import crabnet
+from crabnet import distributed
 from crabnet.data import CompositionData, batch_size_for
 from crabnet.elements import feature_table
 from crabnet.errors import UsageError
@@ -232,9 +233,15 @@ class Validator:
 
     SWA epochs evaluate the validation split after every batch, so the split is moved to the
     device once and evaluated in large batches without autograd at the training precision.
+    Under torchrun (:mod:`crabnet.distributed`) each rank evaluates a contiguous share of the split
+    and the absolute errors are summed over the ranks: every rank gets the same MAE.
     """
 
     def __init__(self, data: CompositionData, scaler: Scaler, device: torch.device, batch_size: int, precision: str):
+        self.n, self.world = len(data), distributed.world_size()
+        if self.world > 1:  # this rank's rows [lo, hi) of the split
+            r = distributed.rank()
+            data = data.subset(np.arange(self.n * r // self.world, self.n * (r + 1) // self.world))
         self.el, self.fr, _ = to_tensors(data, device)
         self.target = np.asarray(data.target, np.float64)
         self.scaler, self.batch_size, self.precision = scaler, batch_size, precision
@@ -247,7 +254,11 @@ class Validator:
 
     def __call__(self, model: CrabNet) -> float:
         out = _forward_batches(model, self.el, self.fr, self.batch_size, self.precision, self.real)
-        return mae(self.scaler.unscale(out[:, 0].double().cpu().numpy()), self.target)
+        pred = self.scaler.unscale(out[:, 0].double().cpu().numpy())
+        if self.world == 1:
+            return mae(pred, self.target)
+        error = torch.tensor([float(np.abs(pred - self.target).sum())], dtype=torch.float64)
+        return float(distributed.all_reduce(error)[0]) / self.n if self.n else float("nan")
 
 
 @dataclass
@@ -322,11 +333,14 @@ def save_training_state(
     hist: History,
     callback_state: dict | None = None,
     partial: dict | None = None,
+    rank_rng: list[dict] | None = None,
 ) -> None:
     """Everything ``fit`` needs to go on after ``epoch`` exactly as if it had not stopped.
 
     ``partial``: a stop inside the next epoch (SIGTERM) also saves how far that epoch went (batches
     done, the epoch's order, loss sum and SWA additions so far); ``fit`` goes on from that batch.
+    ``rank_rng``: under torchrun, every rank's random-number state (:func:`_rng_state`, in rank order;
+    the ranks draw their own dropout masks).
     Plain tensors, numbers and strings only (loadable with ``weights_only=True``); written to a
     temporary file and renamed, so an interruption while saving leaves the previous state intact.
     """
@@ -344,6 +358,7 @@ def save_training_state(
         "history": asdict(hist),
         "callback": callback_state or {},
         "partial": partial or {},
+        **({"rank_rng": rank_rng} if rank_rng else {}),
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -453,6 +468,393 @@ def _preempted(desc: str, where: str, state_path: Path | str | None) -> Preempte
     )
 
 
+@dataclass
+class _Run:
+    """The objects of one :func:`fit` call, shared by the functions its loop is made of."""
+
+    model: CrabNet
+    train: CompositionData
+    recipe: Recipe
+    desc: str
+    precision: str
+    el: torch.Tensor  # (n, E) atomic numbers of the training split, on the model's device
+    fr: torch.Tensor  # (n, E) fractions
+    y: torch.Tensor  # (n,) standardised targets
+    bs: int  # batch size
+    n_batches: int  # batches per epoch
+    half_cycle: int  # optimiser steps per half-cycle of the learning rate
+    optimizer: Lookahead
+    swa: SWA
+    validate: Validator
+    gen: torch.Generator  # shuffling
+    noise_gen: torch.Generator  # fraction jitter, on the model's device
+    hist: History
+    key: dict  # identifies the run in its training state
+    callback: Callback | None
+    stateful: bool  # the callback has state_dict/load_state_dict
+    state_path: Path | str | None
+    t0: float  # perf_counter() at the start of this call
+    net: torch.nn.Module  # what the training steps run: the model, or its DDP wrapper under torchrun
+    seed: int = 0
+    rank: int = 0  # this process's rank under torchrun (crabnet.distributed), else 0
+    world: int = 1  # number of ranks training this model together
+    t_resumed: float = 0.0  # training seconds before this call (a resumed run)
+
+    @property
+    def device(self) -> torch.device:
+        return self.el.device
+
+
+def _setup(
+    model: CrabNet,
+    train: CompositionData,
+    val: CompositionData,
+    scaler: Scaler,
+    recipe: Recipe,
+    *,
+    seed: int,
+    callback: Callback | None,
+    desc: str,
+    state_path: Path | str | None,
+    state_key: dict | None,
+    precision: str,
+) -> _Run:
+    """The data on the device, batch count, optimiser, SWA, validator and generators of a fresh run.
+
+    Under torchrun this joins the process group (:func:`crabnet.distributed.init`) and wraps the model
+    in DDP; every rank holds the whole training split and draws the same batch order and jitter.
+    """
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    distributed.init(device)
+    precision = resolve_precision(precision, device)
+    el, fr, y = to_tensors(train, device)
+    n = len(train)
+    # the original counts the training CSV's rows before unary compounds are dropped and duplicates merged
+    bs = recipe.batch_size or batch_size_for(train.n_csv_rows, recipe.max_batch_size)
+    n_batches = math.ceil(n / bs)
+    params = [p for p in model.parameters() if p.requires_grad]
+    key = {
+        "n_train": n,
+        "n_val": len(val),
+        "batch_size": bs,
+        "recipe": recipe_dict(recipe),
+        "seed": seed,
+        "precision": precision,
+        "swa_rule": SWA.RULE,
+        **(state_key or {}),
+    }
+    return _Run(
+        model=model,
+        train=train,
+        recipe=recipe,
+        desc=desc,
+        precision=precision,
+        el=el,
+        fr=fr,
+        y=scaler.scale(y),
+        bs=bs,
+        n_batches=n_batches,
+        half_cycle=max(1, recipe.epochs_step * n_batches),
+        optimizer=Lookahead(Lamb(params, lr=recipe.base_lr), alpha=recipe.lookahead_alpha, k=recipe.lookahead_k),
+        swa=SWA(params),
+        validate=Validator(val, scaler, device, recipe.eval_batch_size, precision),
+        gen=torch.Generator(device="cpu").manual_seed(seed),
+        noise_gen=torch.Generator(device=device).manual_seed(seed + 1),
+        hist=History(precision=precision),
+        key=key,
+        callback=callback,
+        stateful=callback is not None and hasattr(callback, "state_dict") and hasattr(callback, "load_state_dict"),
+        state_path=state_path,
+        t0=t0,
+        net=distributed.wrap(model),
+        seed=seed,
+        rank=distributed.rank(),
+        world=distributed.world_size(),
+    )
+
+
+def _resume(run: _Run) -> tuple[bool, int, dict]:
+    """Load the training state saved for this run, if any.
+
+    Returns:
+        ``(resumed, first epoch to run, partial)`` (``partial``: see :func:`_restore_training_state`).
+    """
+    distributed.barrier()  # under torchrun: rank 0's file operations before fit (a stale state removed) are done
+    state = load_training_state(run.state_path, run.key) if run.state_path else None
+    if run.world > 1:
+        _check_same_state(run, state)
+    if state is None:
+        _seed_rank(run, run.rank)
+        return False, 0, {}
+    run.hist, start, partial = _restore_training_state(
+        state,
+        run.model,
+        run.optimizer,
+        run.swa,
+        run.gen,
+        run.noise_gen,
+        run.callback if run.stateful else None,
+    )
+    run.t_resumed = run.hist.seconds
+    if run.world > 1:
+        saved = state.get("rank_rng") or []
+        if run.rank < len(saved):
+            _set_rng_state(saved[run.rank], run.device)
+        else:  # saved by fewer ranks: this rank draws other dropout masks than an uninterrupted run would
+            _seed_rank(run, run.rank + run.world * run.hist.steps)
+        if partial and run.rank:  # the saved loss sum of the epoch so far is the sum over all ranks: rank 0 holds it
+            partial["loss_sum"] = torch.zeros_like(partial["loss_sum"])
+    at = f" batch {partial['batches'] + 1}/{run.n_batches}" if partial else ""
+    if distributed.is_main():
+        print(f"resuming {run.desc} from {run.state_path} at epoch {start + 1}{at} of {run.recipe.epochs}", flush=True)
+    return True, start, partial
+
+
+def _check_same_state(run: _Run, state: dict | None) -> None:
+    """Under torchrun: fail unless every rank found the same saved training state (the file must be on a
+    filesystem every node sees)."""
+    where = None if state is None else (int(state["epoch"]), int((state.get("partial") or {}).get("batches", 0)))
+    views = distributed.all_gather_object(where)
+    if any(v != views[0] for v in views):
+        raise RuntimeError(
+            f"{run.desc}: the ranks found different training states at {run.state_path} "
+            f"((epoch, batches) by rank: {views}); put --data-dir on a filesystem that every node shares"
+        )
+
+
+def _rng_state(device: torch.device) -> dict:
+    """The random-number state that drives dropout (PyTorch's CPU generator, and the GPU's on CUDA)."""
+    return {
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0, dtype=torch.uint8),
+    }
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    """Put back a state of :func:`_rng_state`."""
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and state["cuda_rng"].numel():
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
+def _seed_rank(run: _Run, stream: int) -> None:
+    """Under torchrun, ranks other than 0 seed their dropout masks from (seed, ``stream``): each rank draws
+    its own, reproducibly for a given number of ranks. Rank 0 (and a single process) keeps the state it has."""
+    if run.rank:
+        torch.manual_seed(int(np.random.SeedSequence([run.seed, stream]).generate_state(1, np.uint64)[0]))
+
+
+def _save(run: _Run, epoch: int, inside: dict | None = None) -> None:
+    """Save the training state after ``epoch`` (+ ``inside``: how far the next epoch went).
+
+    Under torchrun every rank calls this (their random-number states are gathered); rank 0 writes.
+    """
+    rank_rng = distributed.all_gather_object(_rng_state(run.device)) if run.world > 1 else None
+    if not distributed.is_main():
+        return
+    run.hist.seconds = run.t_resumed + time.perf_counter() - run.t0
+    save_training_state(
+        run.state_path,
+        key=run.key,
+        epoch=epoch,
+        model=run.model,
+        optimizer=run.optimizer,
+        swa=run.swa,
+        gen=run.gen,
+        noise_gen=run.noise_gen,
+        hist=run.hist,
+        callback_state=run.callback.state_dict() if run.stateful else None,
+        partial=inside,
+        rank_rng=rank_rng,
+    )
+
+
+def _train_step(run: _Run, idx: torch.Tensor, rows: np.ndarray | None) -> tuple[torch.Tensor, float]:
+    """One optimiser step on the global batch ``idx`` (B,) of the training split.
+
+    Args:
+        run: the run.
+        idx: (B,) rows of the training split, on the device.
+        rows: the same rows on the host, to find the real slots there (off the CPU), else None.
+
+    Returns:
+        ``(loss, lr)``: this rank's batch loss (a detached 0-dim tensor; under torchrun weighted so that
+        the mean over the ranks is the global batch's loss) and the learning rate used.
+    """
+    hist, recipe = run.hist, run.recipe
+    lr = triangular_lr(hist.steps, recipe.base_lr, recipe.max_lr, run.half_cycle)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+    frac = jitter_fractions(run.fr[idx], recipe.jitter, run.noise_gen)  # (B, E): every rank jitters the whole batch
+    weight = 1.0
+    if run.world > 1:
+        idx, frac, rows, weight = _shard(run, idx, frac, rows)  # (b,), (b, E): this rank's share
+    real = None if rows is None else real_slots(run.train.elements[rows], run.device)
+    with autocast(run.precision, run.device):
+        out = run.net(run.el[idx], frac, real=real)  # (b, 3), float32
+    loss = robust_l1(out[:, 0], out[:, 2], run.y[idx])
+    if run.world > 1:
+        loss = loss * weight
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # under torchrun DDP averages the gradients over the ranks here
+    run.optimizer.step()
+    hist.steps += 1
+    hist.lr.append(lr)
+    return loss.detach(), lr
+
+
+def _shard(
+    run: _Run, idx: torch.Tensor, frac: torch.Tensor, rows: np.ndarray | None
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None, float]:
+    """This rank's contiguous share of a global batch of B rows: rows [B*r/W, B*(r+1)/W).
+
+    Shares differ by at most one row (the last, smaller batch of an epoch too); the loss of a share of b
+    rows is weighted by W*b/B, so that the mean DDP takes over the ranks is the global batch's mean loss
+    (and its gradient that of the single-process run). A rank left without rows (B < W) runs one row
+    with weight 0, so that every parameter still gets its (zero) gradient.
+
+    Returns:
+        ``(idx, frac, rows, weight)`` of the share.
+    """
+    B = len(idx)
+    lo, hi = B * run.rank // run.world, B * (run.rank + 1) // run.world
+    weight = run.world * (hi - lo) / B
+    part = slice(lo, hi) if hi > lo else slice(0, 1)
+    return idx[part], frac[part], None if rows is None else rows[part], weight
+
+
+def _swa_check(run: _Run) -> int:
+    """The SWA rule on the validation MAE of the current weights; 1 if they were averaged, else 0."""
+    resets = run.swa.resets
+    added = run.swa.update(run.validate(run.model))
+    run.hist.swa_resets += run.swa.resets - resets
+    return int(added)
+
+
+def _train_epoch(run: _Run, epoch: int, swa_epoch: bool, partial: dict) -> tuple[torch.Tensor, int, float]:
+    """The batches of ``epoch`` (from the batch ``partial`` says, when resuming inside it).
+
+    SIGTERM (``STOP``) is acted on after a batch: the state is saved inside the epoch and
+    :class:`~crabnet.signals.Preempted` raised.
+
+    Returns:
+        ``(loss_sum, added, lr)``: the sum of the batch losses (0-dim tensor), the SWA additions and
+        the learning rate of the last batch.
+    """
+    n, bs, n_batches, device = len(run.train), run.bs, run.n_batches, run.device
+    if partial:  # resuming inside this epoch
+        first, order, loss_sum, added = partial["batches"], partial["order"], partial["loss_sum"], partial["added"]
+    else:
+        first, order = 0, torch.randperm(n, generator=run.gen).to(device)  # (n,)
+        loss_sum, added = torch.zeros((), device=device), 0
+    # off the CPU the batches' real slots come from the host's copy of the data (crabnet.model.real_slots),
+    # so that the forward pass needs no host synchronisation
+    order_host = None if device.type == "cpu" else order.cpu().numpy()  # one synchronisation per epoch
+    lr = run.hist.epoch_lr[-1] if run.hist.epoch_lr else run.recipe.base_lr
+    for b in range(first, n_batches):
+        idx = order[b * bs : (b + 1) * bs]  # (B,)
+        loss, lr = _train_step(run, idx, None if order_host is None else order_host[b * bs : (b + 1) * bs])
+        loss_sum += loss
+        if swa_epoch:
+            added += _swa_check(run)
+        if run.callback:
+            run.callback("step", epoch, run.hist.steps)
+        if b + 1 < n_batches and _stopping(run):  # SIGTERM: save inside the epoch and stop
+            if run.state_path:
+                total = distributed.all_reduce(loss_sum).detach().cpu()  # rank 0 keeps it on resume
+                inside = {"batches": b + 1, "order": order.cpu(), "loss_sum": total, "added": added}
+                _save(run, epoch - 1, inside)
+            where = f"epoch {epoch + 1}/{run.recipe.epochs} (after batch {b + 1}/{n_batches})"
+            raise _preempted(run.desc, where, run.state_path)
+    return loss_sum, added, lr
+
+
+def _stopping(run: _Run) -> bool:
+    """Whether SIGTERM arrived (``STOP``); under torchrun on any rank, so that all stop after the same batch."""
+    return distributed.any_rank(STOP.is_set()) if run.world > 1 else STOP.is_set()
+
+
+def _epoch_flags(run: _Run, due: bool) -> tuple[bool, bool]:
+    """``(stopping, save)`` at the end of an epoch: SIGTERM on any rank, and rank 0's view of whether
+    the training state is due (it alone keeps the clock), the same on every rank."""
+    if run.world == 1:
+        return STOP.is_set(), due
+    flags = distributed.all_reduce(torch.tensor([float(STOP.is_set()), float(due and run.rank == 0)]), "max")
+    return bool(flags[0]), bool(flags[1])
+
+
+def _end_epoch(
+    run: _Run, epoch: int, swa_epoch: bool, loss_sum: torch.Tensor, added: int, lr: float, val_every: int
+) -> None:
+    """Record ``epoch`` in the history (loss, validation MAE, SWA counts) and send the "epoch" event."""
+    hist, recipe = run.hist, run.recipe
+    if run.world > 1:  # every rank's loss is weighted so that their mean is the global batch's loss
+        loss_sum = distributed.all_reduce(loss_sum) / run.world
+    hist.train_loss.append(float(loss_sum) / run.n_batches)
+    hist.epochs_run = epoch + 1
+    hist.epoch_lr.append(lr)
+    hist.epoch_swa.append(added if swa_epoch else -1)
+    hist.swa_updates += added
+    if swa_epoch and not added:
+        hist.swa_failures += 1
+    hist.val_mae.append(run.validate(run.model) if val_every and (epoch + 1) % val_every == 0 else float("nan"))
+    if run.callback:
+        run.callback("epoch", epoch, hist.steps)
+    hist.stopped_early = bool(recipe.early_stop and hist.swa_failures >= recipe.early_stop)
+
+
+def _epoch_bar(run: _Run, start: int, progress: bool | None) -> range | tqdm:
+    """A tqdm bar over the epochs left (``progress`` False: the plain range)."""
+    epochs = range(start, run.recipe.epochs)
+    if progress is False:
+        return epochs
+    return tqdm(
+        epochs,
+        desc=run.desc,
+        unit="epoch",
+        disable=False if progress else None,
+        dynamic_ncols=True,
+        initial=start,
+        total=run.recipe.epochs,
+    )
+
+
+def _epochs(
+    run: _Run, start: int, partial: dict, *, progress: bool | None, val_every: int, save_every_s: float
+) -> None:
+    """The epochs from ``start`` on, until the last one or SWA early stopping; the progress bar or lines;
+    the training state saved every ``save_every_s`` seconds, at the end and on SIGTERM (then
+    :class:`~crabnet.signals.Preempted` is raised)."""
+    hist, recipe, desc, state_path = run.hist, run.recipe, run.desc, run.state_path
+    bar = _epoch_bar(run, start, progress)
+    swa_first = recipe.epochs_step * recipe.swa_start - 1
+    last_save = t_loop = time.perf_counter()
+    lines = plain_progress(progress)
+    stop = recipe.early_stop and hist.swa_failures >= recipe.early_stop
+    for epoch in [] if stop else bar:
+        swa_epoch = recipe.swa and (epoch + 1) % (2 * recipe.epochs_step) == 0 and epoch >= swa_first
+        loss_sum, added, lr = _train_epoch(run, epoch, swa_epoch, partial)
+        partial = {}
+        _end_epoch(run, epoch, swa_epoch, loss_sum, added, lr, val_every)
+        _bar_postfix(bar, hist, recipe)
+        now = time.perf_counter()
+        if lines:
+            elapsed = run.t_resumed + now - run.t0
+            print(epoch_line(desc, hist, recipe, (now - t_loop) / (epoch + 1 - start), elapsed), flush=True)
+        stop = hist.stopped_early
+        stopping, due = _epoch_flags(run, now - last_save >= save_every_s or stop or epoch + 1 == recipe.epochs)
+        if state_path and (due or stopping):
+            _save(run, epoch)
+            last_save = now
+        if stopping:
+            raise _preempted(desc, f"epoch {epoch + 1}/{recipe.epochs} (at its end)", state_path)
+        if stop:
+            break
+    if hasattr(bar, "close"):
+        bar.close()
+
+
 @deferred_stop()
 def fit(
     model: CrabNet,
@@ -472,6 +874,15 @@ def fit(
     precision: str = "auto",
 ) -> History:
     """Train ``model`` in place with the CrabNet recipe (SPEC §4).
+
+    Under torchrun (``WORLD_SIZE`` > 1, :mod:`crabnet.distributed`) every rank calls ``fit`` with the
+    same arguments and they train one model: each epoch's shuffled global batches (the recipe's batch
+    size) are split between the ranks (:func:`_shard`), DDP averages the gradients, the validation
+    MAE is summed over the ranks' shares of ``val``, so every rank takes the same SWA and early-stop
+    decisions and ends with the same weights, within float32 rounding of a single-process run (the
+    batch order, jitter and learning rate are the same; the dropout masks depend on the number of
+    ranks). Rank 0 alone writes the training state and shows the progress; the callback runs on the
+    ranks that are given one.
 
     Args:
         model: the model (already on its device).
@@ -497,155 +908,30 @@ def fit(
         precision: "auto" (bf16 autocast where the hardware is fast at it), "fp32" or "bf16".
             Weights, optimiser, SWA and loss stay fp32.
     """
-    device = next(model.parameters()).device
-    precision = resolve_precision(precision, device)
-    t0 = time.perf_counter()
-    el, fr, y = to_tensors(train, device)
-    y = scaler.scale(y)
-    n = len(train)
-    # the original counts the training CSV's rows before unary compounds are dropped and duplicates merged
-    bs = recipe.batch_size or batch_size_for(train.n_csv_rows, recipe.max_batch_size)
-    n_batches = math.ceil(n / bs)
-    half_cycle = max(1, recipe.epochs_step * n_batches)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = Lookahead(Lamb(params, lr=recipe.base_lr), alpha=recipe.lookahead_alpha, k=recipe.lookahead_k)
-    swa = SWA(params)
-    validate = Validator(val, scaler, device, recipe.eval_batch_size, precision)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
-    hist = History(precision=precision)
-    key = {
-        "n_train": n,
-        "n_val": len(val),
-        "batch_size": bs,
-        "recipe": recipe_dict(recipe),
-        "seed": seed,
-        "precision": precision,
-        "swa_rule": SWA.RULE,
-        **(state_key or {}),
-    }
-    save_every_s = state_save_interval() if save_every_s is None else save_every_s
-    stateful = callback is not None and hasattr(callback, "state_dict") and hasattr(callback, "load_state_dict")
-    start, partial = 0, {}
-    state = load_training_state(state_path, key) if state_path else None
-    if state is not None:
-        hist, start, partial = _restore_training_state(
-            state, model, optimizer, swa, gen, noise_gen, callback if stateful else None
-        )
-        at = f" batch {partial['batches'] + 1}/{n_batches}" if partial else ""
-        print(f"resuming {desc} from {state_path} at epoch {start + 1}{at} of {recipe.epochs}", flush=True)
-    t_resumed = hist.seconds
-
-    def save(epoch: int, inside: dict | None = None) -> None:  # the state after `epoch` (+ `inside` the next)
-        hist.seconds = t_resumed + time.perf_counter() - t0
-        save_training_state(
-            state_path,
-            key=key,
-            epoch=epoch,
-            model=model,
-            optimizer=optimizer,
-            swa=swa,
-            gen=gen,
-            noise_gen=noise_gen,
-            hist=hist,
-            callback_state=callback.state_dict() if stateful else None,
-            partial=inside,
-        )
-
-    model.train()
-    if callback and state is None:
-        callback("start", -1, 0)
-    epochs = range(start, recipe.epochs)
-    bar = (
-        tqdm(
-            epochs,
-            desc=desc,
-            unit="epoch",
-            disable=False if progress else None,
-            dynamic_ncols=True,
-            initial=start,
-            total=recipe.epochs,
-        )
-        if progress is not False
-        else epochs
+    run = _setup(
+        model,
+        train,
+        val,
+        scaler,
+        recipe,
+        seed=seed,
+        callback=callback,
+        desc=desc,
+        state_path=state_path,
+        state_key=state_key,
+        precision=precision,
     )
-    swa_first = recipe.epochs_step * recipe.swa_start - 1
-    last_save = t_loop = time.perf_counter()
-    lines = plain_progress(progress)
-    stop = recipe.early_stop and hist.swa_failures >= recipe.early_stop
-    for epoch in [] if stop else bar:
-        swa_epoch = recipe.swa and (epoch + 1) % (2 * recipe.epochs_step) == 0 and epoch >= swa_first
-        if partial:  # resuming inside this epoch
-            first, order, loss_sum, added = partial["batches"], partial["order"], partial["loss_sum"], partial["added"]
-            partial = {}
-        else:
-            first, order = 0, torch.randperm(n, generator=gen).to(device)
-            loss_sum, added = torch.zeros((), device=device), 0
-        # off the CPU the batches' real slots come from the host's copy of the data (crabnet.model.real_slots),
-        # so that the forward pass needs no host synchronisation
-        order_host = None if device.type == "cpu" else order.cpu().numpy()  # one synchronisation per epoch
-        for b in range(first, n_batches):
-            idx = order[b * bs : (b + 1) * bs]
-            real = None if order_host is None else real_slots(train.elements[order_host[b * bs : (b + 1) * bs]], device)
-            lr = triangular_lr(hist.steps, recipe.base_lr, recipe.max_lr, half_cycle)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            frac = jitter_fractions(fr[idx], recipe.jitter, noise_gen)
-            with autocast(precision, device):
-                out = model(el[idx], frac, real=real)  # (b, 3), float32
-            loss = robust_l1(out[:, 0], out[:, 2], y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            hist.steps += 1
-            hist.lr.append(lr)
-            loss_sum += loss.detach()
-            if swa_epoch:
-                resets = swa.resets
-                if swa.update(validate(model)):
-                    added += 1
-                hist.swa_resets += swa.resets - resets
-            if callback:
-                callback("step", epoch, hist.steps)
-            if STOP.is_set() and b + 1 < n_batches:  # SIGTERM: save inside the epoch and stop
-                if state_path:
-                    save(
-                        epoch - 1,
-                        {"batches": b + 1, "order": order.cpu(), "loss_sum": loss_sum.detach().cpu(), "added": added},
-                    )
-                raise _preempted(
-                    desc, f"epoch {epoch + 1}/{recipe.epochs} (after batch {b + 1}/{n_batches})", state_path
-                )
-        hist.train_loss.append(float(loss_sum) / n_batches)
-        hist.epochs_run = epoch + 1
-        hist.epoch_lr.append(lr)
-        hist.epoch_swa.append(added if swa_epoch else -1)
-        hist.swa_updates += added
-        if swa_epoch and not added:
-            hist.swa_failures += 1
-        hist.val_mae.append(validate(model) if val_every and (epoch + 1) % val_every == 0 else float("nan"))
-        if callback:
-            callback("epoch", epoch, hist.steps)
-        _bar_postfix(bar, hist, recipe)
-        now = time.perf_counter()
-        if lines:
-            print(
-                epoch_line(desc, hist, recipe, (now - t_loop) / (epoch + 1 - start), t_resumed + now - t0), flush=True
-            )
-        stop = bool(recipe.early_stop and hist.swa_failures >= recipe.early_stop)
-        hist.stopped_early = stop
-        if state_path and (now - last_save >= save_every_s or stop or epoch + 1 == recipe.epochs or STOP.is_set()):
-            save(epoch)
-            last_save = now
-        if STOP.is_set():
-            raise _preempted(desc, f"epoch {epoch + 1}/{recipe.epochs} (at its end)", state_path)
-        if stop:
-            break
-    if hasattr(bar, "close"):
-        bar.close()
-    hist.swapped_swa = swa.swap()
+    save_every_s = state_save_interval() if save_every_s is None else save_every_s
+    progress = progress if distributed.is_main() else False  # under torchrun rank 0 shows the progress
+    resumed, start, partial = _resume(run)
+    model.train()
+    if callback and not resumed:
+        callback("start", -1, 0)
+    _epochs(run, start, partial, progress=progress, val_every=val_every, save_every_s=save_every_s)
+    hist = run.hist
+    hist.swapped_swa = run.swa.swap()
     model.eval()
-    hist.seconds = t_resumed + time.perf_counter() - t0
+    hist.seconds = run.t_resumed + time.perf_counter() - run.t0
     return hist
 
 
@@ -719,6 +1005,8 @@ def training_meta(recipe: Recipe, hist: History, **extra) -> dict:
         "final_weights": "swa" if hist.swapped_swa else "last",
         "train_seconds": round(hist.seconds, 1),
         "history": hist.per_epoch(),
+        # under torchrun: the ranks that trained together (the dropout masks, and so the weights, depend on it)
+        **({"ranks": distributed.world_size()} if distributed.world_size() > 1 else {}),
     }
 
 
@@ -750,7 +1038,8 @@ def save_trained(
     """Evaluate on ``test`` and save the checkpoint of a finished training at :func:`checkpoint_path`.
 
     ``beside_full``: if a checkpoint trained with a full recipe is already there, keep it and
-    write ``…__attention.pt`` beside it (step 1's shorter attention run).
+    write ``…__attention.pt`` beside it (step 1's shorter attention run). Under torchrun every rank
+    gets the metadata, and rank 0 alone writes the checkpoint.
 
     Returns:
         ``(path, meta)``.
@@ -773,7 +1062,8 @@ def save_trained(
             full = False
         if full:
             path = path.with_name(f"{path.stem}__attention.pt")
-    save_checkpoint(path, model, scaler, meta)
+    if distributed.is_main():
+        save_checkpoint(path, model, scaler, meta)
     return path, meta
 
 
@@ -796,14 +1086,18 @@ def train_and_save(
     when logging to a file). The training state is kept beside the checkpoint (``….state.pt``) while
     the run goes on (saved about once a minute, ``$CRABNET_STATE_EVERY_S`` seconds if set, and on
     SIGTERM), so an interrupted run started again with the same settings goes on from there (to the
-    same result). The state file is removed at the end.
+    same result). The state file is removed at the end. Under torchrun (docs/distributed.md) the
+    ranks train the model together and rank 0 writes the files.
 
     Returns:
         ``(model, scaler, meta)``; meta holds the recipe, test MAE and training history.
     """
     from crabnet.data import load_dataset
 
-    splits = splits or load_dataset(data_dir, dataset)
+    device = distributed.init(device)  # under torchrun: join the process group; this rank's GPU
+    if splits is None:
+        with distributed.main_first():  # rank 0 fetches the datasets if they are missing
+            splits = load_dataset(data_dir, dataset)
     model, scaler = new_model(features, splits, device, seed)
     state_path = Layout(data_dir).training_state(dataset, features, recipe.name)
     hist = fit(
@@ -822,7 +1116,8 @@ def train_and_save(
     _, meta = save_trained(
         data_dir, dataset, features, recipe, model, scaler, hist, splits["test"], seed=seed, written_by=written_by
     )
-    state_path.unlink(missing_ok=True)
+    if distributed.is_main():
+        state_path.unlink(missing_ok=True)
     return model, scaler, meta
 
 
