@@ -40,7 +40,7 @@ from pathlib import Path
 from crabnet import distributed
 from crabnet.cli import DEMO_DATASET, add_common, add_training, make_parser, run
 from crabnet.costs import cached_rates, dataset_training_cost_s
-from crabnet.embeddings import model_job, model_outputs_current
+from crabnet.embeddings import model_job, model_outputs_current, print_results
 from crabnet.engine import Job, add_engine_args, engine_from_args, run_jobs
 from crabnet.errors import UsageError
 from crabnet.layout import BENCHMARK_DATASETS
@@ -69,27 +69,13 @@ def parse_args(argv=None):
         help="dataset folder under <data-dir>/benchmark_data/; repeatable; 'all' = the 18 "
         f"benchmark sets (default: {' and '.join(DEFAULT_DATASETS)}; --quick: {QUICK['datasets'][0]})",
     )
-    p.add_argument(
-        "--features",
-        nargs="+",
-        default=["mat2vec", "onehot"],
-        choices=["mat2vec", "onehot"],
-        help="element features: mat2vec = CrabNet, onehot = HotCrab",
+    features = "element features: mat2vec = CrabNet, onehot = HotCrab"
+    p.add_argument("--features", nargs="+", default=["mat2vec", "onehot"], choices=["mat2vec", "onehot"], help=features)
+    epochs = (
+        f"maximum epochs of a model to train (default 300, the full recipe, may stop early; --quick {QUICK['epochs']})"
     )
-    p.add_argument(
-        "--epochs",
-        type=int,
-        default=None,
-        help="maximum epochs when a model must be trained (default 300 = the full recipe "
-        f"with SWA early stopping; --quick {QUICK['epochs']})",
-    )
-    p.add_argument(
-        "--epochs-step",
-        type=int,
-        default=None,
-        help="half-cycle of the cyclic learning rate in epochs (default: the recipe's, 1 for immi, 10 for npj)",
-    )
-    add_training(p)
+    p.add_argument("--epochs", type=int, default=None, help=epochs)
+    add_training(p, epochs_step=True)
     add_engine_args(p)
     return p.parse_args(argv)
 
@@ -103,18 +89,6 @@ def expand_datasets(names: list[str] | None, quick: bool) -> list[str]:
             if ds not in out:
                 out.append(ds)
     return out
-
-
-def print_table(rows: list[dict]) -> None:
-    head = f"{'dataset':30s} {'features':8s} {'model':22s} {'n_test':>6s}"
-    print(f"\n{head} {'test MAE':>9s} {'published':>9s} {'ratio':>6s}")
-    for r in rows:
-        ref = f"{r['published']:.4g}" if r["published"] else "-"
-        ratio = f"{r['test_mae'] / r['published']:.2f}" if r["published"] else "-"
-        print(
-            f"{r['dataset']:30s} {r['features']:8s} {r['recipe']:22s} {r['n_test']:6d} {r['test_mae']:9.4g} "
-            f"{ref:>9s} {ratio:>6s}"
-        )
 
 
 def main(
@@ -138,20 +112,12 @@ def main(
     recipe = make_recipe(recipe, epochs=epochs, **({} if epochs_step is None else {"epochs_step": epochs_step}))
     dev, eng = resolve_device(device), engine_from_args(engine)
     rates = cached_rates(data_dir, str(dev), precision) if eng.plan else None
+    common = dict(data_dir=data_dir, recipe=recipe, device=str(dev), seed=seed, force=force, precision=precision)
     jobs = [
         Job(
             f"{ds} {feat}",
             model_job,
-            dict(
-                data_dir=data_dir,
-                dataset=ds,
-                features=feat,
-                recipe=recipe,
-                device=str(dev),
-                seed=seed,
-                force=force,
-                precision=precision,
-            ),
+            dict(common, dataset=ds, features=feat),
             gpu=dev.type == "cuda",
             cost_s=dataset_training_cost_s(data_dir, ds, recipe, rates) if rates else 0,
             result=None if force else model_outputs_current(data_dir, ds, feat, recipe),
@@ -164,12 +130,7 @@ def main(
         return 0
     if not distributed.is_main():  # under torchrun rank 0 reports
         return 0
-    for row in rows:
-        print(
-            f"{row['dataset']} {row['features']}: {row['n_csv']} embedding CSVs -> {row['embeddings']}/; "
-            f"test predictions -> {row['predictions']}"
-        )
-    print_table(rows)
+    print_results(rows)
     refresh_report(data_dir)
     print("next: python plot_element_correlation.py" + (" --quick" if quick else ""))
     return 0

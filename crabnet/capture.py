@@ -351,14 +351,12 @@ def attention_job(data_dir: Path, recipe: Recipe, settings: dict, device: str, f
         Preempted: SIGTERM; the training state was saved (the message names the staged captures).
         DataError: a bad row (unless ``skip_invalid``).
     """
-    import sys
     import time
 
     from crabnet import distributed
     from crabnet.data import load_dataset
     from crabnet.layout import Layout
-    from crabnet.signals import Preempted
-    from crabnet.train import fit, new_model, recipe_dict, save_trained
+    from crabnet.train import new_model, save_trained
     from crabnet.utils import resolve_device
 
     dataset, features, split = settings["dataset"], settings["features"], settings["split"]
@@ -375,56 +373,11 @@ def attention_job(data_dir: Path, recipe: Recipe, settings: dict, device: str, f
     )
 
     state_path = store.with_name(store.name + ".state.pt")
-    writer = recorder = None
-    if distributed.is_main():  # under torchrun rank 0 alone captures (the others wait in the next step)
-        writer = AttentionWriter(
-            store,
-            splits[split],
-            model.cfg.n_layers,
-            model.cfg.n_heads,
-            {**settings, "model_config": model.cfg.to_dict(), "recipe": recipe_dict(recipe)},
-            resume=not force,
-        )
-        if not writer.resumed:
-            state_path.unlink(missing_ok=True)  # a state without its captures cannot be resumed
-        recorder = AttentionRecorder(model, splits[split], scaler, writer, mode=capture, every=capture_every)
-    staged = partial_path(store)
-    try:
-        hist = fit(
-            model,
-            splits["train"],
-            splits["val"],
-            scaler,
-            recipe,
-            seed=seed,
-            callback=recorder,
-            desc=f"{dataset} {features}",
-            state_path=state_path,
-            state_key=settings,
-            precision=settings["precision"],
-        )
-    except KeyboardInterrupt:
-        print(
-            f"\ninterrupted: captures staged in {staged} (incomplete, not used by later steps); "
-            f"the same command goes on from the last saved epoch ({state_path.name})",
-            file=sys.stderr,
-        )
-        raise
-    except Preempted as err:  # SIGTERM: fit saved its state; crabnet.cli.run prints this and exits 143
-        raise Preempted(f"{err}; captures staged in {staged}") from None
-    ckpt, meta = save_trained(
-        data_dir,
-        dataset,
-        features,
-        recipe,
-        model,
-        scaler,
-        hist,
-        splits["test"],
-        seed=seed,
-        written_by="get_training_attention.py",
-        beside_full=True,
-    )
+    writer, recorder = _open_capture(store, state_path, splits[split], model, scaler, settings, recipe, force)
+    hist = _fit_capturing(model, splits, scaler, recipe, settings, recorder, state_path, partial_path(store))
+    by, test = "get_training_attention.py", splits["test"]
+    ckpt, meta = save_trained(data_dir, dataset, features, recipe, model, scaler, hist, test, seed=seed, written_by=by,
+                              beside_full=True)  # fmt: skip
     result = {
         "store": str(store),
         "checkpoint": str(ckpt),
@@ -438,23 +391,93 @@ def attention_job(data_dir: Path, recipe: Recipe, settings: dict, device: str, f
         return result
     state_path.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    writer.finalize(
-        {
-            "epochs_run": hist.epochs_run,
-            "stopped_early": hist.stopped_early,
-            "swa_updates": hist.swa_updates,
-            "final_weights": "swa" if hist.swapped_swa else "last",
-            "precision_used": hist.precision,
-            "test_mae": meta["test_mae"],
-            "train_seconds": round(hist.seconds, 2),
-            **({"ranks": distributed.world_size()} if distributed.world_size() > 1 else {}),  # under torchrun
-        }
-    )
+    writer.finalize(_run_attrs(hist, meta["test_mae"]))
     return {
         **result,
         "n_captures": writer.n_captures,
         "n_compounds": len(splits[split]),
         "reorganise_s": time.perf_counter() - t0,
+    }
+
+
+def store_matches(store: Path, wanted: dict) -> bool:
+    """Whether a complete store exists that was made with the same settings."""
+    try:
+        attrs = dict(zarr.open_group(store, mode="r").attrs)
+    except Exception:
+        return False
+    return bool(attrs.get("complete")) and all(attrs.get(k) == v for k, v in wanted.items())
+
+
+def print_result(r: dict, store: Path) -> None:
+    """What :func:`attention_job` made (or that the store was up to date)."""
+    if r.get("up_to_date"):
+        print(f"{store} is up to date (same settings); use --force to recompute")
+        return
+    print(
+        f"attention: {r['n_captures']} captures x {r['n_compounds']} compounds -> {r['store']} "
+        f"(reorganised in {r['reorganise_s']:.1f} s)"
+    )
+    print(
+        f"model -> {r['checkpoint']}\n{r['epochs_run']} epochs in {r['train_s']:.1f} s; "
+        f"val MAE {r['val_mae']:.4g} (last epoch), test MAE {r['test_mae']:.4g} "
+        f"({'SWA weights' if r['swa'] else 'last weights'})"
+    )
+
+
+def _fit_capturing(model, splits, scaler, recipe, settings: dict, recorder, state_path: Path, staged: Path):
+    """Train with the capturing callback; an interruption says where the captures are staged."""
+    import sys
+
+    from crabnet.signals import Preempted
+    from crabnet.train import fit
+
+    desc = f"{settings['dataset']} {settings['features']}"
+    try:
+        return fit(model, splits["train"], splits["val"], scaler, recipe, seed=settings["seed"], callback=recorder,
+                   precision=settings["precision"], desc=desc, state_path=state_path, state_key=settings)  # fmt: skip
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: captures staged in {staged} (incomplete, not used by later steps); "
+            f"the same command goes on from the last saved epoch ({state_path.name})",
+            file=sys.stderr,
+        )
+        raise
+    except Preempted as err:  # SIGTERM: fit saved its state; crabnet.cli.run prints this and exits 143
+        raise Preempted(f"{err}; captures staged in {staged}") from None
+
+
+def _open_capture(
+    store: Path, state_path: Path, data: CompositionData, model, scaler, settings: dict, recipe: Recipe, force: bool
+) -> tuple[AttentionWriter | None, AttentionRecorder | None]:
+    """The store's writer and the training callback that captures into it (on rank 0 only; else None, None)."""
+    from crabnet import distributed
+    from crabnet.train import recipe_dict
+
+    if not distributed.is_main():  # under torchrun rank 0 alone captures (the others wait in the next step)
+        return None, None
+    cfg = model.cfg
+    attrs = {**settings, "model_config": cfg.to_dict(), "recipe": recipe_dict(recipe)}
+    writer = AttentionWriter(store, data, cfg.n_layers, cfg.n_heads, attrs, resume=not force)
+    if not writer.resumed:
+        state_path.unlink(missing_ok=True)  # a state without its captures cannot be resumed
+    every = settings["capture_every"]
+    return writer, AttentionRecorder(model, data, scaler, writer, mode=settings["capture"], every=every)
+
+
+def _run_attrs(hist, test_mae: float) -> dict:
+    """What the finished store says of the training that made it."""
+    from crabnet import distributed
+
+    return {
+        "epochs_run": hist.epochs_run,
+        "stopped_early": hist.stopped_early,
+        "swa_updates": hist.swa_updates,
+        "final_weights": "swa" if hist.swapped_swa else "last",
+        "precision_used": hist.precision,
+        "test_mae": test_mae,
+        "train_seconds": round(hist.seconds, 2),
+        **({"ranks": distributed.world_size()} if distributed.world_size() > 1 else {}),  # under torchrun
     }
 
 

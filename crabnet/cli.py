@@ -78,8 +78,11 @@ def add_common(
         parser.add_argument("--force", action="store_true", help="recompute even if outputs are up to date")
 
 
-def add_training(parser: argparse.ArgumentParser, *, recipe: str = "immi") -> None:
-    """Add --recipe and --precision (scripts that train a model)."""
+def add_training(parser: argparse.ArgumentParser, *, recipe: str = "immi", epochs_step: bool = False) -> None:
+    """Add --recipe and --precision (scripts that train a model), and with ``epochs_step`` --epochs-step."""
+    if epochs_step:
+        cycle = "half-cycle of the cyclic learning rate in epochs (default: the recipe's, 1 for immi, 10 for npj)"
+        parser.add_argument("--epochs-step", type=int, default=None, help=cycle)
     parser.add_argument(
         "--recipe",
         default=recipe,

@@ -149,19 +149,29 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def engine_from_args(args: dict, *, small: bool = False) -> Engine:
+def engine_from_args(args: dict, *, small: bool = False, keep_threads: bool = False) -> Engine:
     """Pop the engine flags of :func:`add_engine_args` from a ``vars(args)`` dict into an :class:`Engine`.
 
     ``small``: the jobs take seconds (a ``--quick`` demo): without ``--scheduler`` they then run in
     this process, since starting worker processes (and compiling numba code in each) costs more.
+    ``keep_threads``: a job run on this machine (``local`` or ``sequential``) keeps torch's thread count
+    unless ``--threads-per-job`` is given (step 1's one training); elsewhere the workers' count applies
+    (under torchrun: cores / ranks, :func:`crabnet.distributed.threads_per_rank`).
     """
     scheduler = args.pop("scheduler", None)
     if scheduler is None:  # not given: local, or this process for small jobs
         scheduler = "sequential" if small else "local"
+    threads = args.pop("threads_per_job", None)
+    scheduler_file = args.pop("scheduler_file", None)
+    here = scheduler_file is None and scheduler in ("local", "sequential")
+    if keep_threads and threads is None and here and not _under_torchrun(False):
+        import torch
+
+        threads = torch.get_num_threads()
     return Engine(
         scheduler=scheduler,
-        scheduler_file=args.pop("scheduler_file", None),
-        threads_per_job=args.pop("threads_per_job", None),
+        scheduler_file=scheduler_file,
+        threads_per_job=threads,
         jobs_per_gpu=args.pop("jobs_per_gpu", 1),
         retries=args.pop("retries", 2),
         plan=args.pop("plan", False),

@@ -16,6 +16,7 @@ import preempt_job
 import pytest
 import torch
 
+from crabnet.capture import AttentionRecorder
 from crabnet.cli import check_writable, run
 from crabnet.data import load_dataset
 from crabnet.errors import UsageError
@@ -217,7 +218,7 @@ def test_unwritable_data_dir_is_one_error_line(tmp_path, capsys):
 def test_sigterm_in_step1_saves_state_and_staged_captures(tiny_data, monkeypatch, capsys, stop_handler):
     import get_training_attention as gta
 
-    real = gta.AttentionRecorder.__call__
+    real = AttentionRecorder.__call__
 
     def sigterm_at_step_2(self, event, epoch, step):
         real(self, event, epoch, step)
@@ -226,7 +227,7 @@ def test_sigterm_in_step1_saves_state_and_staged_captures(tiny_data, monkeypatch
             while not STOP.is_set():
                 time.sleep(0.005)
 
-    monkeypatch.setattr(gta.AttentionRecorder, "__call__", sigterm_at_step_2)
+    monkeypatch.setattr(AttentionRecorder, "__call__", sigterm_at_step_2)
     args = gta.parse_args(
         [
             "--data-dir",

@@ -186,7 +186,7 @@ def test_script_bad_csv_clear_error_no_outputs(tiny_data):
 
 def test_interrupted_run_leaves_no_complete_store(tiny_data, monkeypatch):
     calls = {"n": 0}
-    real = gta.AttentionRecorder.__call__
+    real = AttentionRecorder.__call__
 
     def interrupting(self, event, epoch, step):
         real(self, event, epoch, step)
@@ -194,7 +194,7 @@ def test_interrupted_run_leaves_no_complete_store(tiny_data, monkeypatch):
         if event == "epoch":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(gta.AttentionRecorder, "__call__", interrupting)
+    monkeypatch.setattr(AttentionRecorder, "__call__", interrupting)
     rc = gta.main(
         data_dir=tiny_data,
         dataset="tiny",
@@ -333,7 +333,7 @@ def test_interrupted_step1_goes_on_to_the_same_store(tiny_data, monkeypatch):
     ref_att, ref_pred, ref_steps = ref.group["attention"][:], ref.group["prediction"][:], ref.group["step"][:]
     assert not store.with_name("attention.zarr.state.pt").exists()
 
-    real = gta.AttentionRecorder.__call__
+    real = AttentionRecorder.__call__
 
     def interrupting(self, event, epoch, step):
         if event == "step" and epoch == 2:
@@ -342,7 +342,7 @@ def test_interrupted_step1_goes_on_to_the_same_store(tiny_data, monkeypatch):
 
     shutil.rmtree(store)
     with monkeypatch.context() as m:
-        m.setattr(gta.AttentionRecorder, "__call__", interrupting)
+        m.setattr(AttentionRecorder, "__call__", interrupting)
         assert _run_step1(tiny_data) == 130
     state = store.with_name("attention.zarr.state.pt")
     assert state.exists() and torch.load(state, weights_only=True)["callback"]["steps"] == [0, 1, 2]
