@@ -45,7 +45,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# the longer tests that .ci/run runs after `make test`: Dask schedulers, workers and fake SLURM jobs,
+# the longer tests that .ci/run runs after `make test`: Dask schedulers, workers, fake SLURM jobs, torchrun ranks,
 # the GPU check's CPU run (several minutes)
 test-long: venv
 	$(PY) -m pytest -q -m "cluster or ci"
