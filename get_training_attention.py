@@ -37,7 +37,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from crabnet import distributed
-from crabnet.capture import attention_job, print_result, store_matches
+from crabnet.capture import ATTRIBUTIONS, attention_job, print_result, store_matches
 from crabnet.cli import DEMO_DATASET, add_common, add_training, make_parser, run
 from crabnet.costs import cached_rates, dataset_training_cost_s
 from crabnet.data import SPLITS
@@ -109,7 +109,7 @@ def main(
     settings = dict(  # the store's attributes; a store made with other settings (or before attribution) is redone
         dataset=dataset, features=features, split=split, capture=capture, capture_every=capture_every, epochs=epochs,
         epochs_step=recipe.epochs_step, seed=seed, drop_unary=not keep_unary, batch_size=batch_size,
-        recipe_name=recipe.name, precision=precision, attribution=True,
+        recipe_name=recipe.name, precision=precision, attribution=True, attributions=list(ATTRIBUTIONS),
     )  # fmt: skip
     up_to_date = not force and store_matches(store, settings)
     dev = None if up_to_date else resolve_device(device)  # an up-to-date store needs no device

@@ -1,5 +1,6 @@
 """Cost of attention capture, side by side: no capture, epoch capture of attention alone, epoch
-capture with leave-one-element-out attribution too, and step capture (attention alone).
+capture with the attributions too (leave-one-element-out, Shapley values, output contribution, head
+ablation; crabnet.attribution), and step capture (attention alone).
 
     python benchmarks/capture.py                      # aflow__ael_bulk_modulus_vrh, 2 epochs each
     python benchmarks/capture.py --epochs 3 --capture-every 2 --threads 2
@@ -12,7 +13,8 @@ final compound-major store and from the capture-major staging layout it was writ
 ``--repeats N`` the configurations run N times in turn (interleaved, so a change in the machine's
 load hits them alike) and the table shows the median. The capture modes also time one capture of
 the trained model's split with attention alone and with attribution too, in the same process
-(best of 3, interleaved): the cost of attribution without the noise of training. The 1-minute load
+(best of 3, interleaved), with leave-one-out only, and with every attribution: their cost without the
+noise of training. The 1-minute load
 average before and after is printed, since the machine may be shared.
 """
 
@@ -70,22 +72,22 @@ def worker(mode: str, dataset: str, epochs: int, every: int, data_dir: Path, thr
         out["s_per_epoch"] = hist.seconds / hist.epochs_run
         out["steps"] = hist.steps
         if writer is not None:
-            times: dict[bool, list[float]] = {False: [], True: []}
-            for _ in range(3):  # one capture of the trained model: attention alone vs with attribution
-                for with_attr in (False, True):
+            probes = {"capture_s": False, "capture_loo_s": ("attribution",), "capture_attr_s": True}
+            times: dict[str, list[float]] = {k: [] for k in probes}
+            for _ in range(3):  # one capture of the trained model: attention alone, + leave-one-out, + all
+                for key, kinds in probes.items():
                     w = AttentionWriter(
-                        Path(tmp) / f"probe{int(with_attr)}.zarr",
+                        Path(tmp) / f"probe_{key}.zarr",
                         splits["val"],
                         model.cfg.n_layers,
                         model.cfg.n_heads,
                         {"dataset": dataset},
-                        attribution=with_attr,
+                        attribution=kinds,
                     )
                     t0 = time.perf_counter()
                     capture_split(model, splits["val"], scaler, w, 0)
-                    times[with_attr].append(time.perf_counter() - t0)
-            out["capture_s"] = min(times[False])
-            out["capture_attr_s"] = min(times[True])
+                    times[key].append(time.perf_counter() - t0)
+            out.update({key: min(t) for key, t in times.items()})
             rng = np.random.default_rng(0)
             rows = rng.integers(0, len(splits["val"]), 20)
             t0 = time.perf_counter()
@@ -217,7 +219,11 @@ def main(
         cells = ["/".join(format(r["s_per_epoch"], ".1f") for r in runs[m]) for m in chosen]
         print(f"{'  all runs':32s}" + "".join(f"{c:>16s}" for c in cells))
     row("one capture, attention (s)", "capture_s", ".2f")
-    row("one capture, + attribution (s)", "capture_attr_s", ".2f")
+    row("one capture, + leave-one-out (s)", "capture_loo_s", ".2f")
+    row("one capture, + all (s)", "capture_attr_s", ".2f")
+    ratios = [results[m].get("capture_attr_s", 0) / results[m]["capture_s"] if "capture_s" in results[m] else None
+              for m in chosen]  # fmt: skip
+    print(f"{'  all / attention alone':32s}" + "".join("-".rjust(16) if r is None else f"{r:>15.2f}x" for r in ratios))
     row("peak RSS (MB)", "peak_rss_mb", ".0f")
     row("captures", "captures", ".0f")
     row("KB on disk / capture", "bytes_per_capture", ".1f", 1 / 1024)

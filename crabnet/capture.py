@@ -10,6 +10,16 @@ L layers, H heads, E element slots:
                           prediction with the element removed (other fractions renormalised)
                           minus the full one; 0 at padding and for single-element compounds
                           (:func:`crabnet.faithfulness.leave_one_out`); absent in older stores
+    shapley (n, c, E)     exact Shapley values of the elements (:func:`crabnet.attribution.shapley`; a
+                          coalition's value = the prediction for its sub-compound, fractions
+                          renormalised; the empty one = the training mean): they sum to the prediction
+                          minus ``shapley_baseline`` (attribute); exact up to ``shapley_max_exact``
+                          elements, a seeded estimate of ``shapley_samples`` element orders above
+    contribution (n, c, E) each element's share of the output (:func:`crabnet.attribution.contribution`),
+                          summing to the prediction
+    head_effect (c, L, H) validation MAE with the head's output zeroed minus without (> 0: the head helps),
+                          on ``head_sample`` compounds of the split (a fixed seeded subset)
+    head_change (c, L, H) mean |change of the prediction| when the head is zeroed, same compounds
     attention (n, c, L, H, E, E) float32: row q is query element q's distribution over the keys
 
 While training, captures are appended to ``<store>.partial`` in capture-major chunks (one batch
@@ -28,6 +38,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,16 +46,22 @@ import zarr
 from tqdm.auto import tqdm
 
 import crabnet
+from crabnet.attribution import MAX_EXACT, N_SAMPLES, coalition_attribution, contribution_from_head, head_ablation
 from crabnet.data import CompositionData, normalise_formula, parse_formula
 from crabnet.elements import ATOMIC_NUMBER, SYMBOLS
 from crabnet.errors import DataError
-from crabnet.faithfulness import leave_one_out
 from crabnet.model import CrabNet
 from crabnet.train import Recipe, Scaler
 from crabnet.utils import atomic_path, remove_path
 
 STAGING_CHUNK_BYTES = 8 << 20  # staging chunk: this many bytes of one capture
 SHARD_BYTES = 32 << 20  # final shard: about this many bytes
+# the attributions stored beside attention at every capture (see the module docstring)
+PER_COMPOUND = ("attribution", "shapley", "contribution")  # (n, c, E), target units
+PER_CAPTURE = ("head_effect", "head_change")  # (c, L, H), target units
+ATTRIBUTIONS = (*PER_COMPOUND, *PER_CAPTURE)
+HEAD_SAMPLE = 64  # compounds of the split (a fixed seeded subset) whose predictions the head ablation measures
+ATTRIBUTION_ATTRS = {"shapley_max_exact": MAX_EXACT, "shapley_samples": N_SAMPLES, "head_sample": HEAD_SAMPLE}
 SMALL_CHUNK_BYTES = 4 << 20  # final chunk of the per-compound histories of prediction/attribution
 BLOCK_BYTES = 256 << 20  # reorganisation reads at most about this much at once
 
@@ -74,8 +91,11 @@ class AttentionWriter:
         resume: reopen the staging store of an interrupted run made with the same ``attrs``
             (``resumed`` says whether there was one); :meth:`restore` then keeps its first
             captures. Otherwise the staging store is created afresh.
-        attribution: also store the leave-one-element-out attribution of every capture (the
-            group attribute ``attribution`` says whether a store has it).
+        attribution: also store the attributions of every capture: leave-one-element-out, Shapley
+            values, the output contribution and the head ablation (:data:`PER_COMPOUND`,
+            :data:`PER_CAPTURE`; the group attribute ``attribution`` says whether a store has them),
+            or only the kinds named (a model without CrabNet's layers and head, e.g. a test's stub,
+            has neither output contribution nor heads).
     """
 
     def __init__(
@@ -86,7 +106,7 @@ class AttentionWriter:
         n_heads: int,
         attrs: dict,
         resume: bool = False,
-        attribution: bool = True,
+        attribution: bool | tuple[str, ...] = True,
     ):
         self.path = Path(path)
         self.data = data
@@ -95,6 +115,10 @@ class AttentionWriter:
         self.map_shape = (n_layers, n_heads, self.E, self.E)
         self.bytes_per_map = 4 * int(np.prod(self.map_shape))
         self.chunk_n = int(np.clip(STAGING_CHUNK_BYTES // self.bytes_per_map, 1, self.n))
+        kinds = ATTRIBUTIONS if attribution is True else tuple(attribution or ())
+        unknown = set(kinds) - set(ATTRIBUTIONS)
+        if unknown:
+            raise ValueError(f"unknown attribution kinds {sorted(unknown)}; known: {ATTRIBUTIONS}")
         self.attrs = {
             **attrs,
             "n_layers": n_layers,
@@ -102,12 +126,15 @@ class AttentionWriter:
             "n_elements": self.E,
             "n_compounds": self.n,
             "created_with": crabnet.__version__,
-            "attribution": bool(attribution),
+            "attribution": bool(kinds),
+            **({**ATTRIBUTION_ATTRS, "attributions": list(kinds)} if kinds else {}),
             "complete": False,
         }
-        self.with_attribution = bool(attribution)
-        self.attr = None
-        self.attr_missing: set[int] = set()  # captures begun whose attribution was not written
+        self.kinds = kinds
+        self.with_attribution = bool(kinds)
+        self.extra: dict[str, Any] = {}  # name -> staging array of PER_COMPOUND (n, c, E) / PER_CAPTURE (c, L, H)
+        self.attr_missing: set[int] = set()  # captures begun whose attributions were not all written
+        self.final_attrs: dict[str, Any] = {}  # attributes known only once captures ran (the Shapley baseline)
         self.staging = partial_path(self.path)
         self.steps: list[int] = []
         self.resumed = resume and self._reopen()
@@ -119,10 +146,18 @@ class AttentionWriter:
             "attention", shape=(self.n, 0, *self.map_shape), chunks=(self.chunk_n, 1, *self.map_shape), dtype="float32"
         )
         self.pred = self.group.create_array("prediction", shape=(self.n, 0), chunks=(self.n, 1), dtype="float32")
-        if self.with_attribution:
-            self.attr = self.group.create_array(
-                "attribution", shape=(self.n, 0, self.E), chunks=(self.n, 1, self.E), dtype="float32"
-            )
+        for name in self.kinds:
+            shape = self._extra_shape(name, 0)
+            chunks = (self.n, 1, self.E) if name in PER_COMPOUND else (1, *shape[1:])
+            self.extra[name] = self.group.create_array(name, shape=shape, chunks=chunks, dtype="float32")
+
+    @property
+    def attr(self):
+        """The staging array of the leave-one-element-out attribution (None without attribution)."""
+        return self.extra.get("attribution")
+
+    def _extra_shape(self, name: str, c: int) -> tuple[int, ...]:
+        return (self.n, c, self.E) if name in PER_COMPOUND else (c, *self.map_shape[:2])
 
     def _reopen(self) -> bool:
         """Open an existing staging store made with the same attributes; False if there is none."""
@@ -130,14 +165,15 @@ class AttentionWriter:
             group = zarr.open_group(self.staging, mode="r+")
             same = _plain(dict(group.attrs)) == _plain(self.attrs)
             att, pred = group["attention"], group["prediction"]
-            attr = group["attribution"] if self.with_attribution else None
+            extra = {name: group[name] for name in self.kinds}
         except Exception:  # missing or unreadable: start afresh
             return False
+        c = att.shape[1]
         if not same or att.shape[0] != self.n or tuple(att.shape[2:]) != self.map_shape:
             return False
-        if attr is not None and (attr.shape[0] != self.n or attr.shape[2] != self.E or attr.shape[1] != att.shape[1]):
+        if any(a.shape != self._extra_shape(name, c) for name, a in extra.items()):
             return False
-        self.group, self.att, self.pred, self.attr = group, att, pred, attr
+        self.group, self.att, self.pred, self.extra = group, att, pred, extra
         return True
 
     def restore(self, steps: list[int]) -> None:
@@ -148,8 +184,8 @@ class AttentionWriter:
             raise DataError(f"{self.staging} holds {self.att.shape[1]} captures, the training state expects {c}")
         self.att.resize((self.n, c, *self.map_shape))
         self.pred.resize((self.n, c))
-        if self.attr is not None:
-            self.attr.resize((self.n, c, self.E))
+        for name, a in self.extra.items():
+            a.resize(self._extra_shape(name, c))
         self.steps = [int(s) for s in steps]
         self.attr_missing = set()  # kept captures were made by capture_split, with their attribution
 
@@ -162,8 +198,9 @@ class AttentionWriter:
         c = self.n_captures
         self.att.resize((self.n, c + 1, *self.map_shape))
         self.pred.resize((self.n, c + 1))
-        if self.attr is not None:
-            self.attr.resize((self.n, c + 1, self.E))
+        for name, a in self.extra.items():
+            a.resize(self._extra_shape(name, c + 1))
+        if self.extra:
             self.attr_missing.add(c)
         self.steps.append(int(step))
         return c
@@ -176,10 +213,19 @@ class AttentionWriter:
         """Write the predictions (n,) of every compound for capture c."""
         self.pred[:, c] = prediction
 
-    def write_attribution(self, c: int, attribution: np.ndarray) -> None:
-        """Write the attribution (n, E) of every compound for capture c (ignored without attribution)."""
-        if self.attr is not None:
-            self.attr[:, c] = attribution
+    def write_attribution(self, c: int, attribution: np.ndarray | None = None, **others: np.ndarray) -> None:
+        """Write the attributions of capture c (ignored without attribution): ``attribution`` (n, E) and,
+        by name, the other :data:`PER_COMPOUND` (n, E) and :data:`PER_CAPTURE` (L, H) arrays. A capture
+        counts as complete when all of them were written."""
+        if not self.extra:
+            return
+        values = {**({} if attribution is None else {"attribution": attribution}), **others}
+        for name, v in values.items():
+            if name in PER_COMPOUND:
+                self.extra[name][:, c] = v
+            else:
+                self.extra[name][c] = v
+        if set(self.extra) <= set(values):
             self.attr_missing.discard(c)
 
     def finalize(self, extra_attrs: dict | None = None, progress: bool | None = None) -> Path:
@@ -198,7 +244,10 @@ class AttentionWriter:
         per_compound = c * self.bytes_per_map
         shard_n = int(np.clip(SHARD_BYTES // per_compound, 1, self.n))
         block_n = max(shard_n, (BLOCK_BYTES // per_compound) // shard_n * shard_n)
-        attrs = {**self.attrs, **(extra_attrs or {}), "n_captures": c, "attribution": with_attr, "complete": True}
+        attrs = {**self.attrs, **self.final_attrs, **(extra_attrs or {}), "n_captures": c}
+        attrs.update(attribution=with_attr, complete=True)
+        if not with_attr:
+            attrs = {k: v for k, v in attrs.items() if k not in ATTRIBUTION_ATTRS}
         with atomic_path(self.path) as tmp:
             g = zarr.open_group(tmp, mode="w", zarr_format=3)
             d = self.data
@@ -214,7 +263,9 @@ class AttentionWriter:
             g.create_array("prediction", data=self.pred[:], chunks=(min(self.n, 4096), c))
             if with_attr:  # compound-major: whole histories of a few thousand compounds per chunk
                 rows = int(np.clip(SMALL_CHUNK_BYTES // max(1, 4 * c * self.E), 1, min(self.n, 4096)))
-                g.create_array("attribution", data=self.attr[:], chunks=(rows, c, self.E))
+                for name, a in self.extra.items():
+                    chunks = (rows, c, self.E) if name in PER_COMPOUND else a.shape
+                    g.create_array(name, data=a[:], chunks=chunks)
             att = g.create_array(
                 "attention",
                 shape=(self.n, c, *self.map_shape),
@@ -246,31 +297,58 @@ def capture_split(
     """Run the model on ``data`` with attention capture and store one capture. Returns predictions.
 
     Eval mode, no autograd, float32 (autocast disabled), no random numbers drawn: training goes on
-    exactly as without capture. With ``writer.with_attribution`` the leave-one-element-out
-    variants of each batch follow its attention pass (about one extra pass per element).
+    exactly as without capture. With ``writer.with_attribution`` the sub-compounds of each batch
+    (all 2^k - 1 of a k-element compound, each distinct one once) follow its attention pass, giving
+    the Shapley values and the leave-one-element-out attribution, and the head ablation runs on
+    :data:`HEAD_SAMPLE` compounds (:func:`head_sample`).
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     bs = batch_size or writer.chunk_n
     c = writer.begin_capture(step)
-    preds = np.empty(len(data), dtype=np.float64)
-    effects = np.zeros((len(data), writer.E), dtype=np.float64) if writer.with_attribution else None
+    n, with_attr = len(data), writer.with_attribution
+    preds = np.empty(n, dtype=np.float64)
+    extra = {name: np.zeros((n, writer.E), dtype=np.float32) for name in PER_COMPOUND if name in writer.kinds}
     with torch.autocast(device.type, enabled=False):
-        for i in range(0, len(data), bs):
-            el = torch.as_tensor(data.elements[i : i + bs], dtype=torch.long, device=device)
-            fr = torch.as_tensor(data.fractions[i : i + bs], dtype=torch.float32, device=device)
-            out = model.forward_internals(el, fr, attention=True)
+        for i in range(0, n, bs):
+            el = torch.as_tensor(data.elements[i : i + bs], dtype=torch.long, device=device)  # (b, E)
+            fr = torch.as_tensor(data.fractions[i : i + bs], dtype=torch.float32, device=device)  # (b, E)
+            out = model.forward_internals(el, fr, attention=True, hidden="contribution" in extra)
             writer.write_batch(c, i, out.attention.float().cpu().numpy())  # (b, L, H, E, E)
             preds[i : i + bs] = out.output[:, 0].double().cpu().numpy()
-            if effects is not None:
-                effects[i : i + bs] = leave_one_out(model, el, fr, full=out.output[:, 0], max_rows=bs).numpy()
-    pred = scaler.unscale(preds)
-    writer.write_prediction(c, pred.astype(np.float32))
-    if effects is not None:
-        writer.write_attribution(c, (effects * scaler.std).astype(np.float32))  # target units
+            if with_attr:
+                _attribute_batch(model, el, fr, out, scaler, extra, i, bs)
+        pred = scaler.unscale(preds)
+        writer.write_prediction(c, pred.astype(np.float32))
+        if with_attr:
+            if "head_effect" in writer.kinds:
+                rows = head_sample(n)
+                heads = head_ablation(model, data.elements[rows], data.fractions[rows], data.target[rows], scaler)
+                extra.update(head_effect=heads["mae_change"], head_change=heads["mean_abs_change"])
+            writer.write_attribution(c, **extra)
+            writer.final_attrs["shapley_baseline"] = float(scaler.mean)
     model.train(was_training)
     return pred
+
+
+def head_sample(n: int) -> np.ndarray:
+    """The rows of a split of ``n`` compounds whose head ablation is measured: all, or :data:`HEAD_SAMPLE`
+    drawn once with a fixed seed (the same at every capture), sorted."""
+    if n <= HEAD_SAMPLE:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, HEAD_SAMPLE, replace=False))
+
+
+def _attribute_batch(model, el, fr, out, scaler, extra: dict[str, np.ndarray], i: int, bs: int) -> None:
+    """The Shapley values, leave-one-out effects and output contributions of one batch into ``extra``."""
+    ca = coalition_attribution(model, el, fr, scaler, float(scaler.mean), full=out.output[:, 0], batch_size=bs)
+    extra["attribution"][i : i + bs] = ca.leave_one_out  # (b, E), target units
+    if "shapley" in extra:
+        extra["shapley"][i : i + bs] = ca.shapley  # (b, E)
+    if "contribution" in extra:
+        head_out = model.head(out.hidden[-1]).float()  # (b, E, 3), padding rows of no weight
+        extra["contribution"][i : i + bs] = contribution_from_head(head_out, el > 0, scaler)  # (b, E)
 
 
 class AttentionRecorder:
@@ -500,6 +578,9 @@ class CompoundHistory:
         attention: (c, L, H, k, k) maps restricted to the real elements.
         attribution: (c, k) leave-one-element-out effects (target units), or None for a store
             made without attribution.
+        shapley: (c, k) Shapley values (target units; they sum to the prediction minus the store's
+            ``shapley_baseline``), or None for a store without them.
+        contribution: (c, k) each element's share of the output (they sum to the prediction), or None.
     """
 
     index: int
@@ -511,6 +592,8 @@ class CompoundHistory:
     prediction: np.ndarray
     attention: np.ndarray
     attribution: np.ndarray | None = None
+    shapley: np.ndarray | None = None
+    contribution: np.ndarray | None = None
 
     @property
     def symbols(self) -> list[str]:
@@ -544,7 +627,9 @@ class AttentionStore:
         self.targets: np.ndarray = self.group["target"][:]
         self._norm: dict[str, int] | None = None
         # stores made before attribution was captured have none
-        self.has_attribution: bool = "attribution" in set(self.group.array_keys())
+        arrays = set(self.group.array_keys())
+        self.has_attribution: bool = "attribution" in arrays
+        self.has_shapley: bool = "shapley" in arrays  # with contribution and the head ablation (newer stores)
 
     def __len__(self) -> int:
         return len(self.formulas)
@@ -612,6 +697,12 @@ class AttentionStore:
         ranked += self.formulas[:n]
         return list(dict.fromkeys(ranked))[:n]
 
+    def head_effects(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``head_effect`` and ``head_change`` (c, L, H) of the head ablation, or None for an older store."""
+        if not self.has_shapley:
+            return None
+        return self.group["head_effect"][:], self.group["head_change"][:]
+
     def compound(self, key: int | str) -> CompoundHistory:
         """History of one compound by row number or formula (one contiguous read of its maps)."""
         i = self.find(key) if isinstance(key, str) else int(key)
@@ -629,4 +720,6 @@ class AttentionStore:
             prediction=self.group["prediction"][i],
             attention=att[..., :k, :k],
             attribution=self.group["attribution"][i][:, :k] if self.has_attribution else None,
+            shapley=self.group["shapley"][i][:, :k] if self.has_shapley else None,
+            contribution=self.group["contribution"][i][:, :k] if self.has_shapley else None,
         )

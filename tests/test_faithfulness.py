@@ -91,8 +91,15 @@ def capture_store(tmp_path, model, data, scaler, steps=(0,), attribution=True):
 def test_element_the_prediction_ignores_has_zero_attribution_and_ranks_last(tmp_path):
     data = compositions_from_formulas(FORMULAS)
     scaler = Scaler(mean=10.0, std=2.5)
-    store = capture_store(tmp_path, IgnoresSodium(), data, scaler)
+    # the stub has no heads nor CrabNet's output head: leave-one-out and Shapley values only
+    store = capture_store(tmp_path, IgnoresSodium(), data, scaler, attribution=("attribution", "shapley"))
     attr = store.group["attribution"][:, 0]  # (n, E)
+    shap = store.group["shapley"][:, 0]  # (n, E)
+    pred = store.group["prediction"][:, 0]  # (n,)
+    assert store.attrs["shapley_baseline"] == scaler.mean
+    np.testing.assert_allclose(shap.sum(1), pred - scaler.mean, rtol=1e-5, atol=1e-4)  # efficiency
+    assert np.abs(shap[data.elements == NA]).max() <= 1e-4  # the ignored element has Shapley value 0
+    assert (shap[data.elements == 0] == 0).all()
     keep = data.elements > 0
     n_real = keep.sum(1)
     is_na = data.elements == NA
@@ -165,6 +172,17 @@ def test_attribution_of_a_real_crabnet_equals_removing_the_element_by_hand(tmp_p
                 alone = scaler.unscale(float(model(el, fr)[0, 0]))
             assert attr[i, j] == pytest.approx(alone - pred[i], abs=2e-4), (formula, j)
     assert np.abs(attr).max() > 1e-3  # an untrained model still depends on its inputs
+    # the capture's other attributions: Shapley values sum to prediction - baseline, contributions to the
+    # prediction, both 0 at padding; the head ablation has one figure per layer and head
+    shap, contrib = store.group["shapley"][:, 0], store.group["contribution"][:, 0]
+    np.testing.assert_allclose(shap.sum(1), pred - scaler.mean, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(contrib.sum(1), pred, rtol=1e-4, atol=1e-3)
+    assert (shap[data.elements == 0] == 0).all() and (contrib[data.elements == 0] == 0).all()
+    h = store.compound(FORMULAS.index("Li1Na1Fe1P1O4"))
+    assert h.shapley.shape == h.contribution.shape == (1, 5)
+    effect, change = store.head_effects()
+    assert effect.shape == change.shape == (1, model.cfg.n_layers, model.cfg.n_heads)
+    assert (change > 0).all()  # every head of an untrained model moves some prediction
 
 
 def test_leave_one_out_draws_no_random_numbers_and_ignores_autocast():
@@ -246,11 +264,13 @@ def test_resumed_writer_keeps_attribution_of_kept_captures(tmp_path):
     data = compositions_from_formulas(FORMULAS)
     model, scaler = IgnoresSodium(), Scaler(1.0, 2.0)
     path = tmp_path / "a.zarr"
-    writer = AttentionWriter(path, data, 2, 3, {"dataset": "synth"})
+    kinds = ("attribution", "shapley")  # the stub has no heads nor output head
+    writer = AttentionWriter(path, data, 2, 3, {"dataset": "synth"}, attribution=kinds)
     for s in range(3):
         capture_split(model, data, scaler, writer, s)
     first = writer.attr[:, :2]
-    again = AttentionWriter(path, data, 2, 3, {"dataset": "synth"}, resume=True)
+    first_shapley = writer.extra["shapley"][:, :2]
+    again = AttentionWriter(path, data, 2, 3, {"dataset": "synth"}, resume=True, attribution=kinds)
     assert again.resumed
     again.restore([0, 1])
     assert again.attr.shape == (len(data), 2, data.width)
@@ -258,9 +278,11 @@ def test_resumed_writer_keeps_attribution_of_kept_captures(tmp_path):
     again.finalize(progress=False)
     store = AttentionStore(path)
     np.testing.assert_array_equal(store.group["attribution"][:, :2], first)
+    np.testing.assert_array_equal(store.group["shapley"][:, :2], first_shapley)
     # a writer with other attribution settings does not reuse the staging store
-    AttentionWriter(path, data, 2, 3, {"dataset": "synth"}).begin_capture(0)
+    AttentionWriter(path, data, 2, 3, {"dataset": "synth"}, attribution=kinds).begin_capture(0)
     assert not AttentionWriter(path, data, 2, 3, {"dataset": "synth"}, resume=True, attribution=False).resumed
+    assert not AttentionWriter(path, data, 2, 3, {"dataset": "synth"}, resume=True).resumed  # all kinds
 
 
 # --------------------------------------------------------------------------------------------
