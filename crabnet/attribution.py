@@ -624,6 +624,28 @@ def ablate_heads(model: Any, heads: Iterable[tuple[int, int]]) -> Iterator[None]
             handle.remove()
 
 
+@contextmanager
+def _mask_heads_by_row(model: Any, layer: int, b: int) -> Iterator[None]:
+    """Inside the block, rows [h·b, (h+1)·b) of a batch repeated H + 1 times have head h of ``layer`` zeroed
+    (a forward pre-hook on its ``out_proj``, as :func:`ablate_heads`), the last copy none: all H ablations
+    and their reference in one pass."""
+    attn = model.layers[layer].self_attn
+    H, D = attn.n_heads, attn.out_proj.in_features
+    mask = torch.ones(H, b, 1, D, device=attn.out_proj.weight.device)  # (H, b, 1, D)
+    for h in range(H):
+        mask[h, :, :, h * (D // H) : (h + 1) * (D // H)] = 0.0
+    mask = torch.cat([mask.reshape(H * b, 1, D), torch.ones(b, 1, D, device=mask.device)])  # ((H+1)·b, 1, D)
+
+    def hook(module, args):
+        return (args[0] * mask.to(args[0].dtype), *args[1:])  # the reference copy (rows past H·b) is kept
+
+    handle = attn.out_proj.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class _Replay(torch.nn.Module):
     """Stands in for an encoder layer: returns that layer's recorded output (and no attention weights)."""
 
@@ -659,13 +681,13 @@ def head_ablation(
 ) -> dict[str, Any]:
     """Effect of zeroing each attention head on the predictions of a set of compounds.
 
-    For every layer l and head h the set runs once with that head ablated (:func:`ablate_heads`),
-    in the same batches as the unablated pass, in eval mode, float32, without autograd. Layers
-    before l are not run again: their outputs are replayed from the unablated pass
-    (:func:`replay_layers`), so the ablations cost H·(L + 1)/2 passes of the encoder and H·L of the
-    output head, besides the unablated pass. A head whose output the model does not read (zero
-    columns of ``out_proj``) gives exactly 0 in both results: the ablated pass runs the very
-    computation of the unablated one from layer l on.
+    For every layer l and head h the set runs once with that head ablated (as :func:`ablate_heads`),
+    in eval mode, float32, without autograd; the H ablations of a layer run as one pass of the batch
+    repeated H times, copy h with head h zeroed. Layers before l are not run again: their outputs are
+    replayed from the unablated pass (:func:`replay_layers`), so the ablations cost H·(L + 1)/2 passes
+    of the encoder and H·L of the output head, besides the unablated pass. Each is compared with an
+    unablated copy run in the same pass, so a head whose output the model does not read (zero columns of
+    ``out_proj``) gives exactly 0 in both results.
 
     Args:
         model: a :class:`crabnet.model.CrabNet`.
@@ -686,23 +708,29 @@ def head_ablation(
     L, H = len(model.layers), model.layers[0].self_attn.n_heads
     clean = np.zeros(len(el))
     ablated = np.zeros((L, H, len(el)))
+    reference = np.zeros((L, len(el)))  # unablated, computed beside the ablations of each layer
     with _inference(model) as device:
         for a in range(0, len(el), batch_size):
             part = slice(a, a + batch_size)
             el_t, fr_t, real = _batch(el[part], fr[part], device)
             internals = model.forward_internals(el_t, fr_t, hidden=True, real=real)
             clean[part] = internals.output[:, 0].double().cpu().numpy()
+            b, r = len(el_t), H + 1  # copy h < H ablates head h, copy H is the unablated reference
+            el_r, fr_r = el_t.repeat(r, 1), fr_t.repeat(r, 1)  # (r·b, E)
+            real_r = None if real is None else _batch(np.tile(el[part], (r, 1)), fr[part], device)[2]
             for l in range(L):
-                with replay_layers(model, internals.hidden[1 : l + 1]):  # outputs of layers 0..l-1
-                    for h in range(H):
-                        with ablate_heads(model, [(l, h)]):
-                            ablated[l, h, part] = model(el_t, fr_t, real=real)[:, 0].double().cpu().numpy()
+                replayed = [x.repeat(r, 1, 1) for x in internals.hidden[1 : l + 1]]  # outputs of layers 0..l-1
+                with replay_layers(model, replayed), _mask_heads_by_row(model, l, b):
+                    out = model(el_r, fr_r, real=real_r)[:, 0].double().cpu().numpy().reshape(r, b)
+                ablated[l, :, part] = out[:H]
+                reference[l, part] = out[H]
     clean = np.asarray(scaler.unscale(clean), dtype=np.float64)
-    ablated = np.asarray(scaler.unscale(ablated), dtype=np.float64)
+    ablated = np.asarray(scaler.unscale(ablated), dtype=np.float64)  # (L, H, n)
+    reference = np.asarray(scaler.unscale(reference), dtype=np.float64)[:, None]  # (L, 1, n)
     mae = float(np.abs(clean - y).mean()) if len(y) else float("nan")
-    return {
-        "mae_change": np.abs(ablated - y).mean(-1) - mae,
-        "mean_abs_change": np.abs(ablated - clean).mean(-1),
+    return {  # against the reference of the same pass, so a head the model does not read gives exactly 0
+        "mae_change": np.abs(ablated - y).mean(-1) - np.abs(reference - y).mean(-1),
+        "mean_abs_change": np.abs(ablated - reference).mean(-1),
         "mae": mae,
         "prediction": clean,
     }
