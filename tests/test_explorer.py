@@ -282,3 +282,98 @@ def test_browser_attribution_bars_show_the_store_values(page, attributed_page, p
     # a store without attribution (the module's other page) shows no bars
     open_page(page, page_file[1], "compound=Gd2O7Ti2")
     assert page.is_hidden("#attribution-box")
+
+
+BASELINE = 55.0  # the Shapley values' empty-compound prediction (the training mean) of the test stores
+
+
+def add_attributions(path: Path, seed: int = 3) -> None:
+    """Add every kind of attribution to a finished test store, as step 1 writes them: leave-one-out, Shapley
+    values (summing to the prediction minus ``BASELINE``), output contributions (summing to the prediction)
+    and the head ablation (c, L, H)."""
+    import zarr
+
+    rng = np.random.default_rng(seed)
+    g = zarr.open_group(path, mode="r+")
+    real = g["elements"][:] > 0  # (n, E)
+    pred = g["prediction"][:].astype(np.float64)  # (n, c)
+    n, E = real.shape
+    c, L_, H_ = pred.shape[1], g.attrs["n_layers"], g.attrs["n_heads"]
+    k = real.sum(1)[:, None, None]
+
+    def spread(total: np.ndarray) -> np.ndarray:  # signed values over the real elements summing to total (n, c)
+        x = rng.normal(size=(n, c, E)) * 30 * real[:, None, :]
+        x -= (x.sum(-1, keepdims=True) / k) * real[:, None, :]
+        return (x + (total[..., None] / k) * real[:, None, :]).astype(np.float32)
+
+    arrays = {
+        "attribution": spread(np.zeros((n, c))),
+        "shapley": spread(pred - BASELINE),
+        "contribution": spread(pred),
+        "head_effect": rng.normal(size=(c, L_, H_)).astype(np.float32),
+        "head_change": rng.random((c, L_, H_)).astype(np.float32) * 3,
+    }
+    for name, values in arrays.items():
+        g.create_array(name, data=values, chunks=values.shape)
+    g.attrs.update({"shapley_baseline": BASELINE, "head_sample": 64})
+
+
+@pytest.fixture(scope="module")
+def full_page(tmp_path_factory) -> tuple[Path, Path]:
+    """A store with every kind of attribution and its explorer page."""
+    root = tmp_path_factory.mktemp("explorer_full")
+    path = write_store(root)
+    add_attributions(path)
+    store = AttentionStore(path)
+    assert store.has_attribution and store.has_shapley
+    return path, write_explorer(store, explorer_path(root, "synth"), "synth", n_others=10).path
+
+
+def shown_bars(page, table: str) -> dict[str, float]:
+    rows = page.eval_on_selector_all(f"#{table} tbody tr", "els => els.map(e => [e.dataset.element, e.dataset.value])")
+    return {s: float(v) for s, v in rows}
+
+
+def assert_bars(page, h, capture: int) -> None:
+    """The Shapley and contribution bars show the store's values of compound history ``h`` at ``capture``."""
+    for name in ("shapley", "contribution"):
+        rows = shown_bars(page, name)
+        assert list(rows) == h.symbols, name
+        for j, s in enumerate(h.symbols):
+            assert rows[s] == pytest.approx(float(getattr(h, name)[capture, j]), rel=1e-5, abs=1e-9), (name, s)
+
+
+def test_browser_shapley_contribution_and_head_effect_show_the_store(page, full_page, page_file):
+    store_path, html_path = full_page
+    store = AttentionStore(store_path)
+    effect, change = store.head_effects()
+    h = store.compound("Gd2O7Ti2")
+    open_page(page, html_path, "compound=Gd2O7Ti2&layer=1&head=2&capture=3")
+    assert page.is_visible("#shapley-box") and "epoch 3" in page.text_content("#shapley-title")
+    assert_bars(page, h, 3)
+    values = [v for name in ("shapley", "contribution") for v in shown_bars(page, name).values()]
+    assert min(values) < 0 < max(values)  # signed bars
+    # the footers add them up: Shapley values to the prediction minus the baseline, contributions to the prediction
+    p = float(h.prediction[3])
+    sums = page.eval_on_selector_all("#shapley-box tfoot td.num", "els => els.map(e => e.textContent)")
+    assert [float(t.replace("−", "-")) for t in sums] == pytest.approx([p - BASELINE, p], rel=1e-3)
+    # the selected head's ablation beside the selector, and one label per head in the grid
+    label = page.locator("#head-effect")
+    assert float(label.get_attribute("data-effect")) == pytest.approx(float(effect[3, 1, 2]), rel=1e-5)
+    assert float(label.get_attribute("data-change")) == pytest.approx(float(change[3, 1, 2]), rel=1e-5)
+    word = "helps" if effect[3, 1, 2] > 0 else "hurts"
+    assert re.search(rf"zeroing this head: MAE [+-]\d.*\({word}\) · mean \|Δ\| \d", label.text_content())
+    page.select_option("#head", "all")
+    for hd in range(H):
+        e = page.get_attribute(f"table.heatmap[data-head='{hd}'] caption .effect", "data-effect")
+        assert float(e) == pytest.approx(float(effect[3, 1, hd]), rel=1e-5)
+    page.focus("#capture")
+    page.keyboard.press("Home")  # the slider moves the bars and the labels to capture 0
+    assert "untrained" in page.text_content("#shapley-title")
+    assert_bars(page, h, 0)
+    e = page.get_attribute("table.heatmap[data-head='0'] caption .effect", "data-effect")
+    assert float(e) == pytest.approx(float(effect[0, 1, 0]), rel=1e-5)
+    # a store without them (the module's first page) hides the panels
+    open_page(page, page_file[1], "compound=Gd2O7Ti2&head=1")
+    assert page.is_hidden("#shapley-box") and page.is_hidden("#head-effect")
+    assert page.locator("table.heatmap caption .effect").count() == 0

@@ -70,8 +70,52 @@
   }
 
   // ---------------------------------------------------------------- data
-  const byKey = new Map();
-  D.compounds.forEach((c, n) => { c.n = n; byKey.set(c.key, c); });
+  // served (python -m crabnet.web.explorer --serve): the listed compounds come without their data, which
+  // is fetched when one is opened (api/compound?row=N), and the search covers the store's index (api/index)
+  const SERVED = !!D.served;
+  const byKey = new Map(), byRow = new Map();
+  D.compounds.forEach((c, n) => { c.n = n; byKey.set(c.key, c); byRow.set(c.row, c); });
+  let INDEX = null;  // served: { formulas, keys } of every row, rowOf: normalised formula -> first row
+  const loaded = (c) => c.attention !== undefined;
+  const lastPrediction = (c) => c.prediction ? c.prediction[C - 1] : c.last;
+  function compoundAt(row) {  // served: the compound of a store row (its data fetched by show)
+    let c = byRow.get(row);
+    if (!c) {
+      const f = INDEX.formulas[row];
+      c = { formula: f, key: INDEX.keys[row] || f, row: row, group: "store" };
+      byRow.set(row, c);
+    }
+    return c;
+  }
+  function loadIndex() {
+    return getJSON("api/index").then((ix) => {
+      ix.rowOf = new Map();
+      ix.formulas.forEach((f, r) => { const k = ix.keys[r] || f; if (!ix.rowOf.has(k)) ix.rowOf.set(k, r); });
+      INDEX = ix;
+    });
+  }
+  function getJSON(url) {
+    return fetch(url).then((r) => r.json().catch(() => ({ error: "HTTP " + r.status })).then((d) => {
+      if (!r.ok) throw new Error(d.error || "HTTP " + r.status);
+      return d;
+    }));
+  }
+  let wanted = 0;  // the latest compound asked for: an older answer arriving later is not shown
+  function show(c) {  // make c the current compound (fetching its data first where needed), then draw
+    const token = ++wanted;
+    if (loaded(c)) { state.compound = c; notice(""); draw(); return Promise.resolve(c); }
+    document.body.dataset.loading = "1";
+    return getJSON("api/compound?row=" + c.row).then((data) => {
+      const group = c.group;
+      Object.assign(c, data);
+      c.group = group;
+      if (token === wanted) { state.compound = c; notice(""); draw(); }
+      return c;
+    }).catch((e) => {
+      if (token === wanted) notice("could not load " + c.formula + ": " + e.message);
+      return null;
+    }).finally(() => { if (token === wanted) delete document.body.dataset.loading; });
+  }
   function weights(c) {
     if (!c.w) {
       const bin = atob(c.attention);
@@ -89,10 +133,15 @@
     const v = weights(c)[((((k * L + l) * H + h) * n + p) * n + q)];
     return v === D.quant_nan ? NaN : v / D.quant_max;
   }
-  function findCompound(text) {
+  function findCompound(text) {  // embedded (offline) or in the store's index (served); null if neither
     if (!text) return null;
-    try { const c = byKey.get(normalise(text)); if (c) return c; } catch (e) { /* not a formula */ }
-    return D.compounds.find((c) => c.formula === text) || null;
+    let key = null;
+    try { key = normalise(text); const c = byKey.get(key); if (c) return c; } catch (e) { /* not a formula */ }
+    const c = D.compounds.find((d) => d.formula === text);
+    if (c || !INDEX) return c || null;
+    if (key !== null && INDEX.rowOf.has(key)) return compoundAt(INDEX.rowOf.get(key));
+    const row = INDEX.formulas.indexOf(text);
+    return row >= 0 ? compoundAt(row) : null;
   }
 
   // ---------------------------------------------------------------- colours (viridis, as the videos)
@@ -119,6 +168,16 @@
     table.dataset.layer = l; table.dataset.head = h;
     const cap = table.createCaption();
     cap.textContent = "head " + h;
+    const fx = headEffect(k, l, h);
+    if (fx) {
+      const e = document.createElement("span");
+      e.className = "effect " + fx.cls;
+      e.dataset.effect = String(fx.effect); e.dataset.change = String(fx.change);
+      e.textContent = "MAE " + signed(fx.effect);
+      e.title = "zeroing this head changes the validation MAE by " + signed(fx.effect) + " (" + fx.word +
+        "); mean |Δprediction| " + fmtNum(fx.change);
+      cap.appendChild(e);
+    }
     const head = table.createTHead().insertRow();
     const corner = document.createElement("th");
     corner.className = "corner"; corner.innerHTML = "query ↓ · key →";
@@ -159,27 +218,27 @@
   }
 
   // ---------------------------------------------------------------- attribution bars
-  function attributionPanel(c) {
-    const box = $("attribution-box");
-    if (!c.attribution) { box.hidden = true; return; }
-    box.hidden = false;
+  const signed = (v) => v === null || v === undefined ? "–" : (v > 0 ? "+" : "") + fmtNum(v);
+  function headEffect(k, l, h) {  // the head ablation at capture k (null where the store has none)
+    if (!D.head_effect) return null;
+    const i = (k * L + l) * H + h, effect = D.head_effect[i], change = D.head_change[i];
+    const word = effect === null ? "unknown" : effect > 0 ? "helps" : effect < 0 ? "hurts" : "no effect";
+    return { effect: effect, change: change, word: word, cls: effect > 0 ? "helps" : effect < 0 ? "hurts" : "" };
+  }
+  function barTable(t, c, values, label) {  // signed bars of values (c, k) at the current capture; returns the rows
     const n = c.symbols.length, k = state.capture;
-    const scale = Math.max(1e-12, ...c.attribution.filter((v) => v !== null).map(Math.abs));
-    $("attribution-title").textContent = "Leave-one-element-out effect · " + captureLabel(k);
-    const t = $("attribution");
+    const scale = Math.max(1e-12, ...values.filter((v) => v !== null).map(Math.abs));
     t.replaceChildren();
     const head = t.createTHead().insertRow();
-    for (const s of ["element", "effect on the prediction (−" + fmtNum(scale) + " … +" + fmtNum(scale) + ")", "",
-                     "attention received", ""]) {
+    for (const s of ["element", label + " (−" + fmtNum(scale) + " … +" + fmtNum(scale) + ")", ""]) {
       const th = document.createElement("th"); th.textContent = s; head.appendChild(th);
     }
-    const body = t.createTBody();
+    const body = t.createTBody(), rows = [];
     for (let j = 0; j < n; j++) {
-      const v = c.attribution[k * n + j], imp = c.importance[k * n + j];
+      const v = values[k * n + j];
       const tr = body.insertRow();
       tr.dataset.element = c.symbols[j];
       tr.dataset.value = v === null ? "nan" : String(v);
-      tr.dataset.importance = imp === null ? "nan" : String(imp);
       const sym = tr.insertCell(); sym.className = "sym"; sym.textContent = c.symbols[j];
       const track = document.createElement("div"); track.className = "track";
       track.innerHTML = "<span class='zero'></span>";
@@ -191,8 +250,32 @@
         track.appendChild(bar);
       }
       tr.insertCell().appendChild(track);
-      const num = tr.insertCell(); num.className = "num";
-      num.textContent = v === null ? "–" : (v > 0 ? "+" : "") + fmtNum(v);
+      const num = tr.insertCell(); num.className = "num"; num.textContent = signed(v);
+      rows.push(tr);
+    }
+    return rows;
+  }
+  function sumRow(t, text, total) {  // a footer row: what the values add up to
+    const tr = t.createTFoot().insertRow();
+    tr.insertCell().textContent = "Σ";
+    tr.cells[0].className = "sym";
+    tr.insertCell().textContent = text;
+    const num = tr.insertCell(); num.className = "num"; num.textContent = signed(total);
+  }
+  function attributionPanel(c) {
+    const box = $("attribution-box");
+    if (!c.attribution) { box.hidden = true; return; }
+    box.hidden = false;
+    const n = c.symbols.length, k = state.capture;
+    $("attribution-title").textContent = "Leave-one-element-out effect · " + captureLabel(k);
+    const t = $("attribution");
+    const rows = barTable(t, c, c.attribution, "effect on the prediction");
+    for (const s of ["attention received", ""]) {
+      const th = document.createElement("th"); th.textContent = s; t.tHead.rows[0].appendChild(th);
+    }
+    rows.forEach((tr, j) => {
+      const imp = c.importance[k * n + j];
+      tr.dataset.importance = imp === null ? "nan" : String(imp);
       const itrack = document.createElement("div"); itrack.className = "track imp";
       if (imp !== null) {
         const bar = document.createElement("span"); bar.className = "fill";
@@ -201,7 +284,49 @@
       }
       tr.insertCell().appendChild(itrack);
       const inum = tr.insertCell(); inum.className = "num"; inum.textContent = imp === null ? "–" : imp.toFixed(3);
+    });
+  }
+  function shapleyPanel(c) {  // Shapley values and output contributions at the current capture
+    const has = { shapley: !!c.shapley, contribution: !!c.contribution };
+    $("shapley-box").hidden = !has.shapley && !has.contribution;
+    const n = c.symbols.length, k = state.capture, p = c.prediction[k];
+    const total = (values) => values.slice(k * n, k * n + n).reduce((a, v) => a + (v === null ? NaN : v), 0);
+    $("shapley-part").hidden = !has.shapley;
+    if (has.shapley) {
+      $("shapley-title").textContent = "Shapley values · " + captureLabel(k);
+      const t = $("shapley");
+      barTable(t, c, c.shapley, "Shapley value");
+      const base = D.shapley_baseline;
+      const less = base == null ? " − baseline" : " − mean " + fmtNum(base);
+      sumRow(t, "= prediction " + fmtNum(p) + less, total(c.shapley));
     }
+    $("contribution-part").hidden = !has.contribution;
+    if (has.contribution) {
+      $("contribution-title").textContent = "Output contribution · " + captureLabel(k);
+      const t = $("contribution");
+      barTable(t, c, c.contribution, "share of the output");
+      sumRow(t, "= prediction " + fmtNum(p), total(c.contribution));
+    }
+  }
+  function headEffectLabel() {  // beside the head selector: the selected head's ablation at this capture
+    const el = $("head-effect");
+    if (!D.head_effect) { el.hidden = true; return; }
+    el.hidden = false;
+    const sample = D.head_sample ? " on " + D.head_sample + " compounds of the " + D.split + " split" : "";
+    el.title = "validation MAE" + sample + " with the head's output zeroed minus without, at this capture " +
+      "(> 0: the head helps); mean |Δ|: mean absolute change of the prediction";
+    el.className = "";
+    if (state.head === "all") {
+      el.textContent = "zeroing a head: its MAE change is beside its name";
+      delete el.dataset.effect; delete el.dataset.change;
+      return;
+    }
+    const fx = headEffect(state.capture, state.layer, state.head);
+    el.dataset.effect = String(fx.effect); el.dataset.change = String(fx.change);
+    el.replaceChildren("zeroing this head: MAE ");
+    const v = document.createElement("span");
+    v.className = fx.cls; v.textContent = signed(fx.effect) + " (" + fx.word + ")";
+    el.append(v, " · mean |Δ| " + fmtNum(fx.change));
   }
 
   // ---------------------------------------------------------------- progress chart (SVG)
@@ -280,9 +405,9 @@
   }
   function draw() {
     const c = state.compound;
-    if (!c) return;
+    if (!c || !loaded(c)) return;
     document.querySelectorAll("#compound-list li.item").forEach((li) =>
-      li.classList.toggle("selected", Number(li.dataset.n) === c.n));
+      li.classList.toggle("selected", Number(li.dataset.row) === c.row));
     $("layer").value = state.layer; $("head").value = state.head;
     $("capture").value = state.capture;
     const k = state.capture;
@@ -300,7 +425,9 @@
       $("maps-title").textContent = "Attention · layer " + state.layer + " · head " + state.head + " · " +
         captureLabel(k);
     }
+    headEffectLabel();
     attributionPanel(c);
+    shapleyPanel(c);
     $("chart").replaceChildren(chart(c));
     const p = c.prediction[k];
     const rows = [["target", fmtNum(c.target)], ["prediction at " + captureLabel(k), fmtNum(p)],
@@ -316,7 +443,7 @@
     }
     setHash();
   }
-  function select(c) { state.compound = c; notice(""); draw(); }
+  function select(c) { return show(c); }
   function applyHash() {
     const params = new URLSearchParams(location.hash.replace(/^#/, ""));
     if (params.has("layer")) { const l = parseInt(params.get("layer"), 10); if (l >= 0 && l < L) state.layer = l; }
@@ -328,20 +455,42 @@
       const v = parseInt(params.get("capture"), 10);
       if (v >= 0 && v < C) state.capture = v; else if (params.get("capture") === "last") state.capture = C - 1;
     }
-    let missing = null;
+    let missing = null, target = state.compound;
     if (params.has("compound")) {
       const c = findCompound(params.get("compound"));
-      if (c) state.compound = c; else missing = params.get("compound");
+      if (c) target = c; else missing = params.get("compound");
     }
-    if (!state.compound) state.compound = D.compounds[0] || null;
-    draw();
-    notice(missing ? missing + " is not embedded in this page; " + addHint(missing) : "");
+    if (!target) target = D.compounds[0] || null;
+    const shown = target ? show(target) : Promise.resolve(null);
+    return shown.then(() => { if (missing) missingNotice(missing); });
+  }
+  function missingNotice(f) {
+    if (!SERVED) { notice(f + " is not embedded in this page; " + addHint(f)); return; }
+    // the server says why (not a formula, or not in the store: with close matches)
+    getJSON("api/compound?formula=" + encodeURIComponent(f)).then(() => notice(f + " could not be opened"),
+      (e) => notice(e.message));
   }
   function addHint(f) {
     return "add it with: python generate_attention_videos.py --dataset " + D.dataset + " --formula '" + f + "'";
   }
 
   // ---------------------------------------------------------------- list and search
+  function listItem(c, meta, title) {
+    const li = document.createElement("li");
+    li.className = "item"; li.dataset.row = c.row; li.dataset.formula = c.formula; li.dataset.group = c.group;
+    if (c.n !== undefined) li.dataset.n = c.n;
+    li.innerHTML = "<span></span><span class='meta'></span>";
+    li.firstChild.textContent = c.formula;
+    li.lastChild.textContent = meta;
+    li.title = title;
+    li.addEventListener("click", () => select(c));
+    return li;
+  }
+  function groupItem(group, text) {
+    const li = document.createElement("li");
+    li.className = "group"; li.dataset.group = group; li.textContent = text;
+    return li;
+  }
   function buildList() {
     const ul = $("compound-list");
     const names = {
@@ -351,19 +500,40 @@
     for (const c of D.compounds) {
       if (c.group !== group) {
         group = c.group;
-        const li = document.createElement("li");
-        li.className = "group"; li.dataset.group = group; li.textContent = names[group] || group;
-        ul.appendChild(li);
+        ul.appendChild(groupItem(group, names[group] || group));
       }
-      const li = document.createElement("li");
-      li.className = "item"; li.dataset.n = c.n; li.dataset.formula = c.formula; li.dataset.group = c.group;
-      const last = c.prediction[C - 1];
+      const last = lastPrediction(c);
       const err = last === null ? "–" : fmtNum(Math.abs(last - c.target));
-      li.innerHTML = "<span></span><span class='meta'></span>";
-      li.firstChild.textContent = c.formula;
-      li.lastChild.textContent = c.symbols.length + " el · err " + err;
-      li.title = "target " + fmtNum(c.target) + ", final prediction " + fmtNum(last);
-      li.addEventListener("click", () => select(c));
+      ul.appendChild(listItem(c, c.symbols.length + " el · err " + err,
+        "target " + fmtNum(c.target) + ", final prediction " + fmtNum(last)));
+    }
+  }
+  const MAX_FOUND = 50;  // served: store compounds listed for a search
+  function storeSearch(text, els) {  // served: rows of the whole store matching, fewest elements first
+    if (!INDEX.symbols) INDEX.symbols = INDEX.formulas.map((f) => f.match(/[A-Z][a-z]*/g) || []);
+    const listed = new Set(D.compounds.map((c) => c.row)), low = text.toLowerCase(), out = [];
+    INDEX.formulas.forEach((f, r) => {
+      if (listed.has(r) || INDEX.rowOf.get(INDEX.keys[r] || f) !== r) return;  // listed, or a repeated formula
+      const syms = INDEX.symbols[r];
+      if (els ? els.every((e) => syms.includes(e)) : f.toLowerCase().includes(low)) out.push(r);
+    });
+    out.sort((a, b) => INDEX.symbols[a].length - INDEX.symbols[b].length ||
+      (INDEX.formulas[a] < INDEX.formulas[b] ? -1 : INDEX.formulas[a] > INDEX.formulas[b] ? 1 : a - b));
+    return out;
+  }
+  function showFound(rows) {  // served: the store's matches below the listed ones
+    const ul = $("compound-list");
+    ul.querySelectorAll(".found").forEach((li) => li.remove());
+    if (!rows.length) return;
+    const more = rows.length > MAX_FOUND ? " (first " + MAX_FOUND + " of " + rows.length + ")" : "";
+    const g = groupItem("store", "In the store" + more);
+    g.classList.add("found");
+    ul.appendChild(g);
+    for (const r of rows.slice(0, MAX_FOUND)) {
+      const c = compoundAt(r);
+      const li = listItem(c, INDEX.symbols[r].length + " el", "row " + r + " of the store: opened from the server");
+      li.classList.add("found");
+      li.classList.toggle("selected", !!state.compound && state.compound.row === r);
       ul.appendChild(li);
     }
   }
@@ -371,14 +541,13 @@
     const text = $("search").value.trim();
     const msg = $("search-msg");
     msg.classList.remove("bad");
-    let els = null;
-    let exact = null;
+    let els = null, key = null, exact = null;
     if (text) {
-      try { const a = parseFormula(text); els = [...a.keys()]; exact = byKey.get(normalise(text)) || null; }
+      try { const a = parseFormula(text); els = [...a.keys()]; key = normalise(text); exact = byKey.get(key) || null; }
       catch (e) { els = null; }
     }
     let shown = 0;
-    const items = document.querySelectorAll("#compound-list li.item");
+    const items = document.querySelectorAll("#compound-list li.item:not(.found)");
     items.forEach((li) => {
       const c = D.compounds[Number(li.dataset.n)];
       let ok = true;
@@ -388,12 +557,24 @@
       li.classList.toggle("hidden", !ok);
       if (ok) shown++;
     });
-    document.querySelectorAll("#compound-list li.group").forEach((g) => {
+    document.querySelectorAll("#compound-list li.group:not(.found)").forEach((g) => {
       const any = [...items].some((li) => li.dataset.group === g.dataset.group && !li.classList.contains("hidden"));
       g.classList.toggle("hidden", !any);
     });
-    if (!text) msg.textContent = D.compounds.length + " compounds embedded";
-    else if (exact) { msg.textContent = "found " + exact.formula; if (state.compound !== exact) select(exact); }
+    const found = SERVED && INDEX && text ? storeSearch(text, els) : [];
+    if (SERVED && INDEX) showFound(found);
+    if (!exact && SERVED && INDEX && key !== null && INDEX.rowOf.has(key)) exact = compoundAt(INDEX.rowOf.get(key));
+    if (!text) {
+      msg.textContent = SERVED ? D.compounds.length + " listed; the search finds any of the " + D.n_store
+        : D.compounds.length + " compounds embedded";
+    } else if (exact) { msg.textContent = "found " + exact.formula; if (state.compound !== exact) select(exact); }
+    else if (SERVED && shown + found.length) {
+      msg.textContent = (shown + found.length) + " compound" + (shown + found.length > 1 ? "s" : "") +
+        (els ? " with these elements" : " matching") + "; the formula itself is not in the store";
+    } else if (SERVED) {
+      msg.textContent = "not in this store (" + D.n_store + " compounds)";
+      msg.classList.add("bad");
+    }
     else if (shown) msg.textContent = shown + " compound" + (shown > 1 ? "s" : "") + " with these elements; " +
       "the formula itself is not embedded";
     else { msg.textContent = "not embedded here; " + addHint(text); msg.classList.add("bad"); }
@@ -401,8 +582,30 @@
   }
 
   // ---------------------------------------------------------------- controls
+  function about() {
+    const paper = D.compounds.filter((c) => c.group === "paper").length;
+    const listed = (paper ? " — the " + paper + " paper compounds in the store, " : " — ");
+    if (SERVED) {
+      const list = (paper ? "the " + paper + " paper compounds in the store and " : "") + (D.compounds.length - paper);
+      return "Served from " + D.store + " under the data folder (" + D.n_store + " compounds of the " + D.split +
+        " split) by python -m crabnet.web.explorer --serve: the list holds " + list + " compounds chosen " +
+        "across numbers of elements and errors; the search finds any compound of the " +
+        "store, whose maps, predictions and attributions are read from the store when it is opened. Weights " +
+        "are sent with 16 bits (within 1e-5 of the store). Started " + D.created + " by crabnet " + D.version +
+        ". The offline page (step 2, generate_attention_videos.py) embeds a sample for sharing.";
+    }
+    return "Embedded: " + D.compounds.length + " of the " + D.n_store + " compounds of the " + D.split +
+      " split stored in " + D.store + listed +
+      "the compounds rendered as videos and " + D.n_others + " more chosen across numbers of elements and errors. " +
+      "Weights are stored with 16 bits (within 1e-5 of the store). To add a compound, run " +
+      "python generate_attention_videos.py --dataset " + D.dataset + " --formula <formula> (it also renders its " +
+      "videos), or embed more with --explore <N>; to search every compound, serve the explorer: python -m " +
+      "crabnet.web.explorer --serve --dataset " + D.dataset + ". Written " + D.created + " by crabnet " +
+      D.version + ".";
+  }
   function setup() {
-    $("facts").textContent = D.compounds.length + " of " + D.n_store + " " + D.split + " compounds · " + C +
+    $("facts").textContent = D.compounds.length + " of " + D.n_store + " " + D.split + " compounds" +
+      (SERVED ? " listed, all searchable" : "") + " · " + C +
       " captures (" + D.capture + " " + D.steps[0] + "–" + D.steps[C - 1] + ") · " + L + " layers × " + H +
       " heads · " + D.features + (D.test_mae != null ? " · test MAE " + fmtNum(D.test_mae) : "");
     for (let l = 0; l < L; l++) $("layer").add(new Option("layer " + l, l));
@@ -421,18 +624,12 @@
       if (e.key !== "Enter") return;
       const exact = filterList();
       const first = document.querySelector("#compound-list li.item:not(.hidden)");
-      if (!exact && first) select(D.compounds[Number(first.dataset.n)]);
+      if (!exact && first) first.click();
     });
     window.addEventListener("hashchange", applyHash);
-    const paper = D.compounds.filter((c) => c.group === "paper").length;
     $("about").innerHTML = "";
     const p = document.createElement("p");
-    p.textContent = "Embedded: " + D.compounds.length + " of the " + D.n_store + " compounds of the " + D.split +
-      " split stored in " + D.store + (paper ? " — the " + paper + " paper compounds in the store, " : " — ") +
-      "the compounds rendered as videos and " + D.n_others + " more chosen across numbers of elements and errors. " +
-      "Weights are stored with 16 bits (within 1e-5 of the store). To add a compound, run " +
-      "python generate_attention_videos.py --dataset " + D.dataset + " --formula <formula> (it also renders its " +
-      "videos), or embed more with --explore <N>. Written " + D.created + " by crabnet " + D.version + ".";
+    p.textContent = about();
     $("about").appendChild(p);
     buildList();
     filterList();
@@ -448,7 +645,8 @@
   }
 
   setup();
-  if (!D.compounds.length) { notice("No compounds are embedded in this page."); return; }
-  applyHash();
-  document.body.dataset.ready = "1";
+  if (!D.compounds.length && !SERVED) { notice("No compounds are embedded in this page."); return; }
+  const index = SERVED ? loadIndex().then(filterList, (e) => notice("could not load the index: " + e.message))
+    : Promise.resolve();
+  index.then(applyHash).then(() => { document.body.dataset.ready = "1"; });
 })();

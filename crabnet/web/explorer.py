@@ -22,11 +22,22 @@ What the page offers:
   effect of every element at the current capture as signed bars beside the map (rows carry
   ``data-element`` and ``data-value``, the store's value), with the attention each element
   receives (fraction-weighted queries, all layers and heads) beside it for comparison;
+- where the store holds them (newer stores), the Shapley values and the output contributions of the
+  elements at the current capture as signed bars (tables ``#shapley`` and ``#contribution``, rows with
+  ``data-element`` and ``data-value``; a footer adds them up to the prediction minus the baseline, and
+  to the prediction), and the head ablation of the current capture: beside the head selector the
+  selected head's validation-MAE change when zeroed and its mean |Δprediction| (``#head-effect``,
+  ``data-effect``/``data-change``), in the all-heads grid a label per head; older stores: hidden;
 - the view in the URL hash (``#compound=Hf1O2&layer=0&head=2&capture=8``; ``head=all`` for the
   grid), so a link opens exactly that view.
 
 Every heatmap cell carries ``data-query`` and ``data-key`` (element symbols) and ``data-value``
 (the weight with 4 decimals), which the browser tests compare with the store.
+
+``python -m crabnet.web.explorer --serve`` serves the same page for any compound of a store
+(:mod:`crabnet.web.serve`): the payload then lists the compounds without their data
+(:func:`served_payload`), the page fetches the index of every formula (:func:`store_index`) and each
+compound it opens (:func:`compound_entry`, the same JSON as embedded) from the server.
 
 Example::
 
@@ -55,6 +66,7 @@ import numpy as np
 import crabnet
 from crabnet import web
 from crabnet.data import normalise_formula
+from crabnet.elements import SYMBOLS
 from crabnet.errors import DataError
 from crabnet.faithfulness import attention_importance
 from crabnet.layout import Layout
@@ -210,32 +222,54 @@ def _round(values: np.ndarray, digits: int = 6) -> list[float | None]:
     return out
 
 
-def explorer_payload(store: Any, chosen: Sequence[tuple[int, str]], dataset: str, n_others: int) -> dict:
-    """The JSON the page reads: store facts and every embedded compound (maps encoded)."""
+def _key(formula: str) -> str:
+    """The normalised formula (as ``AttentionStore.find`` matches), or the formula itself where it does not parse."""
+    try:
+        return normalise_formula(formula)
+    except DataError:
+        return formula
+
+
+def compound_entry(store: Any, i: int, group: str) -> dict:
+    """One compound as the page reads it (maps encoded, numbers rounded); the served explorer's
+    ``/api/compound`` answers the same object."""
+    h = store.compound(i)
+    entry = {
+        "formula": h.formula,
+        "key": _key(h.formula),
+        "row": int(i),
+        "group": group,
+        "symbols": list(h.symbols),
+        "fractions": _round(h.fractions, 4),
+        "target": _round([h.target])[0],
+        "prediction": _round(h.prediction),
+        "attention": encode_weights(h.attention),
+    }
+    if h.attribution is not None:  # (c, k), row-major like the maps
+        entry["attribution"] = _round(h.attribution)
+        entry["importance"] = _round(attention_importance(h.attention, h.fractions), 4)
+    for name in ("shapley", "contribution"):  # (c, k); absent in older stores
+        values = getattr(h, name, None)
+        if values is not None:
+            entry[name] = _round(values)
+    return entry
+
+
+def _head_ablation(store: Any) -> dict:
+    """``head_effect`` and ``head_change`` (c, L, H) flattened, where the store has them."""
+    try:
+        effects = store.head_effects() if hasattr(store, "head_effects") else None
+    except KeyError:  # a store holding only some kinds of attribution
+        effects = None
+    if effects is None:
+        return {}
+    effect, change = effects
+    return {"head_effect": _round(effect), "head_change": _round(change)}
+
+
+def store_facts(store: Any, dataset: str, n_others: int) -> dict:
+    """What the page says of the store (everything of the payload but the compounds)."""
     attrs = store.attrs
-    compounds = []
-    for i, group in chosen:
-        h = store.compound(i)
-        try:
-            key = normalise_formula(h.formula)
-        except DataError:
-            key = h.formula
-        compounds.append(
-            {
-                "formula": h.formula,
-                "key": key,
-                "row": int(i),
-                "group": group,
-                "symbols": list(h.symbols),
-                "fractions": _round(h.fractions, 4),
-                "target": _round([h.target])[0],
-                "prediction": _round(h.prediction),
-                "attention": encode_weights(h.attention),
-            }
-        )
-        if h.attribution is not None:  # (c, k), row-major like the maps
-            compounds[-1]["attribution"] = _round(h.attribution)
-            compounds[-1]["importance"] = _round(attention_importance(h.attention, h.fractions), 4)
     config = attrs.get("model_config") or {}
     return {
         "dataset": dataset,
@@ -250,13 +284,49 @@ def explorer_payload(store: Any, chosen: Sequence[tuple[int, str]], dataset: str
         "epochs_run": attrs.get("epochs_run"),
         "n_others": int(n_others),
         "attribution": bool(getattr(store, "has_attribution", False)),
+        "shapley": bool(getattr(store, "has_shapley", False)),
+        "shapley_baseline": attrs.get("shapley_baseline"),
+        "head_sample": attrs.get("head_sample"),
+        **_head_ablation(store),
         "store": Layout(".").attention_store(dataset).as_posix(),  # under the data folder
         "quant_max": QUANT_MAX,
         "quant_nan": QUANT_NAN,
         "created": time.strftime("%Y-%m-%d %H:%M"),
         "version": crabnet.__version__,
-        "compounds": compounds,
     }
+
+
+def explorer_payload(store: Any, chosen: Sequence[tuple[int, str]], dataset: str, n_others: int) -> dict:
+    """The JSON the page reads: store facts and every embedded compound (maps encoded)."""
+    return {**store_facts(store, dataset, n_others), "compounds": [compound_entry(store, i, g) for i, g in chosen]}
+
+
+def served_payload(store: Any, chosen: Sequence[tuple[int, str]], dataset: str, n_others: int) -> dict:
+    """The served page's JSON: the store facts and the listed compounds without their data (the page
+    fetches a compound's maps, predictions and attributions when it is opened)."""
+    last = np.asarray(store.group["prediction"][:, -1], dtype=np.float64) if len(store) else np.zeros(0)
+    compounds = []
+    for i, group in chosen:
+        z = np.asarray(store.elements[i])
+        compounds.append(
+            {
+                "formula": store.formulas[i],
+                "key": _key(store.formulas[i]),
+                "row": int(i),
+                "group": group,
+                "symbols": [SYMBOLS[e - 1] for e in z[z > 0]],
+                "target": _round([store.targets[i]])[0],
+                "last": _round([last[i]])[0],
+            }
+        )
+    return {**store_facts(store, dataset, n_others), "served": True, "compounds": compounds}
+
+
+def store_index(store: Any) -> dict:
+    """Every formula of the store by row, for the served page's search: ``formulas`` and ``keys`` (the
+    normalised formula, ``""`` where it is the formula itself)."""
+    keys = [_key(f) for f in store.formulas]
+    return {"formulas": list(store.formulas), "keys": [k if k != f else "" for k, f in zip(keys, store.formulas)]}
 
 
 def render_explorer(payload: dict) -> str:
@@ -297,3 +367,69 @@ def write_explorer(
         size=path.stat().st_size,
         seconds=time.perf_counter() - t0,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# python -m crabnet.web.explorer
+
+CLI_DOC = """The attention explorer of one dataset's attention store, served on this machine.
+
+  python -m crabnet.web.explorer --serve --data-dir data --dataset aflow__Egap --port 8765
+
+serves it at http://127.0.0.1:8765/ (only this machine can connect; Ctrl-C stops it): the same page
+as the offline explorer that step 2 writes (data/explorer/<dataset>.html), but its search finds any
+compound of the store, and each compound's maps, predictions and attributions are read from the
+store when it is opened. Links keep the view in the URL hash (#compound=HfO2&layer=0&head=2&capture=8).
+The store is made by step 1 (get_training_attention.py). Without --serve, --out FILE writes the
+offline page of the paper's compounds and --explore N more to FILE (step 2 also adds the compounds
+it renders as videos).
+"""
+
+
+def parse_args(argv: Sequence[str] | None = None):
+    """The flags of ``python -m crabnet.web.explorer`` (see :data:`CLI_DOC`)."""
+    from crabnet.cli import make_parser
+
+    parser = make_parser(CLI_DOC)
+    parser.prog = "python -m crabnet.web.explorer"
+    parser.add_argument("--serve", action="store_true", help="serve the explorer at http://127.0.0.1:PORT/")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="root of inputs and outputs")
+    parser.add_argument("--dataset", default="aflow__Egap", help="whose attention store (data/attention/<dataset>/)")
+    parser.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0: any free port)")
+    parser.add_argument(
+        "--explore",
+        type=int,
+        default=DEFAULT_EXPLORE,
+        help="compounds listed besides the paper's (the search finds any)",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="without --serve: write the offline page to this file")
+    parser.add_argument("--verbose", action="store_true", help="--serve: print every request")
+    args = parser.parse_args(argv)
+    if not args.serve and args.out is None:
+        parser.error("pass --serve, or --out FILE to write the offline page")
+    if args.explore < 0 or not 0 <= args.port <= 65535:
+        parser.error("--explore must be >= 0 and --port within 0..65535")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve the explorer (``--serve``) or write the offline page (``--out``); usage errors: one line, exit 2."""
+    import sys
+
+    from crabnet.errors import UsageError
+    from crabnet.web.serve import open_store, serve
+
+    args = parse_args(argv)
+    try:
+        if args.serve:
+            return serve(args.data_dir, args.dataset, args.port, args.explore, verbose=args.verbose)
+        info = write_explorer(open_store(args.data_dir, args.dataset), args.out, args.dataset, n_others=args.explore)
+        print(f"explorer: {info.n_compounds} compounds -> {info.path} ({info.size / 1e6:.1f} MB)")
+        return 0
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
