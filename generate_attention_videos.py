@@ -6,9 +6,9 @@ Writes  <data-dir>/videos/<dataset>/<formula>_attention.mp4  all heads of --laye
         <data-dir>/videos/<dataset>/<formula>.mp4            both side by side
         (--layer N other than 0 adds _layerN to the names, --layer all adds _layers)
         <data-dir>/explorer/<dataset>.html                   the attention explorer (--no-explorer skips it)
-        <data-dir>/attention/<dataset>/faithfulness.csv      agreement of attention with leave-one-element-out
-                                                             attribution per capture, with controls
-        <data-dir>/figures/faithfulness/<dataset>.png        the same against epoch/step
+        <data-dir>/attention/<dataset>/faithfulness.csv      agreement of attention with attribution and Shapley
+                                                             values per capture (figure: figures/faithfulness/)
+        <data-dir>/figures/ptable/<dataset>/                 periodic tables per element (+ per_element.csv)
         <data-dir>/index.html                                the report of every output (refreshed)
 Next    guess_oxidation.py
 
@@ -27,8 +27,8 @@ formula is answered with compounds of the store to try instead.
 The explorer is one offline page (search a compound, pick layer and head, slide over the captures
 or play; the view is kept in the URL hash) of the paper's compounds, the rendered ones and --explore
 N others. Faithfulness: Kendall tau and top-1 agreement of attention-based element importance with
-|attribution| at every capture, beside a shuffled control (--seed) and the fraction-only importance
-(docs/faithfulness.md). Both are skipped when newer than the store (--force recomputes).
+|attribution| and |Shapley| per capture, beside shuffled (--seed) and fraction-only controls; then periodic
+tables per element (docs/faithfulness.md). Both are skipped when newer than the store (--force recomputes).
 
 Examples:
     python generate_attention_videos.py --quick                       # paper compounds of the demo store
@@ -46,8 +46,8 @@ from pathlib import Path
 from crabnet.capture import AttentionStore
 from crabnet.cli import DEMO_DATASET, add_common, make_parser, run
 from crabnet.errors import DataError, UsageError
-from crabnet.faithfulness import refresh_faithfulness
 from crabnet.layout import Layout
+from crabnet.ptable import refresh_analyses
 from crabnet.utils import available_cpus
 from crabnet.video import (
     DEFAULT_PRESET,
@@ -132,7 +132,7 @@ def main(
             print(f"  the page is large for a browser; --explore {max(0, explore // 4)} embeds fewer compounds")
 
     store_time = (store_path / "zarr.json").stat().st_mtime
-    refresh_faithfulness(store, data_dir, dataset, seed=seed, force=force, store_time=store_time)
+    refresh_analyses(store, data_dir, dataset, seed=seed, force=force, store_time=store_time)  # faithfulness, ptables
 
     encoding = {"fps": fps, "dpi": dpi, "crf": crf, "preset": preset, "ffmpeg": ffmpeg}
     jobs = plan_jobs(store, rows, layers, Layout(data_dir).videos(dataset), dataset=dataset, **encoding)

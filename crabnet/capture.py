@@ -629,7 +629,8 @@ class AttentionStore:
         # stores made before attribution was captured have none
         arrays = set(self.group.array_keys())
         self.has_attribution: bool = "attribution" in arrays
-        self.has_shapley: bool = "shapley" in arrays  # with contribution and the head ablation (newer stores)
+        self.has_shapley: bool = "shapley" in arrays  # newer stores (a stub model's store may lack the others)
+        self.has_contribution: bool = "contribution" in arrays
 
     def __len__(self) -> int:
         return len(self.formulas)
@@ -699,7 +700,7 @@ class AttentionStore:
 
     def head_effects(self) -> tuple[np.ndarray, np.ndarray] | None:
         """``head_effect`` and ``head_change`` (c, L, H) of the head ablation, or None for an older store."""
-        if not self.has_shapley:
+        if "head_effect" not in set(self.group.array_keys()):
             return None
         return self.group["head_effect"][:], self.group["head_change"][:]
 
@@ -721,5 +722,5 @@ class AttentionStore:
             attention=att[..., :k, :k],
             attribution=self.group["attribution"][i][:, :k] if self.has_attribution else None,
             shapley=self.group["shapley"][i][:, :k] if self.has_shapley else None,
-            contribution=self.group["contribution"][i][:, :k] if self.has_shapley else None,
+            contribution=self.group["contribution"][i][:, :k] if self.has_contribution else None,
         )

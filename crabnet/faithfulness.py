@@ -29,8 +29,39 @@ importance, per compound with ≥ 3 elements, averaged over compounds; top-1 agr
 with the largest |attribution| is the most important one; ties count as the chance of agreeing
 under a random tie break), per compound with ≥ 2 elements, averaged; and the paired difference of
 each attention importance from the fraction-only control (the same compounds, so its standard
-error is the one that decides whether attention tells more than the composition). Step 2
-(``generate_attention_videos.py``) writes ``attention/<dataset>/faithfulness.csv`` and
+error is the one that decides whether attention tells more than the composition).
+
+**Shapley values as the reference** (stores with ``shapley``; older ones get none of these
+columns): the same τ and top-1 with |Shapley| in place of |attribution|, for raw attention,
+rollout, |leave-one-out attribution|, |contribution| (each element's share of the output; stores
+without it leave its columns out), the shuffled control and the fraction-only importance. Leave-one-out
+measures one coalition (all but the element); the Shapley value averages the element's marginal
+effect over every sub-compound, so it is the reference that the other measures approximate.
+
+**Sign test**: per compound with ≥ 2 elements, is the Shapley value of the most-attended element
+(largest raw attention importance) positive, i.e. does the element attention points to push the
+prediction up from the baseline (the training mean)? The share of compounds where it does, beside
+the same share for a random element (seeded hash of (seed, row, capture), independent of the
+shuffled control) and for the element with the largest fraction; ties of the picking value count
+as a fair tie break. Attention that marks "what raises the prediction" would sit above the random
+share; attention that marks "what matters" in either direction would not.
+
+Columns of ``faithfulness.csv`` (one row per capture; every measure has ``_se``, the standard
+error of the mean over compounds; a compound where a value is undefined or not finite is left out
+of that mean):
+
+- ``capture``, ``step`` (epoch or optimiser step; 0 = untrained), ``n_tau`` (compounds with ≥ 3
+  elements), ``n_top1`` (compounds with ≥ 2 elements; also the compounds of the sign test);
+- ``tau_<m>``, ``top1_<m>`` for m in attention, rollout, shuffled, fraction: agreement with
+  |leave-one-out attribution|; ``tau_<m>_vs_fraction``, ``top1_<m>_vs_fraction`` for attention and
+  rollout: paired difference from the fraction-only control;
+- ``shapley_tau_<m>``, ``shapley_top1_<m>`` for m in attention, rollout, attribution,
+  contribution, shuffled, fraction: agreement with |Shapley|; ``shapley_tau_<m>_vs_fraction``,
+  ``shapley_top1_<m>_vs_fraction`` for attention and rollout;
+- ``shapley_positive_<p>`` for p in attention (the most-attended element), random, fraction (the
+  largest fraction): share of compounds whose picked element has Shapley value > 0.
+
+Step 2 (``generate_attention_videos.py``) writes ``attention/<dataset>/faithfulness.csv`` and
 ``figures/faithfulness/<dataset>.png``::
 
     from crabnet.capture import AttentionStore
@@ -50,11 +81,17 @@ from crabnet.layout import Layout
 
 IMPORTANCES = ("attention", "rollout", "shuffled", "fraction")  # the columns of the table, in this order
 PAIRED = ("attention", "rollout")  # compared with the fraction-only control compound by compound
+# measured against |Shapley| (stores with Shapley values), in this order
+SHAPLEY_MEASURES = ("attention", "rollout", "attribution", "contribution", "shuffled", "fraction")
+SIGN_PICKS = ("attention", "random", "fraction")  # whose Shapley sign the sign test reads
 LABELS = {
     "attention": "attention (raw)",
     "rollout": "attention rollout",
+    "attribution": "|leave-one-out|",
+    "contribution": "|contribution|",
     "shuffled": "shuffled (control)",
     "fraction": "fraction only (control)",
+    "random": "random element (control)",
 }
 BLOCK_BYTES = 64 << 20  # faithfulness_table reads about this many bytes of attention at once
 
@@ -281,24 +318,112 @@ def block_importances(
     }
 
 
-def faithfulness_table(store: Any, seed: int = 0, block_bytes: int = BLOCK_BYTES):
-    """Agreement of attention with attribution at every capture of a store.
+def _agreement(reference: np.ndarray, measures: dict[str, np.ndarray], keep: np.ndarray, prefix: str = ""):
+    """Per compound and capture: τ and top-1 of each measure with the reference, NaN where left out.
 
     Args:
-        store: a :class:`crabnet.capture.AttentionStore` holding ``attribution``.
-        seed: seed of the shuffled control.
+        reference: (b, c, E) |attribution| or |Shapley|.
+        measures: {name: (b, c, E)}.
+        keep: (b, E) True at real slots.
+        prefix: put before the column names (``shapley_``).
+
+    Returns:
+        {``<prefix>tau_<name>``, ``<prefix>top1_<name>``: (b, c)} and the paired differences
+        ``…_<name>_vs_fraction`` for :data:`PAIRED`.
+    """
+    k = keep.sum(axis=1)
+    keep_c = np.broadcast_to(keep[:, None, :], reference.shape)
+    per: dict[str, np.ndarray] = {}
+    for metric, agree, need in (("tau", kendall_tau, 3), ("top1", top1_agreement, 2)):
+        for name, imp in measures.items():
+            per[f"{prefix}{metric}_{name}"] = np.where((k >= need)[:, None], agree(reference, imp, keep_c), np.nan)
+    for metric in ("tau", "top1"):
+        for name in PAIRED:
+            diff = per[f"{prefix}{metric}_{name}"] - per[f"{prefix}{metric}_fraction"]
+            per[f"{prefix}{metric}_{name}_vs_fraction"] = diff
+    return per
+
+
+def positive_share(shapley: np.ndarray, pick: np.ndarray, keep: np.ndarray, rtol: float = 1e-6) -> np.ndarray:
+    """Whether the element with the largest ``pick`` value has a positive Shapley value.
+
+    Ties of ``pick`` (within ``rtol``) count as a fair tie break: the share of the tied elements
+    with Shapley > 0.
+
+    Args:
+        shapley, pick: (..., E).
+        keep: (..., E) True at real slots.
+
+    Returns:
+        (...,) in [0, 1]; NaN where there is no real slot.
+    """
+    top = _maxima(np.asarray(pick, dtype=np.float64), keep, rtol)
+    n = top.sum(axis=-1)
+    up = (top & (np.asarray(shapley) > 0)).sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, up / np.where(n > 0, n, 1), np.nan)
+
+
+def random_pick(keep: np.ndarray, seed: int, rows: np.ndarray, captures: np.ndarray) -> np.ndarray:
+    """(b, c, E) values whose largest is a uniformly random real slot of each compound and capture.
+
+    The values come from a hash of (seed, row, capture, slot), on other slot numbers than the
+    shuffled control's, so the pick is independent of it; -inf at padding.
+    """
+    E = keep.shape[-1]
+    rows, captures = np.asarray(rows)[:, None, None], np.asarray(captures)[None, :, None]
+    keys = _hash_uniform(seed, rows, captures, np.arange(E) + (1 << 32))
+    return np.where(keep[:, None, :], keys, -np.inf)
+
+
+def _sign_test(shapley, imps: dict[str, np.ndarray], keep: np.ndarray, seed: int, rows, captures):
+    """{``shapley_positive_<pick>``: (b, c)} for :data:`SIGN_PICKS`; NaN for compounds with < 2 elements."""
+    keep_c = np.broadcast_to(keep[:, None, :], shapley.shape)
+    picks = {"attention": imps["attention"], "random": random_pick(keep, seed, rows, captures)}
+    picks["fraction"] = imps["fraction"]
+    multi = (keep.sum(axis=1) >= 2)[:, None]
+    return {
+        f"shapley_positive_{name}": np.where(multi, positive_share(shapley, picks[name], keep_c), np.nan)
+        for name in SIGN_PICKS
+    }
+
+
+def _block_values(arrays: dict[str, Any], i: int, block: int, elements, fractions, seed: int, captures):
+    """Per-compound values (b, c) of every column for the compounds ``i … i + block`` of the store."""
+    rows = np.arange(i, min(i + block, len(elements)))
+    keep = elements[rows] > 0
+    read = lambda name: np.asarray(arrays[name][i : i + block], dtype=np.float64)  # noqa: E731
+    imps = block_importances(read("attention"), fractions[rows], keep, seed, rows, captures)
+    attribution = np.abs(read("attribution"))
+    per = _agreement(attribution, imps, keep)
+    if "shapley" in arrays:
+        shapley = read("shapley")
+        measures = {**imps, "attribution": attribution}
+        if "contribution" in arrays:
+            measures["contribution"] = np.abs(read("contribution"))
+        measures = {name: measures[name] for name in SHAPLEY_MEASURES if name in measures}
+        per |= _agreement(np.abs(shapley), measures, keep, prefix="shapley_")
+        per |= _sign_test(shapley, imps, keep, seed, rows, captures)
+    return per
+
+
+def faithfulness_table(store: Any, seed: int = 0, block_bytes: int = BLOCK_BYTES):
+    """Agreement of attention with attribution (and with Shapley values) at every capture of a store.
+
+    Args:
+        store: a :class:`crabnet.capture.AttentionStore` holding ``attribution`` (and, in newer
+            stores, ``shapley`` and ``contribution``).
+        seed: seed of the shuffled control and of the random element of the sign test.
         block_bytes: read about this many bytes of attention at a time (compound-major blocks).
 
     Returns:
-        a ``pandas.DataFrame``, one row per capture: ``capture``, ``step``, ``n_tau`` (compounds
-        with ≥ 3 elements), ``n_top1`` (compounds with ≥ 2 elements), and for each importance of
-        :data:`IMPORTANCES` ``tau_<name>``, ``tau_<name>_se``, ``top1_<name>``, ``top1_<name>_se``
-        (means over those compounds and their standard errors; a compound where τ is undefined,
-        because |attribution| or the importance is constant over its elements, or where a value
-        is not finite, is left out of that mean); and for attention and rollout the paired
-        difference from the fraction-only control, compound by compound: ``tau_<name>_vs_fraction``,
-        ``top1_<name>_vs_fraction`` with ``_se`` (> 0: attention ranks the elements more like the
-        attribution than the fractions alone do).
+        a ``pandas.DataFrame``, one row per capture, with the columns of the module docstring:
+        ``capture``, ``step``, ``n_tau``, ``n_top1``; ``tau_<name>``, ``top1_<name>`` for each
+        importance of :data:`IMPORTANCES` against |attribution| and the paired differences
+        ``…_vs_fraction``; for a store with Shapley values ``shapley_tau_<name>``,
+        ``shapley_top1_<name>`` for :data:`SHAPLEY_MEASURES` (those the store has), their paired
+        differences, and the sign test ``shapley_positive_<pick>`` for :data:`SIGN_PICKS`. Each
+        value is a mean over compounds with ``_se`` its standard error.
 
     Raises:
         ValueError: if the store has no attribution.
@@ -311,47 +436,29 @@ def faithfulness_table(store: Any, seed: int = 0, block_bytes: int = BLOCK_BYTES
             "(made before attribution was captured); run get_training_attention.py again"
         )
     group = store.group
-    att, attr = group["attention"], group["attribution"]
-    n, c = att.shape[0], att.shape[1]
-    per_compound = max(1, int(np.prod(att.shape[1:])) * 8)
+    names = set(group.array_keys())
+    wanted = ["attention", "attribution"] + (["shapley", "contribution"] if "shapley" in names else [])
+    arrays = {name: group[name] for name in wanted if name in names}
+    n, c = arrays["attention"].shape[:2]
+    per_compound = max(1, int(np.prod(arrays["attention"].shape[1:])) * 8)
     block = int(np.clip(block_bytes // per_compound, 1, max(n, 1)))
     elements = np.asarray(store.elements)
     fractions = np.asarray(store.fractions, dtype=np.float64)
-    names = [f"{m}_{k}" for m in ("tau", "top1") for k in IMPORTANCES]
-    names += [f"{m}_{k}_vs_fraction" for m in ("tau", "top1") for k in PAIRED]
-    sums = {name: np.zeros((3, c)) for name in names}  # count, sum, sum of squares per capture
     captures = np.arange(c)
-    n_real = (elements > 0).sum(axis=1)
-    n_tau, n_top1 = int((n_real >= 3).sum()), int((n_real >= 2).sum())
+    sums: dict[str, np.ndarray] = {}  # count, sum, sum of squares per capture
     for i in range(0, n, block):
-        keep = elements[i : i + block] > 0
-        k = keep.sum(axis=1)
-        maps = np.asarray(att[i : i + block], dtype=np.float64)
-        a = np.abs(np.asarray(attr[i : i + block], dtype=np.float64))  # (b, c, E)
-        imps = block_importances(maps, fractions[i : i + block], keep, seed, np.arange(i, i + len(keep)), captures)
-        keep_c = np.broadcast_to(keep[:, None, :], a.shape)
-        per: dict[str, np.ndarray] = {}  # (b, c) per compound, NaN where left out
-        for name, imp in imps.items():
-            for metric, values, need in (
-                ("tau", kendall_tau(a, imp, keep_c), 3),
-                ("top1", top1_agreement(a, imp, keep_c), 2),
-            ):
-                per[f"{metric}_{name}"] = np.where((k >= need)[:, None], values, np.nan)
-        for metric in ("tau", "top1"):
-            for name in PAIRED:
-                per[f"{metric}_{name}_vs_fraction"] = per[f"{metric}_{name}"] - per[f"{metric}_fraction"]
-        for name, values in per.items():
+        for name, values in _block_values(arrays, i, block, elements, fractions, seed, captures).items():
             ok = np.isfinite(values)
             v = np.where(ok, values, 0.0)
-            acc = sums[name]
+            acc = sums.setdefault(name, np.zeros((3, c)))
             acc[0] += ok.sum(axis=0)
             acc[1] += v.sum(axis=0)
             acc[2] += (v * v).sum(axis=0)
+    n_real = (elements > 0).sum(axis=1)
     out: dict[str, Any] = {"capture": captures, "step": np.asarray(store.steps, dtype=np.int64)}
-    out["n_tau"] = np.full(c, n_tau, dtype=np.int64)
-    out["n_top1"] = np.full(c, n_top1, dtype=np.int64)
-    for name in names:
-        cnt, s, ss = sums[name]
+    out["n_tau"] = np.full(c, int((n_real >= 3).sum()), dtype=np.int64)
+    out["n_top1"] = np.full(c, int((n_real >= 2).sum()), dtype=np.int64)
+    for name, (cnt, s, ss) in sums.items():
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = np.where(cnt > 0, s / np.maximum(cnt, 1), np.nan)
             var = np.where(cnt > 1, (ss - cnt * mean**2) / np.maximum(cnt - 1, 1), np.nan)
@@ -363,6 +470,18 @@ def faithfulness_table(store: Any, seed: int = 0, block_bytes: int = BLOCK_BYTES
 # --------------------------------------------------------------------------------------------
 # outputs of step 2
 
+COLOURS = {
+    "attention": "#1f77b4",
+    "rollout": "#d62728",
+    "attribution": "#9467bd",
+    "contribution": "#ff7f0e",
+    "shuffled": "#7f7f7f",
+    "fraction": "#2ca02c",
+    "random": "#7f7f7f",
+}
+STYLES = {"shuffled": ":", "random": ":", "fraction": "--"}  # else solid
+PICK_LABELS = {"attention": "most attended", "random": "random (control)", "fraction": "largest fraction (control)"}
+
 
 def faithfulness_paths(data_dir: Path | str, dataset: str) -> tuple[Path, Path]:
     """``attention/<dataset>/faithfulness.csv`` and ``figures/faithfulness/<dataset>.png``."""
@@ -370,38 +489,70 @@ def faithfulness_paths(data_dir: Path | str, dataset: str) -> tuple[Path, Path]:
     return layout.faithfulness_csv(dataset), layout.faithfulness_figure(dataset)
 
 
+def has_shapley_columns(table) -> bool:
+    """Whether a faithfulness table holds the Shapley-referenced columns."""
+    return "shapley_tau_attention" in table
+
+
+def _panel(ax, table, columns: dict[str, str], ylabel: str, capture: str, labels: dict[str, str] = LABELS) -> None:
+    """Lines of ``table[column]`` ±1 SE against the step, one per {name: column} (skipping absent ones)."""
+    x = np.asarray(table["step"])
+    for name, column in columns.items():
+        if column not in table:
+            continue
+        y = np.asarray(table[column], dtype=np.float64)
+        se = np.asarray(table[f"{column}_se"], dtype=np.float64)
+        colour = COLOURS[name]
+        ax.plot(x, y, STYLES.get(name, "-"), color=colour, marker="o", ms=3, lw=1.6, label=labels[name])
+        ax.fill_between(x, y - se, y + se, color=colour, alpha=0.15, lw=0)
+    ax.set_xlabel(f"{capture} (0 = untrained)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
 def plot_faithfulness(table, path: Path | str, title: str = "", capture: str = "epoch") -> Path:
-    """Kendall τ and top-1 agreement against the capture's epoch/step, one line per importance (±1 SE)."""
+    """Kendall τ and top-1 agreement against the capture's epoch/step, one line per importance (±1 SE).
+
+    With Shapley columns a second row shows the agreement with |Shapley| of every measure and the
+    sign test (share of compounds whose picked element has a positive Shapley value); the legend
+    then has a panel of its own.
+    """
     from matplotlib.figure import Figure
 
     from crabnet.plotting import save_png
 
-    colours = {"attention": "#1f77b4", "rollout": "#d62728", "shuffled": "#7f7f7f", "fraction": "#2ca02c"}
-    styles = {"attention": "-", "rollout": "-", "shuffled": ":", "fraction": "--"}
-    fig = Figure(figsize=(11, 4.2))
-    axes = fig.subplots(1, 2)
-    x = np.asarray(table["step"])
-    for ax, metric, ylabel in (
-        (axes[0], "tau", "Kendall τ(|attribution|, importance)\ncompounds with ≥ 3 elements"),
-        (axes[1], "top1", "top-1 agreement\ncompounds with ≥ 2 elements"),
-    ):
-        for name in IMPORTANCES:
-            y = np.asarray(table[f"{metric}_{name}"], dtype=np.float64)
-            se = np.asarray(table[f"{metric}_{name}_se"], dtype=np.float64)
-            ax.plot(x, y, styles[name], color=colours[name], marker="o", ms=3, lw=1.6, label=LABELS[name])
-            ax.fill_between(x, y - se, y + se, color=colours[name], alpha=0.15, lw=0)
-        ax.set_xlabel(f"{capture} (0 = untrained)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-    axes[0].axhline(0.0, color="black", lw=0.8)
-    axes[0].legend(fontsize=8, loc="best")
+    shap = has_shapley_columns(table)
+    fig = Figure(figsize=(15, 8.4) if shap else (11, 4.2))
+    axes = fig.subplots(2, 3) if shap else fig.subplots(1, 2)[None, :]
+    tau, top1 = (
+        "Kendall τ({}, importance)\ncompounds with ≥ 3 elements",
+        "top-1 agreement with {}\ncompounds with ≥ 2 elements",
+    )
+    loo = {name: name for name in IMPORTANCES}
+    _panel(axes[0, 0], table, {k: f"tau_{v}" for k, v in loo.items()}, tau.format("|attribution|"), capture)
+    _panel(axes[0, 1], table, {k: f"top1_{v}" for k, v in loo.items()}, top1.format("|attribution|"), capture)
+    axes[0, 0].axhline(0.0, color="black", lw=0.8)
     n_tau = int(np.max(table["n_tau"])) if len(table) else 0
     n_top1 = int(np.max(table["n_top1"])) if len(table) else 0
-    fig.suptitle(
-        f"{title}: does attention rank elements as leave-one-out attribution does? "
-        f"({n_tau} / {n_top1} compounds; bands ±1 SE)",
-        fontsize=10,
-    )
+    question = "does attention rank elements as leave-one-out attribution does?"
+    if shap:
+        measures = {name: name for name in SHAPLEY_MEASURES}
+        _panel(axes[1, 0], table, {k: f"shapley_tau_{k}" for k in measures}, tau.format("|Shapley|"), capture)
+        _panel(axes[1, 1], table, {k: f"shapley_top1_{k}" for k in measures}, top1.format("|Shapley|"), capture)
+        axes[1, 0].axhline(0.0, color="black", lw=0.8)
+        picks = {k: f"shapley_positive_{k}" for k in SIGN_PICKS}
+        ylabel = "share of compounds whose picked element\nhas Shapley value > 0 (≥ 2 elements)"
+        _panel(axes[1, 2], table, picks, ylabel, capture, labels=PICK_LABELS)
+        axes[1, 2].set_ylim(-0.02, 1.02)
+        axes[1, 2].legend(fontsize=8, loc="best", title="sign test: element picked", title_fontsize=8)
+        lines = [h for ax in axes[1, :2] for h in ax.get_lines() if not h.get_label().startswith("_")]
+        handles = {h.get_label(): h for h in lines}  # every measure once
+        axes[0, 2].axis("off")
+        axes[0, 2].legend(list(handles.values()), list(handles), loc="center", fontsize=9, title="importance")
+        question = "does attention rank elements as leave-one-out attribution / Shapley values do?"
+    else:
+        axes[0, 0].legend(fontsize=8, loc="best")
+    fig.suptitle(f"{title}: {question} ({n_tau} / {n_top1} compounds; bands ±1 SE)", fontsize=10)
     fig.tight_layout()
     return save_png(fig, path, dpi=110)
 
@@ -428,6 +579,28 @@ def summary_rows(table, captures: tuple[int, ...] = (0, -1)) -> str:
     return "\n".join(lines)
 
 
+def shapley_summary_rows(table, captures: tuple[int, ...] = (0, -1)) -> str:
+    """The Shapley-referenced τ and top-1 of every measure and the sign test at the given captures (console)."""
+    if not has_shapley_columns(table):
+        return ""
+    measures = [k for k in SHAPLEY_MEASURES if f"shapley_tau_{k}" in table]
+    lines = [f"{'capture (step)':16s}{'':10s}" + "".join(f"{LABELS[k]:>25s}" for k in measures)]
+    for c in captures:
+        row = table.iloc[c]
+        label = f"{int(row['capture'])} ({int(row['step'])})"
+        for metric in ("tau", "top1"):
+            col = [f"shapley_{metric}_{k}" for k in measures]
+            cells = "".join(f"{row[n]:>18.3f} ±{row[n + '_se']:.3f}" for n in col)
+            lines.append(f"{label:16s}{metric:10s}{cells}")
+            label = ""
+        signs = ", ".join(
+            f"{PICK_LABELS[k]} {row[f'shapley_positive_{k}']:.3f} ±{row[f'shapley_positive_{k}_se']:.3f}"
+            for k in SIGN_PICKS
+        )
+        lines.append(f"{'':16s}{'Shapley>0':10s}  {signs}")
+    return "\n".join(lines)
+
+
 def write_faithfulness(store: Any, data_dir: Path | str, dataset: str, seed: int = 0):
     """Compute the table of a store and write its CSV and figure (atomically).
 
@@ -444,11 +617,24 @@ def write_faithfulness(store: Any, data_dir: Path | str, dataset: str, seed: int
     return table, csv, png
 
 
+def _up_to_date(store: Any, csv: Path, png: Path, store_time: float | None) -> bool:
+    """Both files newer than the store, and the CSV holds the Shapley columns when the store has Shapley values."""
+    if store_time is None or not (csv.is_file() and png.is_file()):
+        return False
+    if min(csv.stat().st_mtime, png.stat().st_mtime) <= store_time:
+        return False
+    if getattr(store, "has_shapley", False):
+        with open(csv, encoding="utf-8") as f:
+            return "shapley_tau_attention" in f.readline().split(",")
+    return True
+
+
 def refresh_faithfulness(
     store: Any, data_dir: Path | str, dataset: str, seed: int = 0, force: bool = False, store_time: float | None = None
 ) -> None:
     """Step 2: write faithfulness.csv and its figure unless the store has no attribution or they
-    are newer than the store (``store_time``, its modification time; ``force`` recomputes); prints
+    are newer than the store (``store_time``, its modification time; ``force`` recomputes; a CSV
+    written before the Shapley columns existed is redone for a store with Shapley values); prints
     what it did and the table's first and last capture."""
     csv, png = faithfulness_paths(data_dir, dataset)
     if not store.has_attribution:
@@ -457,13 +643,7 @@ def refresh_faithfulness(
             f"run get_training_attention.py --force for {csv.name}"
         )
         return
-    if (
-        not force
-        and store_time is not None
-        and csv.is_file()
-        and png.is_file()
-        and min(csv.stat().st_mtime, png.stat().st_mtime) > store_time
-    ):
+    if not force and _up_to_date(store, csv, png, store_time):
         print(f"faithfulness: {csv} is up to date (--force recomputes)")
         return
     t0 = time.perf_counter()
@@ -474,3 +654,10 @@ def refresh_faithfulness(
         f"elements, top-1 agreement over {int(table['n_top1'].iloc[0])} with >= 2 (mean ± SE):\n"
         + "\n".join("  " + line for line in summary_rows(table).splitlines())
     )
+    if has_shapley_columns(table):
+        print(
+            "  with |Shapley| as the reference, and the sign test (share of compounds whose picked element "
+            "has Shapley value > 0):\n" + "\n".join("  " + line for line in shapley_summary_rows(table).splitlines())
+        )
+    elif not getattr(store, "has_shapley", False):
+        print("  (no Shapley values in this store, made before they were captured: no Shapley-referenced columns)")

@@ -81,8 +81,14 @@ OUTPUTS: tuple[tuple[str, str, str], ...] = (
     (
         "`attention/<dataset>/faithfulness.csv`, `figures/faithfulness/<dataset>.png`",
         "2",
-        "agreement of attention with leave-one-element-out attribution per capture, beside shuffled and "
-        "fraction-only controls",
+        "agreement of attention with leave-one-element-out attribution and with Shapley values per capture, "
+        "beside shuffled and fraction-only controls; the sign test of the most-attended element's Shapley value",
+    ),
+    (
+        "`attention/<dataset>/per_element.csv`, `figures/ptable/<dataset>/<quantity>.png`, `.html`",
+        "2",
+        "periodic tables per element: training prevalence, attention received, mean Shapley value, MAE of the "
+        "captured split (and of step 4's test predictions); PNG + interactive HTML (`plotly.min.js` beside them)",
     ),
     (
         "`index.html`",
@@ -196,6 +202,18 @@ class Layout:
 
     def faithfulness_figure(self, dataset: str) -> Path:
         return self.faithfulness_figures() / f"{dataset}.png"
+
+    def ptable_csv(self, dataset: str) -> Path:
+        """``attention/<dataset>/per_element.csv``: the per-element aggregates of the periodic tables."""
+        return self.attention_dir(dataset) / "per_element.csv"
+
+    def ptable_figures(self, dataset: str = "") -> Path:
+        """``figures/ptable/<dataset>/`` (``figures/ptable/`` without a dataset)."""
+        return self.root / "figures" / "ptable" / dataset
+
+    def ptable_figure(self, dataset: str, quantity: str) -> Path:
+        """``figures/ptable/<dataset>/<quantity>.png`` (its interactive ``.html`` twin beside it)."""
+        return self.ptable_figures(dataset) / f"{quantity}.png"
 
     # step 3
     def oxidation(self) -> Path:

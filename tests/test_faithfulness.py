@@ -17,7 +17,7 @@ from torch import nn
 import generate_attention_videos as gav
 from crabnet.capture import AttentionRecorder, AttentionStore, AttentionWriter, capture_split
 from crabnet.data import compositions_from_formulas, load_dataset
-from crabnet.elements import SYMBOLS
+from crabnet.elements import ATOMIC_NUMBER, SYMBOLS
 from crabnet.faithfulness import (
     IMPORTANCES,
     attention_importance,
@@ -25,7 +25,11 @@ from crabnet.faithfulness import (
     faithfulness_table,
     kendall_tau,
     leave_one_out,
+    plot_faithfulness,
+    positive_share,
+    random_pick,
     ranking,
+    refresh_faithfulness,
     rollout,
     rollout_importance,
     shuffled,
@@ -377,12 +381,10 @@ def test_table_matches_a_per_compound_computation_and_not_the_block_size(tmp_pat
     assert table.loc[1, "tau_fraction"] == pytest.approx(np.mean(taus), abs=1e-9)
     assert table.loc[1, "top1_fraction"] == pytest.approx(np.mean(tops), abs=1e-9)
     assert table.loc[1, "top1_fraction_se"] == pytest.approx(np.std(tops, ddof=1) / np.sqrt(len(tops)), abs=1e-9)
-    # the same table from a new seed differs only in the shuffled control
+    # the same table from a new seed differs only in the seeded controls (shuffled, random element)
     other = faithfulness_table(store, seed=4)
-    pd.testing.assert_frame_equal(
-        other.drop(columns=[c for c in other if "shuffled" in c]),
-        table.drop(columns=[c for c in table if "shuffled" in c]),
-    )
+    seeded = lambda frame: [c for c in frame if "shuffled" in c or "random" in c]  # noqa: E731
+    pd.testing.assert_frame_equal(other.drop(columns=seeded(other)), table.drop(columns=seeded(table)))
 
 
 def test_step2_writes_faithfulness_csv_and_figure_and_report_shows_them(tmp_path, capsys):
@@ -432,3 +434,89 @@ def test_paired_difference_from_the_fraction_control(tmp_path):
             diff = table[f"{metric}_{name}"] - table[f"{metric}_fraction"]
             np.testing.assert_allclose(table[f"{metric}_{name}_vs_fraction"], diff, atol=1e-12)
             assert (table[f"{metric}_{name}_vs_fraction_se"] >= 0).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Shapley values as the reference, and the sign test
+
+
+def stub_store_with_shapley(tmp_path, values):
+    """The stub's store (2 captures) with its ``shapley`` array replaced by ``values(elements) -> (n, E)``."""
+    data = compositions_from_formulas(FORMULAS)
+    store = capture_store(tmp_path, IgnoresSodium(), data, Scaler(0.0, 1.0), steps=(0, 1), attribution=KINDS)
+    group = zarr.open_group(store.path, mode="r+")
+    group["shapley"][:] = np.broadcast_to(values(group)[:, None, :], group["shapley"].shape).astype(np.float32)
+    return AttentionStore(store.path)
+
+
+KINDS = ("attribution", "shapley")  # the stub has neither heads nor CrabNet's output head: no contribution
+
+
+def test_shapley_referenced_agreement_of_a_measure_equal_to_abs_shapley_is_one(tmp_path, capsys):
+    data = compositions_from_formulas(FORMULAS)
+    plain = capture_store(tmp_path / "a", IgnoresSodium(), data, Scaler(0.0, 1.0), steps=(0, 1), attribution=KINDS)
+    before = faithfulness_table(plain)  # Shapley values as captured
+    store = stub_store_with_shapley(tmp_path, lambda g: -g["attribution"][:, 0])  # |Shapley| = |leave-one-out|
+    table = faithfulness_table(store)
+    np.testing.assert_allclose(table["shapley_tau_attribution"], 1.0)
+    np.testing.assert_allclose(table["shapley_top1_attribution"], 1.0)
+    assert (table["shapley_tau_attribution_se"] == 0).all()
+    # the other measures against |Shapley| are their agreement with |leave-one-out| here, and those columns are kept
+    for metric in ("tau", "top1"):
+        for name in ("attention", "rollout", "fraction"):
+            np.testing.assert_allclose(table[f"shapley_{metric}_{name}"], table[f"{metric}_{name}"], atol=1e-12)
+            np.testing.assert_allclose(table[f"{metric}_{name}"], before[f"{metric}_{name}"], atol=1e-12)
+        assert f"shapley_{metric}_attention_vs_fraction" in table
+    assert not any("contribution" in c for c in table)  # a store without contributions: no such columns
+    # step 2's figure gains the Shapley row; a CSV written before the Shapley columns existed is redone
+    csv, png = faithfulness_paths(tmp_path, "synth")
+    plot_faithfulness(table, png, title="synth")
+    table.drop(columns=[c for c in table if c.startswith("shapley_")]).to_csv(csv, index=False)
+    refresh_faithfulness(store, tmp_path, "synth", store_time=0.0)
+    out = capsys.readouterr().out
+    assert "with |Shapley| as the reference" in out and "most attended" in out
+    assert "shapley_tau_attention" in pd.read_csv(csv).columns
+    refresh_faithfulness(store, tmp_path, "synth", store_time=0.0)
+    assert "is up to date" in capsys.readouterr().out
+
+
+def test_sign_test_counts_by_hand(tmp_path):
+    positive = {ATOMIC_NUMBER["O"], ATOMIC_NUMBER["Cl"]}
+    # Shapley value +1 for O and Cl, 0 for Na (and padding), -1 for every other element
+    sign = lambda g: np.vectorize(lambda z: 1.0 if z in positive else 0.0 if z in (0, NA) else -1.0)(  # noqa: E731
+        g["elements"][:]
+    )
+    store = stub_store_with_shapley(tmp_path, sign)
+    table = faithfulness_table(store, seed=5)
+    # compounds with >= 2 elements: NaCl, Fe2O3, Na2SO4, LiNaFePO4, Na3AlF6, TiO2, Mg2SiO4, KNa (Cu, Na alone: out)
+    assert (table["n_top1"] == 8).all()
+    # the stub's attention goes to the non-Na element of largest Z: Cl, Fe, S, Fe, Al, Ti, Si, K; only Cl is positive
+    np.testing.assert_allclose(table["shapley_positive_attention"], 1 / 8)
+    np.testing.assert_allclose(table["shapley_positive_attention_se"], np.std([1] + [0] * 7, ddof=1) / np.sqrt(8))
+    # largest fraction: NaCl tie (Cl +, Na 0) 1/2, O in Fe2O3, Na2SO4, LiNaFePO4, TiO2, Mg2SiO4, F in Na3AlF6 (-),
+    # KNa tie (K -, Na 0) 0
+    np.testing.assert_allclose(table["shapley_positive_fraction"], 5.5 / 8)
+    # the random element: the seeded pick, by hand
+    keep = store.elements > 0
+    values = sign(store.group)
+    picks = random_pick(keep, 5, np.arange(len(store)), np.arange(store.n_captures)).argmax(-1)  # (n, c)
+    multi = keep.sum(1) >= 2
+    expected = (np.take_along_axis(values[:, None, :].repeat(2, 1), picks[..., None], -1)[..., 0] > 0)[multi]
+    np.testing.assert_allclose(table["shapley_positive_random"], expected.mean(0))
+    assert keep[np.arange(len(store))[:, None], picks].all()  # always a real element
+
+
+def test_random_pick_is_uniform_over_the_real_elements():
+    keep = np.zeros((4000, 5), bool)
+    keep[:, :4] = True
+    picks = random_pick(keep, 0, np.arange(4000), np.arange(3)).argmax(-1)
+    share = np.bincount(picks.ravel(), minlength=5) / picks.size
+    np.testing.assert_allclose(share[:4], 0.25, atol=0.02)
+    assert share[4] == 0
+    assert not np.array_equal(picks, random_pick(keep, 1, np.arange(4000), np.arange(3)).argmax(-1))
+    # independent of the shuffled control's permutation (another hash stream): the slot it moves first is
+    # the random pick about one time in four
+    slots = np.broadcast_to(np.arange(5.0) * keep[0], (4000, 3, 5))
+    first = shuffled(slots, keep, 0, np.arange(4000), np.arange(3))[..., 0]
+    assert abs((first == picks).mean() - 0.25) < 0.02
+    assert positive_share(np.array([1.0, -1, 2]), np.array([0.5, 0.5, 0.1]), np.ones(3, bool)) == 0.5

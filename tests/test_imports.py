@@ -1,7 +1,8 @@
 """The package's import graph: no circle, and layout.py imports nothing of the package.
 
 Every ``import crabnet.x`` / ``from crabnet.x import …`` / ``from crabnet import x`` counts, also
-the ones inside functions (a lazy import still ties two modules together). The one allowed
+the ones inside functions (a lazy import still ties two modules together), except those of an
+``if __name__ == "__main__":`` block (they run when the module is a script, never on import). The one allowed
 exception is ``crabnet/__init__.py``'s lazy ``load_model`` (``crabnet.predict``): the package
 root re-exports it for ``crabnet.load_model(path)`` without importing it at start.
 """
@@ -25,7 +26,10 @@ def module_name(path: Path) -> str:
 def imports_of(path: Path, modules: set[str]) -> set[str]:
     """Package modules imported anywhere in ``path`` (a name imported from a package that is a module counts)."""
     out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for main in [n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)]:
+        tree.body.remove(main)  # runs as the script __main__, never on import: no edge
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name in modules}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in modules:

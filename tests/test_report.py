@@ -71,11 +71,24 @@ class Links(HTMLParser):
                 self.links.append((tag, value))
 
 
+def add_attributions(store: Path) -> None:
+    """Leave-one-out, Shapley values and contributions (random, 0 at padding) in a store written without them:
+    step 2 then writes faithfulness.csv with its Shapley columns and the periodic table of mean Shapley values."""
+    import zarr
+
+    group = zarr.open_group(store, mode="r+")
+    real = group["elements"][:] > 0
+    shape = (*group["prediction"].shape, real.shape[1])  # (n, c, E)
+    rng = np.random.default_rng(1)
+    for name in ("attribution", "shapley", "contribution"):  # the store reads a compound's three together
+        group.create_array(name, data=(rng.normal(size=shape) * real[:, None, :]).astype(np.float32))
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """A data folder with some output of every kind; step 2 (videos + explorer) refreshes the report."""
     root = tmp_path_factory.mktemp("report")
-    write_store(root)
+    add_attributions(write_store(root))
     recipe = recipe_dict(Recipe(epochs=6, epochs_step=1))
     save_small(
         root / "models" / "synth__onehot.pt",
@@ -112,6 +125,8 @@ def data_dir(tmp_path_factory) -> Path:
         "predictions/synth__onehot__test.csv": "formula,target,prediction\nHf1O2,60,61\n",
         "embeddings/onehot/synth__layer0__Q.csv": "element,0\nH,1\n",
         "notes/extra.json": "{}",
+        # the training split: the prevalence table of step 2 reads it
+        "benchmark_data/synth/train.csv": "formula,target\nHf1O2,1\nFe2O3,2\nAl1Gd1O3,3\nGd2O7Ti2,4\n",
     }.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
@@ -157,6 +172,22 @@ def test_report_shows_and_links_everything(data_dir):
     assert "<td>0.8123</td>" in text and "<td>0.9123</td>" in text
     assert "<td>1</td><td>50.0 %</td><td>no solution 1</td>" in text  # oxidation: 1 of 2 guessed
     assert "figures/faithfulness/synth.png" in text and "notes/extra.json" in text
+    # faithfulness: the table with |attribution| as the reference and the one with |Shapley| and the sign test
+    assert "<th>tau_rollout</th>" in text and "<th>shapley_tau_attention</th>" in text
+    assert "<th>shapley_positive_random</th>" in text and "<th>shapley_tau_rollout_se</th>" not in text
+    # the periodic tables: thumbnails linking their interactive twins, in the order of crabnet.ptable, then the CSV
+    assert "Periodic tables per element" in text
+    tables = ("prevalence", "attention", "shapley", "mae", "test_mae")  # test_mae: predictions/synth__onehot__test.csv
+    places = []
+    for name in tables:
+        assert (data_dir / "figures" / "ptable" / "synth" / f"{name}.html").is_file(), name
+        link = f"href='figures/ptable/synth/{name}.html'><img src='figures/ptable/synth/{name}.png'"
+        assert link in text, name
+        places.append(text.index(link))
+    assert places == sorted(places) and text.index("Faithfulness of attention") < places[0]
+    assert "training prevalence" in text and "attention/synth/per_element.csv" in text
+    assert "<th>prevalence</th>" in text and "<th>test_mae</th>" in text
+    assert "figures/ptable/synth/plotly.min.js" not in text  # beside the HTML files, not an output of its own
     # every link is relative and resolves to a file here
     parser = Links()
     parser.feed(text)

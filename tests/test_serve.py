@@ -25,7 +25,7 @@ from test_explorer import add_attributions, assert_bars, assert_same, expected_c
 from test_videos import FORMULAS, write_store
 
 from crabnet.capture import AttentionStore
-from crabnet.web import explorer
+from crabnet.web import serve
 from crabnet.web.explorer import choose_compounds
 from crabnet.web.serve import ExplorerApp, has_traversal, make_server
 
@@ -190,19 +190,19 @@ def test_port_taken_and_store_missing_are_one_line(served, tmp_path, capsys):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        rc = explorer.main(["--serve", "--data-dir", str(data_dir), "--dataset", "synth", "--port", str(port)])
+        rc = serve.main(["--serve", "--data-dir", str(data_dir), "--dataset", "synth", "--port", str(port)])
     err = capsys.readouterr().err
     assert rc == 2 and err == f"error: port {port} is in use; pass --port N\n"
-    assert explorer.main(["--serve", "--data-dir", str(tmp_path), "--dataset", "nothing"]) == 2
+    assert serve.main(["--serve", "--data-dir", str(tmp_path), "--dataset", "nothing"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no attention store for nothing" in err and "get_training_attention.py" in err
     with pytest.raises(SystemExit) as done:
-        explorer.parse_args(["--help"])
+        serve.parse_args(["--help"])
     assert done.value.code == 0
     text = capsys.readouterr().out
     assert "--serve" in text and "127.0.0.1" in text and "8765" in text and "aflow__Egap" in text
     with pytest.raises(SystemExit):
-        explorer.parse_args([])  # neither --serve nor --out
+        serve.parse_args([])  # neither --serve nor --out
 
 
 def test_command_prints_the_url_and_stops_on_ctrl_c(served):

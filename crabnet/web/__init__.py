@@ -1,6 +1,7 @@
 """The two pages of the workflow: the attention explorer and the report, and their front-end files.
 
 - ``crabnet.web.explorer``  the offline attention explorer page (step 2)
+- ``crabnet.web.serve``     the same explorer served for any compound of a store (127.0.0.1 only)
 - ``crabnet.web.report``    ``data/index.html``, the report of every output
 
 The markup, styles and scripts are files of this package (``theme.css`` is the one theme of both

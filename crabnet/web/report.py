@@ -11,7 +11,8 @@ beside ours where they exist, and the paper's steps and datasets (SPEC §6) done
 Shown per dataset: the training summary of each checkpoint (recipe, epochs, test MAE beside the
 published one where known) with its learning curve (``figures/training/<model>.png``, written
 from the checkpoint's history when missing), the attention store, the explorer, the videos (HTML5
-``<video>``), the faithfulness of attention (figure and table of step 2), test predictions,
+``<video>``), the faithfulness of attention (figure and tables of step 2) and the periodic tables per
+element (prevalence, attention, Shapley value, MAE), test predictions,
 oxidation-state guesses, the local and global UMAP figures (thumbnails linking to their
 interactive HTML) and summary tables, element-prevalence figures; then the element-correlation
 figures, the dataset statistics and anything else found.
@@ -43,6 +44,7 @@ import crabnet
 from crabnet import web
 from crabnet.elements import SYMBOLS
 from crabnet.layout import BENCHMARK, BENCHMARK_DATASETS, CACHE, MATBENCH, SPLITS, Layout
+from crabnet.ptable import QUANTITIES
 from crabnet.reference import PAPER_ATOMS
 from crabnet.utils import atomic_path
 
@@ -50,6 +52,13 @@ TABLE_ROWS = 60  # rows of a CSV shown in the page (the rest behind the link)
 FOLD_ROWS = 12  # longer tables start folded
 SKIP_DIRS = {BENCHMARK, MATBENCH, CACHE}  # inputs and caches are not outputs to show
 MEDIA = (".png", ".html", ".mp4", ".csv", ".json", ".svg", ".jpg")
+PTABLE_NAMES = {  # captions of the periodic tables (figures/ptable/<dataset>/<quantity>.png)
+    "prevalence": "training prevalence",
+    "attention": "attention received",
+    "shapley": "mean Shapley value",
+    "mae": "MAE (captured split)",
+    "test_mae": "test MAE (step 4's model)",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,8 +267,11 @@ def scan(root: Path | str) -> Found:
         if store.is_file():
             found.add(folder.name, "store", store)
         for p in _files(folder, (".csv", ".png")):
-            kind = "faithfulness_csv" if p == layout.faithfulness_csv(folder.name) else "attention_files"
-            found.add(folder.name, kind, p)
+            kinds = {
+                layout.faithfulness_csv(folder.name): "faithfulness_csv",
+                layout.ptable_csv(folder.name): "ptable_csv",
+            }
+            found.add(folder.name, kinds.get(p, "attention_files"), p)
     for p in _files(layout.explorer_dir(), (".html",)):
         found.add(p.stem, "explorer", p)
     for folder in _subdirs(layout.videos_dir()):
@@ -288,6 +300,11 @@ def scan(root: Path | str) -> Found:
                 found.add(folder.name, f"umap_{scope}_csv", p)
     for p in _files(layout.faithfulness_figures(), (".png",)):
         found.add(p.stem, "faithfulness", p)
+    for folder in _subdirs(layout.ptable_figures()):
+        rank = {name: i for i, name in enumerate(QUANTITIES)}  # the order of crabnet.ptable, others after
+        for p in sorted(_files(folder, (".png",)), key=lambda p: (rank.get(p.stem, len(rank)), p.name)):
+            found.add(folder.name, "ptable", p)
+            found.used.add(p.with_suffix(".html"))
     for p in _files(layout.prevalence_figures(), (".png",)):
         found.add(_name(p, 1), "prevalence", p)  # <dataset>__by_count
     return found
@@ -422,8 +439,10 @@ def data_table(head: Sequence[str], rows: Iterable[Sequence[Any]], caption: str 
     return _table(head, body, _part("caption", text=_esc(caption)) if caption else "", len(body), caption)
 
 
-def thumbs(root: Path, images: Iterable[Path], twins: bool = True) -> str:
-    """A grid of figure thumbnails, each linking to its interactive HTML twin when there is one."""
+def thumbs(root: Path, images: Iterable[Path], twins: bool = True, label: Callable[[Path], str] | None = None) -> str:
+    """A grid of figure thumbnails, each linking to its interactive HTML twin when there is one.
+
+    ``label``: the caption of a figure (its file name without suffix by default)."""
     cards = []
     for png in images:
         twin = png.with_suffix(".html")
@@ -438,7 +457,7 @@ def thumbs(root: Path, images: Iterable[Path], twins: bool = True) -> str:
                 target=_href(root, target),
                 src=_href(root, png),
                 alt=_esc(png.stem),
-                name=_breakable(png.stem),
+                name=_esc(label(png)) if label else _breakable(png.stem),
                 label="interactive" if target != png else "full size",
                 extra=extra,
             )
@@ -600,18 +619,54 @@ def _attention_section(root: Path, dataset: str, kinds: dict[str, list]) -> list
     return out
 
 
+def _loo_column(name: str) -> bool:
+    """A column of faithfulness.csv's table with |attribution| as the reference (standard errors aside)."""
+    return not name.endswith("_se") and not name.startswith("shapley_")
+
+
+def _shapley_column(name: str) -> bool:
+    """A column of faithfulness.csv's table with |Shapley| as the reference and the sign test."""
+    return not name.endswith("_se") and (name.startswith("shapley_") or name in ("capture", "step"))
+
+
+def _faithfulness_section(root: Path, kinds: dict[str, list]) -> list[str]:
+    """The faithfulness figure, its table with |attribution| as the reference and the one with |Shapley|
+    (and the sign test; stores without Shapley values have none), then the periodic tables per element."""
+    out = []
+    if kinds.get("faithfulness") or kinds.get("faithfulness_csv"):
+        out.append(_part("faithfulness"))
+        out.append(thumbs(root, kinds.get("faithfulness", []), twins=False))
+        for p in kinds.get("faithfulness_csv", []):
+            out.append(csv_table(root, p, keep=_loo_column))
+            if any(name.startswith("shapley_") for name in _csv_header(p)):
+                caption = f"{p.relative_to(root).as_posix()}: |Shapley| as the reference, sign test"
+                out.append(_part("faithfulness_shapley") + csv_table(root, p, caption=caption, keep=_shapley_column))
+    if kinds.get("ptable") or kinds.get("ptable_csv"):
+        out.append(_part("ptables"))
+        split = next((_store_attrs(z).get("split") for z in kinds.get("store", [])), None) or "captured"
+        names = {**PTABLE_NAMES, "mae": f"MAE ({split} split, the store's model)"}
+        grid = thumbs(root, kinds.get("ptable", []), label=lambda p: names.get(p.stem, p.stem))
+        out.append(_part("ptable_grid", thumbs=grid) if grid else "")
+        out += [csv_table(root, p) for p in kinds.get("ptable_csv", [])]
+    return out
+
+
+def _csv_header(path: Path) -> list[str]:
+    """The column names of a CSV ([] if unreadable)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+
+
 def _dataset_section(root: Path, dataset: str, kinds: dict[str, list]) -> str:
     out = []
     if kinds.get("models"):
         out.append(_part("h3", text="Training"))
         out += [_model_section(root, m) for m in kinds["models"]]
     out += _attention_section(root, dataset, kinds)
-    if kinds.get("faithfulness") or kinds.get("faithfulness_csv"):
-        out.append(_part("faithfulness"))
-        out.append(thumbs(root, kinds.get("faithfulness", []), twins=False))
-        out += [
-            csv_table(root, p, keep=lambda name: not name.endswith("_se")) for p in kinds.get("faithfulness_csv", [])
-        ]
+    out += _faithfulness_section(root, kinds)
     if kinds.get("predictions") or kinds.get("embeddings"):
         out.append(_part("h3", text="Predictions and element embeddings"))
         out.append(file_links(root, kinds.get("predictions", [])))

@@ -28,6 +28,7 @@ import gzip
 import json
 import sys
 import threading
+from collections.abc import Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -42,6 +43,7 @@ from crabnet.web.explorer import (
     render_explorer,
     served_payload,
     store_index,
+    write_explorer,
 )
 
 HOST = "127.0.0.1"
@@ -235,3 +237,61 @@ def serve(data_dir: Path | str, dataset: str, port: int = DEFAULT_PORT, n_others
     finally:
         server.server_close()
     return 0
+
+
+CLI_DOC = """The attention explorer of one dataset's attention store, served on this machine.
+
+  python -m crabnet.web.explorer --serve --data-dir data --dataset aflow__Egap --port 8765
+
+serves it at http://127.0.0.1:8765/ (only this machine can connect; Ctrl-C stops it): the same page
+as the offline explorer that step 2 writes (data/explorer/<dataset>.html), but its search finds any
+compound of the store, and each compound's maps, predictions and attributions are read from the
+store when it is opened. Links keep the view in the URL hash (#compound=HfO2&layer=0&head=2&capture=8).
+The store is made by step 1 (get_training_attention.py). Without --serve, --out FILE writes the
+offline page of the paper's compounds and --explore N more to FILE (step 2 also adds the compounds
+it renders as videos).
+"""
+
+
+def parse_args(argv: Sequence[str] | None = None):
+    """The flags of ``python -m crabnet.web.explorer`` (see :data:`CLI_DOC`)."""
+    from crabnet.cli import make_parser
+
+    parser = make_parser(CLI_DOC)
+    parser.prog = "python -m crabnet.web.explorer"
+    parser.add_argument("--serve", action="store_true", help="serve the explorer at http://127.0.0.1:PORT/")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="root of inputs and outputs")
+    parser.add_argument("--dataset", default="aflow__Egap", help="whose attention store (data/attention/<dataset>/)")
+    parser.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0: any free port)")
+    parser.add_argument(
+        "--explore",
+        type=int,
+        default=DEFAULT_EXPLORE,
+        help="compounds listed besides the paper's (the search finds any)",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="without --serve: write the offline page to this file")
+    parser.add_argument("--verbose", action="store_true", help="--serve: print every request")
+    args = parser.parse_args(argv)
+    if not args.serve and args.out is None:
+        parser.error("pass --serve, or --out FILE to write the offline page")
+    if args.explore < 0 or not 0 <= args.port <= 65535:
+        parser.error("--explore must be >= 0 and --port within 0..65535")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve the explorer (``--serve``) or write the offline page (``--out``); usage errors: one line, exit 2."""
+    import sys
+
+    from crabnet.errors import UsageError
+
+    args = parse_args(argv)
+    try:
+        if args.serve:
+            return serve(args.data_dir, args.dataset, args.port, args.explore, verbose=args.verbose)
+        info = write_explorer(open_store(args.data_dir, args.dataset), args.out, args.dataset, n_others=args.explore)
+        print(f"explorer: {info.n_compounds} compounds -> {info.path} ({info.size / 1e6:.1f} MB)")
+        return 0
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
