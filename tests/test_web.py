@@ -74,12 +74,21 @@ def markup_lines(path: Path) -> int:
     """Lines of the file's string literals (docstrings aside) that look like HTML tags, CSS or JavaScript."""
     source = path.read_text(encoding="utf-8")
     tree = ast.parse(source)
+    lines = [line.encode("utf-8") for line in source.splitlines(keepends=True)]
+
+    def segment(node: ast.AST) -> str:  # as ast.get_source_segment, without re-splitting the file each time
+        first, last = node.lineno - 1, node.end_lineno - 1
+        if first == last:
+            return lines[first][node.col_offset : node.end_col_offset].decode("utf-8")
+        parts = [lines[first][node.col_offset :], *lines[first + 1 : last], lines[last][: node.end_col_offset]]
+        return b"".join(parts).decode("utf-8")
+
     docstrings = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
     count, todo = 0, [tree]
     while todo:
         node = todo.pop()
         if isinstance(node, (ast.Constant, ast.JoinedStr)) and id(node) not in docstrings:
-            text = ast.get_source_segment(source, node) or ""
+            text = segment(node)
             count += sum(bool(MARKUP.search(line)) for line in text.splitlines())
         elif not isinstance(node, ast.Constant):
             todo.extend(ast.iter_child_nodes(node))
