@@ -62,9 +62,15 @@ OUTPUTS: tuple[tuple[str, str, str], ...] = (
     (
         "`attention/<dataset>/attention.zarr`",
         "1",
-        "Zarr v3 group of attention captures and the leave-one-element-out attribution of every element at every "
-        "capture (layout in `crabnet/capture.py`; stores made before attribution have none); `attention.zarr.partial` "
-        "= an unfinished run, ignored by readers, with `attention.zarr.state.pt` its training state",
+        "Zarr v3 group of attention captures and, at every capture, each element's leave-one-out effect, Shapley "
+        "value and output share, and each head's ablation effect (layout in `crabnet/capture.py`; older stores lack "
+        "some); `attention.zarr.partial` = an unfinished run, ignored by readers, with `attention.zarr.state.pt` its "
+        "training state",
+    ),
+    (
+        "`attention/<dataset>/<checkpoint>.zarr`, `<checkpoint>.faithfulness.csv`",
+        "`python -m crabnet.explain`",
+        "one capture of a trained checkpoint's split, as above, and its faithfulness table",
     ),
     (
         "`videos/<dataset>/<formula>.mp4`, `<formula>_attention.mp4`, `<formula>_progress.mp4`",
@@ -179,6 +185,10 @@ class Layout:
 
     def attention_store(self, dataset: str) -> Path:
         return self.attention_dir(dataset) / "attention.zarr"
+
+    def checkpoint_store(self, dataset: str, checkpoint: Path | str) -> Path:
+        """``attention/<dataset>/<checkpoint stem>.zarr``: one capture of a trained model (``crabnet.explain``)."""
+        return self.attention_dir(dataset) / f"{Path(checkpoint).stem}.zarr"
 
     def videos_dir(self) -> Path:
         """``videos/``: a folder of videos per dataset."""

@@ -520,3 +520,23 @@ def test_random_pick_is_uniform_over_the_real_elements():
     first = shuffled(slots, keep, 0, np.arange(4000), np.arange(3))[..., 0]
     assert abs((first == picks).mean() - 0.25) < 0.02
     assert positive_share(np.array([1.0, -1, 2]), np.array([0.5, 0.5, 0.1]), np.ones(3, bool)) == 0.5
+
+
+def test_explain_a_checkpoint_on_demand(tiny_data, tmp_path, capsys):
+    from crabnet import explain
+    from crabnet.data import load_dataset
+    from crabnet.train import save_checkpoint
+
+    seed_everything(5)
+    val = load_dataset(tiny_data, "tiny", ("val",), verbose=False)["val"]
+    model = build_model("onehot", n_elements=val.width, **SMALL).eval()
+    ckpt = save_checkpoint(tmp_path / "tiny__onehot.pt", model, Scaler(mean=2.0, std=0.5), {"features": "onehot"})
+    assert explain.main(ckpt, "tiny", "val", tiny_data, "cpu") == 0
+    store = AttentionStore(tiny_data / "attention" / "tiny" / "tiny__onehot.zarr")
+    assert store.n_captures == 1 and store.has_shapley and store.attrs["checkpoint"] == "tiny__onehot.pt"
+    pred = store.group["prediction"][:, 0]
+    np.testing.assert_allclose(pred, predict(model, val, Scaler(2.0, 0.5))[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(store.group["shapley"][:, 0].sum(1), pred - 2.0, rtol=1e-4, atol=1e-4)
+    table = pd.read_csv(store.path.with_suffix(".faithfulness.csv"))
+    assert len(table) == 1 and "shapley_tau_attention" in table.columns
+    assert "Shapley" in capsys.readouterr().out
