@@ -631,6 +631,7 @@ class AttentionStore:
         self.has_attribution: bool = "attribution" in arrays
         self.has_shapley: bool = "shapley" in arrays  # newer stores (a stub model's store may lack the others)
         self.has_contribution: bool = "contribution" in arrays
+        self.has_heads: bool = "head_effect" in arrays
 
     def __len__(self) -> int:
         return len(self.formulas)
@@ -700,7 +701,7 @@ class AttentionStore:
 
     def head_effects(self) -> tuple[np.ndarray, np.ndarray] | None:
         """``head_effect`` and ``head_change`` (c, L, H) of the head ablation, or None for an older store."""
-        if "head_effect" not in set(self.group.array_keys()):
+        if not self.has_heads:
             return None
         return self.group["head_effect"][:], self.group["head_change"][:]
 

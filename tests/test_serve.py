@@ -1,4 +1,4 @@
-"""The served attention explorer (``python -m crabnet.web.explorer --serve``): any compound of the store in a
+"""The served attention explorer (``python -m crabnet.web.serve --serve``): any compound of the store in a
 real headless Chromium, the fixed read-only routes, refused traversal, the command line.
 
 The browser test drives Debian's ``chromium`` through Playwright (``conftest.browser``) and skips, saying
@@ -208,7 +208,7 @@ def test_port_taken_and_store_missing_are_one_line(served, tmp_path, capsys):
 def test_command_prints_the_url_and_stops_on_ctrl_c(served):
     store, _ = served
     data_dir = store.path.parents[2]
-    cmd = [sys.executable, "-m", "crabnet.web.explorer", "--serve", "--data-dir", str(data_dir), "--dataset", "synth"]
+    cmd = [sys.executable, "-m", "crabnet.web.serve", "--serve", "--data-dir", str(data_dir), "--dataset", "synth"]
     proc = subprocess.Popen([*cmd, "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
     try:

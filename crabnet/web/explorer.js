@@ -70,7 +70,7 @@
   }
 
   // ---------------------------------------------------------------- data
-  // served (python -m crabnet.web.explorer --serve): the listed compounds come without their data, which
+  // served (python -m crabnet.web.serve --serve): the listed compounds come without their data, which
   // is fetched when one is opened (api/compound?row=N), and the search covers the store's index (api/index)
   const SERVED = !!D.served;
   const byKey = new Map(), byRow = new Map();
@@ -588,7 +588,7 @@
     if (SERVED) {
       const list = (paper ? "the " + paper + " paper compounds in the store and " : "") + (D.compounds.length - paper);
       return "Served from " + D.store + " under the data folder (" + D.n_store + " compounds of the " + D.split +
-        " split) by python -m crabnet.web.explorer --serve: the list holds " + list + " compounds chosen " +
+        " split) by python -m crabnet.web.serve --serve: the list holds " + list + " compounds chosen " +
         "across numbers of elements and errors; the search finds any compound of the " +
         "store, whose maps, predictions and attributions are read from the store when it is opened. Weights " +
         "are sent with 16 bits (within 1e-5 of the store). Started " + D.created + " by crabnet " + D.version +
@@ -600,7 +600,7 @@
       "Weights are stored with 16 bits (within 1e-5 of the store). To add a compound, run " +
       "python generate_attention_videos.py --dataset " + D.dataset + " --formula <formula> (it also renders its " +
       "videos), or embed more with --explore <N>; to search every compound, serve the explorer: python -m " +
-      "crabnet.web.explorer --serve --dataset " + D.dataset + ". Written " + D.created + " by crabnet " +
+      "crabnet.web.serve --serve --dataset " + D.dataset + ". Written " + D.created + " by crabnet " +
       D.version + ".";
   }
   function setup() {

@@ -34,7 +34,7 @@ What the page offers:
 Every heatmap cell carries ``data-query`` and ``data-key`` (element symbols) and ``data-value``
 (the weight with 4 decimals), which the browser tests compare with the store.
 
-``python -m crabnet.web.explorer --serve`` serves the same page for any compound of a store
+``python -m crabnet.web.serve --serve`` serves the same page for any compound of a store
 (:mod:`crabnet.web.serve`): the payload then lists the compounds without their data
 (:func:`served_payload`), the page fetches the index of every formula (:func:`store_index`) and each
 compound it opens (:func:`compound_entry`, the same JSON as embedded) from the server.
@@ -367,12 +367,3 @@ def write_explorer(
         size=path.stat().st_size,
         seconds=time.perf_counter() - t0,
     )
-
-
-# --------------------------------------------------------------------------------------------
-# python -m crabnet.web.explorer
-
-if __name__ == "__main__":  # python -m crabnet.web.explorer: the command line lives in crabnet.web.serve
-    from crabnet.web.serve import main
-
-    raise SystemExit(main())

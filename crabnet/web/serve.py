@@ -1,6 +1,6 @@
 """The attention explorer served: any compound of a store, read from the store when it is opened.
 
-``python -m crabnet.web.explorer --serve --data-dir data --dataset aflow__Egap --port 8765`` serves
+``python -m crabnet.web.serve --serve --data-dir data --dataset aflow__Egap --port 8765`` serves
 the explorer of that dataset's attention store at ``http://127.0.0.1:8765/`` (this machine only). The
 page is the offline explorer (:mod:`crabnet.web.explorer`: same look, same URL-hash state), but its
 list holds only the names of the embedded-style choice (the paper's compounds and a sample), its
@@ -241,7 +241,7 @@ def serve(data_dir: Path | str, dataset: str, port: int = DEFAULT_PORT, n_others
 
 CLI_DOC = """The attention explorer of one dataset's attention store, served on this machine.
 
-  python -m crabnet.web.explorer --serve --data-dir data --dataset aflow__Egap --port 8765
+  python -m crabnet.web.serve --serve --data-dir data --dataset aflow__Egap --port 8765
 
 serves it at http://127.0.0.1:8765/ (only this machine can connect; Ctrl-C stops it): the same page
 as the offline explorer that step 2 writes (data/explorer/<dataset>.html), but its search finds any
@@ -254,11 +254,11 @@ it renders as videos).
 
 
 def parse_args(argv: Sequence[str] | None = None):
-    """The flags of ``python -m crabnet.web.explorer`` (see :data:`CLI_DOC`)."""
+    """The flags of ``python -m crabnet.web.serve`` (see :data:`CLI_DOC`)."""
     from crabnet.cli import make_parser
 
     parser = make_parser(CLI_DOC)
-    parser.prog = "python -m crabnet.web.explorer"
+    parser.prog = "python -m crabnet.web.serve"
     parser.add_argument("--serve", action="store_true", help="serve the explorer at http://127.0.0.1:PORT/")
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="root of inputs and outputs")
     parser.add_argument("--dataset", default="aflow__Egap", help="whose attention store (data/attention/<dataset>/)")
@@ -295,3 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
