@@ -70,7 +70,7 @@ paper-plan: venv
 	CRABNET_PLAN_LOG=$(PLAN_LOG) $(PY) plot_local_edm_umap.py $(RUN) --dataset OQMD_Bandgap --plan
 	CRABNET_PLAN_LOG=$(PLAN_LOG) $(PY) plot_global_edm_umap.py $(RUN) $(addprefix --dataset ,$(OQMD)) --plan
 	CRABNET_PLAN_LOG=$(PLAN_LOG) $(PY) get_dataset_stats.py $(RUN) --plan
-	$(PY) -m crabnet.engine --plan-total $(PLAN_LOG)
+	$(PY) -m crabnet.jobs.engine --plan-total $(PLAN_LOG)
 
 # also the slow tests (real data, longer training)
 test-all: venv

@@ -43,13 +43,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from crabnet.capture import AttentionStore
-from crabnet.cli import DEMO_DATASET, add_common, make_parser, run
 from crabnet.errors import DataError, UsageError
-from crabnet.layout import Layout
-from crabnet.ptable import refresh_analyses
-from crabnet.utils import available_cpus
-from crabnet.video import (
+from crabnet.explain.capture import AttentionStore
+from crabnet.explain.ptable import refresh_analyses
+from crabnet.explain.video import (
     DEFAULT_PRESET,
     DEFAULT_SAMPLE,
     VideoError,
@@ -60,6 +57,9 @@ from crabnet.video import (
     render_videos,
     select_compounds,
 )
+from crabnet.jobs.cli import DEMO_DATASET, add_common, make_parser, run
+from crabnet.layout import Layout
+from crabnet.utils import available_cpus
 from crabnet.web.explorer import DEFAULT_EXPLORE, explorer_path, write_explorer
 from crabnet.web.report import refresh_report
 

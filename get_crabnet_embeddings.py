@@ -22,7 +22,7 @@ Next    plot_element_correlation.py
 A model whose checkpoint suits the request and whose embeddings and predictions are newer than it
 is not run again; --force retrains. The models are independent jobs: with several, they run on an
 embedded Dask LocalCluster (one per core), or anywhere --scheduler says (an existing Dask cluster,
-SLURM/PBS through dask-jobqueue; see crabnet/engine.py). Started by torchrun (docs/distributed.md), all
+SLURM/PBS through dask-jobqueue; see crabnet/jobs/engine.py). Started by torchrun (docs/distributed.md), all
 processes train each model together, one model after the other, and rank 0 writes the outputs.
 
 Examples:
@@ -37,14 +37,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from crabnet import distributed
-from crabnet.cli import DEMO_DATASET, add_common, add_training, make_parser, run
-from crabnet.costs import cached_rates, dataset_training_cost_s
 from crabnet.embeddings import model_job, model_outputs_current, print_results
-from crabnet.engine import Job, add_engine_args, engine_from_args, run_jobs
 from crabnet.errors import UsageError
+from crabnet.jobs import distributed
+from crabnet.jobs.cli import DEMO_DATASET, add_common, add_training, make_parser, run
+from crabnet.jobs.engine import Job, add_engine_args, engine_from_args, run_jobs
 from crabnet.layout import BENCHMARK_DATASETS
-from crabnet.train import make_recipe
+from crabnet.training.costs import cached_rates, dataset_training_cost_s
+from crabnet.training.train import make_recipe
 from crabnet.utils import resolve_device
 from crabnet.web.report import refresh_report
 

@@ -22,7 +22,7 @@ test diversity columns are swapped, so ours are compared with their test and val
 
 Each dataset is an independent job (its statistics and prevalence plots, crabnet.stats.stats_job): with
 several, they run on an embedded Dask LocalCluster (one per core), or anywhere --scheduler says (an
-existing Dask cluster, SLURM/PBS through dask-jobqueue; see crabnet/engine.py); the tables and the
+existing Dask cluster, SLURM/PBS through dask-jobqueue; see crabnet/jobs/engine.py); the tables and the
 diversity charts are then written once from all of them.
 
 Examples:
@@ -36,9 +36,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from crabnet.cli import DEMO_DATASET, add_common, make_parser, run
 from crabnet.data import resolve_datasets
-from crabnet.engine import Job, add_engine_args, engine_from_args, run_jobs
+from crabnet.jobs.cli import DEMO_DATASET, add_common, make_parser, run
+from crabnet.jobs.engine import Job, add_engine_args, engine_from_args, run_jobs
 from crabnet.stats import REFERENCE_DIR, TABLE_NAME, check_published, stats_job, write_figures, write_tables
 from crabnet.web.report import refresh_report
 
@@ -81,7 +81,7 @@ def main(
     reference_dir: Path,
     **engine,
 ) -> int:
-    # a DataError (unknown dataset, bad row) ends the script with one error line via crabnet.cli.run
+    # a DataError (unknown dataset, bad row) ends the script with one error line via crabnet.jobs.cli.run
     chosen = resolve_datasets(data_dir, dataset or ([DEMO_DATASET] if quick else None))
     jobs = [
         Job(

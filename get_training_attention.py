@@ -19,8 +19,8 @@ The recipe is the explainability paper's attention run (--recipe immi): up to 50
 learning rate cycling every 2 epochs, SWA checks every 2nd epoch with early stopping, batch size
 2^round(log2(n_train)-4) clamped to [128, 1024]; --recipe npj cycles every 20 epochs instead.
 
-The training is one job (crabnet.capture.attention_job): it runs in this process, or on a Dask cluster
-with --scheduler tcp://HOST:PORT, --scheduler-file PATH or --scheduler slurm|pbs|… (see crabnet/engine.py;
+The training is one job (crabnet.explain.capture.attention_job): it runs in this process, or on a Dask cluster
+with --scheduler tcp://HOST:PORT, --scheduler-file PATH or --scheduler slurm|pbs|… (see crabnet/jobs/engine.py;
 --data-dir must then be on a filesystem the workers share). Started by torchrun (torchrun --nproc_per_node N
 get_training_attention.py …, also across machines; docs/distributed.md), the N processes train the one model
 together, each on its share of every batch, and rank 0 writes the store and the checkpoint.
@@ -36,15 +36,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from crabnet import distributed
-from crabnet.capture import ATTRIBUTIONS, attention_job, print_result, store_matches
-from crabnet.cli import DEMO_DATASET, add_common, add_training, make_parser, run
-from crabnet.costs import cached_rates, dataset_training_cost_s
 from crabnet.data import SPLITS
-from crabnet.engine import Job, add_engine_args, engine_from_args, run_jobs
 from crabnet.errors import UsageError
+from crabnet.explain.capture import ATTRIBUTIONS, attention_job, print_result, store_matches
+from crabnet.jobs import distributed
+from crabnet.jobs.cli import DEMO_DATASET, add_common, add_training, make_parser, run
+from crabnet.jobs.engine import Job, add_engine_args, engine_from_args, run_jobs
 from crabnet.layout import Layout
-from crabnet.train import make_recipe
+from crabnet.training.costs import cached_rates, dataset_training_cost_s
+from crabnet.training.train import make_recipe
 from crabnet.utils import resolve_device
 from crabnet.web.report import refresh_report
 

@@ -26,7 +26,7 @@ formulas are first scaled to pymatgen's smallest integer formula (Li0.5Co0.5O2 -
 The compositions that the cache lacks are cut into jobs of at most --chunk-size, which run in
 this process when there is one job or one core, else on an embedded Dask LocalCluster (one worker
 process per core), or anywhere --scheduler says (an existing Dask cluster, SLURM/PBS through
-dask-jobqueue; see crabnet/engine.py). Each guess is bounded by --max-seconds of CPU time as a
+dask-jobqueue; see crabnet/jobs/engine.py). Each guess is bounded by --max-seconds of CPU time as a
 safety net (null with reason timeout; the run goes on). Formulas that cannot be parsed, or with
 more atoms than --max-sites, are null with their reason. Re-running only computes what the cache
 lacks; --force starts afresh.
@@ -43,10 +43,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from crabnet.cli import DEMO_DATASET, add_common, make_parser, run
 from crabnet.data import SPLITS, select_split_files
-from crabnet.engine import add_engine_args, engine_from_args
 from crabnet.errors import UsageError
+from crabnet.jobs.cli import DEMO_DATASET, add_common, make_parser, run
+from crabnet.jobs.engine import add_engine_args, engine_from_args
 from crabnet.oxidation import (
     CHUNK_SIZE,
     guess_all,
@@ -117,7 +117,7 @@ def main(
     eng = engine_from_args(engine, small=quick)
     names = dataset or ([DEMO_DATASET] if quick else ["all"])
     splits = SPLITS if split == "all" else (split,)
-    # a DataError (unknown dataset, unreadable file) ends the script with one error line via crabnet.cli.run
+    # a DataError (unknown dataset, unreadable file) ends the script with one error line via crabnet.jobs.cli.run
     files = select_split_files(data_dir, names, splits, matbench=matbench)  # fetches the published sets if needed
     memo: dict = {}
     parts = [

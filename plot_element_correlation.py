@@ -39,7 +39,6 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from crabnet.cli import add_common, add_html_js, make_parser, run
 from crabnet.correlation import (
     REFERENCE_TABLES,
     collect_sources,
@@ -53,6 +52,7 @@ from crabnet.correlation import (
     summarise,
 )
 from crabnet.errors import UsageError
+from crabnet.jobs.cli import add_common, add_html_js, make_parser, run
 from crabnet.layout import Layout
 from crabnet.utils import atomic_path, resolve_device
 from crabnet.web.report import refresh_report

@@ -26,10 +26,10 @@ Vectors are collected in one inference pass per dataset and cached with the UMAP
 under a key of the checkpoint content and the split, so re-plotting is instant. With --seed UMAP
 is reproducible and single-threaded; --umap-parallel uses all cores but the layout changes.
 
-Jobs (crabnet.edm_maps): one per dataset (the model, trained inside the job if missing, and the vectors),
+Jobs (crabnet.maps.steps): one per dataset (the model, trained inside the job if missing, and the vectors),
 then one per dataset and layer input (UMAP, metrics, coordinates), then one per dataset drawing its
 figure. With several, they run on an embedded Dask LocalCluster (one per core), or anywhere --scheduler
-says (an existing Dask cluster, SLURM/PBS through dask-jobqueue; see crabnet/engine.py); the summaries are
+says (an existing Dask cluster, SLURM/PBS through dask-jobqueue; see crabnet/jobs/engine.py); the summaries are
 merged here.
 
 Examples:
@@ -43,9 +43,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from crabnet.cli import DEMO_DATASET, add_common, make_parser, run
-from crabnet.edm_maps import GLOBAL_SUMMARY, add_map_flags, check_global_args, global_maps, map_settings, print_table
-from crabnet.engine import add_engine_args, engine_from_args
+from crabnet.jobs.cli import DEMO_DATASET, add_common, make_parser, run
+from crabnet.jobs.engine import add_engine_args, engine_from_args
+from crabnet.maps.steps import GLOBAL_SUMMARY, add_map_flags, check_global_args, global_maps, map_settings, print_table
 from crabnet.utils import seed_everything
 from crabnet.web.report import refresh_report
 

@@ -26,10 +26,10 @@ under a key of the checkpoint content and the split, so re-plotting is instant. 
 than 2·n_neighbors compounds are skipped with a message. With --seed UMAP is reproducible and
 single-threaded; --umap-parallel uses all cores but the layout changes between runs.
 
-Jobs (crabnet.edm_maps): one per dataset (the model, trained inside the job if missing, and the vectors),
+Jobs (crabnet.maps.steps): one per dataset (the model, trained inside the job if missing, and the vectors),
 then one per dataset and atom (its UMAPs, metrics, coordinates and figure). With several, they run on an
 embedded Dask LocalCluster (one per core), or anywhere --scheduler says (an existing Dask cluster,
-SLURM/PBS through dask-jobqueue; see crabnet/engine.py); the summaries are merged here at the end.
+SLURM/PBS through dask-jobqueue; see crabnet/jobs/engine.py); the summaries are merged here at the end.
 
 Examples:
     python plot_local_edm_umap.py --quick                         # CPU demo: 3 atoms, ~730 compounds
@@ -42,8 +42,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from crabnet.cli import DEMO_DATASET, add_common, make_parser, run
-from crabnet.edm_maps import (
+from crabnet.jobs.cli import DEMO_DATASET, add_common, make_parser, run
+from crabnet.jobs.engine import add_engine_args, engine_from_args
+from crabnet.maps.steps import (
     LOCAL_SUMMARY,
     add_map_flags,
     check_local_args,
@@ -51,7 +52,6 @@ from crabnet.edm_maps import (
     map_settings,
     print_table,
 )
-from crabnet.engine import add_engine_args, engine_from_args
 from crabnet.reference import PAPER_ATOMS
 from crabnet.utils import seed_everything
 from crabnet.web.report import refresh_report

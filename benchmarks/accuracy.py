@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from crabnet import distributed
 from crabnet.data import load_dataset
+from crabnet.jobs import distributed
 from crabnet.reference import PUBLISHED_MAE, published_mae
-from crabnet.train import make_recipe, train_and_save
+from crabnet.training.train import make_recipe, train_and_save
 from crabnet.utils import atomic_path, resolve_device
 
 

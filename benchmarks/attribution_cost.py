@@ -3,16 +3,16 @@
     python benchmarks/attribution_cost.py
     python benchmarks/attribution_cost.py --dataset aflow__Egap --split val --repeat 5 --threads 4
 
-A freshly initialised model of the published architecture (``crabnet.train.build_model``, mat2vec;
+A freshly initialised model of the published architecture (``crabnet.training.train.build_model``, mat2vec;
 the cost of a forward pass does not depend on the weights) on ``<data-dir>/benchmark_data/<dataset>``.
 Timed, each the best of ``--repeat`` rounds that run every task once (wall seconds; the machine
 may be shared, so the load average is printed before and after):
 
-- ``capture``: the store's per-capture work, :func:`crabnet.capture.capture_split` with a writer
+- ``capture``: the store's per-capture work, :func:`crabnet.explain.capture.capture_split` with a writer
   that keeps nothing: the attention pass (maps copied to the host) and ``leave_one_out``;
-- ``shapley``: :func:`crabnet.attribution.shapley` (exact up to 8 elements) over the split;
-- ``contribution``: :func:`crabnet.attribution.contribution`;
-- ``head_ablation``: :func:`crabnet.attribution.head_ablation` (L·H + 1 passes of the split);
+- ``shapley``: :func:`crabnet.explain.attribution.shapley` (exact up to 8 elements) over the split;
+- ``contribution``: :func:`crabnet.explain.attribution.contribution`;
+- ``head_ablation``: :func:`crabnet.explain.attribution.head_ablation` (L·H + 1 passes of the split);
 - ``wired``: what a capture computing attention, Shapley values, leave-one-out and contribution in
   one go would cost: the attention pass with ``hidden=True``, Shapley values and leave-one-out
   from one set of sub-compounds reusing the pass's predictions (``coalition_attribution(full=...)``),
@@ -35,11 +35,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from crabnet.attribution import coalition_attribution, contribution, contribution_from_head, head_ablation, shapley
-from crabnet.capture import STAGING_CHUNK_BYTES, capture_split
-from crabnet.cli import DEMO_DATASET
 from crabnet.data import load_dataset
-from crabnet.train import Scaler, build_model
+from crabnet.explain.attribution import (
+    coalition_attribution,
+    contribution,
+    contribution_from_head,
+    head_ablation,
+    shapley,
+)
+from crabnet.explain.capture import STAGING_CHUNK_BYTES, capture_split
+from crabnet.jobs.cli import DEMO_DATASET
+from crabnet.training.train import Scaler, build_model
 from crabnet.utils import seed_everything
 
 

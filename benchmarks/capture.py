@@ -1,6 +1,6 @@
 """Cost of attention capture, side by side: no capture, epoch capture of attention alone, epoch
 capture with the attributions too (leave-one-element-out, Shapley values, output contribution, head
-ablation; crabnet.attribution), and step capture (attention alone).
+ablation; crabnet.explain.attribution), and step capture (attention alone).
 
     python benchmarks/capture.py                      # aflow__ael_bulk_modulus_vrh, 2 epochs each
     python benchmarks/capture.py --epochs 3 --capture-every 2 --threads 2
@@ -41,9 +41,9 @@ def worker(mode: str, dataset: str, epochs: int, every: int, data_dir: Path, thr
     import numpy as np
     import torch
 
-    from crabnet.capture import AttentionRecorder, AttentionStore, AttentionWriter, capture_split
     from crabnet.data import load_dataset
-    from crabnet.train import Scaler, build_model, fit, make_recipe
+    from crabnet.explain.capture import AttentionRecorder, AttentionStore, AttentionWriter, capture_split
+    from crabnet.training.train import Scaler, build_model, fit, make_recipe
     from crabnet.utils import seed_everything
 
     if threads:

@@ -4,7 +4,7 @@ The same training — --dataset cut to its first --rows training and --val-rows 
 the immi recipe (batch size 2^round(log2(rows)-4) clamped to [128, 4096]) for --epochs epochs, seed 0,
 on the CPU — runs (a) in one process with --threads torch threads and (b) under ``torchrun
 --nproc_per_node --ranks`` with --threads / --ranks threads per rank, each rank on its share of every
-global batch (crabnet.distributed; docs/distributed.md). Prints the seconds per epoch of each side,
+global batch (crabnet.jobs.distributed; docs/distributed.md). Prints the seconds per epoch of each side,
 their ratio and the validation MAE of each (final weights; they differ only by the ranks' dropout
 masks), with the load averages before each side: the machine may be shared.
 
@@ -48,9 +48,9 @@ def worker(args: argparse.Namespace) -> None:
     """One side (or one rank of it): train, and on rank 0 write the timings and the validation MAE."""
     import torch
 
-    from crabnet import distributed
     from crabnet.data import batch_size_for, load_dataset
-    from crabnet.train import fit, mae, make_recipe, new_model, predict
+    from crabnet.jobs import distributed
+    from crabnet.training.train import fit, mae, make_recipe, new_model, predict
 
     torch.set_num_threads(max(1, args.threads // distributed.world_size()))
     distributed.init("cpu")

@@ -12,7 +12,7 @@ short table of:
 - throughput: training steps (forward, backward, Lamb/Lookahead) on --dataset (aflow__Egap) at fp32
   and bf16: samples/s, the share of a square matmul's FLOP rate of that dtype measured in the same
   process, and the peak of ``torch.cuda.max_memory_allocated`` (the process's peak RSS on the CPU);
-- fused Lamb: ``crabnet.optim.fused_adam_probe``, PyTorch's fused Adam kernel against the foreach path;
+- fused Lamb: ``crabnet.training.optim.fused_adam_probe``, PyTorch's fused Adam kernel against the foreach path;
 - attention: the captured weights (written out, float32 softmax) times V against the output of
   ``scaled_dot_product_attention`` in the same layers, fp32, real query rows, after a short training;
 - resume: a training of N epochs against one interrupted after N/2 (its state saved by ``fit``) and
@@ -51,9 +51,9 @@ import throughput as tp  # noqa: E402  (benchmarks/throughput.py)
 import torch  # noqa: E402
 
 from crabnet.data import CompositionData, batch_size_for, load_dataset  # noqa: E402
-from crabnet.model import CrabNet, attend  # noqa: E402
-from crabnet.optim import fused_adam_probe  # noqa: E402
-from crabnet.train import (  # noqa: E402
+from crabnet.training.model import CrabNet, attend  # noqa: E402
+from crabnet.training.optim import fused_adam_probe  # noqa: E402
+from crabnet.training.train import (  # noqa: E402
     Scaler,
     build_model,
     checkpoint_path,

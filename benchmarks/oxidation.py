@@ -6,7 +6,7 @@
 For each dataset split, in the same process:
 
 - ours: ``crabnet.oxidation`` as ``guess_oxidation.py`` runs it (parse, one guess per integer
-  composition, chunks of --chunk-size as jobs of ``crabnet.engine`` where --scheduler says, with
+  composition, chunks of --chunk-size as jobs of ``crabnet.jobs.engine`` where --scheduler says, with
   the time bound), starting from an empty in-memory cache, the start of a Dask cluster included;
 - pymatgen: for each row in turn, ``pymatgen.core.Composition(formula).oxi_state_guesses()``
   (fractional amounts scaled to pymatgen's smallest integer formula with
@@ -33,7 +33,7 @@ import warnings
 from pathlib import Path
 
 from crabnet.data import resolve_datasets, split_files
-from crabnet.engine import Engine, add_engine_args, engine_from_args
+from crabnet.jobs.engine import Engine, add_engine_args, engine_from_args
 from crabnet.oxidation import CHUNK_SIZE, TIMEOUT, GuessCache, guess_all, keys_for, read_formulas, results_for
 
 

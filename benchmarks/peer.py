@@ -79,8 +79,8 @@ def run_ours(cfg: dict) -> dict:
     import torch
 
     import crabnet
-    from crabnet import train as T
     from crabnet.data import load_dataset
+    from crabnet.training import train as T
     from crabnet.utils import seed_everything
 
     module = Path(crabnet.__file__).resolve()

@@ -26,11 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from crabnet.costs import count_rows
 from crabnet.embeddings import model_job
-from crabnet.engine import Engine, Job, local_cluster, run_jobs
+from crabnet.jobs.engine import Engine, Job, local_cluster, run_jobs
 from crabnet.layout import BENCHMARK_DATASETS, Layout
-from crabnet.train import make_recipe
+from crabnet.training.costs import count_rows
+from crabnet.training.train import make_recipe
 
 
 def parse_args() -> argparse.Namespace:

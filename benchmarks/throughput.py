@@ -22,9 +22,17 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from crabnet.data import batch_size_for, load_dataset
-from crabnet.model import real_slots
-from crabnet.optim import Lamb, Lookahead
-from crabnet.train import Scaler, autocast, build_model, jitter_fractions, resolve_precision, robust_l1, to_tensors
+from crabnet.training.model import real_slots
+from crabnet.training.optim import Lamb, Lookahead
+from crabnet.training.train import (
+    Scaler,
+    autocast,
+    build_model,
+    jitter_fractions,
+    resolve_precision,
+    robust_l1,
+    to_tensors,
+)
 from crabnet.utils import resolve_device, seed_everything
 
 

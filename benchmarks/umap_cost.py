@@ -41,7 +41,7 @@ from pathlib import Path
 def load(data_dir: Path, dataset: str, split: str, max_compounds: int):
     """(model, scaler, data, what the model is)."""
     from crabnet.data import CompositionData, load_dataset
-    from crabnet.train import Scaler, build_model, checkpoint_path, load_checkpoint
+    from crabnet.training.train import Scaler, build_model, checkpoint_path, load_checkpoint
     from crabnet.utils import seed_everything
 
     data = load_dataset(data_dir, dataset, splits=(split,), verbose=False)[split]
@@ -79,9 +79,16 @@ def worker(
     import torch
 
     from crabnet.elements import ATOMIC_NUMBER
-    from crabnet.projection import UmapParams, global_metrics, global_min_dist, local_metrics, local_params, project
+    from crabnet.maps.projection import (
+        UmapParams,
+        global_metrics,
+        global_min_dist,
+        local_metrics,
+        local_params,
+        project,
+    )
+    from crabnet.maps.vectors import RepresentationStore, collect
     from crabnet.reference import PAPER_ATOMS
-    from crabnet.represent import RepresentationStore, collect
 
     if threads:
         torch.set_num_threads(threads)
@@ -104,7 +111,7 @@ def worker(
             for p in Path(store_dir).glob("global__*.npy" if stage == "extract_global" else "local__*.npy")
         )
     elif stage == "plot_global":
-        from crabnet.umap_plots import hover_text, make_colouring, pauling_en_mad, plot_html, plot_png
+        from crabnet.maps.figures import hover_text, make_colouring, pauling_en_mad, plot_html, plot_png
 
         comp = RepresentationStore(store_dir).compounds
         found = sorted(Path(store_dir).glob("umap_umap_global/global__layer0__*.npy"))
@@ -131,7 +138,7 @@ def worker(
         out["html_mb"] = html.stat().st_size / 1e6
         out["n_compounds"] = len(comp)
     else:
-        from crabnet.projection import fit_umap
+        from crabnet.maps.projection import fit_umap
 
         store = RepresentationStore(store_dir)
         seed = None if stage.endswith("_parallel") else 0

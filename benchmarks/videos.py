@@ -24,10 +24,18 @@ from pathlib import Path
 
 import numpy as np
 
-from crabnet.capture import AttentionStore, AttentionWriter
 from crabnet.data import compositions_from_formulas
+from crabnet.explain.capture import AttentionStore, AttentionWriter
+from crabnet.explain.video import (
+    PAPER_COMPOUNDS,
+    FrameRenderer,
+    VideoInput,
+    VideoJob,
+    render_job,
+    run_jobs,
+    video_paths,
+)
 from crabnet.utils import available_cpus
-from crabnet.video import PAPER_COMPOUNDS, FrameRenderer, VideoInput, VideoJob, render_job, run_jobs, video_paths
 
 DATASET = "aflow__ael_bulk_modulus_vrh"
 

@@ -24,7 +24,7 @@ import torch
 
 from crabnet.elements import FEATURE_NAMES, N_ELEMENTS, SYMBOLS, feature_table
 from crabnet.layout import BENCHMARK_DATASETS, Layout
-from crabnet.model import CrabNet
+from crabnet.training.model import CrabNet
 from crabnet.utils import atomic_path
 
 KINDS = ("Q", "K", "V")
@@ -162,21 +162,21 @@ def write_predictions(frame: pd.DataFrame, path: Path | str) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# the job of step 4 (one model): run by crabnet.engine here or on a Dask worker
+# the job of step 4 (one model): run by crabnet.jobs.engine here or on a Dask worker
 
 
 def model_job(
     data_dir: Path, dataset: str, features: str, recipe, device: str, seed: int, force: bool, precision: str
 ) -> dict:
-    """Train or load one model (``crabnet.train.ensure_model``), write its embeddings and test
+    """Train or load one model (``crabnet.training.train.ensure_model``), write its embeddings and test
     predictions; return the result row of step 4's table (small and picklable).
 
     Under torchrun (docs/distributed.md) every rank runs this job and they train the model together;
     rank 0 writes the files and returns the row, the other ranks return ``{"dataset", "features", "rank"}``.
     """
-    from crabnet import distributed
     from crabnet.data import load_dataset
-    from crabnet.train import ensure_model, predict
+    from crabnet.jobs import distributed
+    from crabnet.training.train import ensure_model, predict
     from crabnet.utils import resolve_device
 
     dev = distributed.init(resolve_device(device))  # under torchrun: the process group; this rank's GPU
@@ -229,7 +229,7 @@ def model_row(data_dir: Path, dataset: str, features: str, meta: dict, pred_path
 def model_outputs_current(data_dir: Path, dataset: str, features: str, recipe) -> dict | None:
     """Step 4's result row when the checkpoint suits ``recipe`` and its embeddings and predictions
     are newer than it (nothing to do); else None. Reads the checkpoint's metadata only."""
-    from crabnet.train import checkpoint_path, checkpoint_suits, read_checkpoint_meta
+    from crabnet.training.train import checkpoint_path, checkpoint_suits, read_checkpoint_meta
 
     ckpt = checkpoint_path(data_dir, dataset, features, recipe.name)
     pred = predictions_path(data_dir, dataset, features)

@@ -1,7 +1,7 @@
 """Every error type of the package, in one place.
 
 A ``UsageError`` (and its subclasses) is the user's to fix: the scripts report it as one ``error: …`` line
-on stderr with exit code 2 (``crabnet.cli.run``), without a traceback. The others are failures of a tool or
+on stderr with exit code 2 (``crabnet.jobs.cli.run``), without a traceback. The others are failures of a tool or
 of jobs, reported with their message and exit code 1.
 """
 

@@ -63,7 +63,8 @@ OUTPUTS: tuple[tuple[str, str, str], ...] = (
         "`attention/<dataset>/attention.zarr`",
         "1",
         "Zarr v3 group of attention captures and, at every capture, each element's leave-one-out effect, Shapley "
-        "value and output share, and each head's ablation effect (layout in `crabnet/capture.py`; older stores lack "
+        "value and output share, and each head's ablation effect (layout in `crabnet/explain/capture.py`; "
+        "older stores lack "
         "some); `attention.zarr.partial` = an unfinished run, ignored by readers, with `attention.zarr.state.pt` its "
         "training state",
     ),
@@ -187,7 +188,7 @@ class Layout:
         return self.attention_dir(dataset) / "attention.zarr"
 
     def checkpoint_store(self, dataset: str, checkpoint: Path | str) -> Path:
-        """``attention/<dataset>/<checkpoint stem>.zarr``: one capture of a trained model (``crabnet.explain``)."""
+        """``attention/<dataset>/<checkpoint stem>.zarr``: one capture of a trained model (``crabnet.explain.run``)."""
         return self.attention_dir(dataset) / f"{Path(checkpoint).stem}.zarr"
 
     def videos_dir(self) -> Path:

@@ -31,7 +31,7 @@ How the work is shared and bounded:
   That composition, as text (``"N2 O4"``), is the unit of work and the key under which results
   are shared across formulas, splits and datasets.
 - :func:`guess_all` cuts the distinct keys that the cache lacks into chunks of a few thousand,
-  each a job of :mod:`crabnet.engine` (:func:`guess_chunk`): in this process for one chunk or on
+  each a job of :mod:`crabnet.jobs.engine` (:func:`guess_chunk`): in this process for one chunk or on
   one core, else on an embedded Dask ``LocalCluster``, or wherever ``--scheduler`` says.
 - Every guess is bounded by the CPU time of the thread running it (:func:`guess_bounded`: the
   loops of the dynamic programmes check ``time.thread_time``), so that the outcome does not depend
@@ -65,8 +65,8 @@ import numpy as np
 
 from crabnet.data import parse_formula, read_text_table
 from crabnet.elements import ATOMIC_NUMBER, SYMBOLS
-from crabnet.engine import Engine, Job, run_jobs
 from crabnet.errors import DataError
+from crabnet.jobs.engine import Engine, Job, run_jobs
 from crabnet.layout import Layout
 
 NO_SOLUTION = "no_solution"
@@ -441,7 +441,7 @@ def guess_bounded(key: str, max_seconds: float | None) -> Guess:
 
 
 def guess_chunk(keys: list[str], max_seconds: float | None) -> list[ChunkResult]:
-    """The job of step 3: :func:`guess_bounded` for each key, in order (run by :mod:`crabnet.engine`).
+    """The job of step 3: :func:`guess_bounded` for each key, in order (run by :mod:`crabnet.jobs.engine`).
 
     Args:
         keys: integer compositions (:func:`composition_key`).
@@ -688,10 +688,10 @@ def guess_all(
     engine: Engine | None = None,
     chunk_size: int = CHUNK_SIZE,
 ) -> dict | None:
-    """Guess every distinct key that the cache lacks, as jobs of :mod:`crabnet.engine`.
+    """Guess every distinct key that the cache lacks, as jobs of :mod:`crabnet.jobs.engine`.
 
     The keys to do are cut into chunks of about ``chunk_size`` and equal cost (:func:`chunks_of`), each a
-    :class:`~crabnet.engine.Job` running :func:`guess_chunk`: in this process when there is one
+    :class:`~crabnet.jobs.engine.Job` running :func:`guess_chunk`: in this process when there is one
     chunk or one core, else on an embedded Dask ``LocalCluster``, or wherever ``engine`` says. This
     process alone writes the cache: a chunk's results are added (and flushed) as soon as the chunk
     finishes, so an interrupted or failed run keeps them.
@@ -700,7 +700,7 @@ def guess_all(
         keys: composition keys (``None`` and duplicates are fine; each key is guessed once).
         cache: results so far; new results are added and its file is closed at the end.
         max_seconds: bound per formula (CPU seconds, :func:`guess_bounded`).
-        engine: where the chunks run (default: ``crabnet.engine.Engine()``, this machine).
+        engine: where the chunks run (default: ``crabnet.jobs.engine.Engine()``, this machine).
         chunk_size: about this many keys per job (``ceil(keys / chunk_size)`` jobs).
 
     Returns:
@@ -709,7 +709,7 @@ def guess_all(
         with ``engine.plan`` (the chunks were listed with their estimated cost, not run).
 
     Raises:
-        crabnet.engine.JobsFailed: some chunks failed (e.g. their worker kept dying); the results of
+        crabnet.jobs.engine.JobsFailed: some chunks failed (e.g. their worker kept dying); the results of
             the others are in the cache.
     """
     distinct = list(dict.fromkeys(k for k in keys if k is not None))

@@ -28,8 +28,8 @@ import pandas as pd
 
 from crabnet.data import compositions_from_formulas, read_text_table
 from crabnet.errors import DataError
-from crabnet.model import CrabNet
-from crabnet.train import Scaler, load_checkpoint, predict
+from crabnet.training.model import CrabNet
+from crabnet.training.train import Scaler, load_checkpoint, predict
 from crabnet.utils import atomic_path, resolve_device
 
 

@@ -18,7 +18,7 @@ occurs equally often, near 0 when a few elements dominate.
 The published tables (``crabnet/reference/published_stats_*.csv``, shipped with the package) list
 val and test diversity swapped; :func:`compare_with_published` accounts for that.
 
-``get_dataset_stats.py`` runs :func:`stats_job` once per dataset through ``crabnet.engine`` (in this
+``get_dataset_stats.py`` runs :func:`stats_job` once per dataset through ``crabnet.jobs.engine`` (in this
 process, or in parallel on a Dask cluster) and merges the returned :class:`DatasetStats` into the tables.
 """
 
@@ -166,7 +166,7 @@ def dataset_stats(data_dir: Path | str, kind: str, dataset: str, *, skip_invalid
 def stats_job(
     data_dir: Path, kind: str, dataset: str, skip_invalid: bool = False, figures: bool = True
 ) -> list[DatasetStats]:
-    """Step 8 for one dataset (a job of ``crabnet.engine``): its statistics and its prevalence plots.
+    """Step 8 for one dataset (a job of ``crabnet.jobs.engine``): its statistics and its prevalence plots.
 
     Args:
         data_dir: the ``--data-dir`` root.

@@ -1,4 +1,4 @@
-"""A small training run through ``crabnet.cli.run``, started as a subprocess by tests/test_preempt.py.
+"""A small training run through ``crabnet.jobs.cli.run``, started as a subprocess by tests/test_preempt.py.
 
 Usage: ``python tests/preempt_job.py DATA_DIR CHECKPOINT EPOCHS``; trains a small HotCrab on the
 dataset ``tiny`` with its training state in ``DATA_DIR/models/tiny.state.pt`` and saves the model.
@@ -18,7 +18,7 @@ def train(data_dir: Path, checkpoint: Path, epochs: int) -> int:
     import torch
 
     from crabnet.data import load_dataset
-    from crabnet.train import Recipe, Scaler, build_model, fit, save_checkpoint
+    from crabnet.training.train import Recipe, Scaler, build_model, fit, save_checkpoint
     from crabnet.utils import seed_everything
 
     torch.set_num_threads(1)
@@ -44,7 +44,7 @@ def train(data_dir: Path, checkpoint: Path, epochs: int) -> int:
 
 
 if __name__ == "__main__":
-    from crabnet.cli import run
+    from crabnet.jobs.cli import run
 
     data_dir, checkpoint, epochs = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     raise SystemExit(run(train, argparse.Namespace(data_dir=data_dir, checkpoint=checkpoint, epochs=epochs)))

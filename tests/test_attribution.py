@@ -1,4 +1,4 @@
-"""Shapley values, the output decomposition and head ablation (crabnet.attribution).
+"""Shapley values, the output decomposition and head ablation (crabnet.explain.attribution).
 
 Known answers: a brute-force Shapley reference calling the model one sub-compound at a time, games
 with closed-form values, a stub model that ignores sodium, and a head whose output projection
@@ -16,8 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-import crabnet.model
-from crabnet.attribution import (
+import crabnet.training.model
+from crabnet.data import compositions_from_formulas
+from crabnet.elements import SYMBOLS
+from crabnet.explain.attribution import (
     ablate_heads,
     coalition_attribution,
     contribution,
@@ -27,11 +29,9 @@ from crabnet.attribution import (
     shapley,
     shapley_from_values,
 )
-from crabnet.data import compositions_from_formulas
-from crabnet.elements import SYMBOLS
-from crabnet.faithfulness import leave_one_out
-from crabnet.model import EncoderLayer
-from crabnet.train import Scaler, build_model
+from crabnet.explain.faithfulness import leave_one_out
+from crabnet.training.model import EncoderLayer
+from crabnet.training.train import Scaler, build_model
 from crabnet.utils import seed_everything
 
 SMALL = dict(d_model=32, n_heads=2, d_ff=64, head_dims=(32, 16))
@@ -195,7 +195,7 @@ def test_contribution_sums_to_the_prediction(model, data, monkeypatch):
     assert (c[data.elements == 0] == 0).all()
     np.testing.assert_allclose(c.sum(1), pred, atol=2e-5)
     assert np.abs(c - c.sum(1, keepdims=True) / (data.elements > 0).sum(1, keepdims=True)).max() > 1e-4  # not flat
-    monkeypatch.setattr(crabnet.model, "_slots_on_host", lambda device: False)  # the padded path of GPUs
+    monkeypatch.setattr(crabnet.training.model, "_slots_on_host", lambda device: False)  # the padded path of GPUs
     np.testing.assert_allclose(contribution(model, data.elements, data.fractions, SCALER), c, atol=2e-5)
 
 
@@ -228,7 +228,7 @@ def test_head_ablation_of_a_silent_head_changes_nothing_and_of_a_normal_one_does
         )
     assert all(isinstance(layer, EncoderLayer) for layer in model.layers)  # the replayed layers are back
     # the padded per-element path (GPUs) gives the same
-    monkeypatch.setattr(crabnet.model, "_slots_on_host", lambda device: False)
+    monkeypatch.setattr(crabnet.training.model, "_slots_on_host", lambda device: False)
     padded = head_ablation(model, data.elements, data.fractions, targets, SCALER)
     np.testing.assert_allclose(padded["mae_change"], plain["mae_change"], atol=2e-5)
     np.testing.assert_allclose(padded["mean_abs_change"], plain["mean_abs_change"], atol=2e-5)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from crabnet.cli import make_parser
+from crabnet.jobs.cli import make_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,8 +36,8 @@ def test_stated_or_missing_defaults_are_not_repeated():
 def test_usage_errors_are_one_line_with_exit_code_2(capsys):
     import argparse
 
-    from crabnet.cli import run
     from crabnet.errors import DataError, UsageError
+    from crabnet.jobs.cli import run
 
     def main(problem):
         raise problem

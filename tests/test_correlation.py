@@ -241,7 +241,7 @@ def test_script_finds_all_learned_and_bad_source(tmp_path, capsys):
     assert names[5:] == [f"tiny__mat2vec__layer0__{k}" for k in "QKV"]  # Q, K, V order
     from argparse import Namespace
 
-    from crabnet.cli import run
+    from crabnet.jobs.cli import run
 
     rc = run(
         pec.main,

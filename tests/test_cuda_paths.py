@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from crabnet import model as model_module
-from crabnet import optim
 from crabnet.data import compositions_from_formulas
-from crabnet.model import real_slots, sum_slots
-from crabnet.optim import Lamb
-from crabnet.train import build_model, resolve_precision
+from crabnet.training import model as model_module
+from crabnet.training import optim
+from crabnet.training.model import real_slots, sum_slots
+from crabnet.training.optim import Lamb
+from crabnet.training.train import build_model, resolve_precision
 
 SMALL = {"d_model": 32, "n_heads": 4, "d_ff": 64, "head_dims": (32, 16)}
 FORMULAS = ["Fe2O3", "NaCl", "Li0.5Co0.5O2", "Al2MgO4", "BaTiO3", "LiFePO4", "Cu3Zn", "SiO2"]

@@ -144,7 +144,7 @@ def _fake_wheel(path):
         zf.writestr("crabnet/data/benchmark_data/__init__.py", "")
         zf.writestr("crabnet/data/benchmark_data/toy/train.csv", "formula,target\nFe2O3,1\n")
         zf.writestr("crabnet/data/matbench_cv/toy2/train0.csv", "formula,target\nNaCl,1\n")
-        zf.writestr("crabnet/model.py", "x = 1\n")
+        zf.writestr("crabnet/training/model.py", "x = 1\n")
     path.write_bytes(buf.getvalue())
     return path
 
@@ -218,7 +218,7 @@ def test_duplicates_merged_and_train_test_overlap(tmp_path, capsys):
 
 
 def test_batch_size_counts_csv_rows_before_drops(tmp_path):
-    from crabnet.train import Recipe, Scaler, build_model, fit
+    from crabnet.training.train import Recipe, Scaler, build_model, fit
 
     # 2890 compounds + 10 single-element rows: 2^round(log2(2900) - 4) = 256, but 128 for 2890
     assert (batch_size_for(2900), batch_size_for(2890)) == (256, 128)

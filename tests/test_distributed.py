@@ -1,4 +1,4 @@
-"""One training across processes (torchrun, crabnet.distributed): two gloo ranks on the CPU train the
+"""One training across processes (torchrun, crabnet.jobs.distributed): two gloo ranks on the CPU train the
 same weights as one process, and step 1 under torchrun writes one store shaped like a single process's."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import pytest
 import torch
 import zarr
 
-from crabnet import distributed
 from crabnet.data import load_dataset
-from crabnet.signals import STOP, Preempted
-from crabnet.train import Recipe, Scaler, build_model, fit
+from crabnet.jobs import distributed
+from crabnet.jobs.signals import STOP, Preempted
+from crabnet.training.train import Recipe, Scaler, build_model, fit
 from crabnet.utils import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def train_small(data_dir: Path, out: Path | None = None, kind: str = "plain") ->
 
     def sigterm_on_rank1(event: str, epoch: int, step: int) -> None:
         if kind == "stop" and distributed.rank() == 1 and event == "step" and step == 6:
-            STOP.set()  # what SIGTERM does (crabnet.signals); epoch 2 stops after its 2nd batch on both ranks
+            STOP.set()  # what SIGTERM does (crabnet.jobs.signals); epoch 2 stops after its 2nd batch on both ranks
 
     try:
         hist = fit(

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import get_crabnet_embeddings as gce
-from crabnet.cli import run
 from crabnet.elements import SYMBOLS, feature_table
 from crabnet.embeddings import (
     element_qkv,
@@ -21,9 +20,10 @@ from crabnet.embeddings import (
     write_embeddings,
     write_predictions,
 )
+from crabnet.jobs.cli import run
 from crabnet.layout import BENCHMARK_DATASETS
 from crabnet.reference import published_mae
-from crabnet.train import build_model
+from crabnet.training.train import build_model
 from crabnet.utils import seed_everything
 
 SMALL = dict(d_model=32, n_heads=2, d_ff=64, head_dims=(32, 16))

@@ -1,4 +1,4 @@
-"""The Dask engine (crabnet.engine): settings, the embedded LocalCluster, an external scheduler
+"""The Dask engine (crabnet.jobs.engine): settings, the embedded LocalCluster, an external scheduler
 started as separate commands, a dask-jobqueue SLURM cluster against fake sbatch/scancel, and a worker
 killed during a training. Tiny datasets; each test starts real processes on 127.0.0.1."""
 
@@ -17,9 +17,9 @@ import pytest
 import torch
 from conftest import write_dataset
 
-from crabnet.cli import run
-from crabnet.engine import Engine, Job, local_shape, run_jobs
 from crabnet.errors import JobsFailed, UsageError
+from crabnet.jobs.cli import run
+from crabnet.jobs.engine import Engine, Job, local_shape, run_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "get_crabnet_embeddings.py"

@@ -14,9 +14,9 @@ import pytest
 from test_videos import FORMULAS, C, H, write_store
 
 import generate_attention_videos as gav
-from crabnet.capture import AttentionStore
-from crabnet.cli import run
 from crabnet.data import normalise_formula
+from crabnet.explain.capture import AttentionStore
+from crabnet.jobs.cli import run
 from crabnet.web.explorer import (
     QUANT_MAX,
     choose_compounds,

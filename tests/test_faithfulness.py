@@ -15,10 +15,10 @@ from scipy.stats import kendalltau
 from torch import nn
 
 import generate_attention_videos as gav
-from crabnet.capture import AttentionRecorder, AttentionStore, AttentionWriter, capture_split
 from crabnet.data import compositions_from_formulas, load_dataset
 from crabnet.elements import ATOMIC_NUMBER, SYMBOLS
-from crabnet.faithfulness import (
+from crabnet.explain.capture import AttentionRecorder, AttentionStore, AttentionWriter, capture_split
+from crabnet.explain.faithfulness import (
     IMPORTANCES,
     attention_importance,
     faithfulness_paths,
@@ -35,8 +35,8 @@ from crabnet.faithfulness import (
     shuffled,
     top1_agreement,
 )
-from crabnet.model import Internals
-from crabnet.train import Recipe, Scaler, build_model, fit, predict
+from crabnet.training.model import Internals
+from crabnet.training.train import Recipe, Scaler, build_model, fit, predict
 from crabnet.utils import seed_everything
 
 SMALL = dict(d_model=32, n_heads=2, d_ff=64, head_dims=(32, 16))
@@ -523,9 +523,9 @@ def test_random_pick_is_uniform_over_the_real_elements():
 
 
 def test_explain_a_checkpoint_on_demand(tiny_data, tmp_path, capsys):
-    from crabnet import explain
     from crabnet.data import load_dataset
-    from crabnet.train import save_checkpoint
+    from crabnet.explain import run as explain
+    from crabnet.training.train import save_checkpoint
 
     seed_everything(5)
     val = load_dataset(tiny_data, "tiny", ("val",), verbose=False)["val"]

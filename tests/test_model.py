@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from crabnet import model as model_module
 from crabnet.data import compositions_from_formulas
-from crabnet.model import CrabNetConfig, FractionalEncoder, gather_rows
-from crabnet.train import Scaler, build_model, load_checkpoint, predict, save_checkpoint
+from crabnet.training import model as model_module
+from crabnet.training.model import CrabNetConfig, FractionalEncoder, gather_rows
+from crabnet.training.train import Scaler, build_model, load_checkpoint, predict, save_checkpoint
 
 
 @pytest.mark.parametrize("features, n", [("mat2vec", 11_987_206), ("onehot", 11_945_222)])
@@ -107,7 +107,7 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def test_checkpoint_suits_recipe():
-    from crabnet.train import checkpoint_suits, make_recipe
+    from crabnet.training.train import checkpoint_suits, make_recipe
 
     immi, npj = make_recipe("immi"), make_recipe("npj")
     assert immi.is_full() and npj.is_full() and (immi.epochs_step, npj.epochs_step) == (1, 10)

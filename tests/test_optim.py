@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from crabnet.optim import SWA, Lamb, Lookahead, triangular_lr
-from crabnet.train import jitter_fractions, robust_l1
+from crabnet.training.optim import SWA, Lamb, Lookahead, triangular_lr
+from crabnet.training.train import jitter_fractions, robust_l1
 
 
 def test_triangular_lr():
@@ -176,7 +176,7 @@ def test_swa_reset_outside_the_band_holds_the_reset_weights_alone():
 
 
 class _SpecSWA:
-    """The CrabNet SWA rule written out from SPEC §4, on numpy vectors, independent of crabnet.optim."""
+    """The CrabNet SWA rule written out from SPEC §4, on numpy vectors, independent of crabnet.training.optim."""
 
     def __init__(self, size: int, minimum: float = 1e9, maximum: float = 1e9):
         self.buffer = np.zeros(size)

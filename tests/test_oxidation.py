@@ -21,9 +21,9 @@ from conftest import write_dataset
 
 import crabnet.oxidation as ox
 import guess_oxidation as go
-from crabnet.cli import run as cli_run
-from crabnet.engine import Engine
 from crabnet.errors import JobsFailed
+from crabnet.jobs.cli import run as cli_run
+from crabnet.jobs.engine import Engine
 from crabnet.oxidation import (
     TIMEOUT,
     GuessCache,

@@ -13,7 +13,7 @@ import pytest
 from crabnet import load_model
 from crabnet.data import compositions_from_formulas, load_dataset
 from crabnet.errors import DataError
-from crabnet.train import Scaler, build_model, fit, make_recipe, predict, save_checkpoint
+from crabnet.training.train import Scaler, build_model, fit, make_recipe, predict, save_checkpoint
 from crabnet.utils import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,12 +16,12 @@ import preempt_job
 import pytest
 import torch
 
-from crabnet.capture import AttentionRecorder
-from crabnet.cli import check_writable, run
 from crabnet.data import load_dataset
 from crabnet.errors import UsageError
-from crabnet.signals import STOP, Preempted, install_stop_handler, uninstall_stop_handler
-from crabnet.train import History, Recipe, Scaler, build_model, epoch_line, fit, predict, state_save_interval
+from crabnet.explain.capture import AttentionRecorder
+from crabnet.jobs.cli import check_writable, run
+from crabnet.jobs.signals import STOP, Preempted, install_stop_handler, uninstall_stop_handler
+from crabnet.training.train import History, Recipe, Scaler, build_model, epoch_line, fit, predict, state_save_interval
 from crabnet.utils import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]

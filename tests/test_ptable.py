@@ -1,4 +1,4 @@
-"""Periodic tables per element (crabnet/ptable.py): the aggregates by hand, the files, the up-to-date check."""
+"""Periodic tables per element (crabnet/explain/ptable.py): the aggregates by hand, the files, the up-to-date check."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from test_faithfulness import FORMULAS, IgnoresSodium, capture_store
 
 from crabnet.data import compositions_from_formulas
 from crabnet.elements import ATOMIC_NUMBER, SYMBOLS
-from crabnet.faithfulness import attention_importance
+from crabnet.explain.faithfulness import attention_importance
+from crabnet.explain.ptable import QUANTITIES, element_table, per_element, refresh_ptables, write_ptables
 from crabnet.layout import Layout
-from crabnet.ptable import QUANTITIES, element_table, per_element, refresh_ptables, write_ptables
-from crabnet.train import Scaler
+from crabnet.training.train import Scaler
 
 TRAIN = ["Na1Cl1", "Fe2O3", "Na2S1O4", "Ti1O2"]  # Na in 2 of 4, O in 3 of 4, Cl/Fe/S/Ti in 1 of 4
 

@@ -15,7 +15,7 @@ from test_videos import write_store
 
 import generate_attention_videos as gav
 from crabnet.oxidation import SplitFormulas, write_split
-from crabnet.train import Recipe, Scaler, build_model, recipe_dict, save_checkpoint
+from crabnet.training.train import Recipe, Scaler, build_model, recipe_dict, save_checkpoint
 from crabnet.web.report import refresh_report, write_learning_curve, write_report
 
 SMALL = {"d_model": 32, "n_heads": 2, "d_ff": 64, "head_dims": (32, 16)}
@@ -175,7 +175,7 @@ def test_report_shows_and_links_everything(data_dir):
     # faithfulness: the table with |attribution| as the reference and the one with |Shapley| and the sign test
     assert "<th>tau_rollout</th>" in text and "<th>shapley_tau_attention</th>" in text
     assert "<th>shapley_positive_random</th>" in text and "<th>shapley_tau_rollout_se</th>" not in text
-    # the periodic tables: thumbnails linking their interactive twins, in the order of crabnet.ptable, then the CSV
+    # the periodic tables: thumbnails linking their interactive twins, in crabnet.explain.ptable order, then the CSV
     assert "Periodic tables per element" in text
     tables = ("prevalence", "attention", "shapley", "mae", "test_mae")  # test_mae: predictions/synth__onehot__test.csv
     places = []

@@ -11,9 +11,9 @@ import pytest
 from conftest import require_data, write_dataset
 
 import get_dataset_stats as gds
-from crabnet.cli import run as cli_run
 from crabnet.data import parse_formula, resolve_datasets
 from crabnet.elements import ATOMIC_NUMBER, SYMBOLS
+from crabnet.jobs.cli import run as cli_run
 from crabnet.stats import (
     BENCHMARK,
     COLUMNS,

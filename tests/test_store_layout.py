@@ -1,6 +1,6 @@
 """Attention stores with many chunks, shards and blocks (run: pytest tests/test_store_layout.py).
 
-With the real byte budgets of ``crabnet.capture`` every test store fits in one staging chunk,
+With the real byte budgets of ``crabnet.explain.capture`` every test store fits in one staging chunk,
 one shard and one reorganisation block, so the batched capture and the multi-block
 reorganisation would never run. Here the budgets are shrunk (monkeypatched) so that a store of
 11 compounds has staging chunks of 2 compounds, shards of 2 compounds and reorganisation blocks
@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from conftest import make_formulas
 
-from crabnet import capture
-from crabnet.capture import AttentionStore, AttentionWriter, capture_split, partial_path
 from crabnet.data import compositions_from_formulas
-from crabnet.train import Scaler, build_model, predict
+from crabnet.explain import capture
+from crabnet.explain.capture import AttentionStore, AttentionWriter, capture_split, partial_path
+from crabnet.training.train import Scaler, build_model, predict
 from crabnet.utils import seed_everything
 
 N, L, H = 11, 2, 3  # compounds, layers, heads

@@ -13,10 +13,10 @@ import torch
 import zarr
 
 import get_training_attention as gta
-from crabnet.capture import AttentionRecorder, AttentionStore, AttentionWriter
 from crabnet.data import load_dataset
 from crabnet.errors import DataError
-from crabnet.train import Recipe, Scaler, build_model, fit, predict
+from crabnet.explain.capture import AttentionRecorder, AttentionStore, AttentionWriter
+from crabnet.training.train import Recipe, Scaler, build_model, fit, predict
 from crabnet.utils import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -324,9 +324,9 @@ def _run_step1(data_dir, epochs=4):
 
 
 def test_interrupted_step1_goes_on_to_the_same_store(tiny_data, monkeypatch):
-    import crabnet.train
+    import crabnet.training.train
 
-    monkeypatch.setattr(crabnet.train, "SAVE_EVERY_S", 0.0)  # save the state after every epoch
+    monkeypatch.setattr(crabnet.training.train, "SAVE_EVERY_S", 0.0)  # save the state after every epoch
     store = tiny_data / "attention" / "tiny" / "attention.zarr"
     assert _run_step1(tiny_data) == 0
     ref = AttentionStore(store)

@@ -17,13 +17,13 @@ from conftest import write_dataset
 
 import plot_global_edm_umap as pg
 import plot_local_edm_umap as pl
-from crabnet import edm_maps as em
 from crabnet import oxidation as oxm
-from crabnet import projection as proj
-from crabnet import umap_plots as up
 from crabnet.data import compositions_from_formulas, load_dataset
-from crabnet.represent import collect, open_store, pool_elements, value_vectors
-from crabnet.train import Scaler, build_model, checkpoint_path, predict, save_checkpoint
+from crabnet.maps import figures as up
+from crabnet.maps import projection as proj
+from crabnet.maps import steps as em
+from crabnet.maps.vectors import collect, open_store, pool_elements, value_vectors
+from crabnet.training.train import Scaler, build_model, checkpoint_path, predict, save_checkpoint
 from crabnet.utils import available_cpus, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -272,7 +272,7 @@ def _main(script, args: dict) -> int:
     """The script's main as its command line runs it (usage errors: one line, exit code 2)."""
     from argparse import Namespace
 
-    from crabnet.cli import run
+    from crabnet.jobs.cli import run
 
     return run(script.main, Namespace(**args))
 

@@ -2,13 +2,13 @@
 
 Run: pytest tests/test_umap_metrics.py
 
-- The kNN and trustworthiness figures of steps 6 and 7 (``crabnet.umap_plots``) equal values
+- The kNN and trustworthiness figures of steps 6 and 7 (``crabnet.maps.figures``) equal values
   derived by hand on a constructed case and values computed here from full distance matrices.
 - A tiny seeded UMAP (``fit_umap``) runs in the default suite: in a subprocess with
   ``NUMBA_DISABLE_JIT=1``, because compiling umap-learn's numba functions costs 20-40 s per
   process while the same Python code runs 60 points in about a second. The compiled path is
   covered by the slow ``test_umap_smoke_seeded`` in ``tests/test_umap.py``.
-- The pooled compound vectors cached by ``crabnet.represent.collect`` equal an independent
+- The pooled compound vectors cached by ``crabnet.maps.vectors.collect`` equal an independent
   pooling of each compound's own layer inputs, computed without padding in float64.
 """
 
@@ -24,10 +24,10 @@ import pytest
 import torch
 from conftest import make_formulas
 
-from crabnet import projection as proj
 from crabnet.data import compositions_from_formulas
-from crabnet.represent import collect
-from crabnet.train import Scaler, build_model
+from crabnet.maps import projection as proj
+from crabnet.maps.vectors import collect
+from crabnet.training.train import Scaler, build_model
 from crabnet.utils import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +151,7 @@ def test_metrics_equal_full_distance_matrices():
 UMAP_RUN = """
 import sys
 import numpy as np
-from crabnet.projection import UmapParams, fit_umap
+from crabnet.maps.projection import UmapParams, fit_umap
 x = np.load(sys.argv[1], allow_pickle=False)
 p = UmapParams(n_neighbors=5, min_dist=0.3, metric=sys.argv[2], seed=0, n_epochs=60)
 np.save(sys.argv[3], np.stack([fit_umap(x, p), fit_umap(x, p)]))

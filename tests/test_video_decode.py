@@ -1,7 +1,7 @@
 """The encoded videos show the rendered frames (run: pytest tests/test_video_decode.py).
 
 Each of a compound's three videos (attention, progress, merged) is decoded frame by frame with
-the ffmpeg binary the project uses (``crabnet.video.find_ffmpeg``) and compared with a complete
+the ffmpeg binary the project uses (``crabnet.explain.video.find_ffmpeg``) and compared with a complete
 matplotlib redraw of the same capture (``render(k, full=True)``, not the blitted fast path that
 produced the video):
 
@@ -26,8 +26,17 @@ import numpy as np
 import pytest
 from test_videos import DPI, C, write_store
 
-from crabnet.capture import AttentionStore
-from crabnet.video import KINDS, FrameRenderer, VideoInput, VideoJob, find_ffmpeg, merge_frames, render_job, video_paths
+from crabnet.explain.capture import AttentionStore
+from crabnet.explain.video import (
+    KINDS,
+    FrameRenderer,
+    VideoInput,
+    VideoJob,
+    find_ffmpeg,
+    merge_frames,
+    render_job,
+    video_paths,
+)
 
 LUMA = np.array([0.299, 0.587, 0.114])  # BT.601, as ffmpeg converts RGB to yuv420p and back by default
 TEXT_TOL = 32  # luma levels: largest difference allowed anywhere in the changing text

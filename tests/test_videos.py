@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 
 import generate_attention_videos as gav
-from crabnet.capture import AttentionStore, AttentionWriter
-from crabnet.cli import run
 from crabnet.data import compositions_from_formulas
-from crabnet.video import (
+from crabnet.explain.capture import AttentionStore, AttentionWriter
+from crabnet.explain.video import (
     HIGHLIGHT,
     AttentionFigure,
     ProgressFigure,
@@ -31,6 +30,7 @@ from crabnet.video import (
     select_compounds,
     video_paths,
 )
+from crabnet.jobs.cli import run
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMULAS = ["Hf1O2", "Gd2O7Ti2", "P1W3", "Fe2O3", "Al1Gd1O3"]

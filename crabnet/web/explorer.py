@@ -18,7 +18,7 @@ What the page offers:
 - the attention map of the chosen head with element symbols and fractions on both axes and the
   weights written in the cells; the prediction at every capture with the target as a line and the
   current capture marked;
-- where the store holds attribution (:mod:`crabnet.faithfulness`), the leave-one-element-out
+- where the store holds attribution (:mod:`crabnet.explain.faithfulness`), the leave-one-element-out
   effect of every element at the current capture as signed bars beside the map (rows carry
   ``data-element`` and ``data-value``, the store's value), with the attention each element
   receives (fraction-weighted queries, all layers and heads) beside it for comparison;
@@ -41,7 +41,7 @@ compound it opens (:func:`compound_entry`, the same JSON as embedded) from the s
 
 Example::
 
-    from crabnet.capture import AttentionStore
+    from crabnet.explain.capture import AttentionStore
     from crabnet.web.explorer import write_explorer
     store = AttentionStore("data/attention/aflow__ael_bulk_modulus_vrh/attention.zarr")
     info = write_explorer(store, "data/explorer/aflow__ael_bulk_modulus_vrh.html",
@@ -68,10 +68,10 @@ from crabnet import web
 from crabnet.data import normalise_formula
 from crabnet.elements import SYMBOLS
 from crabnet.errors import DataError
-from crabnet.faithfulness import attention_importance
+from crabnet.explain.faithfulness import attention_importance
+from crabnet.explain.video import PAPER_COMPOUNDS, final_errors
 from crabnet.layout import Layout
 from crabnet.utils import atomic_path
-from crabnet.video import PAPER_COMPOUNDS, final_errors
 
 DEFAULT_EXPLORE = 100  # compounds embedded besides the paper's and the chosen ones
 QUANT_MAX = 65534  # weights w in [0, 1] are stored as round(w * QUANT_MAX); QUANT_NAN marks non-finite ones
@@ -159,8 +159,8 @@ def choose_compounds(
     holds it, as ``AttentionStore.find`` returns).
 
     Args:
-        store: a :class:`crabnet.capture.AttentionStore`.
-        dataset: selects the paper's compounds (``crabnet.video.PAPER_COMPOUNDS``).
+        store: a :class:`crabnet.explain.capture.AttentionStore`.
+        dataset: selects the paper's compounds (``crabnet.explain.video.PAPER_COMPOUNDS``).
         rows: further rows to embed (e.g. the compounds rendered as videos).
         n_others: how many more to embed (0 = none).
     """
@@ -348,7 +348,7 @@ def write_explorer(
     """Choose compounds (:func:`choose_compounds`), embed them and write the page atomically.
 
     Args:
-        store: a :class:`crabnet.capture.AttentionStore`.
+        store: a :class:`crabnet.explain.capture.AttentionStore`.
         path: the HTML file to write.
         dataset: dataset name (titles, the paper's compounds, the command shown for adding one).
         rows: rows to embed besides the paper's compounds (e.g. those rendered as videos).

@@ -43,8 +43,8 @@ from urllib.parse import quote
 import crabnet
 from crabnet import web
 from crabnet.elements import SYMBOLS
+from crabnet.explain.ptable import QUANTITIES
 from crabnet.layout import BENCHMARK, BENCHMARK_DATASETS, CACHE, MATBENCH, SPLITS, Layout
-from crabnet.ptable import QUANTITIES
 from crabnet.reference import PAPER_ATOMS
 from crabnet.utils import atomic_path
 
@@ -301,7 +301,7 @@ def scan(root: Path | str) -> Found:
     for p in _files(layout.faithfulness_figures(), (".png",)):
         found.add(p.stem, "faithfulness", p)
     for folder in _subdirs(layout.ptable_figures()):
-        rank = {name: i for i, name in enumerate(QUANTITIES)}  # the order of crabnet.ptable, others after
+        rank = {name: i for i, name in enumerate(QUANTITIES)}  # the order of crabnet.explain.ptable, others after
         for p in sorted(_files(folder, (".png",)), key=lambda p: (rank.get(p.stem, len(rank)), p.name)):
             found.add(folder.name, "ptable", p)
             found.used.add(p.with_suffix(".html"))
@@ -758,7 +758,7 @@ def full_recipe_models(root: Path, metas: dict[Path, dict] | None = None) -> lis
         root: the data folder.
         metas: checkpoint metadata already read, by path (the rest is read here).
     """
-    from crabnet.train import RECIPES
+    from crabnet.training.train import RECIPES
 
     layout, metas = Layout(root), metas or {}
     others = sorted({str(m.get("dataset")) for m in metas.values() if m.get("dataset")} - set(BENCHMARK_DATASETS))

@@ -22,14 +22,14 @@ import torch
 from tqdm.auto import tqdm
 
 import crabnet
-from crabnet import distributed
 from crabnet.data import CompositionData, batch_size_for
 from crabnet.elements import feature_table
 from crabnet.errors import UsageError
+from crabnet.jobs import distributed
+from crabnet.jobs.signals import STOP, Preempted, deferred_stop
 from crabnet.layout import Layout
-from crabnet.model import CrabNet, CrabNetConfig, real_slots
-from crabnet.optim import SWA, Lamb, Lookahead, triangular_lr
-from crabnet.signals import STOP, Preempted, deferred_stop
+from crabnet.training.model import CrabNet, CrabNetConfig, real_slots
+from crabnet.training.optim import SWA, Lamb, Lookahead, triangular_lr
 from crabnet.utils import atomic_path
 
 
@@ -179,7 +179,7 @@ def _forward_batches(
 ) -> torch.Tensor:
     """Raw outputs (n, 3) in float32 for tensors already on the model's device (eval mode).
 
-    ``real``: the real slots of each batch (:func:`crabnet.model.real_slots`), if known.
+    ``real``: the real slots of each batch (:func:`crabnet.training.model.real_slots`), if known.
     """
     was_training = model.training
     model.eval()
@@ -233,7 +233,7 @@ class Validator:
 
     SWA epochs evaluate the validation split after every batch, so the split is moved to the
     device once and evaluated in large batches without autograd at the training precision.
-    Under torchrun (:mod:`crabnet.distributed`) each rank evaluates a contiguous share of the split
+    Under torchrun (:mod:`crabnet.jobs.distributed`) each rank evaluates a contiguous share of the split
     and the absolute errors are summed over the ranks: every rank gets the same MAE.
     """
 
@@ -496,7 +496,7 @@ class _Run:
     t0: float  # perf_counter() at the start of this call
     net: torch.nn.Module  # what the training steps run: the model, or its DDP wrapper under torchrun
     seed: int = 0
-    rank: int = 0  # this process's rank under torchrun (crabnet.distributed), else 0
+    rank: int = 0  # this process's rank under torchrun (crabnet.jobs.distributed), else 0
     world: int = 1  # number of ranks training this model together
     t_resumed: float = 0.0  # training seconds before this call (a resumed run)
 
@@ -521,7 +521,7 @@ def _setup(
 ) -> _Run:
     """The data on the device, batch count, optimiser, SWA, validator and generators of a fresh run.
 
-    Under torchrun this joins the process group (:func:`crabnet.distributed.init`) and wraps the model
+    Under torchrun this joins the process group (:func:`crabnet.jobs.distributed.init`) and wraps the model
     in DDP; every rank holds the whole training split and draws the same batch order and jitter.
     """
     t0 = time.perf_counter()
@@ -736,7 +736,7 @@ def _train_epoch(run: _Run, epoch: int, swa_epoch: bool, partial: dict) -> tuple
     """The batches of ``epoch`` (from the batch ``partial`` says, when resuming inside it).
 
     SIGTERM (``STOP``) is acted on after a batch: the state is saved inside the epoch and
-    :class:`~crabnet.signals.Preempted` raised.
+    :class:`~crabnet.jobs.signals.Preempted` raised.
 
     Returns:
         ``(loss_sum, added, lr)``: the sum of the batch losses (0-dim tensor), the SWA additions and
@@ -748,7 +748,7 @@ def _train_epoch(run: _Run, epoch: int, swa_epoch: bool, partial: dict) -> tuple
     else:
         first, order = 0, torch.randperm(n, generator=run.gen).to(device)  # (n,)
         loss_sum, added = torch.zeros((), device=device), 0
-    # off the CPU the batches' real slots come from the host's copy of the data (crabnet.model.real_slots),
+    # off the CPU the batches' real slots come from the host's copy of the data (crabnet.training.model.real_slots),
     # so that the forward pass needs no host synchronisation
     order_host = None if device.type == "cpu" else order.cpu().numpy()  # one synchronisation per epoch
     lr = run.hist.epoch_lr[-1] if run.hist.epoch_lr else run.recipe.base_lr
@@ -825,7 +825,7 @@ def _epochs(
 ) -> None:
     """The epochs from ``start`` on, until the last one or SWA early stopping; the progress bar or lines;
     the training state saved every ``save_every_s`` seconds, at the end and on SIGTERM (then
-    :class:`~crabnet.signals.Preempted` is raised)."""
+    :class:`~crabnet.jobs.signals.Preempted` is raised)."""
     hist, recipe, desc, state_path = run.hist, run.recipe, run.desc, run.state_path
     bar = _epoch_bar(run, start, progress)
     swa_first = recipe.epochs_step * recipe.swa_start - 1
@@ -875,7 +875,7 @@ def fit(
 ) -> History:
     """Train ``model`` in place with the CrabNet recipe (SPEC §4).
 
-    Under torchrun (``WORLD_SIZE`` > 1, :mod:`crabnet.distributed`) every rank calls ``fit`` with the
+    Under torchrun (``WORLD_SIZE`` > 1, :mod:`crabnet.jobs.distributed`) every rank calls ``fit`` with the
     same arguments and they train one model: each epoch's shuffled global batches (the recipe's batch
     size) are split between the ranks (:func:`_shard`), DDP averages the gradients, the validation
     MAE is summed over the ranks' shares of ``val``, so every rank takes the same SWA and early-stop
@@ -899,9 +899,9 @@ def fit(
             every ``save_every_s`` seconds, and a run finding a state saved for the same
             ``state_key`` goes on from it (bit for bit the same result on CPU as an uninterrupted
             run at the same precision). The caller removes the file once the result is saved.
-            SIGTERM (:func:`crabnet.signals.install_stop_handler`, or ``crabnet.signals.STOP`` set)
+            SIGTERM (:func:`crabnet.jobs.signals.install_stop_handler`, or ``crabnet.jobs.signals.STOP`` set)
             is acted on after the current batch: the state is saved there, inside the epoch, and
-            :class:`crabnet.signals.Preempted` is raised.
+            :class:`crabnet.jobs.signals.Preempted` is raised.
         state_key: identifies the run beyond the split sizes, recipe and seed (e.g. dataset,
             features); a state saved with another key is ignored.
         save_every_s: default :func:`state_save_interval` (``$CRABNET_STATE_EVERY_S``, else 60 s).

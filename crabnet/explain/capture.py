@@ -9,13 +9,13 @@ L layers, H heads, E element slots:
     attribution (n, c, E) leave-one-element-out effect on the prediction, target units: the
                           prediction with the element removed (other fractions renormalised)
                           minus the full one; 0 at padding and for single-element compounds
-                          (:func:`crabnet.faithfulness.leave_one_out`); absent in older stores
-    shapley (n, c, E)     exact Shapley values of the elements (:func:`crabnet.attribution.shapley`; a
+                          (:func:`crabnet.explain.faithfulness.leave_one_out`); absent in older stores
+    shapley (n, c, E)     exact Shapley values of the elements (:func:`crabnet.explain.attribution.shapley`; a
                           coalition's value = the prediction for its sub-compound, fractions
                           renormalised; the empty one = the training mean): they sum to the prediction
                           minus ``shapley_baseline`` (attribute); exact up to ``shapley_max_exact``
                           elements, a seeded estimate of ``shapley_samples`` element orders above
-    contribution (n, c, E) each element's share of the output (:func:`crabnet.attribution.contribution`),
+    contribution (n, c, E) each element's share of the output (:func:`crabnet.explain.attribution.contribution`),
                           summing to the prediction
     head_effect (c, L, H) validation MAE with the head's output zeroed minus without (> 0: the head helps),
                           on ``head_sample`` compounds of the split (a fixed seeded subset)
@@ -29,7 +29,7 @@ compound's whole history, and chunks are grouped into shards so the store is a f
 finished store is renamed into place and carries ``complete = True``; an interrupted run leaves
 only the ``.partial`` folder, which the reader refuses.
 
-:func:`attention_job` is step 1 (``python get_training_attention.py``) as one job of ``crabnet.engine``:
+:func:`attention_job` is step 1 (``python get_training_attention.py``) as one job of ``crabnet.jobs.engine``:
 the training with its captures, run in that process or sent to a Dask cluster with ``--scheduler``.
 """
 
@@ -46,12 +46,18 @@ import zarr
 from tqdm.auto import tqdm
 
 import crabnet
-from crabnet.attribution import MAX_EXACT, N_SAMPLES, coalition_attribution, contribution_from_head, head_ablation
 from crabnet.data import CompositionData, normalise_formula, parse_formula
 from crabnet.elements import ATOMIC_NUMBER, SYMBOLS
 from crabnet.errors import DataError
-from crabnet.model import CrabNet
-from crabnet.train import Recipe, Scaler
+from crabnet.explain.attribution import (
+    MAX_EXACT,
+    N_SAMPLES,
+    coalition_attribution,
+    contribution_from_head,
+    head_ablation,
+)
+from crabnet.training.model import CrabNet
+from crabnet.training.train import Recipe, Scaler
 from crabnet.utils import atomic_path, remove_path
 
 STAGING_CHUNK_BYTES = 8 << 20  # staging chunk: this many bytes of one capture
@@ -393,7 +399,7 @@ class AttentionRecorder:
 
 
 # --------------------------------------------------------------------------------------------
-# step 1 as a job of crabnet.engine
+# step 1 as a job of crabnet.jobs.engine
 
 
 def attention_job(data_dir: Path, recipe: Recipe, settings: dict, device: str, force: bool, skip_invalid: bool) -> dict:
@@ -431,10 +437,10 @@ def attention_job(data_dir: Path, recipe: Recipe, settings: dict, device: str, f
     """
     import time
 
-    from crabnet import distributed
     from crabnet.data import load_dataset
+    from crabnet.jobs import distributed
     from crabnet.layout import Layout
-    from crabnet.train import new_model, save_trained
+    from crabnet.training.train import new_model, save_trained
     from crabnet.utils import resolve_device
 
     dataset, features, split = settings["dataset"], settings["features"], settings["split"]
@@ -507,8 +513,8 @@ def _fit_capturing(model, splits, scaler, recipe, settings: dict, recorder, stat
     """Train with the capturing callback; an interruption says where the captures are staged."""
     import sys
 
-    from crabnet.signals import Preempted
-    from crabnet.train import fit
+    from crabnet.jobs.signals import Preempted
+    from crabnet.training.train import fit
 
     desc = f"{settings['dataset']} {settings['features']}"
     try:
@@ -521,7 +527,7 @@ def _fit_capturing(model, splits, scaler, recipe, settings: dict, recorder, stat
             file=sys.stderr,
         )
         raise
-    except Preempted as err:  # SIGTERM: fit saved its state; crabnet.cli.run prints this and exits 143
+    except Preempted as err:  # SIGTERM: fit saved its state; crabnet.jobs.cli.run prints this and exits 143
         raise Preempted(f"{err}; captures staged in {staged}") from None
 
 
@@ -529,8 +535,8 @@ def _open_capture(
     store: Path, state_path: Path, data: CompositionData, model, scaler, settings: dict, recipe: Recipe, force: bool
 ) -> tuple[AttentionWriter | None, AttentionRecorder | None]:
     """The store's writer and the training callback that captures into it (on rank 0 only; else None, None)."""
-    from crabnet import distributed
-    from crabnet.train import recipe_dict
+    from crabnet.jobs import distributed
+    from crabnet.training.train import recipe_dict
 
     if not distributed.is_main():  # under torchrun rank 0 alone captures (the others wait in the next step)
         return None, None
@@ -545,7 +551,7 @@ def _open_capture(
 
 def _run_attrs(hist, test_mae: float) -> dict:
     """What the finished store says of the training that made it."""
-    from crabnet import distributed
+    from crabnet.jobs import distributed
 
     return {
         "epochs_run": hist.epochs_run,

@@ -7,7 +7,7 @@ over the compounds that contain it:
   split as the model saw it: read with :func:`crabnet.data.load_dataset` and the store's
   ``drop_unary``, duplicates merged);
 - **attention**: the attention the element receives at the final capture, fraction-weighted over
-  the query rows and averaged over layers and heads (:func:`crabnet.faithfulness.attention_importance`;
+  the query rows and averaged over layers and heads (:func:`crabnet.explain.faithfulness.attention_importance`;
   it sums to 1 over a compound's elements), averaged over the captured split's compounds that
   contain the element;
 - **shapley**: the element's mean Shapley value at the final capture (target units; > 0: the
@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from crabnet.elements import N_ELEMENTS, SYMBOLS
-from crabnet.faithfulness import BLOCK_BYTES, attention_importance, refresh_faithfulness
+from crabnet.explain.faithfulness import BLOCK_BYTES, attention_importance, refresh_faithfulness
 from crabnet.layout import Layout
 
 EMPTY = "#eef1f5"  # tiles of elements without a value
@@ -148,7 +148,7 @@ def element_table(
     the training split, the store or the test predictions hold, by atomic number.
 
     Args:
-        store: a :class:`crabnet.capture.AttentionStore`.
+        store: a :class:`crabnet.explain.capture.AttentionStore`.
         train: (n, E) elements of the training compounds (no prevalence without).
         test: ``(elements, absolute errors)`` of the test predictions (no test MAE without).
         block_bytes: attention read at once.
@@ -446,7 +446,7 @@ def refresh_ptables(
 def refresh_analyses(
     store: Any, data_dir: Path | str, dataset: str, seed: int = 0, force: bool = False, store_time: float | None = None
 ) -> None:
-    """Step 2's tables of a store: :func:`crabnet.faithfulness.refresh_faithfulness`, then the periodic
+    """Step 2's tables of a store: :func:`crabnet.explain.faithfulness.refresh_faithfulness`, then the periodic
     tables (:func:`refresh_ptables`), each skipped when newer than its inputs unless ``force``."""
     refresh_faithfulness(store, data_dir, dataset, seed=seed, force=force, store_time=store_time)
     refresh_ptables(store, data_dir, dataset, force=force, store_time=store_time)

@@ -1,11 +1,11 @@
 """Stopping on SIGTERM (SLURM's warning before preemption or the walltime): save, then exit promptly.
 
-``STOP`` is a process-wide flag. :func:`install_stop_handler` (``crabnet.cli.run`` calls it) makes
-SIGTERM set it. Inside a training (:func:`deferred_stop`, entered by ``crabnet.train.fit``) that is
+``STOP`` is a process-wide flag. :func:`install_stop_handler` (``crabnet.jobs.cli.run`` calls it) makes
+SIGTERM set it. Inside a training (:func:`deferred_stop`, entered by ``crabnet.training.train.fit``) that is
 all the handler does: ``fit`` checks the flag after every batch, saves its training state and raises
 :class:`Preempted`, so the same command started again goes on from there. Outside a training the
 handler raises :class:`Preempted` at once (as Ctrl-C raises ``KeyboardInterrupt``), so a script
-never ignores SIGTERM. ``crabnet.cli.run`` turns ``Preempted`` into one ``stopped: …`` line on
+never ignores SIGTERM. ``crabnet.jobs.cli.run`` turns ``Preempted`` into one ``stopped: …`` line on
 stderr and exit code 143 (128 + SIGTERM).
 
 Code that trains in worker threads (where signal handlers cannot run) may set ``STOP`` itself

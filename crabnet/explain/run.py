@@ -3,13 +3,13 @@
 Step 1 stores attention and the attributions at every capture of a training; this module makes the
 same for a model that is already trained (a checkpoint of step 1 or 4, ``benchmarks/accuracy.py``,
 or your own): one capture of a split's compounds — attention maps, leave-one-element-out effects,
-Shapley values, output contributions and the head ablation (:mod:`crabnet.attribution`) — written as
-an attention store, and the faithfulness table of that capture (:mod:`crabnet.faithfulness`).
+Shapley values, output contributions and the head ablation (:mod:`crabnet.explain.attribution`) — written as
+an attention store, and the faithfulness table of that capture (:mod:`crabnet.explain.faithfulness`).
 
     python -m crabnet.explain --model data/models/mp_bulk_modulus__mat2vec__npj.pt --dataset mp_bulk_modulus
 
 writes ``<data-dir>/attention/<dataset>/<checkpoint stem>.zarr`` (``Layout.checkpoint_store``; read it
-with ``crabnet.capture.AttentionStore``) and ``<checkpoint stem>.faithfulness.csv`` beside it, and
+with ``crabnet.explain.capture.AttentionStore``) and ``<checkpoint stem>.faithfulness.csv`` beside it, and
 prints the agreement of attention with leave-one-out and with Shapley values and the sign test.
 """
 
@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from crabnet.capture import AttentionStore, AttentionWriter, capture_split
 from crabnet.data import SPLITS, load_dataset
-from crabnet.faithfulness import faithfulness_table, shapley_summary_rows, summary_rows
+from crabnet.explain.capture import AttentionStore, AttentionWriter, capture_split
+from crabnet.explain.faithfulness import faithfulness_table, shapley_summary_rows, summary_rows
 from crabnet.layout import Layout
-from crabnet.train import load_checkpoint
+from crabnet.training.train import load_checkpoint
 from crabnet.utils import atomic_path, resolve_device
 
 
@@ -72,6 +72,6 @@ def main(model: Path, dataset: str, split: str, data_dir: Path, device: str) -> 
 
 
 if __name__ == "__main__":
-    from crabnet.cli import run
+    from crabnet.jobs.cli import run
 
     raise SystemExit(run(main, parse_args()))

@@ -101,7 +101,7 @@ class Engine:
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Add --scheduler, --scheduler-file, --threads-per-job, --jobs-per-gpu and --retries."""
-    g = parser.add_argument_group("where the jobs run (Dask; see docs in crabnet/engine.py and the README)")
+    g = parser.add_argument_group("where the jobs run (Dask; see docs in crabnet/jobs/engine.py and the README)")
     g.add_argument(
         "--scheduler",
         default=None,
@@ -156,7 +156,7 @@ def engine_from_args(args: dict, *, small: bool = False, keep_threads: bool = Fa
     this process, since starting worker processes (and compiling numba code in each) costs more.
     ``keep_threads``: a job run on this machine (``local`` or ``sequential``) keeps torch's thread count
     unless ``--threads-per-job`` is given (step 1's one training); elsewhere the workers' count applies
-    (under torchrun: cores / ranks, :func:`crabnet.distributed.threads_per_rank`).
+    (under torchrun: cores / ranks, :func:`crabnet.jobs.distributed.threads_per_rank`).
     """
     scheduler = args.pop("scheduler", None)
     if scheduler is None:  # not given: local, or this process for small jobs
@@ -278,7 +278,7 @@ def print_plan(jobs: list[Job], what: str = "jobs") -> None:
         + (f"{gpu / 3600:.2f} GPU-hours" if gpu else "")
     )
     log = os.environ.get(PLAN_LOG_ENV)
-    if log:  # make paper-plan adds the steps up (python -m crabnet.engine --plan-total LOG)
+    if log:  # make paper-plan adds the steps up (python -m crabnet.jobs.engine --plan-total LOG)
         Path(log).parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as f:
             f.write(
@@ -325,7 +325,7 @@ def plan_total(log: Path) -> str:
 def call_job(fn: Callable[..., Any], kwargs: dict, threads: int | None) -> dict:
     """Run ``fn(**kwargs)`` with ``threads`` torch/BLAS/numba threads (None: this machine's cores
     divided by the worker's task slots). Returns ``{"result", "seconds", "host", "pid"}``."""
-    from crabnet.signals import Preempted
+    from crabnet.jobs.signals import Preempted
 
     if threads is None:
         threads = max(1, available_cpus() // _worker_slots())
@@ -354,7 +354,7 @@ def _end_worker_process() -> None:
     """End this worker process as SIGTERM would have (its training state is saved): Dask sees the worker
     gone and runs its job again elsewhere, where it resumes. Called from the task's thread, where no
     signal handler can be changed, so the process exits directly."""
-    from crabnet.signals import EXIT_CODE
+    from crabnet.jobs.signals import EXIT_CODE
 
     print(
         f"worker {os.getpid()} on {socket.gethostname()} stops after SIGTERM; its job will resume elsewhere", flush=True
@@ -365,7 +365,7 @@ def _end_worker_process() -> None:
 
 def _save_on_sigterm() -> Any:
     """A Dask worker plugin: SIGTERM to a worker process (SLURM preemption, the walltime, scancel) only
-    sets ``crabnet.signals.STOP``; a training saves its state and its job ends the process (see
+    sets ``crabnet.jobs.signals.STOP``; a training saves its state and its job ends the process (see
     :func:`call_job`), so that Dask reruns the job elsewhere and it resumes instead of restarting."""
     from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -373,7 +373,7 @@ def _save_on_sigterm() -> Any:
         name = "crabnet-save-on-sigterm"
 
         def setup(self, worker) -> None:  # runs in the worker's main thread
-            from crabnet.signals import install_stop_handler
+            from crabnet.jobs.signals import install_stop_handler
 
             install_stop_handler(interrupt=False)
 
@@ -415,7 +415,7 @@ def limit_threads(threads: int) -> Iterator[None]:
 
 def _run_here(jobs: list[Job], threads: int, on_result: Callable[[Job, Any], None] | None = None) -> None:
     """One after the other in this process, setting each job's result; failures reported together at the end."""
-    from crabnet.signals import Preempted
+    from crabnet.jobs.signals import Preempted
 
     failures: list[tuple[str, str]] = []
     errors: list[BaseException] = []
@@ -443,14 +443,14 @@ def _run_here(jobs: list[Job], threads: int, on_result: Callable[[Job, Any], Non
 
 
 def _under_torchrun(remote: bool) -> bool:
-    """Whether this process is one of several torchrun ranks (:mod:`crabnet.distributed`).
+    """Whether this process is one of several torchrun ranks (:mod:`crabnet.jobs.distributed`).
 
     Raises:
         UsageError: it is, and ``--scheduler`` names a Dask cluster (the two do not mix).
     """
     if os.environ.get("WORLD_SIZE", "").strip() in ("", "0", "1"):  # no torchrun ranks (and no torch import)
         return False
-    from crabnet import distributed
+    from crabnet.jobs import distributed
 
     if not distributed.requested():
         return False
@@ -468,7 +468,7 @@ def _run_ranks(
     A failure is raised at once, not collected: the other ranks would wait for this one in the next
     collective, so torchrun must end them all.
     """
-    from crabnet import distributed
+    from crabnet.jobs import distributed
 
     threads = threads or distributed.threads_per_rank()
     if distributed.is_main():
@@ -666,7 +666,7 @@ def _running(client: Any, futures: list[Any]) -> int:
         return 0
 
 
-if __name__ == "__main__":  # python -m crabnet.engine --plan-total LOG (make paper-plan)
+if __name__ == "__main__":  # python -m crabnet.jobs.engine --plan-total LOG (make paper-plan)
     _p = argparse.ArgumentParser(description="Totals of the --plan runs logged to LOG.")
     _p.add_argument("--plan-total", type=Path, required=True, metavar="LOG")
     print(plan_total(_p.parse_args().plan_total))

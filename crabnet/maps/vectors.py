@@ -22,7 +22,7 @@ single-element rule::
     compounds.npz            formula (unicode), row, target, prediction, elements, fractions
     local__<Z>__layer<l>.npy (n_atom_compounds, d_model) float32, rows = compounds containing Z
     global__layer<l>.npy     (n_compounds, 5·d_model) float32
-    umap/…                   2-D coordinates written by ``crabnet.projection``
+    umap/…                   2-D coordinates written by ``crabnet.maps.projection``
 
 Every file is written to a temporary name and renamed when complete, so an interrupted pass
 leaves no file that looks finished. Nothing is pickled; loading uses ``allow_pickle=False``.
@@ -42,8 +42,8 @@ from tqdm.auto import tqdm
 
 from crabnet.data import CompositionData
 from crabnet.layout import Layout
-from crabnet.model import CrabNet
-from crabnet.train import Scaler
+from crabnet.training.model import CrabNet
+from crabnet.training.train import Scaler
 from crabnet.utils import atomic_path, file_sha256, remove_path
 
 CACHE_VERSION = 1  # bump when the meaning of a cached array changes

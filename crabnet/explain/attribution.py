@@ -16,7 +16,7 @@ Three attributions that do not read the attention maps:
   keeps Σ_i φ_i = prediction − baseline exactly, since each order's marginal contributions
   telescope. Every sub-compound of a batch is predicted once, however many compounds (or repeats
   of one compound) share it. The leave-one-element-out attribution of
-  :func:`crabnet.faithfulness.leave_one_out` (times the scaler's std) is v(N ∖ {i}) − v(N), one of
+  :func:`crabnet.explain.faithfulness.leave_one_out` (times the scaler's std) is v(N ∖ {i}) − v(N), one of
   the same coalitions: :func:`coalition_attribution` returns it too at no extra forward pass.
 - **Contribution** (:func:`contribution`): the exact decomposition of the prediction over the
   elements, read from the output head (see :func:`contribution_from_head` for the derivation).
@@ -267,7 +267,7 @@ class CoalitionAttribution:
     Attributes:
         shapley: (n, E) Shapley values; Σ over a compound = prediction − baseline; 0 at padding.
         leave_one_out: (n, E) v(N ∖ {i}) − v(N): the prediction without the element (other
-            fractions renormalised) minus the full one, as :func:`crabnet.faithfulness.leave_one_out`
+            fractions renormalised) minus the full one, as :func:`crabnet.explain.faithfulness.leave_one_out`
             times the scaler's std; 0 at padding and for single-element compounds.
         exact: (n,) True where the Shapley values are exact (k ≤ max_exact), False where sampled.
         prediction: (n,) v(N), the prediction of each compound.
@@ -471,11 +471,11 @@ def shapley(
     width of at most ``batch_size`` rows.
 
     Args:
-        model: a :class:`crabnet.model.CrabNet` (or anything called as ``model(elements, fractions)``
+        model: a :class:`crabnet.training.model.CrabNet` (or anything called as ``model(elements, fractions)``
             returning (B, ≥1) raw outputs in scaled units).
         elements: (n, E) atomic numbers, 0 = padding (array or tensor).
         fractions: (n, E) fractions, 0 at padding.
-        scaler: has ``unscale`` (scaled output -> target units), e.g. :class:`crabnet.train.Scaler`.
+        scaler: has ``unscale`` (scaled output -> target units), e.g. :class:`crabnet.training.train.Scaler`.
         baseline: value of the empty coalition in target units (the training-mean target, e.g.
             ``scaler.mean``); a float or (n,) per compound.
         max_exact: exact up to this many real elements.
@@ -526,7 +526,7 @@ def contribution_from_head(head_out: torch.Tensor, keep: torch.Tensor, scaler: A
     Args:
         head_out: (B, E, ≥2) output of ``model.head`` on the encoder output (``hidden[-1]``).
         keep: (B, E) True at real elements.
-        scaler: has ``mean`` and ``std`` (:class:`crabnet.train.Scaler`).
+        scaler: has ``mean`` and ``std`` (:class:`crabnet.training.train.Scaler`).
 
     Returns:
         (B, E) float64 shares; 0 at padding.
@@ -551,10 +551,10 @@ def contribution(
     :func:`contribution_from_head` on ``model.head(hidden[-1])`` instead.
 
     Args:
-        model: a :class:`crabnet.model.CrabNet`.
+        model: a :class:`crabnet.training.model.CrabNet`.
         elements: (n, E) atomic numbers, 0 = padding.
         fractions: (n, E) fractions.
-        scaler: :class:`crabnet.train.Scaler`.
+        scaler: :class:`crabnet.training.train.Scaler`.
         batch_size: compounds of one forward pass.
 
     Returns:
@@ -577,7 +577,7 @@ def contribution(
 def _batch(el: np.ndarray, fr: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """Tensors of a batch on ``device`` and, off the CPU, its real slots found on the host (so the
     model takes its gathered path without waiting for the device; on the CPU it finds them itself)."""
-    from crabnet.model import real_slots
+    from crabnet.training.model import real_slots
 
     el_t = torch.as_tensor(el, dtype=torch.long, device=device)
     fr_t = torch.as_tensor(fr, dtype=torch.float32, device=device)
@@ -690,11 +690,11 @@ def head_ablation(
     ``out_proj``) gives exactly 0 in both results.
 
     Args:
-        model: a :class:`crabnet.model.CrabNet`.
+        model: a :class:`crabnet.training.model.CrabNet`.
         elements: (n, E) atomic numbers, 0 = padding.
         fractions: (n, E) fractions.
         targets: (n,) targets in target units.
-        scaler: :class:`crabnet.train.Scaler` (``unscale``).
+        scaler: :class:`crabnet.training.train.Scaler` (``unscale``).
         batch_size: compounds of one forward pass.
 
     Returns:

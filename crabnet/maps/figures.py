@@ -1,7 +1,7 @@
 """Figures of steps 6 and 7: what the UMAP points are coloured by, and the layer × colouring grids.
 
 ``plot_png`` / ``plot_html`` draw a grid of layers (rows) × colourings (columns) from the 2-D
-coordinates of ``crabnet.projection``; ``make_colouring`` describes one colouring (continuous,
+coordinates of ``crabnet.maps.projection``; ``make_colouring`` describes one colouring (continuous,
 diverging or discrete; grey where unknown).
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from crabnet.elements import ATOMIC_NUMBER, SYMBOLS, feature_frame
+from crabnet.maps.projection import marker_style
 from crabnet.plotting import save_html, save_png
-from crabnet.projection import marker_style
 
 UNKNOWN_COLOUR = "#bdbdbd"
 

@@ -2,7 +2,7 @@
 
 Both steps run the same chain for each dataset: load the split and the model of the recipe
 (:func:`prepare`: trained if missing), collect vectors in one inference pass (cached by
-``crabnet.represent``), project each group of vectors (``crabnet.projection.project``, cached),
+``crabnet.maps.vectors``), project each group of vectors (``crabnet.maps.projection.project``, cached),
 score the map (kNN metrics), write its coordinates, draw the layer × colouring grid
 (:func:`draw`), and merge the rows into ``summary.csv``. What differs is the vectors and colours:
 
@@ -11,7 +11,7 @@ score the map (kNN metrics), write its coordinates, draw the layer × colouring 
 - :func:`global_maps` (step 7): each layer input pooled over the compound's real elements;
   coloured by number of elements, target, prediction, error, electronegativity spread.
 
-Each step runs as jobs of ``crabnet.engine`` (in this process, on an embedded Dask LocalCluster or on
+Each step runs as jobs of ``crabnet.jobs.engine`` (in this process, on an embedded Dask LocalCluster or on
 a cluster, as ``--scheduler`` says), in phases whose jobs are independent:
 
 1. one job per dataset (:func:`local_prepare_job`, :func:`global_prepare_job`): the split, the model
@@ -41,12 +41,11 @@ import pandas as pd
 
 from crabnet.data import CompositionData, load_dataset
 from crabnet.elements import ATOMIC_NUMBER
-from crabnet.engine import Engine, Job, run_jobs
 from crabnet.errors import UsageError
+from crabnet.jobs.engine import Engine, Job, run_jobs
 from crabnet.layout import Layout
-from crabnet.model import CrabNet
-from crabnet.oxidation import load_oxidation, oxidation_path, oxidation_states
-from crabnet.projection import (
+from crabnet.maps.figures import Colouring, hover_text, make_colouring, pauling_en_mad, plot_html, plot_png
+from crabnet.maps.projection import (
     GLOBAL_METRIC,
     UmapParams,
     global_metrics,
@@ -56,9 +55,10 @@ from crabnet.projection import (
     project,
     validate_umap,
 )
-from crabnet.represent import RepresentationStore, collect, open_store
-from crabnet.train import Recipe, Scaler, ensure_model
-from crabnet.umap_plots import Colouring, hover_text, make_colouring, pauling_en_mad, plot_html, plot_png
+from crabnet.maps.vectors import RepresentationStore, collect, open_store
+from crabnet.oxidation import load_oxidation, oxidation_path, oxidation_states
+from crabnet.training.model import CrabNet
+from crabnet.training.train import Recipe, Scaler, ensure_model
 from crabnet.utils import atomic_path, seed_everything
 
 LOCAL_KEYS = ["features", "split", "atom", "layer"]
@@ -84,8 +84,8 @@ class MapSettings:
 
 
 def add_map_flags(parser, *, default_dataset: str, quick_dataset: str) -> None:
-    """The flags steps 6 and 7 share (after ``crabnet.cli.add_common`` without ``--dataset``)."""
-    from crabnet.cli import add_html_js, add_training
+    """The flags steps 6 and 7 share (after ``crabnet.jobs.cli.add_common`` without ``--dataset``)."""
+    from crabnet.jobs.cli import add_html_js, add_training
     from crabnet.layout import SPLITS
 
     parser.add_argument(
@@ -125,7 +125,7 @@ def map_settings(
     precision: str,
 ) -> MapSettings:
     """Settings from the shared flags; ``quick_epochs``: the short recipe of ``--quick``."""
-    from crabnet.train import make_recipe
+    from crabnet.training.train import make_recipe
     from crabnet.utils import resolve_device
 
     return MapSettings(
@@ -416,7 +416,7 @@ def local_atom_job(
         store: the vector cache folder made by :func:`local_prepare_job`.
         atom: element symbol.
         layers: encoder layers.
-        n_neighbors, min_dist, min_dist_layer0: UMAP settings (:func:`crabnet.projection.local_params`).
+        n_neighbors, min_dist, min_dist_layer0: UMAP settings (:func:`crabnet.maps.projection.local_params`).
 
     Returns:
         One summary row per layer.

@@ -65,8 +65,8 @@ def measure_rates(device: str = "cpu", precision: str = "auto") -> Rates:
     """Time training and validation of the real model on synthetic data (a few seconds, one CPU thread)."""
     import torch
 
-    from crabnet.engine import limit_threads
-    from crabnet.train import Scaler, Validator, build_model, fit, make_recipe, resolve_precision
+    from crabnet.jobs.engine import limit_threads
+    from crabnet.training.train import Scaler, Validator, build_model, fit, make_recipe, resolve_precision
 
     dev = torch.device(device)
     prec = resolve_precision(precision, dev)

@@ -64,8 +64,8 @@ of that mean):
 Step 2 (``generate_attention_videos.py``) writes ``attention/<dataset>/faithfulness.csv`` and
 ``figures/faithfulness/<dataset>.png``::
 
-    from crabnet.capture import AttentionStore
-    from crabnet.faithfulness import faithfulness_table
+    from crabnet.explain.capture import AttentionStore
+    from crabnet.explain.faithfulness import faithfulness_table
     table = faithfulness_table(AttentionStore("data/attention/aflow__ael_bulk_modulus_vrh/attention.zarr"))
 """
 
@@ -111,7 +111,7 @@ def leave_one_out(model: Any, elements, fractions, full=None, max_rows: int = 40
     without autograd in float32 (autocast disabled). The model should be in eval mode.
 
     Args:
-        model: a :class:`crabnet.model.CrabNet` (or anything with the same ``__call__``).
+        model: a :class:`crabnet.training.model.CrabNet` (or anything with the same ``__call__``).
         elements: (b, E) long tensor of atomic numbers, 0 = padding (real elements first).
         fractions: (b, E) float tensor.
         full: (b,) raw output column 0 of the full compounds if already computed (else computed).
@@ -411,7 +411,7 @@ def faithfulness_table(store: Any, seed: int = 0, block_bytes: int = BLOCK_BYTES
     """Agreement of attention with attribution (and with Shapley values) at every capture of a store.
 
     Args:
-        store: a :class:`crabnet.capture.AttentionStore` holding ``attribution`` (and, in newer
+        store: a :class:`crabnet.explain.capture.AttentionStore` holding ``attribution`` (and, in newer
             stores, ``shapley`` and ``contribution``).
         seed: seed of the shuffled control and of the random element of the sign test.
         block_bytes: read about this many bytes of attention at a time (compound-major blocks).

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from crabnet.errors import JobsFailed, UsageError
-from crabnet.signals import EXIT_CODE, Preempted, install_stop_handler, uninstall_stop_handler
+from crabnet.jobs.signals import EXIT_CODE, Preempted, install_stop_handler, uninstall_stop_handler
 
 # the dataset every step's --quick uses, so that the demo steps chain (make demo)
 DEMO_DATASET = "aflow__ael_bulk_modulus_vrh"
@@ -123,7 +123,7 @@ def run(main: Callable[..., int], args: argparse.Namespace) -> int:
 
     A :class:`~crabnet.utils.UsageError` (bad input, missing prerequisite, unavailable device, a
     --data-dir that cannot be written; ``DataError`` is one) becomes one ``error: …`` line on stderr
-    and exit code 2. SIGTERM (:func:`crabnet.signals.install_stop_handler`) makes a training save its
+    and exit code 2. SIGTERM (:func:`crabnet.jobs.signals.install_stop_handler`) makes a training save its
     state and stop, and any other work stop at once: one ``stopped: …`` line on stderr, exit code 143.
     Failed jobs (:class:`~crabnet.errors.JobsFailed`) exit with 1, Ctrl-C with 130, each with one message.
     """
@@ -138,7 +138,7 @@ def run(main: Callable[..., int], args: argparse.Namespace) -> int:
     except Preempted as err:
         print(f"stopped: {err}", file=sys.stderr, flush=True)
         return EXIT_CODE
-    except JobsFailed as err:  # some of a step's jobs failed for good (crabnet.engine); the others finished
+    except JobsFailed as err:  # some of a step's jobs failed for good (crabnet.jobs.engine); the others finished
         print(f"error: {err}\nthe other jobs' results are kept; run again to retry the failed ones", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # every step writes finished work at once (caches, checkpoints, state files)

@@ -1,6 +1,6 @@
 """UMAP projections and how faithful they are: parameters, cached projection, kNN metrics.
 
-Steps 6 and 7 (``crabnet.edm_maps``) project vectors from ``crabnet.represent`` with
+Steps 6 and 7 (``crabnet.maps.steps``) project vectors from ``crabnet.maps.vectors`` with
 :func:`project` (2-D coordinates cached on disk) and turn the paper's visual claims into numbers
 with :func:`local_metrics` / :func:`global_metrics` (kNN accuracy or R² in the vectors and in the
 map, beside a shuffled baseline, and the map's trustworthiness).

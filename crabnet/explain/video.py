@@ -106,7 +106,7 @@ class VideoInput:
 
     @classmethod
     def from_history(cls, history: Any, layers: Sequence[int], capture: str = "epoch", dataset: str = "") -> VideoInput:
-        """Build from a :class:`crabnet.capture.CompoundHistory`, keeping ``layers`` only.
+        """Build from a :class:`crabnet.explain.capture.CompoundHistory`, keeping ``layers`` only.
 
         Raises:
             VideoError: a layer outside the store's range.
@@ -736,7 +736,7 @@ def select_compounds(
     representative compounds (:func:`sample_compounds`).
 
     Args:
-        store: a :class:`crabnet.capture.AttentionStore`.
+        store: a :class:`crabnet.explain.capture.AttentionStore`.
         formulas: compounds to render by formula.
         indices: compounds to render by row.
         dataset: selects the paper's compounds (:data:`PAPER_COMPOUNDS`).
@@ -857,7 +857,7 @@ def plan_jobs(
     A formula that occurs twice among the rows (e.g. polymorphs) gets ``_row<i>`` in its later names.
 
     Args:
-        store: a :class:`crabnet.capture.AttentionStore`.
+        store: a :class:`crabnet.explain.capture.AttentionStore`.
         rows: rows to render.
         layers: layers to show.
         out_dir: where the videos go.
@@ -933,14 +933,14 @@ def _pool_context():
 
     forkserver where available: workers fork from a small server process that imported the
     package once. Each worker re-imports the script's ``__main__``, which imports
-    ``crabnet.capture`` (torch, zarr); preloading it in the server makes that free. (Python 3.11's
+    ``crabnet.explain.capture`` (torch, zarr); preloading it in the server makes that free. (Python 3.11's
     server ignores the parent's sys.path, so the preload works when run from the repository root,
     as the scripts are; elsewhere it silently falls back to importing in every worker.)
     """
     methods = multiprocessing.get_all_start_methods()
     if "forkserver" in methods:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["crabnet.capture", "crabnet.video"])
+        ctx.set_forkserver_preload(["crabnet.explain.capture", "crabnet.explain.video"])
         return ctx
     return multiprocessing.get_context("spawn")
 
