@@ -44,8 +44,8 @@ import sys
 from pathlib import Path
 
 from crabnet.errors import DataError, UsageError
-from crabnet.explain.capture import AttentionStore
 from crabnet.explain.ptable import refresh_analyses
+from crabnet.explain.store import AttentionStore
 from crabnet.explain.video import (
     DEFAULT_PRESET,
     DEFAULT_SAMPLE,

@@ -44,7 +44,7 @@ from crabnet.jobs.cli import DEMO_DATASET, add_common, add_training, make_parser
 from crabnet.jobs.engine import Job, add_engine_args, engine_from_args, run_jobs
 from crabnet.layout import BENCHMARK_DATASETS
 from crabnet.training.costs import cached_rates, dataset_training_cost_s
-from crabnet.training.train import make_recipe
+from crabnet.training.recipe import make_recipe
 from crabnet.utils import resolve_device
 from crabnet.web.report import refresh_report
 

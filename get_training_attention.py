@@ -38,13 +38,14 @@ from pathlib import Path
 
 from crabnet.data import SPLITS
 from crabnet.errors import UsageError
-from crabnet.explain.capture import ATTRIBUTIONS, attention_job, print_result, store_matches
+from crabnet.explain.capture import CaptureSettings, attention_job, print_result
+from crabnet.explain.store import store_matches
 from crabnet.jobs import distributed
 from crabnet.jobs.cli import DEMO_DATASET, add_common, add_training, make_parser, run
 from crabnet.jobs.engine import Job, add_engine_args, engine_from_args, run_jobs
 from crabnet.layout import Layout
 from crabnet.training.costs import cached_rates, dataset_training_cost_s
-from crabnet.training.train import make_recipe
+from crabnet.training.recipe import make_recipe
 from crabnet.utils import resolve_device
 from crabnet.web.report import refresh_report
 
@@ -106,12 +107,12 @@ def main(
     recipe = make_recipe(recipe, epochs=epochs, batch_size=batch_size, max_batch_size=ATTENTION_MAX_BATCH, **cycle)
 
     store = Layout(data_dir).attention_store(dataset)
-    settings = dict(  # the store's attributes; a store made with other settings (or before attribution) is redone
+    settings = CaptureSettings(
         dataset=dataset, features=features, split=split, capture=capture, capture_every=capture_every, epochs=epochs,
         epochs_step=recipe.epochs_step, seed=seed, drop_unary=not keep_unary, batch_size=batch_size,
-        recipe_name=recipe.name, precision=precision, attribution=True, attributions=list(ATTRIBUTIONS),
+        recipe_name=recipe.name, precision=precision,
     )  # fmt: skip
-    up_to_date = not force and store_matches(store, settings)
+    up_to_date = not force and store_matches(store, settings.as_dict())
     dev = None if up_to_date else resolve_device(device)  # an up-to-date store needs no device
     eng = engine_from_args(engine, keep_threads=True)
     cost = (

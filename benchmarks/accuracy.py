@@ -25,7 +25,8 @@ import torch
 from crabnet.data import load_dataset
 from crabnet.jobs import distributed
 from crabnet.reference import PUBLISHED_MAE, published_mae
-from crabnet.training.train import make_recipe, train_and_save
+from crabnet.training.checkpoint import train_and_save
+from crabnet.training.recipe import make_recipe
 from crabnet.utils import atomic_path, resolve_device
 
 

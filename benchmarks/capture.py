@@ -16,6 +16,14 @@ the trained model's split with attention alone and with attribution too, in the 
 (best of 3, interleaved), with leave-one-out only, and with every attribution: their cost without the
 noise of training. The 1-minute load
 average before and after is printed, since the machine may be shared.
+
+``--parts`` times instead each attribution alone against one capture of attention (and leave-one-out),
+on ``--split`` of the dataset with an untrained model of the published architecture (the cost of a
+pass does not depend on the weights), best of ``--repeats`` interleaved rounds: Shapley values,
+contributions, head ablation of the whole split and of seeded subsamples of 64 and 128 compounds
+(with how far the subsample's mean |change| is from the whole split's):
+
+    python benchmarks/capture.py --parts --repeats 5
 """
 
 from __future__ import annotations
@@ -42,8 +50,10 @@ def worker(mode: str, dataset: str, epochs: int, every: int, data_dir: Path, thr
     import torch
 
     from crabnet.data import load_dataset
-    from crabnet.explain.capture import AttentionRecorder, AttentionStore, AttentionWriter, capture_split
-    from crabnet.training.train import Scaler, build_model, fit, make_recipe
+    from crabnet.explain.capture import AttentionRecorder, capture_split
+    from crabnet.explain.store import AttentionStore, AttentionWriter
+    from crabnet.training.loop import fit
+    from crabnet.training.recipe import Scaler, build_model, make_recipe
     from crabnet.utils import seed_everything
 
     if threads:
@@ -126,6 +136,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     p.add_argument("--modes", default=",".join(MODES), help="configurations to run, of %(default)s")
     p.add_argument("--repeats", type=int, default=1, help="runs of each configuration, interleaved (median shown)")
+    p.add_argument("--parts", action="store_true", help="time each attribution alone (no training; see above)")
+    p.add_argument("--split", default="val", help="the split --parts captures (default: %(default)s)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -234,8 +246,69 @@ def main(
     return 0
 
 
+def parts(data_dir: Path, dataset: str, split: str, repeats: int, threads: int) -> int:
+    """Each attribution alone against one capture (``--parts``), best of ``repeats`` interleaved rounds."""
+    import numpy as np
+    import torch
+
+    from crabnet.data import load_dataset
+    from crabnet.explain.attribution import contribution, head_ablation, shapley
+    from crabnet.explain.capture import capture_split
+    from crabnet.training.recipe import Scaler, build_model
+    from crabnet.utils import seed_everything
+
+    class NullWriter:  # the interface capture_split writes to, keeping nothing
+        E, with_attribution, chunk_n, kinds, final_attrs = 0, True, 256, ("attribution",), {}
+
+        def begin_capture(self, step: int) -> int:
+            return 0
+
+        def write_batch(self, *args, **kwargs) -> None:
+            pass
+
+        write_prediction = write_attribution = write_batch
+
+    if threads:
+        torch.set_num_threads(threads)
+    splits = load_dataset(data_dir, dataset, splits=("train", split), verbose=False)
+    data, scaler = splits[split], Scaler.fit(splits["train"].target)
+    seed_everything(0)
+    model = build_model("mat2vec", n_elements=data.width).eval()
+    writer = NullWriter()
+    writer.E = data.width
+    el, fr, y = data.elements, data.fractions, data.target
+    tasks = {
+        "capture (attention + leave-one-out)": lambda: capture_split(model, data, scaler, writer, 0),
+        "shapley": lambda: shapley(model, el, fr, scaler, scaler.mean),
+        "contribution": lambda: contribution(model, el, fr, scaler),
+        "head_ablation (whole split)": lambda: head_ablation(model, el, fr, y, scaler),
+    }
+    whole = head_ablation(model, el, fr, y, scaler)["mean_abs_change"]
+    notes = {}
+    for m in (64, 128):
+        rows = np.sort(np.random.default_rng(0).choice(len(data), size=min(m, len(data)), replace=False))
+        part = head_ablation(model, el[rows], fr[rows], y[rows], scaler)["mean_abs_change"]
+        key = f"head_ablation ({m} compounds)"
+        tasks[key] = lambda r=rows: head_ablation(model, el[r], fr[r], y[r], scaler)
+        notes[key] = f"  mean |change| off by <= {np.abs(part - whole).max() / whole.max():.0%} of the largest"
+    times: dict[str, list[float]] = {name: [] for name in tasks}
+    for _ in range(repeats):
+        for name, fn in tasks.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    print(f"{dataset} {split}: {len(data)} compounds, {torch.get_num_threads()} torch threads, best of {repeats}")
+    base = min(times["capture (attention + leave-one-out)"])
+    for name, t in times.items():
+        print(f"{name:>36s} {min(t):8.3f} s  {min(t) / base:6.2f}x capture{notes.get(name, '')}")
+    print(f"load average after: {os.getloadavg()}")
+    return 0
+
+
 if __name__ == "__main__":
     a = parse_args()
+    if a.parts:
+        raise SystemExit(parts(a.data_dir, a.dataset, a.split, a.repeats, a.threads))
     raise SystemExit(
         main(a.dataset, a.epochs, a.capture_every, a.data_dir, a.threads, a.seed, a.modes, a.repeats, a.worker)
     )

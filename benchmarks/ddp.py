@@ -50,7 +50,10 @@ def worker(args: argparse.Namespace) -> None:
 
     from crabnet.data import batch_size_for, load_dataset
     from crabnet.jobs import distributed
-    from crabnet.training.train import fit, mae, make_recipe, new_model, predict
+    from crabnet.training.checkpoint import new_model
+    from crabnet.training.evaluate import mae, predict
+    from crabnet.training.loop import fit
+    from crabnet.training.recipe import make_recipe
 
     torch.set_num_threads(max(1, args.threads // distributed.world_size()))
     distributed.init("cpu")

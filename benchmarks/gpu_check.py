@@ -51,19 +51,12 @@ import throughput as tp  # noqa: E402  (benchmarks/throughput.py)
 import torch  # noqa: E402
 
 from crabnet.data import CompositionData, batch_size_for, load_dataset  # noqa: E402
+from crabnet.training.checkpoint import checkpoint_path, load_checkpoint  # noqa: E402
+from crabnet.training.evaluate import mae, predict  # noqa: E402
+from crabnet.training.loop import fit  # noqa: E402
 from crabnet.training.model import CrabNet, attend  # noqa: E402
 from crabnet.training.optim import fused_adam_probe  # noqa: E402
-from crabnet.training.train import (  # noqa: E402
-    Scaler,
-    build_model,
-    checkpoint_path,
-    fit,
-    load_checkpoint,
-    mae,
-    make_recipe,
-    predict,
-    resolve_precision,
-)
+from crabnet.training.recipe import Scaler, build_model, make_recipe, resolve_precision  # noqa: E402
 from crabnet.utils import atomic_path, seed_everything  # noqa: E402
 
 DATASET = "aflow__Egap"

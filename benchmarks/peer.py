@@ -80,7 +80,8 @@ def run_ours(cfg: dict) -> dict:
 
     import crabnet
     from crabnet.data import load_dataset
-    from crabnet.training import train as T
+    from crabnet.training import evaluate, loop
+    from crabnet.training import recipe as R
     from crabnet.utils import seed_everything
 
     module = Path(crabnet.__file__).resolve()
@@ -91,16 +92,16 @@ def run_ours(cfg: dict) -> dict:
     splits = load_dataset(cfg["data_dir"], cfg["dataset"], verbose=False)
     train, val, test = splits["train"], splits["val"], splits["test"]
     overrides = {"epochs": cfg["epochs"], "epochs_step": cfg["epochs_step"], "batch_size": cfg["batch_size"]}
-    recipe, recipe_name = T.make_recipe("npj", **overrides), "npj"
+    recipe, recipe_name = R.make_recipe("npj", **overrides), "npj"
     seed_everything(cfg["seed"])
-    model = T.build_model(cfg["features"], n_elements=train.width).to(device)
-    scaler = T.Scaler.fit(train.target)
+    model = R.build_model(cfg["features"], n_elements=train.width).to(device)
+    scaler = R.Scaler.fit(train.target)
     t0 = time.perf_counter()
-    hist = T.fit(model, train, val, scaler, recipe, seed=cfg["seed"], progress=False, precision=cfg["precision"])
+    hist = loop.fit(model, train, val, scaler, recipe, seed=cfg["seed"], progress=False, precision=cfg["precision"])
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    pred, _ = T.predict(model, test, scaler)  # fp32 inference of the trained weights on both sides
+    pred, _ = evaluate.predict(model, test, scaler)  # fp32 inference of the trained weights on both sides
     return {
         "side": "ours",
         "package": f"crabnet {crabnet.__version__} (this project)",
@@ -115,7 +116,7 @@ def run_ours(cfg: dict) -> dict:
         "epochs_run": hist.epochs_run,
         "fit_seconds": seconds,
         "s_per_epoch": seconds / hist.epochs_run,
-        "test_mae": T.mae(pred, test.target),
+        "test_mae": evaluate.mae(pred, test.target),
         "swa": f"{hist.swa_updates} SWA updates, {hist.swa_failures} failed SWA epochs, "
         f"averaged weights swapped in: {hist.swapped_swa}",
         "threads": torch.get_num_threads(),

@@ -30,7 +30,7 @@ from crabnet.embeddings import model_job
 from crabnet.jobs.engine import Engine, Job, local_cluster, run_jobs
 from crabnet.layout import BENCHMARK_DATASETS, Layout
 from crabnet.training.costs import count_rows
-from crabnet.training.train import make_recipe
+from crabnet.training.recipe import make_recipe
 
 
 def parse_args() -> argparse.Namespace:

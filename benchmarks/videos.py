@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from crabnet.data import compositions_from_formulas
-from crabnet.explain.capture import AttentionStore, AttentionWriter
+from crabnet.explain.store import AttentionStore, AttentionWriter
 from crabnet.explain.video import (
     PAPER_COMPOUNDS,
     FrameRenderer,

@@ -6,7 +6,7 @@ The package behind the eight workflow scripts at the repository root:
 - ``crabnet.data``         dataset fetching, formula parsing, element-derived matrices (EDM)
 - ``crabnet.training.model``        the CrabNet transformer with optional per-head attention capture
 - ``crabnet.training.optim``        Lamb, Lookahead and the CrabNet SWA rule
-- ``crabnet.training.train``        the recipes (immi, npj), training loop, precision, checkpoints
+- ``crabnet.training``     recipe, loop, state, evaluate, checkpoint: the recipes, training loop, checkpoints
 - ``crabnet.predict``      ``load_model(path).predict(formulas)`` and ``python -m crabnet.predict``
 - ``crabnet.explain.capture``      streaming attention captures to Zarr and reading them back
 - ``crabnet.explain.video``        attention and prediction-progress videos (step 2)

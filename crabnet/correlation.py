@@ -517,7 +517,7 @@ def control_frames(seed: int, device, features: str = "onehot") -> dict[str, pd.
     Names: ``untrained_<features>__layer<L>__<Q|K|V>``, layers in order, Q, K, V within a layer.
     """
     from crabnet.embeddings import embedding_frames
-    from crabnet.training.train import build_model
+    from crabnet.training.recipe import build_model
     from crabnet.utils import seed_everything
 
     seed_everything(seed)

@@ -168,7 +168,7 @@ def write_predictions(frame: pd.DataFrame, path: Path | str) -> Path:
 def model_job(
     data_dir: Path, dataset: str, features: str, recipe, device: str, seed: int, force: bool, precision: str
 ) -> dict:
-    """Train or load one model (``crabnet.training.train.ensure_model``), write its embeddings and test
+    """Train or load one model (``crabnet.training.checkpoint.ensure_model``), write its embeddings and test
     predictions; return the result row of step 4's table (small and picklable).
 
     Under torchrun (docs/distributed.md) every rank runs this job and they train the model together;
@@ -176,7 +176,8 @@ def model_job(
     """
     from crabnet.data import load_dataset
     from crabnet.jobs import distributed
-    from crabnet.training.train import ensure_model, predict
+    from crabnet.training.checkpoint import ensure_model
+    from crabnet.training.evaluate import predict
     from crabnet.utils import resolve_device
 
     dev = distributed.init(resolve_device(device))  # under torchrun: the process group; this rank's GPU
@@ -229,7 +230,8 @@ def model_row(data_dir: Path, dataset: str, features: str, meta: dict, pred_path
 def model_outputs_current(data_dir: Path, dataset: str, features: str, recipe) -> dict | None:
     """Step 4's result row when the checkpoint suits ``recipe`` and its embeddings and predictions
     are newer than it (nothing to do); else None. Reads the checkpoint's metadata only."""
-    from crabnet.training.train import checkpoint_path, checkpoint_suits, read_checkpoint_meta
+    from crabnet.training.checkpoint import checkpoint_path, checkpoint_suits
+    from crabnet.utils import read_checkpoint_meta
 
     ckpt = checkpoint_path(data_dir, dataset, features, recipe.name)
     pred = predictions_path(data_dir, dataset, features)

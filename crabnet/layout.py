@@ -3,7 +3,7 @@
 This module only names paths: it imports nothing from the rest of the package (datasets are resolved
 and fetched by :mod:`crabnet.data`).
 
-One owner for the layout that connects the eight steps (SPEC §5). Scripts and modules ask a
+One owner for the layout that connects the eight steps (docs/steps.md). Scripts and modules ask a
 :class:`Layout` for a path instead of joining folder names themselves; ``OUTPUTS`` describes each
 output for ``data/README.md`` (a test checks that the README lists every one of them).
 
@@ -21,8 +21,9 @@ BENCHMARK = "benchmark_data"
 MATBENCH = "matbench_cv"
 CACHE = "cache"  # the name of the cache folders (oxidation/cache/, umap/cache/): inputs to steps, not outputs
 SPLITS = ("train", "val", "test")
+RECIPE_NAMES = ("immi", "npj")  # the training recipes (crabnet.training), named in checkpoint file names
 
-# The 18 "extended benchmark" datasets (SPEC §3), in the order of the published MAE table.
+# The 18 "extended benchmark" datasets (docs/model-and-recipe.md), in the order of the published MAE table.
 BENCHMARK_DATASETS: tuple[str, ...] = (
     "aflow__ael_bulk_modulus_vrh",
     "aflow__ael_debye_temperature",
@@ -165,6 +166,17 @@ class Layout:
     def models_dir(self) -> Path:
         """``models/``: the checkpoints."""
         return self.root / "models"
+
+    @staticmethod
+    def name_parts(path: Path | str, parts: int) -> list[str]:
+        """``[dataset, part1, …]`` of an output named ``<dataset>__<part1>…__<partN>`` (N = ``parts``).
+
+        Dataset names hold ``__`` themselves (``aflow__Egap``), so the parts are cut from the right:
+        ``name_parts("aflow__Egap__mat2vec__test.csv", 2)`` is ``["aflow__Egap", "mat2vec", "test"]``; a name
+        with fewer parts gives ``[stem]``.
+        """
+        split = Path(path).stem.rsplit("__", parts)
+        return split if len(split) == parts + 1 else [Path(path).stem]
 
     def checkpoint(self, dataset: str, features: str, recipe: str = "immi") -> Path:
         """``models/<dataset>__<features>.pt`` for the immi recipe, ``…__<recipe>.pt`` for others."""

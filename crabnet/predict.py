@@ -28,8 +28,10 @@ import pandas as pd
 
 from crabnet.data import compositions_from_formulas, read_text_table
 from crabnet.errors import DataError
+from crabnet.training.checkpoint import load_checkpoint
+from crabnet.training.evaluate import predict
 from crabnet.training.model import CrabNet
-from crabnet.training.train import Scaler, load_checkpoint, predict
+from crabnet.training.recipe import Scaler
 from crabnet.utils import atomic_path, resolve_device
 
 

@@ -98,3 +98,43 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def meta_sidecar(checkpoint: Path | str) -> Path:
+    """``<name>.meta.json`` beside a checkpoint ``<name>.pt``: its metadata, readable without torch."""
+    return Path(checkpoint).with_suffix(".meta.json")
+
+
+def write_meta_sidecar(checkpoint: Path | str, meta: dict) -> Path:
+    """Write a checkpoint's metadata as JSON beside it (atomically), for readers without torch."""
+    import json
+
+    path = meta_sidecar(checkpoint)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(meta, default=str), encoding="utf-8")
+    return path
+
+
+def read_checkpoint_meta(checkpoint: Path | str) -> dict | None:
+    """The metadata of a checkpoint without building its model; None if unreadable.
+
+    Read from its JSON sidecar when that is at least as new as the checkpoint (no torch needed), else
+    from the checkpoint itself (memory-mapped, ``weights_only=True``; older checkpoints have no sidecar).
+    """
+    import json
+
+    checkpoint, side = Path(checkpoint), meta_sidecar(checkpoint)
+    try:
+        if side.is_file() and side.stat().st_mtime >= checkpoint.stat().st_mtime:
+            meta = json.loads(side.read_text(encoding="utf-8"))
+            return meta if isinstance(meta, dict) else None
+    except (OSError, ValueError):
+        pass
+    import torch
+
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # unreadable, or a file system without mmap
+        return None
+    meta = ckpt.get("meta", {}) if isinstance(ckpt, dict) else {}
+    return dict(meta) if isinstance(meta, dict) else None

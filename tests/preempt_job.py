@@ -18,7 +18,9 @@ def train(data_dir: Path, checkpoint: Path, epochs: int) -> int:
     import torch
 
     from crabnet.data import load_dataset
-    from crabnet.training.train import Recipe, Scaler, build_model, fit, save_checkpoint
+    from crabnet.training.checkpoint import save_checkpoint
+    from crabnet.training.loop import fit
+    from crabnet.training.recipe import Recipe, Scaler, build_model
     from crabnet.utils import seed_everything
 
     torch.set_num_threads(1)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from crabnet.data import compositions_from_formulas
-from crabnet.training.train import build_model
+from crabnet.training.recipe import build_model
 
 FORMULAS = ["Fe2O3", "NaCl", "Li0.5Co0.5O2", "Al2MgO4", "K", "BaTiO3", "LiFePO4", "Cu3Zn"]
 CONFIGS = {

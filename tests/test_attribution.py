@@ -31,7 +31,7 @@ from crabnet.explain.attribution import (
 )
 from crabnet.explain.faithfulness import leave_one_out
 from crabnet.training.model import EncoderLayer
-from crabnet.training.train import Scaler, build_model
+from crabnet.training.recipe import Scaler, build_model
 from crabnet.utils import seed_everything
 
 SMALL = dict(d_model=32, n_heads=2, d_ff=64, head_dims=(32, 16))

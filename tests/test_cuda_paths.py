@@ -16,7 +16,7 @@ from crabnet.training import model as model_module
 from crabnet.training import optim
 from crabnet.training.model import real_slots, sum_slots
 from crabnet.training.optim import Lamb
-from crabnet.training.train import build_model, resolve_precision
+from crabnet.training.recipe import build_model, resolve_precision
 
 SMALL = {"d_model": 32, "n_heads": 4, "d_ff": 64, "head_dims": (32, 16)}
 FORMULAS = ["Fe2O3", "NaCl", "Li0.5Co0.5O2", "Al2MgO4", "BaTiO3", "LiFePO4", "Cu3Zn", "SiO2"]

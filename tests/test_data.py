@@ -218,7 +218,8 @@ def test_duplicates_merged_and_train_test_overlap(tmp_path, capsys):
 
 
 def test_batch_size_counts_csv_rows_before_drops(tmp_path):
-    from crabnet.training.train import Recipe, Scaler, build_model, fit
+    from crabnet.training.loop import fit
+    from crabnet.training.recipe import Recipe, Scaler, build_model
 
     # 2890 compounds + 10 single-element rows: 2^round(log2(2900) - 4) = 256, but 128 for 2890
     assert (batch_size_for(2900), batch_size_for(2890)) == (256, 128)

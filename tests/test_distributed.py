@@ -18,7 +18,8 @@ import zarr
 from crabnet.data import load_dataset
 from crabnet.jobs import distributed
 from crabnet.jobs.signals import STOP, Preempted
-from crabnet.training.train import Recipe, Scaler, build_model, fit
+from crabnet.training.loop import fit
+from crabnet.training.recipe import Recipe, Scaler, build_model
 from crabnet.utils import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ from crabnet.embeddings import (
 from crabnet.jobs.cli import run
 from crabnet.layout import BENCHMARK_DATASETS
 from crabnet.reference import published_mae
-from crabnet.training.train import build_model
+from crabnet.training.recipe import build_model
 from crabnet.utils import seed_everything
 
 SMALL = dict(d_model=32, n_heads=2, d_ff=64, head_dims=(32, 16))

@@ -15,7 +15,7 @@ from test_videos import FORMULAS, C, H, write_store
 
 import generate_attention_videos as gav
 from crabnet.data import normalise_formula
-from crabnet.explain.capture import AttentionStore
+from crabnet.explain.store import AttentionStore
 from crabnet.jobs.cli import run
 from crabnet.web.explorer import (
     QUANT_MAX,

@@ -17,7 +17,7 @@ from torch import nn
 import generate_attention_videos as gav
 from crabnet.data import compositions_from_formulas, load_dataset
 from crabnet.elements import ATOMIC_NUMBER, SYMBOLS
-from crabnet.explain.capture import AttentionRecorder, AttentionStore, AttentionWriter, capture_split
+from crabnet.explain.capture import AttentionRecorder, capture_split
 from crabnet.explain.faithfulness import (
     IMPORTANCES,
     attention_importance,
@@ -35,8 +35,11 @@ from crabnet.explain.faithfulness import (
     shuffled,
     top1_agreement,
 )
+from crabnet.explain.store import AttentionStore, AttentionWriter
+from crabnet.training.evaluate import predict
+from crabnet.training.loop import fit
 from crabnet.training.model import Internals
-from crabnet.training.train import Recipe, Scaler, build_model, fit, predict
+from crabnet.training.recipe import Recipe, Scaler, build_model
 from crabnet.utils import seed_everything
 
 SMALL = dict(d_model=32, n_heads=2, d_ff=64, head_dims=(32, 16))
@@ -525,7 +528,7 @@ def test_random_pick_is_uniform_over_the_real_elements():
 def test_explain_a_checkpoint_on_demand(tiny_data, tmp_path, capsys):
     from crabnet.data import load_dataset
     from crabnet.explain import run as explain
-    from crabnet.training.train import save_checkpoint
+    from crabnet.training.checkpoint import save_checkpoint
 
     seed_everything(5)
     val = load_dataset(tiny_data, "tiny", ("val",), verbose=False)["val"]

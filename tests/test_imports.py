@@ -87,3 +87,48 @@ def test_layout_and_errors_import_nothing_of_the_package():
     edges = graph()
     assert edges["crabnet.layout"] == set()
     assert edges["crabnet.errors"] == set()
+
+
+# The wings, bottom to top. A module may import its own wing and the wings it lists; the root package
+# ``crabnet`` (its version and the lazy load_model above) belongs to the foundation.
+STEPS = ("oxidation", "embeddings", "correlation", "stats", "predict")  # the per-step modules at the top level
+MAY_IMPORT = {
+    "foundation": set(),
+    "jobs": {"foundation"},
+    "training": {"foundation", "jobs"},
+    "steps": {"foundation", "jobs", "training"},
+    "explain": {"foundation", "jobs", "training", "steps"},
+    "maps": {"foundation", "jobs", "training", "steps"},
+    "web": {"foundation", "jobs", "training", "steps", "explain"},
+}
+
+
+def wing(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) > 1 and parts[1] in MAY_IMPORT:
+        return parts[1]
+    return "steps" if len(parts) > 1 and parts[1] in STEPS else "foundation"
+
+
+def against_order(edges: dict[str, set[str]]) -> list[str]:
+    return [f"{a} -> {b}" for a, bs in edges.items() for b in bs if wing(b) not in MAY_IMPORT[wing(a)] | {wing(a)}]
+
+
+def test_wings_import_only_the_wings_below_them():
+    edges = graph()
+    assert {wing(m) for m in edges} == set(MAY_IMPORT)  # every wing is a folder of the package, and has modules
+    wrong = against_order(edges)
+    assert wrong == [], "imports against the wings' order:\n" + "\n".join(wrong)
+    # the check itself: an arrow up (jobs -> training) and one across (maps -> explain) are caught
+    assert against_order({"crabnet.jobs.engine": {"crabnet.training.model", "crabnet.utils"}}) == [
+        "crabnet.jobs.engine -> crabnet.training.model"
+    ]
+    assert against_order({"crabnet.maps.steps": {"crabnet.explain.store", "crabnet.oxidation"}}) == [
+        "crabnet.maps.steps -> crabnet.explain.store"
+    ]
+
+
+def test_the_jobs_wing_imports_no_other_wing():
+    edges = graph()
+    jobs = {m: t for m, t in edges.items() if wing(m) == "jobs"}
+    assert jobs and all(wing(b) in ("jobs", "foundation") for t in jobs.values() for b in t), jobs

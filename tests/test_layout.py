@@ -6,7 +6,7 @@ from pathlib import Path
 
 from crabnet.data import resolve_datasets
 from crabnet.layout import BENCHMARK_DATASETS, Layout, outputs_table
-from crabnet.training.train import checkpoint_path
+from crabnet.training.checkpoint import checkpoint_path
 
 ROOT = Path(__file__).resolve().parents[1]
 

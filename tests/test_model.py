@@ -10,8 +10,10 @@ import torch
 
 from crabnet.data import compositions_from_formulas
 from crabnet.training import model as model_module
+from crabnet.training.checkpoint import load_checkpoint, save_checkpoint
+from crabnet.training.evaluate import predict
 from crabnet.training.model import CrabNetConfig, FractionalEncoder, gather_rows
-from crabnet.training.train import Scaler, build_model, load_checkpoint, predict, save_checkpoint
+from crabnet.training.recipe import Scaler, build_model
 
 
 @pytest.mark.parametrize("features, n", [("mat2vec", 11_987_206), ("onehot", 11_945_222)])
@@ -107,7 +109,8 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def test_checkpoint_suits_recipe():
-    from crabnet.training.train import checkpoint_suits, make_recipe
+    from crabnet.training.checkpoint import checkpoint_suits
+    from crabnet.training.recipe import make_recipe
 
     immi, npj = make_recipe("immi"), make_recipe("npj")
     assert immi.is_full() and npj.is_full() and (immi.epochs_step, npj.epochs_step) == (1, 10)

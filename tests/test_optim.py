@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from crabnet.training.optim import SWA, Lamb, Lookahead, triangular_lr
-from crabnet.training.train import jitter_fractions, robust_l1
+from crabnet.training.recipe import jitter_fractions, robust_l1
 
 
 def test_triangular_lr():

@@ -13,7 +13,10 @@ import pytest
 from crabnet import load_model
 from crabnet.data import compositions_from_formulas, load_dataset
 from crabnet.errors import DataError
-from crabnet.training.train import Scaler, build_model, fit, make_recipe, predict, save_checkpoint
+from crabnet.training.checkpoint import save_checkpoint
+from crabnet.training.evaluate import predict
+from crabnet.training.loop import fit
+from crabnet.training.recipe import Scaler, build_model, make_recipe
 from crabnet.utils import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,10 @@ from crabnet.errors import UsageError
 from crabnet.explain.capture import AttentionRecorder
 from crabnet.jobs.cli import check_writable, run
 from crabnet.jobs.signals import STOP, Preempted, install_stop_handler, uninstall_stop_handler
-from crabnet.training.train import History, Recipe, Scaler, build_model, epoch_line, fit, predict, state_save_interval
+from crabnet.training.evaluate import predict
+from crabnet.training.loop import epoch_line, fit
+from crabnet.training.recipe import Recipe, Scaler, build_model
+from crabnet.training.state import History, state_save_interval
 from crabnet.utils import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from crabnet.elements import ATOMIC_NUMBER, SYMBOLS
 from crabnet.explain.faithfulness import attention_importance
 from crabnet.explain.ptable import QUANTITIES, element_table, per_element, refresh_ptables, write_ptables
 from crabnet.layout import Layout
-from crabnet.training.train import Scaler
+from crabnet.training.recipe import Scaler
 
 TRAIN = ["Na1Cl1", "Fe2O3", "Na2S1O4", "Ti1O2"]  # Na in 2 of 4, O in 3 of 4, Cl/Fe/S/Ti in 1 of 4
 

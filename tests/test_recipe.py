@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-import crabnet.training.train
+import crabnet.training.evaluate
 from crabnet.data import load_dataset
-from crabnet.training.train import Scaler, build_model, fit, make_recipe, predict, resolve_precision
+from crabnet.training.evaluate import predict
+from crabnet.training.loop import fit
+from crabnet.training.recipe import Scaler, build_model, make_recipe, resolve_precision
 from crabnet.utils import seed_everything
 
 SMALL = dict(d_model=32, n_heads=2, d_ff=64, head_dims=(32, 16))
@@ -73,7 +75,7 @@ def test_three_failed_swa_epochs_stop_training(tiny_data, monkeypatch):
     """Validation errors that only grow: the first SWA epoch averages, the next three fail, then stop."""
     splits, model, scaler = _setup(tiny_data)
     errors = itertools.count(1.0)  # 1, 2, 3, ...: never within 1 % of the minimum again
-    monkeypatch.setattr(crabnet.training.train.Validator, "__call__", lambda self, model: next(errors))
+    monkeypatch.setattr(crabnet.training.evaluate.Validator, "__call__", lambda self, model: next(errors))
     recipe = make_recipe("immi", epochs=30, batch_size=16)
     hist = fit(model, splits["train"], splits["val"], scaler, recipe, progress=False, val_every=0, precision="fp32")
     # SWA epochs 1, 3, 5, 7: epoch 1 averages its first batch only, 3, 5 and 7 fail -> stop after epoch 7
@@ -84,7 +86,7 @@ def test_three_failed_swa_epochs_stop_training(tiny_data, monkeypatch):
 
 def test_npj_recipe_checks_swa_every_20th_epoch_from_epoch_19(tiny_data, monkeypatch):
     splits, model, scaler = _setup(tiny_data)
-    monkeypatch.setattr(crabnet.training.train.Validator, "__call__", lambda self, model: 1.0)
+    monkeypatch.setattr(crabnet.training.evaluate.Validator, "__call__", lambda self, model: 1.0)
     hist = fit(
         model,
         splits["train"],
@@ -127,7 +129,8 @@ def test_bf16_training_learns_and_keeps_fp32_weights(tiny_data):
 
 
 def test_short_run_is_saved_beside_a_full_recipe_checkpoint(tiny_data):
-    from crabnet.training.train import History, load_checkpoint, save_checkpoint, save_trained
+    from crabnet.training.checkpoint import load_checkpoint, save_checkpoint, save_trained
+    from crabnet.training.state import History
 
     splits, model, scaler = _setup(tiny_data)
     short = make_recipe("immi", epochs=2)

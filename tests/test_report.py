@@ -15,7 +15,8 @@ from test_videos import write_store
 
 import generate_attention_videos as gav
 from crabnet.oxidation import SplitFormulas, write_split
-from crabnet.training.train import Recipe, Scaler, build_model, recipe_dict, save_checkpoint
+from crabnet.training.checkpoint import save_checkpoint
+from crabnet.training.recipe import Recipe, Scaler, build_model, recipe_dict
 from crabnet.web.report import refresh_report, write_learning_curve, write_report
 
 SMALL = {"d_model": 32, "n_heads": 2, "d_ff": 64, "head_dims": (32, 16)}

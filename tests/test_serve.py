@@ -24,7 +24,7 @@ from playwright.sync_api import expect
 from test_explorer import add_attributions, assert_bars, assert_same, expected_cells, shown_cells
 from test_videos import FORMULAS, write_store
 
-from crabnet.explain.capture import AttentionStore
+from crabnet.explain.store import AttentionStore
 from crabnet.web import serve
 from crabnet.web.explorer import choose_compounds
 from crabnet.web.serve import ExplorerApp, has_traversal, make_server

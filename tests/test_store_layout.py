@@ -1,6 +1,6 @@
 """Attention stores with many chunks, shards and blocks (run: pytest tests/test_store_layout.py).
 
-With the real byte budgets of ``crabnet.explain.capture`` every test store fits in one staging chunk,
+With the real byte budgets of ``crabnet.explain.store`` every test store fits in one staging chunk,
 one shard and one reorganisation block, so the batched capture and the multi-block
 reorganisation would never run. Here the budgets are shrunk (monkeypatched) so that a store of
 11 compounds has staging chunks of 2 compounds, shards of 2 compounds and reorganisation blocks
@@ -17,9 +17,11 @@ import torch
 from conftest import make_formulas
 
 from crabnet.data import compositions_from_formulas
-from crabnet.explain import capture
-from crabnet.explain.capture import AttentionStore, AttentionWriter, capture_split, partial_path
-from crabnet.training.train import Scaler, build_model, predict
+from crabnet.explain import store as capture_store
+from crabnet.explain.capture import capture_split
+from crabnet.explain.store import AttentionStore, AttentionWriter, partial_path
+from crabnet.training.evaluate import predict
+from crabnet.training.recipe import Scaler, build_model
 from crabnet.utils import seed_everything
 
 N, L, H = 11, 2, 3  # compounds, layers, heads
@@ -36,9 +38,9 @@ def _data(n: int = N, seed: int = 0):
 def _tiny_budgets(monkeypatch, width: int, captures: int, n_layers: int = L, n_heads: int = H) -> None:
     """Shrink the byte budgets so the layout has CHUNK_N / SHARD_N / BLOCK_N compounds per piece."""
     per_map = 4 * n_layers * n_heads * width * width
-    monkeypatch.setattr(capture, "STAGING_CHUNK_BYTES", CHUNK_N * per_map + per_map // 2)
-    monkeypatch.setattr(capture, "SHARD_BYTES", SHARD_N * captures * per_map + per_map // 2)
-    monkeypatch.setattr(capture, "BLOCK_BYTES", (BLOCK_N + 1) * captures * per_map)
+    monkeypatch.setattr(capture_store, "STAGING_CHUNK_BYTES", CHUNK_N * per_map + per_map // 2)
+    monkeypatch.setattr(capture_store, "SHARD_BYTES", SHARD_N * captures * per_map + per_map // 2)
+    monkeypatch.setattr(capture_store, "BLOCK_BYTES", (BLOCK_N + 1) * captures * per_map)
 
 
 def _files(folder: Path) -> list[Path]:

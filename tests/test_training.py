@@ -15,8 +15,11 @@ import zarr
 import get_training_attention as gta
 from crabnet.data import load_dataset
 from crabnet.errors import DataError
-from crabnet.explain.capture import AttentionRecorder, AttentionStore, AttentionWriter
-from crabnet.training.train import Recipe, Scaler, build_model, fit, predict
+from crabnet.explain.capture import AttentionRecorder
+from crabnet.explain.store import AttentionStore, AttentionWriter
+from crabnet.training.evaluate import predict
+from crabnet.training.loop import fit
+from crabnet.training.recipe import Recipe, Scaler, build_model
 from crabnet.utils import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -324,9 +327,9 @@ def _run_step1(data_dir, epochs=4):
 
 
 def test_interrupted_step1_goes_on_to_the_same_store(tiny_data, monkeypatch):
-    import crabnet.training.train
+    import crabnet.training.state
 
-    monkeypatch.setattr(crabnet.training.train, "SAVE_EVERY_S", 0.0)  # save the state after every epoch
+    monkeypatch.setattr(crabnet.training.state, "SAVE_EVERY_S", 0.0)  # save the state after every epoch
     store = tiny_data / "attention" / "tiny" / "attention.zarr"
     assert _run_step1(tiny_data) == 0
     ref = AttentionStore(store)

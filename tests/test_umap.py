@@ -23,7 +23,9 @@ from crabnet.maps import figures as up
 from crabnet.maps import projection as proj
 from crabnet.maps import steps as em
 from crabnet.maps.vectors import collect, open_store, pool_elements, value_vectors
-from crabnet.training.train import Scaler, build_model, checkpoint_path, predict, save_checkpoint
+from crabnet.training.checkpoint import checkpoint_path, save_checkpoint
+from crabnet.training.evaluate import predict
+from crabnet.training.recipe import Scaler, build_model
 from crabnet.utils import available_cpus, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]

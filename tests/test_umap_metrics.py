@@ -27,7 +27,7 @@ from conftest import make_formulas
 from crabnet.data import compositions_from_formulas
 from crabnet.maps import projection as proj
 from crabnet.maps.vectors import collect
-from crabnet.training.train import Scaler, build_model
+from crabnet.training.recipe import Scaler, build_model
 from crabnet.utils import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from test_videos import DPI, C, write_store
 
-from crabnet.explain.capture import AttentionStore
+from crabnet.explain.store import AttentionStore
 from crabnet.explain.video import (
     KINDS,
     FrameRenderer,

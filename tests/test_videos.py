@@ -12,7 +12,7 @@ import pytest
 
 import generate_attention_videos as gav
 from crabnet.data import compositions_from_formulas
-from crabnet.explain.capture import AttentionStore, AttentionWriter
+from crabnet.explain.store import AttentionStore, AttentionWriter
 from crabnet.explain.video import (
     HIGHLIGHT,
     AttentionFigure,

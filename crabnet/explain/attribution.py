@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 
-MAX_EXACT = 8  # exact Shapley values up to this many real elements (2^8 - 1 = 255 sub-compounds)
-N_SAMPLES = 64  # random element orders of the sampled estimate above MAX_EXACT
+from crabnet.explain.store import MAX_EXACT, N_SAMPLES
+
 BATCH_SIZE = 4096  # rows of one forward pass
 Array = np.ndarray | torch.Tensor  # (n, E) elements or fractions, on the host or the model's device
 MAX_EXACT_LIMIT = 20  # largest max_exact accepted (2^20 coalitions per compound)
@@ -475,7 +475,7 @@ def shapley(
             returning (B, ≥1) raw outputs in scaled units).
         elements: (n, E) atomic numbers, 0 = padding (array or tensor).
         fractions: (n, E) fractions, 0 at padding.
-        scaler: has ``unscale`` (scaled output -> target units), e.g. :class:`crabnet.training.train.Scaler`.
+        scaler: has ``unscale`` (scaled output -> target units), e.g. :class:`crabnet.training.recipe.Scaler`.
         baseline: value of the empty coalition in target units (the training-mean target, e.g.
             ``scaler.mean``); a float or (n,) per compound.
         max_exact: exact up to this many real elements.
@@ -526,7 +526,7 @@ def contribution_from_head(head_out: torch.Tensor, keep: torch.Tensor, scaler: A
     Args:
         head_out: (B, E, ≥2) output of ``model.head`` on the encoder output (``hidden[-1]``).
         keep: (B, E) True at real elements.
-        scaler: has ``mean`` and ``std`` (:class:`crabnet.training.train.Scaler`).
+        scaler: has ``mean`` and ``std`` (:class:`crabnet.training.recipe.Scaler`).
 
     Returns:
         (B, E) float64 shares; 0 at padding.
@@ -554,7 +554,7 @@ def contribution(
         model: a :class:`crabnet.training.model.CrabNet`.
         elements: (n, E) atomic numbers, 0 = padding.
         fractions: (n, E) fractions.
-        scaler: :class:`crabnet.training.train.Scaler`.
+        scaler: :class:`crabnet.training.recipe.Scaler`.
         batch_size: compounds of one forward pass.
 
     Returns:
@@ -694,7 +694,7 @@ def head_ablation(
         elements: (n, E) atomic numbers, 0 = padding.
         fractions: (n, E) fractions.
         targets: (n,) targets in target units.
-        scaler: :class:`crabnet.training.train.Scaler` (``unscale``).
+        scaler: :class:`crabnet.training.recipe.Scaler` (``unscale``).
         batch_size: compounds of one forward pass.
 
     Returns:

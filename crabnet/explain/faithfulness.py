@@ -64,7 +64,7 @@ of that mean):
 Step 2 (``generate_attention_videos.py``) writes ``attention/<dataset>/faithfulness.csv`` and
 ``figures/faithfulness/<dataset>.png``::
 
-    from crabnet.explain.capture import AttentionStore
+    from crabnet.explain.store import AttentionStore
     from crabnet.explain.faithfulness import faithfulness_table
     table = faithfulness_table(AttentionStore("data/attention/aflow__ael_bulk_modulus_vrh/attention.zarr"))
 """
@@ -411,7 +411,7 @@ def faithfulness_table(store: Any, seed: int = 0, block_bytes: int = BLOCK_BYTES
     """Agreement of attention with attribution (and with Shapley values) at every capture of a store.
 
     Args:
-        store: a :class:`crabnet.explain.capture.AttentionStore` holding ``attribution`` (and, in newer
+        store: a :class:`crabnet.explain.store.AttentionStore` holding ``attribution`` (and, in newer
             stores, ``shapley`` and ``contribution``).
         seed: seed of the shuffled control and of the random element of the sign test.
         block_bytes: read about this many bytes of attention at a time (compound-major blocks).

@@ -148,7 +148,7 @@ def element_table(
     the training split, the store or the test predictions hold, by atomic number.
 
     Args:
-        store: a :class:`crabnet.explain.capture.AttentionStore`.
+        store: a :class:`crabnet.explain.store.AttentionStore`.
         train: (n, E) elements of the training compounds (no prevalence without).
         test: ``(elements, absolute errors)`` of the test predictions (no test MAE without).
         block_bytes: attention read at once.

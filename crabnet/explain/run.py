@@ -9,7 +9,7 @@ an attention store, and the faithfulness table of that capture (:mod:`crabnet.ex
     python -m crabnet.explain --model data/models/mp_bulk_modulus__mat2vec__npj.pt --dataset mp_bulk_modulus
 
 writes ``<data-dir>/attention/<dataset>/<checkpoint stem>.zarr`` (``Layout.checkpoint_store``; read it
-with ``crabnet.explain.capture.AttentionStore``) and ``<checkpoint stem>.faithfulness.csv`` beside it, and
+with ``crabnet.explain.store.AttentionStore``) and ``<checkpoint stem>.faithfulness.csv`` beside it, and
 prints the agreement of attention with leave-one-out and with Shapley values and the sign test.
 """
 
@@ -21,10 +21,11 @@ from pathlib import Path
 import pandas as pd
 
 from crabnet.data import SPLITS, load_dataset
-from crabnet.explain.capture import AttentionStore, AttentionWriter, capture_split
+from crabnet.explain.capture import capture_split
 from crabnet.explain.faithfulness import faithfulness_table, shapley_summary_rows, summary_rows
+from crabnet.explain.store import AttentionStore, AttentionWriter
 from crabnet.layout import Layout
-from crabnet.training.train import load_checkpoint
+from crabnet.training.checkpoint import load_checkpoint
 from crabnet.utils import atomic_path, resolve_device
 
 

@@ -106,7 +106,7 @@ class VideoInput:
 
     @classmethod
     def from_history(cls, history: Any, layers: Sequence[int], capture: str = "epoch", dataset: str = "") -> VideoInput:
-        """Build from a :class:`crabnet.explain.capture.CompoundHistory`, keeping ``layers`` only.
+        """Build from a :class:`crabnet.explain.store.CompoundHistory`, keeping ``layers`` only.
 
         Raises:
             VideoError: a layer outside the store's range.
@@ -736,7 +736,7 @@ def select_compounds(
     representative compounds (:func:`sample_compounds`).
 
     Args:
-        store: a :class:`crabnet.explain.capture.AttentionStore`.
+        store: a :class:`crabnet.explain.store.AttentionStore`.
         formulas: compounds to render by formula.
         indices: compounds to render by row.
         dataset: selects the paper's compounds (:data:`PAPER_COMPOUNDS`).
@@ -857,7 +857,7 @@ def plan_jobs(
     A formula that occurs twice among the rows (e.g. polymorphs) gets ``_row<i>`` in its later names.
 
     Args:
-        store: a :class:`crabnet.explain.capture.AttentionStore`.
+        store: a :class:`crabnet.explain.store.AttentionStore`.
         rows: rows to render.
         layers: layers to show.
         out_dir: where the videos go.

@@ -3,7 +3,7 @@
 ``torchrun --nproc_per_node N script.py …`` starts N copies of a script with the environment variables
 ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``.
 When ``WORLD_SIZE`` > 1, :func:`init` joins the process group they describe (backend ``gloo`` on the
-CPU, ``nccl`` on CUDA, chosen from the training device); ``crabnet.training.train.fit`` then trains one model
+CPU, ``nccl`` on CUDA, chosen from the training device); ``crabnet.training.loop.fit`` then trains one model
 together: every rank runs its share of each global batch, DDP averages the gradients, and the
 validation MAE of the SWA rule is summed over the ranks, so every rank takes the same decisions.
 Rank 0 alone writes files (:func:`is_main`). Without torchrun, or with ``WORLD_SIZE=1``, nothing here

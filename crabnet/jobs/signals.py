@@ -1,7 +1,7 @@
 """Stopping on SIGTERM (SLURM's warning before preemption or the walltime): save, then exit promptly.
 
 ``STOP`` is a process-wide flag. :func:`install_stop_handler` (``crabnet.jobs.cli.run`` calls it) makes
-SIGTERM set it. Inside a training (:func:`deferred_stop`, entered by ``crabnet.training.train.fit``) that is
+SIGTERM set it. Inside a training (:func:`deferred_stop`, entered by ``crabnet.training.loop.fit``) that is
 all the handler does: ``fit`` checks the flag after every batch, saves its training state and raises
 :class:`Preempted`, so the same command started again goes on from there. Outside a training the
 handler raises :class:`Preempted` at once (as Ctrl-C raises ``KeyboardInterrupt``), so a script

@@ -57,8 +57,9 @@ from crabnet.maps.projection import (
 )
 from crabnet.maps.vectors import RepresentationStore, collect, open_store
 from crabnet.oxidation import load_oxidation, oxidation_path, oxidation_states
+from crabnet.training.checkpoint import ensure_model
 from crabnet.training.model import CrabNet
-from crabnet.training.train import Recipe, Scaler, ensure_model
+from crabnet.training.recipe import Recipe, Scaler
 from crabnet.utils import atomic_path, seed_everything
 
 LOCAL_KEYS = ["features", "split", "atom", "layer"]
@@ -125,7 +126,7 @@ def map_settings(
     precision: str,
 ) -> MapSettings:
     """Settings from the shared flags; ``quick_epochs``: the short recipe of ``--quick``."""
-    from crabnet.training.train import make_recipe
+    from crabnet.training.recipe import make_recipe
     from crabnet.utils import resolve_device
 
     return MapSettings(

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from crabnet.data import CompositionData
 from crabnet.layout import Layout
 from crabnet.training.model import CrabNet
-from crabnet.training.train import Scaler
+from crabnet.training.recipe import Scaler
 from crabnet.utils import atomic_path, file_sha256, remove_path
 
 CACHE_VERSION = 1  # bump when the meaning of a cached array changes

@@ -66,7 +66,9 @@ def measure_rates(device: str = "cpu", precision: str = "auto") -> Rates:
     import torch
 
     from crabnet.jobs.engine import limit_threads
-    from crabnet.training.train import Scaler, Validator, build_model, fit, make_recipe, resolve_precision
+    from crabnet.training.evaluate import Validator
+    from crabnet.training.loop import fit
+    from crabnet.training.recipe import Scaler, build_model, make_recipe, resolve_precision
 
     dev = torch.device(device)
     prec = resolve_precision(precision, dev)

@@ -41,7 +41,7 @@ compound it opens (:func:`compound_entry`, the same JSON as embedded) from the s
 
 Example::
 
-    from crabnet.explain.capture import AttentionStore
+    from crabnet.explain.store import AttentionStore
     from crabnet.web.explorer import write_explorer
     store = AttentionStore("data/attention/aflow__ael_bulk_modulus_vrh/attention.zarr")
     info = write_explorer(store, "data/explorer/aflow__ael_bulk_modulus_vrh.html",
@@ -159,7 +159,7 @@ def choose_compounds(
     holds it, as ``AttentionStore.find`` returns).
 
     Args:
-        store: a :class:`crabnet.explain.capture.AttentionStore`.
+        store: a :class:`crabnet.explain.store.AttentionStore`.
         dataset: selects the paper's compounds (``crabnet.explain.video.PAPER_COMPOUNDS``).
         rows: further rows to embed (e.g. the compounds rendered as videos).
         n_others: how many more to embed (0 = none).
@@ -348,7 +348,7 @@ def write_explorer(
     """Choose compounds (:func:`choose_compounds`), embed them and write the page atomically.
 
     Args:
-        store: a :class:`crabnet.explain.capture.AttentionStore`.
+        store: a :class:`crabnet.explain.store.AttentionStore`.
         path: the HTML file to write.
         dataset: dataset name (titles, the paper's compounds, the command shown for adding one).
         rows: rows to embed besides the paper's compounds (e.g. those rendered as videos).

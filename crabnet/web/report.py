@@ -26,16 +26,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import html
-import json
 import math
 import re
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -44,12 +41,24 @@ import crabnet
 from crabnet import web
 from crabnet.elements import SYMBOLS
 from crabnet.explain.ptable import QUANTITIES
-from crabnet.layout import BENCHMARK, BENCHMARK_DATASETS, CACHE, MATBENCH, SPLITS, Layout
-from crabnet.reference import PAPER_ATOMS
-from crabnet.utils import atomic_path
+from crabnet.layout import BENCHMARK, CACHE, MATBENCH, Layout
+from crabnet.utils import atomic_path, meta_sidecar, read_checkpoint_meta
+from crabnet.web.paper import MODEL_NAMES, paper_section, published_test_mae
+from crabnet.web.pieces import (
+    _esc,
+    _file_link,
+    _href,
+    _link,
+    _num,
+    _part,
+    _row,
+    _size,
+    _store_attrs,
+    csv_table,
+    file_links,
+    thumbs,
+)
 
-TABLE_ROWS = 60  # rows of a CSV shown in the page (the rest behind the link)
-FOLD_ROWS = 12  # longer tables start folded
 SKIP_DIRS = {BENCHMARK, MATBENCH, CACHE}  # inputs and caches are not outputs to show
 MEDIA = (".png", ".html", ".mp4", ".csv", ".json", ".svg", ".jpg")
 PTABLE_NAMES = {  # captions of the periodic tables (figures/ptable/<dataset>/<quantity>.png)
@@ -176,29 +185,6 @@ class Found:
                     self.used.add(p.figure)
 
 
-def read_meta(path: Path) -> dict:
-    """The ``meta`` of a checkpoint (memory-mapped: the weights are not read)."""
-    import torch
-
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # e.g. a file system without mmap
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    meta = ckpt.get("meta", {}) if isinstance(ckpt, dict) else {}
-    return dict(meta) if isinstance(meta, dict) else {}
-
-
-def published_test_mae(dataset: str, features: str) -> float | None:
-    """The published test MAE where the package knows it, else None (never raises)."""
-    try:
-        from crabnet.reference import published_mae
-
-        value = published_mae(dataset, features)
-        return float(value) if value is not None and math.isfinite(float(value)) else None
-    except Exception:
-        return None
-
-
 def _files(folder: Path, suffixes: Sequence[str] = MEDIA) -> list[Path]:
     if not folder.is_dir():
         return []
@@ -241,19 +227,17 @@ def _recipe_text(recipe: Any) -> str:
     return (f"{recipe['name']}: " if recipe.get("name") else "") + ", ".join(parts)
 
 
-def scan(root: Path | str) -> Found:
-    """Find every output under ``root`` and sort it by dataset and kind."""
-    root = Path(root)
-    found, layout = Found(root=root), Layout(root)
+def _scan_models(found: Found, layout: Layout) -> None:
+    """The checkpoints under ``models/`` (their JSON metadata twins count as shown)."""
+    root = found.root
     for ckpt in _files(layout.models_dir(), (".pt",)):
         if ckpt.name.endswith(".state.pt"):
             continue
-        try:
-            meta = read_meta(ckpt)
-        except Exception as err:
-            warnings.warn(f"report: cannot read {ckpt}: {err}", stacklevel=2)
+        meta = read_checkpoint_meta(ckpt)
+        if meta is None:
+            warnings.warn(f"report: cannot read {ckpt}", stacklevel=2)
             meta = {}
-        dataset = str(meta.get("dataset") or _name(ckpt, 1))
+        dataset = str(meta.get("dataset") or Layout.name_parts(ckpt, 1)[0])
         features = str(meta.get("features") or "")
         model = Model(
             path=ckpt,
@@ -262,6 +246,14 @@ def scan(root: Path | str) -> Found:
             published=published_test_mae(dataset, features) if features else None,
         )
         found.add(dataset, "models", model)
+        found.used.add(meta_sidecar(ckpt))
+
+
+def scan(root: Path | str) -> Found:
+    """Find every output under ``root`` and sort it by dataset and kind."""
+    root = Path(root)
+    found, layout = Found(root=root), Layout(root)
+    _scan_models(found, layout)
     for folder in _subdirs(layout.attention_dir()):
         store = layout.attention_store(folder.name) / "zarr.json"
         if store.is_file():
@@ -279,15 +271,15 @@ def scan(root: Path | str) -> Found:
             found.add(folder.name, "videos", p)
     # dataset names hold "__" themselves (aflow__Egap): the parts after the name are cut from the right
     for p in _files(layout.predictions_dir(), (".csv",)):
-        found.add(_name(p, 2), "predictions", p)  # <dataset>__<features>__test
+        found.add(Layout.name_parts(p, 2)[0], "predictions", p)  # <dataset>__<features>__test
     for p in _files(layout.oxidation(), (".csv",)):
-        found.add(_name(p, 1), "oxidation", p)  # <dataset>__<split>
+        found.add(Layout.name_parts(p, 1)[0], "oxidation", p)  # <dataset>__<split>
     for p in _files(layout.oxidation(), (".json",)):
         if "__" in p.stem:
             found.used.add(p)  # the JSON twin of a CSV shown above
     for features_dir in _subdirs(layout.embeddings_dir()):
         for p in _files(features_dir, (".csv",)):
-            found.add(_name(p, 2), "embeddings", p)  # <dataset>__layer<L>__<Q|K|V>
+            found.add(Layout.name_parts(p, 2)[0], "embeddings", p)  # <dataset>__layer<L>__<Q|K|V>
     for scope in ("local", "global"):
         for folder in _subdirs(layout.umap_figures(scope)):
             for p in _files(folder, (".png",)):
@@ -306,173 +298,8 @@ def scan(root: Path | str) -> Found:
             found.add(folder.name, "ptable", p)
             found.used.add(p.with_suffix(".html"))
     for p in _files(layout.prevalence_figures(), (".png",)):
-        found.add(_name(p, 1), "prevalence", p)  # <dataset>__by_count
+        found.add(Layout.name_parts(p, 1)[0], "prevalence", p)  # <dataset>__by_count
     return found
-
-
-def _name(path: Path, suffixes: int) -> str:
-    """The dataset of a file named ``<dataset>__<part>…`` with ``suffixes`` parts after the name."""
-    parts = path.stem.rsplit("__", suffixes)
-    return parts[0] if len(parts) == suffixes + 1 else path.stem
-
-
-def _store_attrs(zarr_json: Path) -> dict:
-    """Group attributes of a Zarr v3 store (read from its ``zarr.json``; no zarr import)."""
-    try:
-        return dict(json.loads(zarr_json.read_text()).get("attributes", {}))
-    except (OSError, ValueError):
-        return {}
-
-
-# --------------------------------------------------------------------------------------------
-# HTML pieces: the parts of report_parts.html filled in (their text escaped here)
-
-
-def _part(part: str, /, **values: Any) -> str:
-    """The part ``part`` of ``report_parts.html`` with ``values`` (markup or escaped text) filled in."""
-    return web.parts("report_parts.html")[part].substitute({k: str(v) for k, v in values.items()})
-
-
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _href(root: Path, path: Path, fragment: str = "") -> str:
-    """Relative, URL-quoted link from the report to ``path``."""
-    rel = path.relative_to(root).as_posix()
-    return _esc(quote(rel, safe="/()-_.,~") + (f"#{fragment}" if fragment else ""))
-
-
-def _link(root: Path, path: Path, text: str, fragment: str = "") -> str:
-    """A link to ``path`` with the (escaped) ``text``."""
-    return _part("link", href=_href(root, path, fragment), text=_esc(text))
-
-
-def _file_link(root: Path, path: Path, text: str) -> str:
-    """A link to ``path`` with its size beside it."""
-    return _part("file_link", href=_href(root, path), text=_esc(text), size=_size(path))
-
-
-def _size(path: Path) -> str:
-    try:
-        n = path.stat().st_size
-    except OSError:
-        return ""
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return ""
-
-
-def _num(value: Any, digits: int = 4) -> str:
-    """A number with ``digits`` significant digits, integers as such; text unchanged."""
-    if value is None or value == "":
-        return ""
-    if isinstance(value, bool):
-        return str(value)
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    if math.isnan(x):
-        return "–"
-    if x == int(x) and abs(x) < 1e15 and (not isinstance(value, str) or "." not in value):
-        return f"{int(x):,}" if abs(x) >= 10000 else str(int(x))
-    return f"{x:.{digits}g}"
-
-
-def _row(cells: Iterable[Any], tag: str = "td") -> str:
-    """A table row of cells given as markup (escape text first)."""
-    return _part("tr", cells="".join(_part(tag, text=c) for c in cells))
-
-
-def _table(head: Sequence[str], body: Sequence[str], caption: str, n_rows: int, fold_caption: str) -> str:
-    """A data table of escaped ``head`` names and ``body`` rows (markup); a table of more than ``FOLD_ROWS``
-    rows (``n_rows``, those shown or not) starts folded, ``fold_caption`` visible."""
-    head_html = "".join(_part("th", text=_esc(h)) for h in head)
-    table = _part("table", caption=caption, head=head_html, body="".join(body))
-    if n_rows > FOLD_ROWS:
-        return _part("folded", caption=_esc(fold_caption), n=n_rows, table=table)
-    return table
-
-
-def csv_table(
-    root: Path,
-    path: Path,
-    max_rows: int = TABLE_ROWS,
-    caption: str | None = None,
-    keep: Callable[[str], bool] | None = None,
-) -> str:
-    """A CSV rendered as an HTML table (first ``max_rows`` rows; numbers to 4 significant digits).
-
-    ``keep``: show only the columns whose name it accepts (all by default).
-    """
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        return _part("muted", text=f"cannot read {_esc(path.name)}: {_esc(err)}")
-    if not rows:
-        return _part("muted", text=f"{_esc(path.name)} is empty")
-    if keep is not None:
-        cols = [i for i, name in enumerate(rows[0]) if keep(name)]
-        rows = [[row[i] for i in cols if i < len(row)] for row in rows]
-    head, body = rows[0], rows[1:]
-    cap = caption or path.relative_to(root).as_posix()
-    more = (
-        f" · first {max_rows} of {len(body)} rows"
-        if len(body) > max_rows
-        else f" · {len(body)} row{'' if len(body) == 1 else 's'}"
-    )
-    caption_html = _part("caption_link", href=_href(root, path), text=_esc(cap), more=more)
-    shown = [_row(_esc(_num(v)) for v in row) for row in body[:max_rows]]
-    return _table(head, shown, caption_html, len(body), cap)
-
-
-def data_table(head: Sequence[str], rows: Iterable[Sequence[Any]], caption: str = "") -> str:
-    """Rows of plain values as an HTML table in the style of :func:`csv_table` (numbers via ``_num``, all escaped).
-
-    Longer tables than ``FOLD_ROWS`` start folded, their caption visible.
-    """
-    body = [_row(_esc(_num(v)) for v in r) for r in rows]
-    return _table(head, body, _part("caption", text=_esc(caption)) if caption else "", len(body), caption)
-
-
-def thumbs(root: Path, images: Iterable[Path], twins: bool = True, label: Callable[[Path], str] | None = None) -> str:
-    """A grid of figure thumbnails, each linking to its interactive HTML twin when there is one.
-
-    ``label``: the caption of a figure (its file name without suffix by default)."""
-    cards = []
-    for png in images:
-        twin = png.with_suffix(".html")
-        if twins and not twin.is_file():
-            # correlation figures: <name>__z92.png belongs to <name>.html
-            twin = png.with_name(re.sub(r"__z\d+$", "", png.stem) + ".html")
-        target = twin if twins and twin.is_file() else png
-        extra = " · " + _link(root, png, "PNG") if target != png else ""
-        cards.append(
-            _part(
-                "thumb",
-                target=_href(root, target),
-                src=_href(root, png),
-                alt=_esc(png.stem),
-                name=_esc(label(png)) if label else _breakable(png.stem),
-                label="interactive" if target != png else "full size",
-                extra=extra,
-            )
-        )
-    return _part("thumbs", cards="".join(cards)) if cards else ""
-
-
-def _breakable(name: str) -> str:
-    """Escaped name that may wrap after its ``__`` separators."""
-    return "__<wbr>".join(_esc(part) for part in name.split("__"))
-
-
-def file_links(root: Path, paths: Iterable[Path], label=lambda p: p.name) -> str:
-    items = "".join(_part("li", text=_file_link(root, p, label(p))) for p in paths)
-    return _part("files", items=items) if items else ""
 
 
 def _model_facts(root: Path, model: Model) -> list[tuple[str, str]]:
@@ -571,12 +398,11 @@ def _embedding_links(root: Path, paths: list[Path]) -> str:
     for features, ps in sorted(by_features.items()):
         layers: dict[str, list[Path]] = {}
         order = {"Q": 0, "K": 1, "V": 2}
-        for p in sorted(ps, key=lambda p: (p.stem.rsplit("__", 1)[0], order.get(p.stem.rsplit("__", 1)[-1], 3))):
-            layer = p.stem.rsplit("__", 2)[-2] if p.stem.count("__") >= 2 else p.stem
-            layers.setdefault(layer, []).append(p)
+        for p in sorted(ps, key=lambda p: (Layout.name_parts(p, 1)[0], order.get(Layout.name_parts(p, 1)[-1], 3))):
+            layers.setdefault(Layout.name_parts(p, 2)[-2] if p.stem.count("__") >= 2 else p.stem, []).append(p)
         groups = [
             f"{_esc(layer.replace('layer', 'layer '))}: "
-            + " ".join(_link(root, p, p.stem.rsplit("__", 1)[-1]) for p in files)
+            + " ".join(_link(root, p, Layout.name_parts(p, 1)[-1]) for p in files)
             for layer, files in layers.items()
         ]
         lines.append(_part("embedding_features", features=_esc(features), layers=" · ".join(groups)))
@@ -692,280 +518,6 @@ def _anchor(name: str) -> str:
     return "ds-" + re.sub(r"[^A-Za-z0-9_-]+", "-", name)
 
 
-# --------------------------------------------------------------------------------------------
-# the paper against this run (SPEC §6)
-
-MODEL_NAMES = {"mat2vec": "CrabNet", "onehot": "HotCrab"}  # the paper's two models by element features
-PAPER_STORE = ("aflow__Egap", 50)  # step 1: dataset and epochs
-PAPER_LOCAL = "OQMD_Bandgap"  # step 6, test split
-PAPER_GLOBAL = ("OQMD_Bandgap", "OQMD_Energy_per_atom", "OQMD_Formation_Enthalpy", "OQMD_Volume_per_atom")  # step 7
-
-
-@dataclass
-class Check:
-    """One line of the paper checklist: which of a step's outputs exist.
-
-    Attributes:
-        step: the step number (SPEC §6).
-        what: what the paper did in that step.
-        items: output name -> whether it exists here.
-    """
-
-    step: int
-    what: str
-    items: dict[str, bool]
-
-    @property
-    def status(self) -> str:
-        done = sum(self.items.values())
-        if done == len(self.items):
-            return "✓ done"
-        return f"partly: {done} of {len(self.items)}" if done else "not done"
-
-    def missing(self, shown: int = 3) -> str:
-        names = [k for k, ok in self.items.items() if not ok]
-        return ", ".join(names[:shown]) + (f" … ({len(names) - shown} more)" if len(names) > shown else "")
-
-
-def _matbench_folds() -> list[tuple[str, int]]:
-    """(dataset, fold) of the paper's matbench statistics table (shipped in ``crabnet/reference``)."""
-    from crabnet.reference import REFERENCE_DIR
-    from crabnet.stats import PUBLISHED
-
-    try:
-        with open(REFERENCE_DIR / PUBLISHED[MATBENCH], newline="", encoding="utf-8") as f:
-            return [(r["mat_prop"], int(r["cv"])) for r in csv.DictReader(f)]
-    except (OSError, KeyError, ValueError, csv.Error):
-        return []
-
-
-def _table_keys(path: Path, fold: bool) -> set:
-    """``mat_prop`` (and ``cv``) of the rows of a statistics table of step 8; empty when it is not there."""
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            return {(r["mat_prop"], int(float(r["cv"]))) if fold else r["mat_prop"] for r in csv.DictReader(f)}
-    except (OSError, KeyError, ValueError, csv.Error):
-        return set()
-
-
-def full_recipe_models(root: Path, metas: dict[Path, dict] | None = None) -> list[tuple[str, str, str, dict]]:
-    """(dataset, features, recipe, meta) of every CrabNet/HotCrab checkpoint trained with a full recipe.
-
-    Looks at :meth:`crabnet.layout.Layout.checkpoint` of the 18 benchmark sets and of every other
-    dataset with a checkpoint, for both models and every recipe.
-
-    Args:
-        root: the data folder.
-        metas: checkpoint metadata already read, by path (the rest is read here).
-    """
-    from crabnet.training.train import RECIPES
-
-    layout, metas = Layout(root), metas or {}
-    others = sorted({str(m.get("dataset")) for m in metas.values() if m.get("dataset")} - set(BENCHMARK_DATASETS))
-    out = []
-    for dataset in [*BENCHMARK_DATASETS, *others]:
-        for features in MODEL_NAMES:
-            for recipe in RECIPES:
-                path = layout.checkpoint(dataset, features, recipe)
-                meta = metas.get(path)
-                if meta is None and path.is_file():
-                    try:
-                        meta = read_meta(path)
-                    except Exception:
-                        meta = None
-                if meta and meta.get("full_recipe"):
-                    out.append((dataset, features, recipe, meta))
-    return out
-
-
-def _learned_correlations(layout: Layout, d: str, f: str) -> bool:
-    """Whether every Q/K/V CSV of step 4 for this model (layers 0, 1, …) has its correlation figure of step 5."""
-    corr, layer, seen = layout.correlation_figures(), 0, False
-    while any(layout.embedding(f, d, layer, k).is_file() for k in "QKV"):
-        seen = True
-        if not all(
-            (corr / f"{d}__{f}__layer{layer}__{k}.png").is_file()
-            for k in "QKV"
-            if layout.embedding(f, d, layer, k).is_file()
-        ):
-            return False
-        layer += 1
-    return seen
-
-
-def paper_checks(root: Path, metas: dict[Path, dict] | None = None) -> list[Check]:
-    """The paper's steps and datasets (SPEC §6), each judged by whether its outputs exist under ``root``."""
-    layout = Layout(root)
-    models = [(d, f) for d in BENCHMARK_DATASETS for f in MODEL_NAMES]
-    full = {(d, f) for d, f, _, _ in full_recipe_models(root, metas)}
-    folds = _matbench_folds()
-    dataset, epochs = PAPER_STORE
-    store = layout.attention_store(dataset) / "zarr.json"
-    attrs = _store_attrs(store) if store.is_file() else {}
-    bench_rows = _table_keys(layout.stats_table(BENCHMARK), fold=False)
-    matbench_rows = _table_keys(layout.stats_table(MATBENCH), fold=True)
-    corr = layout.correlation_figures()
-    learned = partial(_learned_correlations, layout)
-
-    def figure(scope: str, d: str, name: str) -> bool:
-        return any((layout.umap_figures(scope, d) / f"{f}__test{name}.png").is_file() for f in MODEL_NAMES)
-
-    return [
-        Check(
-            1,
-            f"{dataset}: attention captured over {epochs} epochs",
-            {dataset: bool(attrs.get("complete")) and int(attrs.get("epochs") or 0) >= epochs},
-        ),
-        Check(
-            2,
-            f"{dataset}: videos and the attention explorer",
-            {"videos": any(layout.videos(dataset).glob("*.mp4")), "explorer": layout.explorer(dataset).is_file()},
-        ),
-        Check(
-            3,
-            "oxidation guesses: the 18 benchmark sets, all splits",
-            {f"{d} {s}": layout.oxidation_guesses(d, s).is_file() for d in BENCHMARK_DATASETS for s in SPLITS},
-        ),
-        Check(
-            3,
-            "oxidation guesses: the matbench sets, all folds and splits",
-            {f"{d} {s}{k}": layout.oxidation_guesses(d, f"{s}{k}").is_file() for d, k in folds for s in SPLITS},
-        ),
-        Check(
-            4,
-            "full-recipe models: the 18 sets × CrabNet (mat2vec) and HotCrab (onehot)",
-            {f"{d} {MODEL_NAMES[f]}": (d, f) in full for d, f in models},
-        ),
-        Check(
-            4,
-            "Q/K/V element embeddings of those models",
-            {f"{d} {MODEL_NAMES[f]}": (d, f) in full and layout.embedding(f, d, 0, "Q").is_file() for d, f in models},
-        ),
-        Check(
-            5,
-            "correlation of the five element tables",
-            {n: (corr / f"{n}.png").is_file() for n in ("oliynyk", "magpie", "jarvis", "mat2vec", "onehot")},
-        ),
-        Check(
-            5,
-            "correlation of every learned Q/K/V embedding",
-            {f"{d} {MODEL_NAMES[f]}": learned(d, f) for d, f in models},
-        ),
-        Check(
-            6,
-            f"local EDM UMAP: {PAPER_LOCAL} test, the paper's {len(PAPER_ATOMS)} atoms",
-            {a: figure("local", PAPER_LOCAL, f"__{a}") for a in PAPER_ATOMS},
-        ),
-        Check(7, "global EDM UMAP: the four OQMD test sets", {d: figure("global", d, "") for d in PAPER_GLOBAL}),
-        Check(8, "statistics: the 18 benchmark sets", {d: d in bench_rows for d in BENCHMARK_DATASETS}),
-        Check(
-            8, "statistics: the matbench sets, every fold", {f"{d} fold {k}": (d, k) in matbench_rows for d, k in folds}
-        ),
-    ]
-
-
-def _stats_comparison(root: Path) -> str:
-    """Our step-8 statistics beside the published ones, for every dataset (and fold) step 8 has written."""
-    import pandas as pd
-
-    from crabnet.stats import COLUMNS, compare_with_published, read_published
-
-    out = []
-    for kind, label in ((BENCHMARK, "benchmark sets"), (MATBENCH, "matbench folds")):
-        path = Layout(root).stats_table(kind)
-        published = read_published(kind)
-        if not path.is_file() or published is None:
-            continue
-        ours = pd.read_csv(path)
-        key = ["mat_prop", "cv"] if kind == MATBENCH else ["mat_prop"]
-        if not set(key + COLUMNS) <= set(ours.columns):
-            out.append(_part("stats_mismatch", path=_esc(path.relative_to(root).as_posix())))
-            continue
-        mine = ours.set_index(key)
-        rows = []
-        for i, pub in published.iterrows():
-            k = tuple(pub[c] for c in key) if len(key) > 1 else pub[key[0]]
-            if k not in mine.index:
-                continue
-            _, problems = compare_with_published(ours[(ours[key] == pub[key]).all(axis=1)], published.loc[[i]], kind)
-            row = mine.loc[k]
-            rows.append(
-                [
-                    *(k if isinstance(k, tuple) else (k,)),
-                    row["samples_total"],
-                    pub["samples_total"],
-                    row["train_diversity"],
-                    pub["train_diversity"],
-                    row["val_diversity"],
-                    pub["test_diversity"],
-                    row["test_diversity"],
-                    pub["val_diversity"],
-                    "✓ equal" if not problems else f"{len(problems)} column(s) differ",
-                ]
-            )
-        if rows:
-            head = [
-                *(["dataset", "fold"] if kind == MATBENCH else ["dataset"]),
-                "samples",
-                "published",
-                "train diversity",
-                "published",
-                "val diversity",
-                "published (their test column)",
-                "test diversity",
-                "published (their val column)",
-                "all 12 columns",
-            ]
-            out.append(
-                data_table(
-                    head,
-                    rows,
-                    f"Statistics of the {label}: ours beside the published "
-                    f"({len(rows)} of {len(published)} written by step 8)",
-                )
-            )
-    return "".join(out)
-
-
-def _paper_section(found: Found) -> str:
-    """The "paper vs this run" card: published test MAE and statistics beside ours, and the paper checklist."""
-    root = found.root
-    metas = {m.path: m.meta for kinds in found.datasets.values() for m in kinds.get("models", [])}
-    rows = []
-    for dataset, features, recipe, meta in full_recipe_models(root, metas):
-        published, ours = published_test_mae(dataset, features), meta.get("test_mae")
-        ratio = f"{float(ours) / published:.2f}" if published and isinstance(ours, (int, float)) else "–"
-        rows.append(
-            [
-                dataset,
-                f"{MODEL_NAMES[features]} ({features})",
-                meta.get("full_recipe") or recipe,
-                published if published is not None else "–",
-                ours if ours is not None else "–",
-                ratio,
-            ]
-        )
-    body = [
-        data_table(
-            ["dataset", "model", "recipe", "published test MAE", "our test MAE", "ours/published"],
-            rows,
-            "Test MAE of the full-recipe models (published: Wang et al. 2021, npj recipe)",
-        )
-        if rows
-        else _part("no_full_models")
-    ]
-    body.append(_stats_comparison(root))
-    checks = paper_checks(root, metas)
-    body.append(
-        data_table(
-            ["step", "what the paper did", "here", "missing"],
-            [[c.step, c.what, c.status, c.missing()] for c in checks],
-            "The paper's steps and datasets (SPEC §6), judged by the outputs under this folder",
-        )
-    )
-    return _part("section", id="paper", title="The paper vs this run", body="".join(body))
-
-
 # the workflow's steps: script, the folder of its outputs (a Layout method), what it does
 STEPS: list[tuple[str, Callable[[Layout], Path], str]] = [
     ("get_training_attention.py", Layout.attention_dir, "train CrabNet and capture attention during training"),
@@ -1047,12 +599,21 @@ def _other_section(found: Found, layout: Layout) -> str:
     return _part("section", id="other", title="Other outputs", body=body)
 
 
+def _metas(found: Found) -> dict[Path, dict]:
+    """The metadata of every checkpoint found, by path."""
+    return {m.path: m.meta for kinds in found.datasets.values() for m in kinds.get("models", [])}
+
+
 def render_report(found: Found) -> str:
     """The page for what :func:`scan` found (plus the global sections read here)."""
     root, layout = found.root, Layout(found.root)
     sections, toc = [_workflow_section(layout)], []
     try:
-        sections.append(_paper_section(found))
+        sections.append(
+            paper_section(
+                found.root, {m.path: m.meta for kinds in found.datasets.values() for m in kinds.get("models", [])}
+            )
+        )
         toc.append(("paper", "paper vs this run"))
     except Exception as err:
         warnings.warn(f"report: no paper comparison: {type(err).__name__}: {err}", stacklevel=2)

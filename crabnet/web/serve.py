@@ -17,7 +17,7 @@ Routes (GET and HEAD; any other method gets 405):
 
 Everything else is 404. A request whose target contains ``..`` (raw or percent-encoded, however many
 times) is refused with 403 before anything else; no route reads a file: the page and the index are
-made at start-up, and a compound is read through :class:`crabnet.explain.capture.AttentionStore`. Requests
+made at start-up, and a compound is read through :class:`crabnet.explain.store.AttentionStore`. Requests
 naming another host than 127.0.0.1/localhost (DNS rebinding) get 403 too.
 """
 
@@ -79,7 +79,7 @@ class ExplorerApp:
     """What the server answers: the page and the index (made once) and compounds (read per request).
 
     Args:
-        store: a :class:`crabnet.explain.capture.AttentionStore`.
+        store: a :class:`crabnet.explain.store.AttentionStore`.
         dataset: its dataset (titles, the paper's compounds).
         n_others: compounds listed besides the paper's (as ``--explore`` of step 2).
     """
@@ -205,7 +205,7 @@ def make_server(app: ExplorerApp, port: int = DEFAULT_PORT, quiet: bool = True) 
 
 def open_store(data_dir: Path | str, dataset: str) -> Any:
     """The dataset's attention store, or a :class:`UsageError` saying which step makes it."""
-    from crabnet.explain.capture import AttentionStore, partial_path
+    from crabnet.explain.store import AttentionStore, partial_path
     from crabnet.layout import Layout
 
     path = Layout(data_dir).attention_store(dataset)
