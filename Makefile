@@ -8,7 +8,7 @@ DATA ?= data
 
 .PHONY: demo test test-all test-long lint paper paper-plan data venv clean-venv
 
-# the paper at full scale (SPEC §6): SCHEDULER=local (default: this machine), tcp://HOST:PORT, slurm, pbs, ...;
+# the paper at full scale (docs/scaling.md): SCHEDULER=local (default: this machine), tcp://HOST:PORT, slurm, pbs, ...;
 # SCHEDULER_FILE=PATH for a cluster started with dask scheduler --scheduler-file PATH
 SCHEDULER ?= local
 OQMD := OQMD_Bandgap OQMD_Energy_per_atom OQMD_Formation_Enthalpy OQMD_Volume_per_atom
@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 
 # fetch the published datasets into $(DATA)/ (the scripts also do this on first need)
 data: venv
-	$(PY) -m crabnet.data --data-dir $(DATA)
+	$(PY) -m crabnet.fetch --data-dir $(DATA)
 
 demo: venv
 	$(PY) get_training_attention.py --quick --data-dir $(DATA)

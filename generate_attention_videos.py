@@ -16,8 +16,9 @@ Frame k of every video shows capture k (capture 0 = the untrained model). Heatma
 elements, columns key elements (symbols above, fractions below), colour 0-1. Videos are H.264
 (libx264, CRF 18, preset veryfast, yuv420p, +faststart) encoded by the system ffmpeg, else the
 binary of imageio-ffmpeg; frames are piped, never written to disk. Videos newer than the store and
-made with the same settings are skipped unless --force. Several compounds render in parallel
-(--workers); a single compound renders in one process beside its three ffmpeg encoders.
+made with the same settings are skipped unless --force. Several compounds render in parallel as
+jobs of the Dask engine (--scheduler: a LocalCluster of one worker per core by default, or any
+cluster); a single compound renders in this process beside its three ffmpeg encoders.
 
 Without --formula/--index the paper's compounds of the dataset that are in the captured split are
 rendered (aflow__ael_bulk_modulus_vrh and mp_bulk_modulus have them), else 5 representative
@@ -58,8 +59,8 @@ from crabnet.explain.video import (
     select_compounds,
 )
 from crabnet.jobs.cli import DEMO_DATASET, add_common, make_parser, run
+from crabnet.jobs.engine import add_engine_args, engine_from_args
 from crabnet.layout import Layout
-from crabnet.utils import available_cpus
 from crabnet.web.explorer import DEFAULT_EXPLORE, explorer_path, write_explorer
 from crabnet.web.report import refresh_report
 
@@ -80,13 +81,13 @@ def parse_args(argv=None):
     p.add_argument("--index", action="append", type=int, default=[], help=f"row of a compound in the store; {many}")
     p.add_argument("--layer", default="0", help="layer whose heads are shown (0-based), or 'all' for one row per layer")
     p.add_argument("--fps", type=float, default=10.0, help="frames (captures) per second")
-    p.add_argument("--workers", type=int, default=0, help=f"processes (0 = all cores, {available_cpus()} here)")
     p.add_argument("--dpi", type=float, default=100.0, help="resolution of the frames")
     p.add_argument("--crf", type=int, default=18, help="libx264 quality (0-51, lower = better)")
     p.add_argument("--preset", default=DEFAULT_PRESET, help="libx264 speed preset (ultrafast … veryslow)")
     p.add_argument("--no-explorer", action="store_true", help="do not write the explorer <data-dir>/explorer/<ds>.html")
     more = "compounds the explorer embeds besides the paper's and the rendered ones (across sizes and errors)"
     p.add_argument("--explore", type=int, default=DEFAULT_EXPLORE, help=more)
+    add_engine_args(p)
     return p.parse_args(argv)
 
 
@@ -100,16 +101,17 @@ def main(
     index: list[int],
     layer: str,
     fps: float,
-    workers: int,
     dpi: float,
     crf: int,
     preset: str,
     no_explorer: bool = False,
     explore: int = DEFAULT_EXPLORE,
+    **engine,
 ) -> int:
     dataset = dataset or (QUICK_DATASET if quick else DEFAULT_DATASET)
-    if fps <= 0 or dpi <= 0 or workers < 0 or not 0 <= crf <= 51 or explore < 0:
-        raise UsageError("--fps and --dpi must be > 0, --workers and --explore >= 0, --crf in 0..51")
+    if fps <= 0 or dpi <= 0 or not 0 <= crf <= 51 or explore < 0:
+        raise UsageError("--fps and --dpi must be > 0, --explore >= 0, --crf in 0..51")
+    eng = engine_from_args(engine, small=quick)
     store_path = Layout(data_dir).attention_store(dataset)
     try:
         store = AttentionStore(store_path)
@@ -137,7 +139,7 @@ def main(
     encoding = {"fps": fps, "dpi": dpi, "crf": crf, "preset": preset, "ffmpeg": ffmpeg}
     jobs = plan_jobs(store, rows, layers, Layout(data_dir).videos(dataset), dataset=dataset, **encoding)
     try:
-        render_videos(jobs, store_time, force=force, workers=workers)
+        render_videos(jobs, store_time, force=force, engine=eng)
     except VideoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

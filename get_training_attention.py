@@ -36,14 +36,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from crabnet.data import SPLITS
 from crabnet.errors import UsageError
 from crabnet.explain.capture import CaptureSettings, attention_job, print_result
 from crabnet.explain.store import store_matches
 from crabnet.jobs import distributed
 from crabnet.jobs.cli import DEMO_DATASET, add_common, add_training, make_parser, run
 from crabnet.jobs.engine import Job, add_engine_args, engine_from_args, run_jobs
-from crabnet.layout import Layout
+from crabnet.layout import SPLITS, Layout
 from crabnet.training.costs import cached_rates, dataset_training_cost_s
 from crabnet.training.recipe import make_recipe
 from crabnet.utils import resolve_device

@@ -43,19 +43,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from crabnet.data import SPLITS, select_split_files
+from crabnet.data import select_split_files
 from crabnet.errors import UsageError
 from crabnet.jobs.cli import DEMO_DATASET, add_common, make_parser, run
 from crabnet.jobs.engine import add_engine_args, engine_from_args
-from crabnet.oxidation import (
-    CHUNK_SIZE,
-    guess_all,
-    keys_for,
-    open_cache,
-    progress_bar,
-    read_formulas,
-    write_outputs,
-)
+from crabnet.layout import SPLITS
+from crabnet.oxidation import guess_all, keys_for, open_cache, read_formulas, write_outputs
+from crabnet.oxidation_exact import CHUNK_SIZE
+from crabnet.progress import bar
 from crabnet.web.report import refresh_report
 
 
@@ -122,7 +117,7 @@ def main(
     memo: dict = {}
     parts = [
         keys_for(f.label, read_formulas(f.path), max_sites, memo)
-        for f in progress_bar(files, desc="reading formulas", unit="file")
+        for f in bar(files, desc="reading formulas", unit="file")
     ]
 
     cache = open_cache(data_dir, force=force, plan=eng.plan)

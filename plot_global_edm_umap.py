@@ -45,7 +45,8 @@ from pathlib import Path
 
 from crabnet.jobs.cli import DEMO_DATASET, add_common, make_parser, run
 from crabnet.jobs.engine import add_engine_args, engine_from_args
-from crabnet.maps.steps import GLOBAL_SUMMARY, add_map_flags, check_global_args, global_maps, map_settings, print_table
+from crabnet.maps.figures import GLOBAL_SUMMARY, print_table
+from crabnet.maps.steps import add_map_flags, check_global_args, global_maps, map_settings
 from crabnet.utils import seed_everything
 from crabnet.web.report import refresh_report
 

@@ -44,14 +44,8 @@ from pathlib import Path
 
 from crabnet.jobs.cli import DEMO_DATASET, add_common, make_parser, run
 from crabnet.jobs.engine import add_engine_args, engine_from_args
-from crabnet.maps.steps import (
-    LOCAL_SUMMARY,
-    add_map_flags,
-    check_local_args,
-    local_maps,
-    map_settings,
-    print_table,
-)
+from crabnet.maps.figures import LOCAL_SUMMARY, print_table
+from crabnet.maps.steps import add_map_flags, check_local_args, local_maps, map_settings
 from crabnet.reference import PAPER_ATOMS
 from crabnet.utils import seed_everything
 from crabnet.web.report import refresh_report

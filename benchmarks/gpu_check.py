@@ -51,6 +51,8 @@ import throughput as tp  # noqa: E402  (benchmarks/throughput.py)
 import torch  # noqa: E402
 
 from crabnet.data import CompositionData, batch_size_for, load_dataset  # noqa: E402
+from crabnet.errors import DataError  # noqa: E402
+from crabnet.fetch import dataset_dir  # noqa: E402
 from crabnet.training.checkpoint import checkpoint_path, load_checkpoint  # noqa: E402
 from crabnet.training.evaluate import mae, predict  # noqa: E402
 from crabnet.training.loop import fit  # noqa: E402
@@ -495,6 +497,7 @@ def main(
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)
+    dataset_dir(data_dir, dataset)  # fetched on first need, as the scripts do (offline: one clear error)
     out = out or data_dir / "benchmarks" / "gpu_check.json"
     steps = steps or (3 if quick else 20)
     resume_epochs = resume_epochs or (2 if quick else 4)
@@ -551,4 +554,8 @@ def main(
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(**vars(parse_args())))
+    try:
+        raise SystemExit(main(**vars(parse_args())))
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -10,7 +10,8 @@ A real 50-capture store: ``python get_training_attention.py --quick --epochs 49`
    original did), one reused figure fully redrawn, and one reused figure with only the changing
    artists blitted and the cell values stamped (what step 2 uses); wall and CPU time;
 2. rendering + encoding the three videos of that compound (frames per second of video);
-3. total time for the three videos each of three paper compounds, one process vs --workers.
+3. total time for the three videos each of three paper compounds, one process vs a LocalCluster of
+   --workers processes (the Dask engine step 2 uses).
 
 Timings on a machine shared with other work vary: CPU ms per frame is the steadier figure.
 """
@@ -25,16 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from crabnet.data import compositions_from_formulas
+from crabnet.explain.frames import FrameRenderer, VideoInput
 from crabnet.explain.store import AttentionStore, AttentionWriter
-from crabnet.explain.video import (
-    PAPER_COMPOUNDS,
-    FrameRenderer,
-    VideoInput,
-    VideoJob,
-    render_job,
-    run_jobs,
-    video_paths,
-)
+from crabnet.explain.video import PAPER_COMPOUNDS, VideoJob, render_job, run_jobs, video_paths
+from crabnet.jobs.engine import Engine
 from crabnet.utils import available_cpus
 
 DATASET = "aflow__ael_bulk_modulus_vrh"
@@ -152,7 +147,8 @@ def main() -> int:
         print(f"\n3. three paper compounds ({', '.join(names)}), {c} captures each, 9 videos")
         for i, w in enumerate(dict.fromkeys((1, workers))):
             part = jobs[i * len(names) : (i + 1) * len(names)]
-            wall, _ = timed(run_jobs, part, workers=w, progress=False)
+            engine = Engine(scheduler="sequential") if w == 1 else Engine(threads_per_job=max(1, available_cpus() // w))
+            wall, _ = timed(run_jobs, part, engine)
             print(f"   workers {w}: {wall:.2f} s total, {len(part) * c / wall:.1f} frames/s")
     return 0
 

@@ -31,12 +31,14 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from crabnet.elements import ATOMIC_NUMBER, N_ELEMENTS, SYMBOLS, feature_frame
 from crabnet.errors import UsageError
+from crabnet.progress import say
 
 STATIC_TABLES = ("oliynyk", "magpie", "jarvis", "mat2vec", "onehot")
 REFERENCE_TABLES = ("oliynyk", "magpie")  # Spearman agreement is measured against these
@@ -413,6 +415,29 @@ def plot_correlation_png(matrix: np.ndarray, title: str = "", *, z_max: int = N_
     return fig
 
 
+def _heatmap_trace(go: Any, m: np.ndarray, visible: bool, z_max: int) -> Any:
+    """One lower-triangle matrix as a plotly heatmap, both elements and r in the hover text."""
+    n = m.shape[0]
+    sym = np.array([f"{SYMBOLS[i]} ({i + 1})" for i in range(n)], dtype=object)
+    custom = np.stack([np.broadcast_to(sym[:, None], (n, n)), np.broadcast_to(sym[None, :], (n, n))], axis=-1)
+    return go.Heatmap(
+        z=np.where(np.isfinite(m), m, None),
+        x=list(range(1, n + 1)),
+        y=list(range(1, n + 1)),
+        customdata=custom,
+        zmin=-1,
+        zmax=1,
+        zmid=0,
+        colorscale="RdBu",
+        reversescale=True,
+        hoverongaps=False,
+        colorbar={"title": {"text": "Pearson r"}, "tickvals": [-1, -0.5, 0, 0.5, 1]},
+        hovertemplate="%{customdata[0]} – %{customdata[1]}<br>r = %{z:.3f}<extra></extra>",
+        visible=visible,
+        name=f"Z ≤ {z_max}",
+    )
+
+
 def plot_correlation_html(matrix: np.ndarray, title: str = "", *, z_maxes: tuple[int, ...] = (N_ELEMENTS, 92)):
     """Interactive lower-triangle heatmap; hover shows both elements and the value.
 
@@ -425,31 +450,7 @@ def plot_correlation_html(matrix: np.ndarray, title: str = "", *, z_maxes: tuple
 
     fig = go.Figure()
     for k, z_max in enumerate(z_maxes):
-        m = lower_triangle(restrict_z(matrix, z_max))
-        n = m.shape[0]
-        sym = np.array([f"{SYMBOLS[i]} ({i + 1})" for i in range(n)], dtype=object)
-        rows = np.broadcast_to(sym[:, None], (n, n))
-        cols = np.broadcast_to(sym[None, :], (n, n))
-        custom = np.stack([rows, cols], axis=-1)
-        z = np.where(np.isfinite(m), m, None)
-        fig.add_trace(
-            go.Heatmap(
-                z=z,
-                x=list(range(1, n + 1)),
-                y=list(range(1, n + 1)),
-                customdata=custom,
-                zmin=-1,
-                zmax=1,
-                zmid=0,
-                colorscale="RdBu",
-                reversescale=True,
-                hoverongaps=False,
-                colorbar={"title": {"text": "Pearson r"}, "tickvals": [-1, -0.5, 0, 0.5, 1]},
-                hovertemplate="%{customdata[0]} – %{customdata[1]}<br>r = %{z:.3f}<extra></extra>",
-                visible=k == 0,
-                name=f"Z ≤ {z_max}",
-            )
-        )
+        fig.add_trace(_heatmap_trace(go, lower_triangle(restrict_z(matrix, z_max)), visible=k == 0, z_max=z_max))
     tick_z = [1] + list(range(5, N_ELEMENTS + 1, 5))
     axis = dict(
         tickmode="array",
@@ -576,18 +577,18 @@ def print_summary(summary: pd.DataFrame, n_perm: int) -> None:
         "formatters": {"p_value": lambda v: f"{v:.4f}", "max_p": lambda v: f"{v:.4f}"},
     }
     with pd.option_context("display.width", 160, "display.max_rows", 500, "display.max_colwidth", 60):
-        print(summary[cols].to_string(index=False, **fmt))
+        say(summary[cols].to_string(index=False, **fmt))
         learned = summary[summary["kind"] != "static"]
         if len(learned):
             by = learned.groupby(["kind", "model"], sort=False)
             means = by[["separation", "spearman_oliynyk", "spearman_magpie"]].mean()
             means.insert(0, "n", by.size())
             means["max_p"] = by["p_value"].max()
-            print(
+            say(
                 f"\nmean over each model's layers x Q/K/V (p-values from {n_perm} permutations; "
                 "static tables above for scale):"
             )
-            print(means.to_string(**fmt))
+            say(means.to_string(**fmt))
 
 
 __all__ = [

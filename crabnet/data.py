@@ -2,7 +2,7 @@
 
 Datasets are folders ``<data-dir>/benchmark_data/<name>/{train,val,test}.csv`` (and
 ``<data-dir>/matbench_cv/<name>/{train,val,test}<fold>.csv``) with columns ``formula,target``.
-The published sets are fetched on first need from the ``crabnet==2.0.8`` wheel on PyPI.
+The published sets are fetched on first need (:mod:`crabnet.fetch`).
 
 A compound becomes two rows of an EDM: atomic numbers (0 = padding) and fractions (summing to 1),
 ordered by descending amount, padded to a common width ``E``. Rows of a split with the same model
@@ -13,137 +13,18 @@ code averages duplicate formulas.
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
-import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from crabnet.elements import ATOMIC_NUMBER, SYMBOLS
+from crabnet.elements import ATOMIC_NUMBER
 from crabnet.errors import DataError
+from crabnet.fetch import dataset_dir
 from crabnet.layout import BENCHMARK, MATBENCH, SPLITS, Layout, SplitFile, available, folds_of
-from crabnet.utils import file_sha256
-
-WHEEL_SPEC = "crabnet==2.0.8"
-WHEEL_NAME = "crabnet-2.0.8-py3-none-any.whl"
-WHEEL_SHA256 = "4901565abaa5b4cd1a7841b9de647a3906df21676b226a7abf972d113f92054a"
-WHEEL_FOLDERS = (BENCHMARK, MATBENCH)  # under crabnet/data/ in the wheel
-
-
-# --------------------------------------------------------------------------------------------
-# fetching
-
-
-def _manual_instructions(data_dir: Path) -> str:
-    return (
-        f"To place the files by hand: on a machine with access to PyPI run\n"
-        f"  pip download --no-deps --only-binary=:all: --python-version 3.10 {WHEEL_SPEC}\n"
-        f"check that the sha256 of {WHEEL_NAME} is {WHEEL_SHA256}, and unzip its folders "
-        f"crabnet/data/benchmark_data/ and crabnet/data/matbench_cv/ into {data_dir}/ "
-        f"(giving {data_dir}/benchmark_data/<dataset>/train.csv …)."
-    )
-
-
-def extract_datasets(wheel: Path, data_dir: Path, sha256: str = WHEEL_SHA256) -> list[str]:
-    """Verify the wheel's sha256 and extract its dataset folders into ``data_dir``.
-
-    Extraction goes to a temporary folder inside ``data_dir`` first; each top-level folder
-    (``benchmark_data``, ``matbench_cv``) is moved into place only when complete, so an
-    interrupted extraction never leaves a half-filled dataset folder.
-
-    Returns:
-        The dataset folders extracted, as ``"benchmark_data/<name>"`` strings.
-    """
-    digest = file_sha256(wheel)
-    if digest != sha256:
-        raise DataError(f"sha256 of {wheel.name} is {digest}, expected {sha256}; refusing to use it")
-    data_dir.mkdir(parents=True, exist_ok=True)
-    names: list[str] = []
-    with tempfile.TemporaryDirectory(dir=data_dir, prefix=".extract-") as tmp:
-        tmp_path = Path(tmp)
-        with zipfile.ZipFile(wheel) as zf:
-            for info in zf.infolist():
-                parts = info.filename.split("/")
-                if len(parts) < 4 or parts[:2] != ["crabnet", "data"] or parts[2] not in WHEEL_FOLDERS:
-                    continue
-                if info.is_dir() or not parts[-1].endswith(".csv") or ".." in parts:
-                    continue
-                target = tmp_path.joinpath(*parts[2:])
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-        for folder in WHEEL_FOLDERS:
-            src = tmp_path / folder
-            if not src.is_dir():
-                continue
-            dst_root = data_dir / folder
-            dst_root.mkdir(exist_ok=True)
-            for ds in sorted(p for p in src.iterdir() if p.is_dir()):
-                dst = dst_root / ds.name
-                if dst.exists():
-                    continue  # never overwrite a user's folder of the same name
-                os.replace(ds, dst)
-                names.append(f"{folder}/{ds.name}")
-    return names
-
-
-def fetch_datasets(data_dir: Path) -> list[str]:
-    """Download the ``crabnet==2.0.8`` wheel with pip and extract the datasets into ``data_dir``."""
-    print(f"Fetching the published datasets ({WHEEL_SPEC} wheel from PyPI) into {data_dir}/ …", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--python-version",
-            "3.10",
-            "--disable-pip-version-check",
-            "-q",
-            "-d",
-            tmp,
-            WHEEL_SPEC,
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheel = Path(tmp) / WHEEL_NAME
-        if proc.returncode != 0 or not wheel.exists():
-            raise DataError(
-                f"could not download {WHEEL_SPEC} (pip said: {proc.stderr.strip()[-500:]})\n"
-                + _manual_instructions(data_dir)
-            )
-        names = extract_datasets(wheel, data_dir)
-    print(f"  extracted {len(names)} datasets", flush=True)
-    return names
-
-
-def dataset_dir(data_dir: Path | str, dataset: str, fetch: bool = True) -> Path:
-    """Folder of a benchmark-style dataset, fetching the published sets if it is missing.
-
-    Args:
-        data_dir: the ``--data-dir`` root.
-        dataset: name of a folder under ``<data_dir>/benchmark_data/``.
-        fetch: download the published datasets when the folder is absent.
-    """
-    layout = Layout(data_dir)
-    folder = layout.dataset(dataset)
-    if not folder.is_dir() and fetch and not layout.dataset("aflow__Egap").is_dir():
-        fetch_datasets(data_dir)
-    if not folder.is_dir():
-        have = available(data_dir, BENCHMARK)
-        raise DataError(
-            f"dataset {dataset!r} not found: expected {folder}/ with train.csv, val.csv, test.csv. "
-            f"Available: {', '.join(have) or 'none'}"
-        )
-    return folder
-
+from crabnet.progress import say
 
 # --------------------------------------------------------------------------------------------
 # formulas
@@ -431,6 +312,17 @@ def shared_inputs(a: CompositionData, b: CompositionData) -> list[tuple[str, str
     return [(str(b.formula[j]), str(a.formula[first[pos[j]]])) for j in hit]
 
 
+BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+
+
+def text_encoding(path: Path | str) -> str:
+    """The encoding of a text file by its byte-order mark: UTF-8 with or without one, or UTF-16 (what a
+    spreadsheet's "Unicode text" export writes)."""
+    with open(path, "rb") as f:
+        head = f.read(3)
+    return next((enc for bom, enc in BOMS if head.startswith(bom)), "utf-8")
+
+
 def read_text_table(path: Path | str, columns: tuple[str, ...]) -> pd.DataFrame:
     """Read a CSV as text (no NaN conversion) and check that it has ``columns``.
 
@@ -440,15 +332,58 @@ def read_text_table(path: Path | str, columns: tuple[str, ...]) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    encoding = text_encoding(path)
     try:
-        df = pd.read_csv(path, keep_default_na=False, dtype=str)
+        df = pd.read_csv(path, keep_default_na=False, dtype=str, encoding=encoding)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: file is empty (expected a header with {', '.join(columns)})") from None
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path}: not {encoding} text (byte {err.object[err.start : err.start + 1]!r} at offset {err.start}); "
+            "save it as CSV in UTF-8 (or UTF-16 with its byte-order mark)"
+        ) from None
     df.columns = [c.strip() for c in df.columns]
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(df.columns)}")
     return df
+
+
+def _valid_rows(
+    path: Path, df: pd.DataFrame, skip_invalid: bool, verbose: bool
+) -> tuple[list[str], list[float], list[int]]:
+    """The rows of a split with a valid formula and a finite target: formulas, targets, 1-based rows.
+
+    Raises:
+        DataError: the first bad row (unless ``skip_invalid``: then the count and the first few are
+            printed), or no valid row.
+    """
+    formulas, targets, rows, bad = [], [], [], []
+    for row, (formula, target) in enumerate(zip(df["formula"], df["target"]), start=1):
+        try:
+            parse_formula(formula)  # validates; the EDM is built below
+            try:
+                value = float(target)
+            except ValueError:
+                raise DataError(f"non-numeric target {target!r}") from None
+            if not math.isfinite(value):
+                raise DataError(f"missing or non-finite target {target!r}")
+        except DataError as err:
+            msg = f"{path}, row {row}, formula {formula!r}: {err}"
+            if not skip_invalid:
+                raise DataError(msg + " (use --skip-invalid to skip such rows)") from None
+            bad.append(msg)
+            continue
+        formulas.append(formula)
+        targets.append(value)
+        rows.append(row)
+    if bad and verbose:
+        say(f"{path}: skipped {len(bad)} invalid row(s); first ones:", file=sys.stderr)
+        for msg in bad[:5]:
+            say(f"  {msg}", file=sys.stderr)
+    if not formulas:
+        raise DataError(f"{path}: no valid rows")
+    return formulas, targets, rows
 
 
 def read_split(
@@ -484,38 +419,14 @@ def read_split(
     if len(df) == 0:
         raise DataError(f"{path}: no data rows")
 
-    formulas, targets, rows, bad = [], [], [], []
-    for row, (formula, target) in enumerate(zip(df["formula"], df["target"]), start=1):
-        try:
-            parse_formula(formula)  # validates; the EDM is built below
-            try:
-                value = float(target)
-            except ValueError:
-                raise DataError(f"non-numeric target {target!r}") from None
-            if not math.isfinite(value):
-                raise DataError(f"missing or non-finite target {target!r}")
-        except DataError as err:
-            msg = f"{path}, row {row}, formula {formula!r}: {err}"
-            if not skip_invalid:
-                raise DataError(msg + " (use --skip-invalid to skip such rows)") from None
-            bad.append(msg)
-            continue
-        formulas.append(formula)
-        targets.append(value)
-        rows.append(row)
-    if bad and verbose:
-        print(f"{path}: skipped {len(bad)} invalid row(s); first ones:", file=sys.stderr)
-        for msg in bad[:5]:
-            print(f"  {msg}", file=sys.stderr)
-    if not formulas:
-        raise DataError(f"{path}: no valid rows")
+    formulas, targets, rows = _valid_rows(path, df, skip_invalid, verbose)
     target = np.array(targets, dtype=np.float64)
     data = compositions_from_formulas(formulas, target, source=str(path), rows=np.array(rows))
     data = replace(data, n_csv_rows=len(df))
     if drop_unary:
         keep = data.n_real > 1
         if verbose and (~keep).any():
-            print(f"{path.name}: dropped {int((~keep).sum())} single-element compound(s) (drop_unary)")
+            say(f"{path.name}: dropped {int((~keep).sum())} single-element compound(s) (drop_unary)")
         data, target = data.subset(keep), target[keep]
         if len(data) == 0:
             raise DataError(f"{path}: no compounds left after dropping single-element ones")
@@ -524,7 +435,7 @@ def read_split(
     if merge_duplicates:
         data = merge_same_inputs(data, target)
         if verbose and data.n_merged:
-            print(
+            say(
                 f"{path.parent.name} {path.stem}: {data.n_merged} duplicate rows merged into "
                 f"{data.n_merged_into} compositions (mean target)"
             )
@@ -576,7 +487,7 @@ def load_dataset(
         shared = shared_inputs(out["train"], out["test"])
         if shared:
             first = ", ".join(t if t == r else f"{t} (train: {r})" for t, r in shared[:5])
-            print(
+            say(
                 f"warning: {dataset}: {len(shared)} test compound(s) have the same composition as a train "
                 f"compound; first ones: {first}",
                 file=sys.stderr,
@@ -590,46 +501,9 @@ def batch_size_for(n_train: int, max_size: int = 4096) -> int:
     ``n_train`` is, as in the original code, the training CSV's number of rows before anything
     is dropped or merged (``CompositionData.n_csv_rows``).
 
-    ``max_size`` is 4096 for models and 1024 for the attention run of step 1 (SPEC §4).
+    ``max_size`` is 4096 for models and 1024 for the attention run of step 1 (docs/model-and-recipe.md#the-two-recipes).
     """
     return int(min(max_size, max(128, 2 ** round(math.log2(max(n_train, 1)) - 4))))
-
-
-__all__ = [
-    "SYMBOLS",
-    "DataError",
-    "CompositionData",
-    "parse_formula",
-    "normalise_formula",
-    "composition_row",
-    "compositions_from_formulas",
-    "input_keys",
-    "merge_same_inputs",
-    "shared_inputs",
-    "read_split",
-    "load_dataset",
-    "dataset_dir",
-    "fetch_datasets",
-    "extract_datasets",
-    "batch_size_for",
-]
-
-
-def _main() -> int:
-    """``python -m crabnet.data [--data-dir DIR]``: fetch the published datasets if missing."""
-    import argparse
-
-    p = argparse.ArgumentParser(description="Fetch the published datasets into <data-dir> if they are missing.")
-    p.add_argument("--data-dir", type=Path, default=Path("data"), help="default: %(default)s")
-    args = p.parse_args()
-    try:
-        folder = dataset_dir(args.data_dir, "aflow__Egap")
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    n = len(available(args.data_dir, BENCHMARK))
-    print(f"datasets ready: {n} benchmark sets in {folder.parent}")
-    return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -703,7 +577,3 @@ def split_files(data_dir: Path | str, kind: str, dataset: str, splits: tuple[str
     if not folds:
         raise DataError(f"{folder}/: no complete fold (expected train<k>.csv, val<k>.csv, test<k>.csv)")
     return [SplitFile(kind, dataset, s, k, folder / f"{s}{k}.csv") for k in folds for s in splits]
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())

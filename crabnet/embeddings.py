@@ -24,6 +24,7 @@ import torch
 
 from crabnet.elements import FEATURE_NAMES, N_ELEMENTS, SYMBOLS, feature_table
 from crabnet.layout import BENCHMARK_DATASETS, Layout
+from crabnet.progress import say
 from crabnet.training.model import CrabNet
 from crabnet.utils import atomic_path
 
@@ -248,17 +249,17 @@ def model_outputs_current(data_dir: Path, dataset: str, features: str, recipe) -
 def print_results(rows: list[dict]) -> None:
     """Where each model's outputs went, then its test MAE beside the published one."""
     for r in rows:
-        print(
+        say(
             f"{r['dataset']} {r['features']}: {r['n_csv']} embedding CSVs -> {r['embeddings']}/; "
             f"test predictions -> {r['predictions']}"
         )
     head = f"{'dataset':30s} {'features':8s} {'model':22s} {'n_test':>6s}"
-    print(f"\n{head} {'test MAE':>9s} {'published':>9s} {'ratio':>6s}")
+    say(f"\n{head} {'test MAE':>9s} {'published':>9s} {'ratio':>6s}")
     for r in rows:
         ref = f"{r['published']:.4g}" if r["published"] else "-"
         ratio = f"{r['test_mae'] / r['published']:.2f}" if r["published"] else "-"
         mae = f"{r['n_test']:6d} {r['test_mae']:9.4g} {ref:>9s} {ratio:>6s}"
-        print(f"{r['dataset']:30s} {r['features']:8s} {r['recipe']:22s} {mae}")
+        say(f"{r['dataset']:30s} {r['features']:8s} {r['recipe']:22s} {mae}")
 
 
 __all__ = [

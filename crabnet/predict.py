@@ -28,6 +28,7 @@ import pandas as pd
 
 from crabnet.data import compositions_from_formulas, read_text_table
 from crabnet.errors import DataError
+from crabnet.progress import say
 from crabnet.training.checkpoint import load_checkpoint
 from crabnet.training.evaluate import predict
 from crabnet.training.model import CrabNet
@@ -85,14 +86,14 @@ def main(formulas: list[str], model: Path, csv: Path | None, out: Path | None, d
             raise DataError("no formulas given (pass FORMULA arguments or --csv)")
         table = load_model(model, device).predict(formulas)
     except (DataError, FileNotFoundError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        say(f"error: {err}", file=sys.stderr)
         return 2
     if out is None:
-        print(table.to_string(index=False, float_format=lambda v: f"{v:.6g}"))
+        say(table.to_string(index=False, float_format=lambda v: f"{v:.6g}"))
     else:
         with atomic_path(out) as tmp:
             table.to_csv(tmp, index=False)
-        print(f"{len(table)} predictions -> {out}")
+        say(f"{len(table)} predictions -> {out}")
     return 0
 
 

@@ -31,10 +31,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from crabnet.data import SPLITS, read_split, split_files
+from crabnet.data import read_split, split_files
 from crabnet.elements import N_ELEMENTS, SYMBOLS
-from crabnet.layout import BENCHMARK, MATBENCH, Layout, SplitFile
+from crabnet.layout import BENCHMARK, MATBENCH, SPLITS, Layout, SplitFile
 from crabnet.plotting import save_png
+from crabnet.progress import say
 from crabnet.reference import REFERENCE_DIR
 from crabnet.utils import atomic_path
 
@@ -436,7 +437,7 @@ def write_tables(results: list[DatasetStats], data_dir: Path) -> dict[str, pd.Da
             table = merge_table(old, new, k)
             with atomic_path(path) as tmp:
                 table.to_csv(tmp, index=False, float_format="%.17g")
-            print(f"wrote {path} ({len(table)} rows)")
+            say(f"wrote {path} ({len(table)} rows)")
             if name == f"{TABLE_NAME[kind]}.csv":
                 tables[kind] = table
     return tables
@@ -460,7 +461,7 @@ def write_figures(tables: dict[str, pd.DataFrame], data_dir: Path) -> None:
         groups.append(("matbench (mean ± std over folds)", mb))
     if len(groups) == 2:
         plot_diversity(groups, "Diversity of all datasets", out / "diversity_all.png")
-    print(f"figures in {out}/")
+    say(f"figures in {out}/")
 
 
 def check_published(tables: dict[str, pd.DataFrame], reference_dir: Path) -> int:
@@ -469,7 +470,7 @@ def check_published(tables: dict[str, pd.DataFrame], reference_dir: Path) -> int
     for kind, table in tables.items():
         published = read_published(kind, reference_dir)
         if published is None:
-            print(f"published {TABLE_NAME[kind]} table not found in {reference_dir}/: comparison skipped")
+            say(f"published {TABLE_NAME[kind]} table not found in {reference_dir}/: comparison skipped")
             continue
         n, problems = compare_with_published(table, published, kind)
         bad += len(problems)
@@ -478,9 +479,9 @@ def check_published(tables: dict[str, pd.DataFrame], reference_dir: Path) -> int
             if not problems
             else f"{len(problems)} MISMATCH(ES)"
         )
-        print(f"published {TABLE_NAME[kind]} table: {n} rows compared, {verdict}")
+        say(f"published {TABLE_NAME[kind]} table: {n} rows compared, {verdict}")
         for line in problems[:20]:
-            print(f"  {line}")
+            say(f"  {line}")
     return bad
 
 

@@ -23,10 +23,7 @@ from crabnet.data import compositions_from_formulas
 from crabnet.training.recipe import build_model
 
 FORMULAS = ["Fe2O3", "NaCl", "Li0.5Co0.5O2", "Al2MgO4", "K", "BaTiO3", "LiFePO4", "Cu3Zn"]
-CONFIGS = {
-    "small, 4 heads": dict(d_model=32, n_heads=4, d_ff=64, head_dims=(32, 16)),
-    "published size": {},
-}
+CONFIGS = {"small, 4 heads": dict(d_model=32, n_heads=4, d_ff=64, head_dims=(32, 16)), "published size": {}}
 ATOL = 2e-6
 
 

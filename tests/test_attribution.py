@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from reference_attribution import leave_one_out, shapley_from_values
 from torch import nn
 
 import crabnet.training.model
@@ -27,9 +28,7 @@ from crabnet.explain.attribution import (
     is_exact,
     replay_layers,
     shapley,
-    shapley_from_values,
 )
-from crabnet.explain.faithfulness import leave_one_out
 from crabnet.training.model import EncoderLayer
 from crabnet.training.recipe import Scaler, build_model
 from crabnet.utils import seed_everything

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 from crabnet.data import (
-    DataError,
     batch_size_for,
     compositions_from_formulas,
-    extract_datasets,
     load_dataset,
     normalise_formula,
     parse_formula,
     read_split,
 )
+from crabnet.errors import DataError
+from crabnet.fetch import extract_datasets
 from crabnet.utils import file_sha256
 
 
@@ -164,7 +164,7 @@ def test_extract_checks_sha_and_extracts(tmp_path):
 def test_fetch_failure_gives_manual_instructions(tmp_path, monkeypatch):
     import subprocess
 
-    from crabnet import data as data_mod
+    from crabnet import fetch as data_mod
 
     def failing_run(cmd, **kw):
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version (network unreachable)")
@@ -247,3 +247,21 @@ def test_batch_size_counts_csv_rows_before_drops(tmp_path):
         precision="fp32",
     )
     assert hist.steps == -(-2890 // 256)  # batches of 256: one epoch of ceil(2890 / 256) steps
+
+
+def test_csv_encodings_read_or_one_clear_error(tmp_path):
+    """A spreadsheet's "Unicode text" export (UTF-16 with a byte-order mark) and UTF-8 with a BOM read as
+    plain UTF-8 does; other bytes are one DataError naming the file and the encoding, not a traceback."""
+    text = "formula,target\nFe2O3,1.5\nNaCl,2.0\n"
+    plain = read_split(_write_bytes(tmp_path / "plain.csv", text.encode("utf-8")), verbose=False)
+    for name, raw in (("utf16.csv", text.encode("utf-16")), ("bom.csv", text.encode("utf-8-sig"))):
+        got = read_split(_write_bytes(tmp_path / name, raw), verbose=False)
+        assert list(got.formula) == list(plain.formula) and np.array_equal(got.target, plain.target), name
+    latin = _write_bytes(tmp_path / "latin1.csv", "formula,target,note\nFe2O3,1.5,café\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.csv: not utf-8 text .*save it as CSV in UTF-8"):
+        read_split(latin, verbose=False)
+
+
+def _write_bytes(path, raw: bytes):
+    path.write_bytes(raw)
+    return path

@@ -94,7 +94,7 @@ def test_choice_spans_the_error_range(tmp_path):
 
 
 def run_main(data_dir: Path, *args: str) -> int:
-    argv = ["--data-dir", str(data_dir), "--dataset", "synth", "--workers", "1", "--dpi", "40", *args]
+    argv = ["--data-dir", str(data_dir), "--dataset", "synth", "--scheduler", "sequential", "--dpi", "40", *args]
     return run(gav.main, gav.parse_args(argv))  # as the script runs: usage errors -> exit 2
 
 

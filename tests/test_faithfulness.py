@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 import zarr
+from reference_attribution import leave_one_out
 from scipy.stats import kendalltau
 from torch import nn
 
@@ -24,7 +25,6 @@ from crabnet.explain.faithfulness import (
     faithfulness_paths,
     faithfulness_table,
     kendall_tau,
-    leave_one_out,
     plot_faithfulness,
     positive_share,
     random_pick,
@@ -252,8 +252,8 @@ def test_store_without_attribution_still_reads_and_step2_says_so(tmp_path, capsy
         str(tmp_path),
         "--dataset",
         "synth",
-        "--workers",
-        "1",
+        "--scheduler",
+        "sequential",
         "--dpi",
         "40",
         "--formula",
@@ -400,8 +400,8 @@ def test_step2_writes_faithfulness_csv_and_figure_and_report_shows_them(tmp_path
         str(tmp_path),
         "--dataset",
         "synth",
-        "--workers",
-        "1",
+        "--scheduler",
+        "sequential",
         "--dpi",
         "40",
         "--formula",

@@ -127,7 +127,7 @@ def test_checkpoint_suits_recipe():
 
 
 def test_encoder_layers_start_identical():
-    """As nn.TransformerEncoder does: one layer initialised, then copied (SPEC §4)."""
+    """As nn.TransformerEncoder does: one layer initialised, then copied (docs/model-and-recipe.md)."""
     torch.manual_seed(4)
     model = build_model("mat2vec")
     first = model.layers[0].state_dict()

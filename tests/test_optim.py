@@ -175,8 +175,8 @@ def test_swa_reset_outside_the_band_holds_the_reset_weights_alone():
     assert swa.swap() and p.item() == pytest.approx(42.0)
 
 
-class _SpecSWA:
-    """The CrabNet SWA rule written out from SPEC §4, on numpy vectors, independent of crabnet.training.optim."""
+class _DocSWA:
+    """The CrabNet SWA rule written out from docs/model-and-recipe.md on numpy vectors, apart from the package."""
 
     def __init__(self, size: int, minimum: float = 1e9, maximum: float = 1e9):
         self.buffer = np.zeros(size)
@@ -221,7 +221,7 @@ def test_swa_equals_the_rule_written_out_from_the_spec(name):
     rng = np.random.default_rng(len(maes))
     ws = rng.normal(size=(len(maes), 5))  # (steps, weights)
     p = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
-    ours, spec = SWA([p]), _SpecSWA(5, minimum, maximum)
+    ours, spec = SWA([p]), _DocSWA(5, minimum, maximum)
     ours.minimum, ours.maximum = minimum, maximum
     for m, w in zip(maes, ws):
         p.data.copy_(torch.from_numpy(w))

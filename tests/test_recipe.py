@@ -1,4 +1,4 @@
-"""The recipe inside ``fit`` (SPEC §4): learning-rate schedule, SWA average, early stopping, precision."""
+"""The recipe inside ``fit`` (docs/model-and-recipe.md): learning-rate cycle, SWA average, early stop, precision."""
 
 from __future__ import annotations
 

@@ -15,9 +15,10 @@ from test_videos import write_store
 
 import generate_attention_videos as gav
 from crabnet.oxidation import SplitFormulas, write_split
+from crabnet.plotting import write_learning_curve
 from crabnet.training.checkpoint import save_checkpoint
 from crabnet.training.recipe import Recipe, Scaler, build_model, recipe_dict
-from crabnet.web.report import refresh_report, write_learning_curve, write_report
+from crabnet.web.report import refresh_report, write_report
 
 SMALL = {"d_model": 32, "n_heads": 2, "d_ff": 64, "head_dims": (32, 16)}
 
@@ -139,8 +140,8 @@ def data_dir(tmp_path_factory) -> Path:
         str(root),
         "--dataset",
         "synth",
-        "--workers",
-        "1",
+        "--scheduler",
+        "sequential",
         "--dpi",
         "40",
         "--formula",

@@ -26,17 +26,9 @@ import numpy as np
 import pytest
 from test_videos import DPI, C, write_store
 
+from crabnet.explain.frames import FrameRenderer, VideoInput, merge_frames
 from crabnet.explain.store import AttentionStore
-from crabnet.explain.video import (
-    KINDS,
-    FrameRenderer,
-    VideoInput,
-    VideoJob,
-    find_ffmpeg,
-    merge_frames,
-    render_job,
-    video_paths,
-)
+from crabnet.explain.video import KINDS, VideoJob, find_ffmpeg, render_job, video_paths
 
 LUMA = np.array([0.299, 0.587, 0.114])  # BT.601, as ffmpeg converts RGB to yuv420p and back by default
 TEXT_TOL = 32  # luma levels: largest difference allowed anywhere in the changing text

@@ -12,13 +12,10 @@ import pytest
 
 import generate_attention_videos as gav
 from crabnet.data import compositions_from_formulas
+from crabnet.explain.frames import HIGHLIGHT, AttentionFigure, ProgressFigure, VideoInput
 from crabnet.explain.store import AttentionStore, AttentionWriter
 from crabnet.explain.video import (
-    HIGHLIGHT,
-    AttentionFigure,
-    ProgressFigure,
     VideoError,
-    VideoInput,
     VideoJob,
     ffmpeg_writer,
     find_ffmpeg,
@@ -31,6 +28,7 @@ from crabnet.explain.video import (
     video_paths,
 )
 from crabnet.jobs.cli import run
+from crabnet.jobs.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMULAS = ["Hf1O2", "Gd2O7Ti2", "P1W3", "Fe2O3", "Al1Gd1O3"]
@@ -84,7 +82,7 @@ def history_input(path: Path, key, layers=(0,)) -> VideoInput:
 
 
 def run_main(data_dir: Path, *args: str) -> int:
-    argv = ["--data-dir", str(data_dir), "--dataset", "synth", "--workers", "1", "--dpi", str(DPI), *args]
+    argv = ["--data-dir", str(data_dir), "--dataset", "synth", "--scheduler", "sequential", "--dpi", str(DPI), *args]
     return run(gav.main, gav.parse_args(argv))  # as the script runs: usage errors -> exit 2
 
 
@@ -250,14 +248,14 @@ def test_pool_runs_jobs_and_names_failing_compound(store_dir):
     path = store_dir / "attention" / "synth" / "attention.zarr"
     out = store_dir / "videos"
     jobs = [VideoJob(history_input(path, i), video_paths(out, FORMULAS[i], [0], L), fps=10, dpi=30) for i in (0, 3)]
-    results = run_jobs(jobs, workers=2, progress=False)
+    results = run_jobs(jobs, Engine(threads_per_job=1))
     assert [r["merged"].name for r in results] == ["Hf1O2.mp4", "Fe2O3.mp4"]
     assert all(
         probe_video(p, count_frames=False).duration == pytest.approx(0.5, abs=0.02) for r in results for p in r.values()
     )
     jobs[1].preset = "no-such-preset"
     with pytest.raises(VideoError, match=r"Fe2O3[\s\S]*ffmpeg failed"):
-        run_jobs(jobs, workers=2, progress=False)
+        run_jobs(jobs, Engine(threads_per_job=1))
 
 
 def test_safe_names_and_ffmpeg_found():
@@ -272,7 +270,7 @@ def test_help_states_defaults_and_next_step(capsys):
         gav.parse_args(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    assert "default: 10" in out and "guess_oxidation.py" in out and "--workers" in out and "default: 0" in out
+    assert "default: 10" in out and "guess_oxidation.py" in out and "--scheduler" in out
 
 
 @pytest.mark.slow

@@ -15,9 +15,8 @@ Three attributions that do not read the attention maps:
   above, a permutation-sampling estimate (``n_samples`` random orders, seeded per compound), which
   keeps Σ_i φ_i = prediction − baseline exactly, since each order's marginal contributions
   telescope. Every sub-compound of a batch is predicted once, however many compounds (or repeats
-  of one compound) share it. The leave-one-element-out attribution of
-  :func:`crabnet.explain.faithfulness.leave_one_out` (times the scaler's std) is v(N ∖ {i}) − v(N), one of
-  the same coalitions: :func:`coalition_attribution` returns it too at no extra forward pass.
+  of one compound) share it. The leave-one-element-out attribution (times the scaler's std) is
+  v(N ∖ {i}) − v(N), one of the same coalitions: :func:`coalition_attribution` returns it too at no extra forward pass.
 - **Contribution** (:func:`contribution`): the exact decomposition of the prediction over the
   elements, read from the output head (see :func:`contribution_from_head` for the derivation).
 - **Head ablation** (:func:`head_ablation`): for every layer l and head h, the predictions of the
@@ -35,7 +34,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -111,41 +110,6 @@ def permutation_estimate(orders: np.ndarray, prefix_values: np.ndarray) -> np.nd
     phi = np.zeros(orders.shape[1])
     np.add.at(phi, orders, marginal)
     return phi / len(orders)
-
-
-def shapley_from_values(
-    value: Callable[[np.ndarray], np.ndarray],
-    k: int,
-    *,
-    max_exact: int = MAX_EXACT,
-    n_samples: int = N_SAMPLES,
-    seed: int = 0,
-) -> np.ndarray:
-    """Shapley values of a k-player game given by a value function (the core of :func:`shapley`).
-
-    Args:
-        value: maps coalitions (m, k) bool (True = member; a row of False is the empty coalition)
-            to their values (m,); called once.
-        k: number of players.
-        max_exact: exact over all 2^k coalitions up to this many players, else sampled.
-        n_samples: random orders of the sampled estimate (``numpy.random.default_rng(seed)``).
-        seed: seed of the orders.
-
-    Returns:
-        (k,) float64 Shapley values (Σ = v(all) − v(∅), exactly in both modes up to rounding).
-    """
-    if k == 0:
-        return np.zeros(0)
-    if k > 62 or (k <= max_exact and k > MAX_EXACT_LIMIT):
-        raise ValueError(f"{k} players: exact up to {MAX_EXACT_LIMIT}, sampled up to 62 (63-bit masks)")
-    if k <= max_exact:
-        masks = np.arange(1 << k, dtype=np.int64)  # (2^k,)
-        return exact_from_table(np.asarray(value(_bits(masks, k)), dtype=np.float64)[None])[0]
-    orders = _orders(np.random.default_rng(seed), n_samples, k)  # (P, k)
-    prefixes = _prefix_masks(orders)  # (P, k + 1)
-    unique, inverse = np.unique(prefixes, return_inverse=True)
-    values = np.asarray(value(_bits(unique, k)), dtype=np.float64)[inverse.reshape(prefixes.shape)]
-    return permutation_estimate(orders, values)
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,8 +231,8 @@ class CoalitionAttribution:
     Attributes:
         shapley: (n, E) Shapley values; Σ over a compound = prediction − baseline; 0 at padding.
         leave_one_out: (n, E) v(N ∖ {i}) − v(N): the prediction without the element (other
-            fractions renormalised) minus the full one, as :func:`crabnet.explain.faithfulness.leave_one_out`
-            times the scaler's std; 0 at padding and for single-element compounds.
+            fractions renormalised) minus the full one, times the scaler's std; 0 at padding and for
+            single-element compounds.
         exact: (n,) True where the Shapley values are exact (k ≤ max_exact), False where sampled.
         prediction: (n,) v(N), the prediction of each compound.
         rows: distinct sub-compounds that went through the model (the full compounds included

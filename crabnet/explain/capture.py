@@ -7,17 +7,24 @@ The store it writes is described in :mod:`crabnet.explain.store`.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from crabnet.data import CompositionData
+from crabnet.data import CompositionData, load_dataset
 from crabnet.explain.attribution import coalition_attribution, contribution_from_head, head_ablation
 from crabnet.explain.store import ATTRIBUTIONS, HEAD_SAMPLE, PER_COMPOUND, AttentionWriter, partial_path
+from crabnet.jobs import distributed
+from crabnet.layout import Layout
+from crabnet.progress import say
+from crabnet.training.checkpoint import new_model, save_trained
 from crabnet.training.model import CrabNet
 from crabnet.training.recipe import Recipe, Scaler
+from crabnet.utils import resolve_device
 
 
 @dataclass(frozen=True)
@@ -166,39 +173,25 @@ def attention_job(
     into the dataset's attention store, which is then finalised; the model is saved (kept as
     ``…__attention.pt`` beside a full-recipe checkpoint). The training state is saved beside the store
     (``<store>.state.pt``): the same job started again goes on from there (``force`` starts afresh).
+    Under torchrun every rank runs this job and they train together; rank 0 alone writes.
 
     Args:
         data_dir: the ``--data-dir`` root (a shared filesystem when the job runs on a cluster).
         recipe: the training recipe (epochs, batch size and learning-rate cycle already set).
-        settings: the store's settings (``dataset``, ``features``, ``split``, ``capture``,
-            ``capture_every``, ``epochs``, ``seed``, ``drop_unary``, ``precision``, …), kept in its
-            attributes and compared by the script's up-to-date check.
+        settings: the store's settings, kept in its attributes and compared by the up-to-date check.
         device: ``cpu``, ``cuda`` or ``cuda:N``.
         force: discard staged captures and a saved training state.
         skip_invalid: skip bad rows (reported) instead of raising.
 
-    Under torchrun (docs/distributed.md) every rank runs this job and they train the model together;
-    rank 0 alone captures and writes the store, the checkpoint and the training state.
-
     Returns:
-        ``store``, ``checkpoint`` (paths as text), ``n_captures``, ``n_compounds``, ``reorganise_s``,
-        ``epochs_run``, ``train_s``, ``val_mae`` (last epoch), ``test_mae`` and ``swa`` (SWA weights kept);
-        on ranks other than 0 only ``store``, ``checkpoint``, ``epochs_run``, ``train_s``, ``val_mae``,
-        ``test_mae`` and ``swa``.
+        ``store``, ``checkpoint`` (paths as text), ``epochs_run``, ``train_s``, ``val_mae`` (last epoch),
+        ``test_mae``, ``swa`` (SWA weights kept), and on rank 0 ``n_captures``, ``n_compounds``, ``reorganise_s``.
 
     Raises:
         KeyboardInterrupt: after saying where the captures are staged.
         Preempted: SIGTERM; the training state was saved (the message names the staged captures).
         DataError: a bad row (unless ``skip_invalid``).
     """
-    import time
-
-    from crabnet.data import load_dataset
-    from crabnet.jobs import distributed
-    from crabnet.layout import Layout
-    from crabnet.training.checkpoint import new_model, save_trained
-    from crabnet.utils import resolve_device
-
     dataset, features, split, seed = settings.dataset, settings.features, settings.split, settings.seed
     capture, capture_every = settings.capture, settings.capture_every
     store = Layout(data_dir).attention_store(dataset)
@@ -206,7 +199,7 @@ def attention_job(
     with distributed.main_first():  # rank 0 fetches the datasets if they are missing
         splits = load_dataset(data_dir, dataset, drop_unary=settings.drop_unary, skip_invalid=skip_invalid)
     model, scaler = new_model(features, splits, dev, seed)
-    print(
+    say(
         f"{dataset}: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test; "
         f"{features}, {model.n_params():,} parameters, {settings.epochs} epochs on {dev}; capturing {split} "
         f"({len(splits[split])} compounds) every {capture if capture_every == 1 else f'{capture_every} steps'}"
@@ -229,27 +222,27 @@ def attention_job(
     }
     if writer is None:  # a rank other than 0: rank 0 writes the store
         return result
+    return {**result, **_finish(writer, state_path, hist, meta["test_mae"])}
+
+
+def _finish(writer: AttentionWriter, state_path: Path, hist: Any, test_mae: float) -> dict:
+    """Drop the training state and write the final store; what that took."""
     state_path.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    writer.finalize(_run_attrs(hist, meta["test_mae"]))
-    return {
-        **result,
-        "n_captures": writer.n_captures,
-        "n_compounds": len(splits[split]),
-        "reorganise_s": time.perf_counter() - t0,
-    }
+    writer.finalize(_run_attrs(hist, test_mae))
+    return {"n_captures": writer.n_captures, "n_compounds": writer.n, "reorganise_s": time.perf_counter() - t0}
 
 
 def print_result(r: dict, store: Path) -> None:
     """What :func:`attention_job` made (or that the store was up to date)."""
     if r.get("up_to_date"):
-        print(f"{store} is up to date (same settings); use --force to recompute")
+        say(f"{store} is up to date (same settings); use --force to recompute")
         return
-    print(
+    say(
         f"attention: {r['n_captures']} captures x {r['n_compounds']} compounds -> {r['store']} "
         f"(reorganised in {r['reorganise_s']:.1f} s)"
     )
-    print(
+    say(
         f"model -> {r['checkpoint']}\n{r['epochs_run']} epochs in {r['train_s']:.1f} s; "
         f"val MAE {r['val_mae']:.4g} (last epoch), test MAE {r['test_mae']:.4g} "
         f"({'SWA weights' if r['swa'] else 'last weights'})"
@@ -269,7 +262,7 @@ def _fit_capturing(model, splits, scaler, recipe, settings: CaptureSettings, rec
                    precision=settings.precision, desc=desc, state_path=state_path,
                    state_key=settings.as_dict())  # fmt: skip
     except KeyboardInterrupt:
-        print(
+        say(
             f"\ninterrupted: captures staged in {staged} (incomplete, not used by later steps); "
             f"the same command goes on from the last saved epoch ({state_path.name})",
             file=sys.stderr,
@@ -290,7 +283,6 @@ def _open_capture(
     force: bool,
 ) -> tuple[AttentionWriter | None, AttentionRecorder | None]:
     """The store's writer and the training callback that captures into it (on rank 0 only; else None, None)."""
-    from crabnet.jobs import distributed
     from crabnet.training.recipe import recipe_dict
 
     if not distributed.is_main():  # under torchrun rank 0 alone captures (the others wait in the next step)
@@ -306,8 +298,6 @@ def _open_capture(
 
 def _run_attrs(hist, test_mae: float) -> dict:
     """What the finished store says of the training that made it."""
-    from crabnet.jobs import distributed
-
     return {
         "epochs_run": hist.epochs_run,
         "stopped_early": hist.stopped_early,

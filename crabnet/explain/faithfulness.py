@@ -3,9 +3,9 @@
 Attribution (computed during capture, stored as ``attribution (n, c, E)`` in ``attention.zarr``):
 for every real element j of a compound with at least two elements, the prediction of the compound
 with j removed and the remaining fractions renormalised to sum 1, minus the prediction of the full
-compound, in target units. 0 at padding and for single-element compounds. :func:`leave_one_out`
-builds all variants of a batch at once and runs them in eval mode without autograd, in float32
-outside any autocast region, and draws no random numbers, so it never changes training.
+compound, in target units. 0 at padding and for single-element compounds; computed with the Shapley
+values from the same sub-compounds (:func:`crabnet.explain.attribution.coalition_attribution`), in eval
+mode without autograd, drawing no random numbers, so it never changes training.
 
 Attention-based importance of element j (k real elements, fractions f, L layers, H heads):
 
@@ -78,6 +78,7 @@ from typing import Any
 import numpy as np
 
 from crabnet.layout import Layout
+from crabnet.progress import say
 
 IMPORTANCES = ("attention", "rollout", "shuffled", "fraction")  # the columns of the table, in this order
 PAIRED = ("attention", "rollout")  # compared with the fraction-only control compound by compound
@@ -98,65 +99,6 @@ BLOCK_BYTES = 64 << 20  # faithfulness_table reads about this many bytes of atte
 
 # --------------------------------------------------------------------------------------------
 # attribution
-
-
-def leave_one_out(model: Any, elements, fractions, full=None, max_rows: int = 4096):
-    """Leave-one-element-out effect on the raw model output for a batch of compounds.
-
-    Every (compound, real element) pair of a compound with ≥ 2 elements becomes one variant: the
-    element is removed, the other fractions are divided by their sum, and the remaining elements
-    keep their order. Identical variants (e.g. the single elements left by the binary compounds)
-    run once, and variants run in groups of equal size trimmed to their width (padding slots cost
-    as much as real ones), in chunks of ``max_rows`` rows, through ``model(elements, fractions)``
-    without autograd in float32 (autocast disabled). The model should be in eval mode.
-
-    Args:
-        model: a :class:`crabnet.training.model.CrabNet` (or anything with the same ``__call__``).
-        elements: (b, E) long tensor of atomic numbers, 0 = padding (real elements first).
-        fractions: (b, E) float tensor.
-        full: (b,) raw output column 0 of the full compounds if already computed (else computed).
-        max_rows: largest number of variants in one forward pass.
-
-    Returns:
-        (b, E) float64 tensor on the CPU: output without the element minus the full output, in the
-        model's (scaled) units; multiply by the scaler's std for target units. 0 at padding and
-        for single-element compounds.
-    """
-    import torch
-
-    device = elements.device
-    with torch.no_grad(), torch.autocast(device.type, enabled=False):
-        fractions = fractions.float()
-        if full is None:
-            full = model(elements, fractions)[:, 0]
-        keep = elements > 0
-        valid = keep & (keep.sum(1, keepdim=True) >= 2)
-        rows, slots = valid.nonzero(as_tuple=True)  # (m,) compound and slot of each variant
-        effect = torch.zeros(elements.shape, dtype=torch.float64)
-        if len(rows) == 0:
-            return effect
-        ar = torch.arange(len(rows), device=device)
-        el = elements[rows].clone()
-        fr = fractions[rows].clone()
-        el[ar, slots] = 0
-        fr[ar, slots] = 0.0
-        fr = fr / fr.sum(1, keepdim=True).clamp_min(1e-12)
-        order = torch.argsort((el == 0).to(torch.int8), dim=1, stable=True)  # real elements first, in order
-        el, fr = el.gather(1, order), fr.gather(1, order)
-        key = torch.cat([el, fr.view(torch.int32).long()], dim=1)  # exact identity of a variant
-        unique, inverse = torch.unique(key, dim=0, return_inverse=True)
-        u_el = unique[:, : el.shape[1]]
-        u_fr = unique[:, el.shape[1] :].int().view(torch.float32)
-        width = (u_el > 0).sum(1)
-        out_u = torch.empty(len(unique), dtype=torch.float64)
-        for w in torch.unique(width).tolist():
-            idx = (width == w).nonzero(as_tuple=True)[0]
-            for a in range(0, len(idx), max_rows):
-                part = idx[a : a + max_rows]
-                out_u[part.cpu()] = model(u_el[part, :w].contiguous(), u_fr[part, :w].contiguous())[:, 0].double().cpu()
-        out = out_u[inverse.cpu()]
-        effect[rows.cpu(), slots.cpu()] = out - full.double().cpu()[rows.cpu()]
-    return effect
 
 
 # --------------------------------------------------------------------------------------------
@@ -638,26 +580,26 @@ def refresh_faithfulness(
     what it did and the table's first and last capture."""
     csv, png = faithfulness_paths(data_dir, dataset)
     if not store.has_attribution:
-        print(
+        say(
             f"faithfulness: {store.path} has no attribution (made before it was captured); "
             f"run get_training_attention.py --force for {csv.name}"
         )
         return
     if not force and _up_to_date(store, csv, png, store_time):
-        print(f"faithfulness: {csv} is up to date (--force recomputes)")
+        say(f"faithfulness: {csv} is up to date (--force recomputes)")
         return
     t0 = time.perf_counter()
     table, csv, png = write_faithfulness(store, data_dir, dataset, seed=seed)
-    print(
+    say(
         f"faithfulness ({time.perf_counter() - t0:.1f} s) -> {csv}, {png}\n"
         f"  Kendall tau(|attribution|, importance) over {int(table['n_tau'].iloc[0])} compounds with >= 3 "
         f"elements, top-1 agreement over {int(table['n_top1'].iloc[0])} with >= 2 (mean ± SE):\n"
         + "\n".join("  " + line for line in summary_rows(table).splitlines())
     )
     if has_shapley_columns(table):
-        print(
+        say(
             "  with |Shapley| as the reference, and the sign test (share of compounds whose picked element "
             "has Shapley value > 0):\n" + "\n".join("  " + line for line in shapley_summary_rows(table).splitlines())
         )
     elif not getattr(store, "has_shapley", False):
-        print("  (no Shapley values in this store, made before they were captured: no Shapley-referenced columns)")
+        say("  (no Shapley values in this store, made before they were captured: no Shapley-referenced columns)")

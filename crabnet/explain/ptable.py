@@ -41,6 +41,7 @@ import numpy as np
 from crabnet.elements import N_ELEMENTS, SYMBOLS
 from crabnet.explain.faithfulness import BLOCK_BYTES, attention_importance, refresh_faithfulness
 from crabnet.layout import Layout
+from crabnet.progress import say
 
 EMPTY = "#eef1f5"  # tiles of elements without a value
 
@@ -426,7 +427,7 @@ def refresh_ptables(
         data_dir, dataset, _inputs_time(store_time, data_dir, dataset, store)
     )
     if fresh and not force:
-        print(f"periodic tables: {csv} and the figures are newer than their inputs, kept (--force recomputes)")
+        say(f"periodic tables: {csv} and the figures are newer than their inputs, kept (--force recomputes)")
         return
     t0 = time.perf_counter()
     table, csv, pngs = write_ptables(store, data_dir, dataset)
@@ -437,7 +438,7 @@ def refresh_ptables(
         "test_mae": f"no {layout.predictions(dataset, str(store.attrs.get('features', 'mat2vec')))} (step 4)",
     }
     missing = [f"{q}: {why.get(q, 'no data')}" for q in QUANTITIES if q not in pngs]
-    print(
+    say(
         f"periodic tables ({time.perf_counter() - t0:.1f} s, {len(table)} elements) -> {csv}, "
         f"{layout.ptable_figures(dataset)}/: {', '.join(pngs)}" + "".join(f"\n  no {m}" for m in missing)
     )

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from crabnet.data import SPLITS, load_dataset
+from crabnet.data import load_dataset
 from crabnet.explain.capture import capture_split
 from crabnet.explain.faithfulness import faithfulness_table, shapley_summary_rows, summary_rows
 from crabnet.explain.store import AttentionStore, AttentionWriter
-from crabnet.layout import Layout
+from crabnet.layout import SPLITS, Layout
+from crabnet.progress import say
 from crabnet.training.checkpoint import load_checkpoint
 from crabnet.utils import atomic_path, resolve_device
 
@@ -67,8 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(model: Path, dataset: str, split: str, data_dir: Path, device: str) -> int:
     store, csv, table = explain_checkpoint(model, data_dir, dataset, split, device)
-    print(f"{store} and {csv}\n" + summary_rows(table, captures=(0,)))
-    print("with |Shapley| as the reference, and the sign test:\n" + shapley_summary_rows(table, captures=(0,)))
+    say(f"{store} and {csv}\n" + summary_rows(table, captures=(0,)))
+    say("with |Shapley| as the reference, and the sign test:\n" + shapley_summary_rows(table, captures=(0,)))
     return 0
 
 

@@ -9,7 +9,7 @@ L layers, H heads, E element slots:
     attribution (n, c, E) leave-one-element-out effect on the prediction, target units: the
                           prediction with the element removed (other fractions renormalised)
                           minus the full one; 0 at padding and for single-element compounds
-                          (:func:`crabnet.explain.faithfulness.leave_one_out`); absent in older stores
+                          (from :func:`crabnet.explain.attribution.coalition_attribution`); absent in older stores
     shapley (n, c, E)     exact Shapley values of the elements (:func:`crabnet.explain.attribution.shapley`; a
                           coalition's value = the prediction for its sub-compound, fractions
                           renormalised; the empty one = the training mean): they sum to the prediction
@@ -47,7 +47,7 @@ import crabnet
 from crabnet.data import CompositionData, normalise_formula, parse_formula
 from crabnet.elements import ATOMIC_NUMBER, SYMBOLS
 from crabnet.errors import DataError
-from crabnet.progress import bar
+from crabnet.progress import bar, say
 from crabnet.utils import atomic_path, remove_path
 
 STAGING_CHUNK_BYTES = 8 << 20  # staging chunk: this many bytes of one capture
@@ -235,7 +235,7 @@ class AttentionWriter:
         c = self.n_captures
         with_attr = self.attr is not None and not self.attr_missing
         if self.attr is not None and self.attr_missing and len(self.attr_missing) < c:
-            print(
+            say(
                 f"warning: {len(self.attr_missing)} of {c} captures have no attribution; "
                 f"{self.path.name} is written without it"
             )

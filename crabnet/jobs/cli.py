@@ -1,4 +1,4 @@
-"""Command-line flags shared by the workflow scripts (SPEC §2)."""
+"""Command-line flags shared by the workflow scripts (docs/steps.md)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from crabnet.errors import JobsFailed, UsageError
 from crabnet.jobs.signals import EXIT_CODE, Preempted, install_stop_handler, uninstall_stop_handler
+from crabnet.progress import say
 
 # the dataset every step's --quick uses, so that the demo steps chain (make demo)
 DEMO_DATASET = "aflow__ael_bulk_modulus_vrh"
@@ -87,7 +88,7 @@ def add_training(parser: argparse.ArgumentParser, *, recipe: str = "immi", epoch
         "--recipe",
         default=recipe,
         choices=["immi", "npj"],
-        help="training recipe (SPEC §4): immi = the explainability paper's code (learning rate "
+        help="training recipe (docs/model-and-recipe.md): immi = the explainability paper's code (learning rate "
         "cycles every 2 epochs), npj = the CrabNet paper's (every 20 epochs; gave the "
         f"published MAEs) (default: {recipe})",
     )
@@ -133,16 +134,16 @@ def run(main: Callable[..., int], args: argparse.Namespace) -> int:
             check_writable(args.data_dir)
         return main(**vars(args))
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
+        say(f"error: {err}", file=sys.stderr)
         return 2
     except Preempted as err:
-        print(f"stopped: {err}", file=sys.stderr, flush=True)
+        say(f"stopped: {err}", file=sys.stderr)
         return EXIT_CODE
     except JobsFailed as err:  # some of a step's jobs failed for good (crabnet.jobs.engine); the others finished
-        print(f"error: {err}\nthe other jobs' results are kept; run again to retry the failed ones", file=sys.stderr)
+        say(f"error: {err}\nthe other jobs' results are kept; run again to retry the failed ones", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # every step writes finished work at once (caches, checkpoints, state files)
-        print("\ninterrupted: finished work is kept; run the same command again to resume", file=sys.stderr)
+        say("\ninterrupted: finished work is kept; run the same command again to resume", file=sys.stderr)
         return 130
     finally:
         if installed:

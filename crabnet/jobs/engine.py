@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from crabnet.errors import JobsFailed, UsageError
+from crabnet.progress import duration, say
 from crabnet.utils import available_cpus
 
 PLAN_LOG_ENV = "CRABNET_PLAN_LOG"  # --plan appends its totals here (make paper-plan)
@@ -238,7 +239,7 @@ def run_jobs(
         return None
     todo = [j for j in jobs if not j.done]
     if len(jobs) > len(todo):
-        print(f"{len(jobs) - len(todo)} of {len(jobs)} {what} up to date, not scheduled")
+        say(f"{len(jobs) - len(todo)} of {len(jobs)} {what} up to date, not scheduled")
     remote = engine.scheduler_file is not None or engine.scheduler not in ("local", "sequential")
     if todo and _under_torchrun(remote):
         _run_ranks(todo, engine.threads_per_job, what, on_result)
@@ -248,7 +249,7 @@ def run_jobs(
             engine.scheduler == "sequential" or workers == 1 and not any(j.gpu for j in todo) or len(todo) == 1
         ):
             threads = engine.threads_per_job or available_cpus()
-            print(f"running {len(todo)} {what} in this process, {threads} thread(s) each")
+            say(f"running {len(todo)} {what} in this process, {threads} thread(s) each")
             _run_here(todo, threads, on_result)
         else:
             with _client(engine, todo) as client:
@@ -258,20 +259,20 @@ def run_jobs(
 
 def print_plan(jobs: list[Job], what: str = "jobs") -> None:
     """One line per job (done or to run, estimated hours) and the totals, for ``--plan``."""
-    print(f"{'job':<44} {'state':<8} {'estimate':>12}")
+    say(f"{'job':<44} {'state':<8} {'estimate':>12}")
     for j in jobs:
         est = "-" if j.done else (f"{j.cost_s / 3600:8.2f} {'GPU' if j.gpu else 'core'}-h" if j.cost_s else "unknown")
-        print(f"{j.name:<44} {'done' if j.done else 'to run':<8} {est:>12}")
+        say(f"{j.name:<44} {'done' if j.done else 'to run':<8} {est:>12}")
     todo = [j for j in jobs if not j.done]
     cpu = sum(j.cost_s for j in todo if not j.gpu)
     gpu = sum(j.cost_s for j in todo if j.gpu)
     cores = available_cpus()
     longest = max((j.cost_s for j in todo), default=0.0)
-    print(
+    say(
         f"total: {len(jobs)} {what}, {len(jobs) - len(todo)} done, {len(todo)} to run: "
         + (
-            f"{cpu / 3600:.2f} core-hours (about {_hms(max(cpu / cores, longest))} on this machine's {cores} "
-            f"core(s); the longest job {_hms(longest)})"
+            f"{cpu / 3600:.2f} core-hours (about {duration(max(cpu / cores, longest))} on this machine's {cores} "
+            f"core(s); the longest job {duration(longest)})"
             if cpu or not gpu
             else ""
         )
@@ -383,9 +384,7 @@ def _end_worker_process() -> None:
     signal handler can be changed, so the process exits directly."""
     from crabnet.jobs.signals import EXIT_CODE
 
-    print(
-        f"worker {os.getpid()} on {socket.gethostname()} stops after SIGTERM; its job will resume elsewhere", flush=True
-    )
+    say(f"worker {os.getpid()} on {socket.gethostname()} stops after SIGTERM; its job will resume elsewhere")
     sys.stderr.flush()
     os._exit(EXIT_CODE)
 
@@ -499,10 +498,9 @@ def _run_ranks(
 
     threads = threads or distributed.threads_per_rank()
     if distributed.is_main():
-        print(
+        say(
             f"running {len(jobs)} {what} on {distributed.world_size()} torchrun ranks together, "
-            f"{threads} thread(s) per rank",
-            flush=True,
+            f"{threads} thread(s) per rank"
         )
     for job in jobs:
         job.result = call_job(job.fn, job.kwargs, threads)["result"]
@@ -518,15 +516,7 @@ def _progress_line(done: int, total: int, running: int, failed: int, name: str, 
     """One plain line per finished job: counts, its time and an ETA over the jobs left."""
     left = total - done - failed
     eta = elapsed / max(done + failed, 1) * left if left else 0.0
-    print(
-        f"[{done}/{total} done, {running} running, {failed} failed, ETA {_hms(eta)}] {name} ({_hms(seconds)})",
-        flush=True,
-    )
-
-
-def _hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+    say(f"[{done}/{total} done, {running} running, {failed} failed, ETA {duration(eta)}] {name} ({duration(seconds)})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -559,7 +549,7 @@ def _client(engine: Engine, jobs: list[Job]) -> Iterator[Any]:
             try:
                 client.register_plugin(_save_on_sigterm())
             except Exception as err:
-                print(f"note: workers will not save training state on SIGTERM ({err})")
+                say(f"note: workers will not save training state on SIGTERM ({err})")
             yield client
     finally:
         if cluster is not None:
@@ -579,7 +569,7 @@ def _local_cluster(engine: Engine, jobs: list[Job]) -> Any:
     resources = None
     if any(j.gpu for j in jobs):
         workers, resources = engine.jobs_per_gpu, {"GPU": 1}
-    print(f"starting a Dask LocalCluster: {workers} worker process(es) x 1 job, {threads} thread(s) per job")
+    say(f"starting a Dask LocalCluster: {workers} worker process(es) x 1 job, {threads} thread(s) per job")
     return local_cluster(workers, threads, resources)
 
 
@@ -622,7 +612,7 @@ def _jobqueue_cluster(name: str, n_jobs: int) -> Any:
             f"~/.config/dask/jobqueue.yaml (jobqueue: {name}: cores, memory, …) or as "
             f"DASK_JOBQUEUE__{name.upper()}__CORES=… variables"
         ) from None
-    print(f"submitting {n_jobs} {name} job(s) through dask-jobqueue ({JOBQUEUE[name]})")
+    say(f"submitting {n_jobs} {name} job(s) through dask-jobqueue ({JOBQUEUE[name]})")
     # n worker jobs kept alive: a job cancelled or preempted by the queue is replaced, and its training
     # resumes there from its state file (scale() alone would leave it waiting for another worker to finish)
     cluster.adapt(minimum_jobs=n_jobs, maximum_jobs=n_jobs)
@@ -656,7 +646,7 @@ def _run_dask(
             )
         )
     index = {f.key: i for i, f in enumerate(futures)}
-    print(f"submitted {len(jobs)} {what} to the Dask scheduler at {client.scheduler.address}", flush=True)
+    say(f"submitted {len(jobs)} {what} to the Dask scheduler at {client.scheduler.address}")
     failures: list[tuple[str, str]] = []
     done, t0 = 0, time.perf_counter()
     for fut in as_completed(futures):
@@ -664,7 +654,7 @@ def _run_dask(
         if fut.status == "error":
             err = fut.exception()
             tb = "".join(traceback.format_tb(fut.traceback())) if fut.traceback() is not None else ""
-            print(f"job {jobs[i].name} failed: {_error_text(err)}\n{tb}", file=sys.stderr, flush=True)
+            say(f"job {jobs[i].name} failed: {_error_text(err)}\n{tb}", file=sys.stderr)
             failures.append((jobs[i].name, _error_text(err)))
         else:
             out = fut.result()
@@ -698,4 +688,4 @@ def _running(client: Any, futures: list[Any]) -> int:
 if __name__ == "__main__":  # python -m crabnet.jobs.engine --plan-total LOG (make paper-plan)
     _p = argparse.ArgumentParser(description="Totals of the --plan runs logged to LOG.")
     _p.add_argument("--plan-total", type=Path, required=True, metavar="LOG")
-    print(plan_total(_p.parse_args().plan_total))
+    say(plan_total(_p.parse_args().plan_total))

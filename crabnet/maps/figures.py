@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from crabnet.elements import ATOMIC_NUMBER, SYMBOLS, feature_frame
 from crabnet.maps.projection import marker_style
 from crabnet.plotting import save_html, save_png
+from crabnet.progress import say
 
 UNKNOWN_COLOUR = "#bdbdbd"
 
@@ -311,32 +313,14 @@ def plot_html(
         horizontal_spacing=0.05,
         vertical_spacing=0.08,
     )
+    first = specs[0]
+    marker = {"size": size, "opacity": opacity, **{k: first[k] for k in ("color", "colorscale", "cmin", "cmax")},
+              "colorbar": first["colorbar"]}  # fmt: skip
     for i, layer in enumerate(layers):
         xy = coords[layer]
-        first = specs[0]
-        fig.add_trace(
-            go.Scattergl(
-                x=xy[:, 0],
-                y=xy[:, 1],
-                mode="markers",
-                text=hover,
-                hoverinfo="text",
-                name=row_label(layer),
-                marker={
-                    "size": size,
-                    "opacity": opacity,
-                    "color": first["color"],
-                    "colorscale": first["colorscale"],
-                    "cmin": first["cmin"],
-                    "cmax": first["cmax"],
-                    "colorbar": first["colorbar"],
-                    "showscale": i == len(layers) - 1,
-                },
-                showlegend=False,
-            ),
-            row=i // cols + 1,
-            col=i % cols + 1,
-        )
+        trace = go.Scattergl(x=xy[:, 0], y=xy[:, 1], mode="markers", text=hover, hoverinfo="text", showlegend=False,
+                             name=row_label(layer), marker={**marker, "showscale": i == len(layers) - 1})  # fmt: skip
+        fig.add_trace(trace, row=i // cols + 1, col=i % cols + 1)
     buttons = _colouring_buttons(colourings, specs)
     fig.update_layout(
         title=title,
@@ -353,9 +337,29 @@ def plot_html(
                 "yanchor": "bottom",
                 "pad": {"b": 30},
             }
-        ],
+        ],  # fmt: skip
         margin={"t": 110},
     )
     fig.update_xaxes(showticklabels=False)
     fig.update_yaxes(showticklabels=False)
     return save_html(fig, path, js=js)
+
+
+# the columns and heading of the summary table steps 6 and 7 print
+LOCAL_SUMMARY = (
+    ["dataset", "atom", "layer", "n_compounds", "n_known_ox", "n_ox_classes", "majority_share", "knn_acc_repr",
+     "knn_acc_umap", "knn_acc_shuffled", "knn_bacc_repr", "knn_bacc_umap", "knn_bacc_shuffled", "trustworthiness"],
+    "kNN (k=10) accuracy (acc) and balanced accuracy (bacc) of the rounded oxidation state in the "
+    "value vectors (repr) and the 2-D UMAP; shuffled = labels permuted:",
+)  # fmt: skip
+GLOBAL_SUMMARY = (
+    ["dataset", "layer", "layer_is", "n_compounds", "knn_r2_repr", "knn_r2_umap", "knn_r2_shuffled", "trustworthiness"],
+    "kNN (k=10) R² of the target from the pooled vectors (cosine) and from the 2-D UMAP; shuffled = targets permuted:",
+)
+
+
+def print_table(table: Any, columns: list[str], heading: str) -> None:
+    """The summary columns of every dataset (a pandas DataFrame), printed at the end of a step."""
+    if len(table):
+        say(f"\n{heading}")
+        say(table[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))

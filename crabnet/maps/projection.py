@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from crabnet.errors import UmapParamError
+from crabnet.progress import say
 from crabnet.utils import atomic_path
 
 METRICS = ("euclidean", "cosine", "manhattan", "correlation", "chebyshev")
@@ -136,7 +137,7 @@ def fit_umap(x: np.ndarray, params: UmapParams) -> np.ndarray:
         text = str(w.message)
         if "Spectral initialisation failed" in text:
             # small or disconnected neighbour graphs (few compounds): UMAP starts from random positions
-            print(f"    (UMAP: spectral initialisation failed for {len(x)} points; random initialisation used)")
+            say(f"    (UMAP: spectral initialisation failed for {len(x)} points; random initialisation used)")
         elif "gradient function is not yet implemented" not in text:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return coords

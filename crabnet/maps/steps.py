@@ -30,7 +30,6 @@ The submitting process (:func:`local_maps`, :func:`global_maps`) merges each dat
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -57,6 +56,7 @@ from crabnet.maps.projection import (
 )
 from crabnet.maps.vectors import RepresentationStore, collect, open_store
 from crabnet.oxidation import load_oxidation, oxidation_path, oxidation_states
+from crabnet.progress import say
 from crabnet.training.checkpoint import ensure_model
 from crabnet.training.model import CrabNet
 from crabnet.training.recipe import Recipe, Scaler
@@ -266,9 +266,7 @@ def merge_summaries(
         ]
         out_dir = Layout(s.data_dir).umap(kind, ds)
         update_summary(out_dir / "summary.csv", mine, keys)
-        print(
-            f"{ds}: coordinates -> {out_dir}/, summary -> {out_dir / 'summary.csv'} ({time.perf_counter() - t0:.1f} s)"
-        )
+        say(f"{ds}: coordinates -> {out_dir}/, summary -> {out_dir / 'summary.csv'} ({time.perf_counter() - t0:.1f} s)")
         tables.append(pd.DataFrame(mine).assign(dataset=ds))
     return pd.concat(tables, ignore_index=True)
 
@@ -363,7 +361,7 @@ def local_prepare_job(
     Raises:
         UsageError: naming the dataset (bad ``layers``, missing split, …).
     """
-    print(f"{dataset} ({s.split}, {s.features}):")
+    say(f"{dataset} ({s.split}, {s.features}):")
     seed_everything(s.seed)
     with dataset_errors(dataset):
         p = prepare(s, dataset, "plot_local_edm_umap.py")
@@ -372,7 +370,7 @@ def local_prepare_job(
         keep = [a for a in atoms if counts[a] >= 2 * n_neighbors]
         for a in atoms:
             if a not in keep:
-                print(
+                say(
                     f"  skipping {a}: in {counts[a]} {s.split} compound(s) of {dataset}, fewer than "
                     f"2·n_neighbors = {2 * n_neighbors}"
                 )
@@ -385,13 +383,13 @@ def local_prepare_job(
             batch_size=s.batch_size,
             device=s.device,
         )
-    print(
+    say(
         f"  vectors of {len(keep)} atoms x {len(layers)} layers ready in {time.perf_counter() - p.t0:.1f} s "
         f"({p.store.folder})"
     )
     ox_file = oxidation_path(s.data_dir, dataset, s.split)
     if load_oxidation(ox_file) is None:
-        print(
+        say(
             f"  no oxidation guesses at {ox_file} (run guess_oxidation.py --dataset {dataset} --split {s.split}); "
             f"oxidation states shown grey"
         )
@@ -435,42 +433,21 @@ def local_atom_job(
     frac = comp.fractions[idx, pos].astype(np.float64)
     target, pred = comp.target[idx], comp.prediction[idx]
     ox = oxidation_states(guesses, comp.formula[idx], atom)
+    table = pd.DataFrame({"row": comp.row[idx], "formula": comp.formula[idx], "fraction": frac, "target": target,
+                          "prediction": pred, "oxidation_state": ox})  # fmt: skip
     coords = {}
     for layer in layers:
         x = p_store.local(z, layer)
         params = local_params(layer, n_neighbors, min_dist, min_dist_layer0, s.umap_seed)
         coords[layer], seconds = _projected(x, params, p_store, f"local__{atom}__layer{layer}")
         m = local_metrics(np.asarray(x), coords[layer], ox, seed=s.seed)
-        rows.append(
-            {
-                "features": s.features,
-                "split": s.split,
-                "atom": atom,
-                "layer": layer,
-                **m,
-                "n_neighbors": params.n_neighbors,
-                "min_dist": params.min_dist,
-                "umap_seconds": seconds,
-            }
-        )
-        write_csv(
-            pd.DataFrame(
-                {
-                    "row": comp.row[idx],
-                    "formula": comp.formula[idx],
-                    "fraction": frac,
-                    "target": target,
-                    "prediction": pred,
-                    "oxidation_state": ox,
-                    "umap_x": coords[layer][:, 0],
-                    "umap_y": coords[layer][:, 1],
-                }
-            ),
-            out_dir / f"{s.features}__{s.split}__{atom}__layer{layer}.csv",
-        )
+        umap = {"n_neighbors": params.n_neighbors, "min_dist": params.min_dist, "umap_seconds": seconds}
+        rows.append({"features": s.features, "split": s.split, "atom": atom, "layer": layer, **m, **umap})
+        xy = {"umap_x": coords[layer][:, 0], "umap_y": coords[layer][:, 1]}
+        write_csv(table.assign(**xy), out_dir / f"{s.features}__{s.split}__{atom}__layer{layer}.csv")
     stem = fig_dir / f"{s.features}__{s.split}__{atom}"
     _draw_local_atom(coords, comp.formula[idx], atom, frac, target, pred, ox, stem, dataset, s)
-    print(
+    say(
         f"  {dataset} {atom}: {len(idx)} compounds, {int(np.isfinite(ox).sum())} with an oxidation guess -> "
         f"{stem}.png/.html"
     )
@@ -573,7 +550,7 @@ def global_prepare_job(
     Raises:
         UsageError: naming the dataset (bad ``layers``, UMAP settings that do not fit the split, …).
     """
-    print(f"{dataset} ({s.split}, {s.features}):")
+    say(f"{dataset} ({s.split}, {s.features}):")
     seed_everything(s.seed)
     with dataset_errors(dataset):
         p = prepare(s, dataset, "plot_global_edm_umap.py")
@@ -586,7 +563,7 @@ def global_prepare_job(
         collect(
             p.model, p.data, p.scaler, p.store.folder, global_layers=layers, batch_size=s.batch_size, device=s.device
         )
-    print(
+    say(
         f"  pooled vectors of {n} compounds x {len(layers)} layer inputs ready in "
         f"{time.perf_counter() - p.t0:.1f} s ({p.store.folder})"
     )
@@ -635,7 +612,7 @@ def global_layer_job(s: MapSettings, dataset: str, store: str, layer: int, n_lay
         ),
         Layout(s.data_dir).umap("global", dataset) / f"{s.features}__{s.split}__layer{layer}.csv",
     )
-    print(
+    say(
         f"  {dataset} layer {layer}: UMAP {'(cached)' if np.isnan(seconds) else f'{seconds:.1f} s'}, "
         f"kNN R² {m['knn_r2_repr']:.3f}"
     )
@@ -691,48 +668,8 @@ def global_draw_job(
         s,
         row_label=lambda l: f"encoder output (layer {l})" if l == n_layers else f"layer {l} input",
     )
-    print(f"  {dataset}: figures -> {stem}.png/.html")
+    say(f"  {dataset}: figures -> {stem}.png/.html")
     return str(stem)
 
 
 # the columns and heading of the summary table each step prints
-LOCAL_SUMMARY = (
-    [
-        "dataset",
-        "atom",
-        "layer",
-        "n_compounds",
-        "n_known_ox",
-        "n_ox_classes",
-        "majority_share",
-        "knn_acc_repr",
-        "knn_acc_umap",
-        "knn_acc_shuffled",
-        "knn_bacc_repr",
-        "knn_bacc_umap",
-        "knn_bacc_shuffled",
-        "trustworthiness",
-    ],
-    (
-        "kNN (k=10) accuracy (acc) and balanced accuracy (bacc) of the rounded oxidation state in the "
-        "value vectors (repr) and the 2-D UMAP; shuffled = labels permuted:"
-    ),
-)
-
-
-# the columns and heading of the summary table each step prints
-GLOBAL_SUMMARY = (
-    ["dataset", "layer", "layer_is", "n_compounds", "knn_r2_repr", "knn_r2_umap", "knn_r2_shuffled", "trustworthiness"],
-    (
-        "kNN (k=10) R² of the target from the pooled vectors (cosine) and from the 2-D UMAP; "
-        "shuffled = targets permuted:"
-    ),
-)
-
-
-def print_table(table: pd.DataFrame, columns: list[str], heading: str) -> None:
-    """The summary columns of every dataset, printed at the end of a step."""
-    if len(table):
-        print(f"\n{heading}")
-        print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    sys.stdout.flush()

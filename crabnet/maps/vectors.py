@@ -1,6 +1,6 @@
 """Representations of compounds and atoms inside a trained CrabNet, collected in one pass and cached.
 
-Two kinds of vectors are collected (SPEC §6 steps 6 and 7):
+Two kinds of vectors are collected (steps 6 and 7, docs/steps.md):
 
 - **local** (per atom): the value vector V of layer ``l`` at the position of one element inside
   every compound that contains it, V = x_l·W_in^T + b_in (last ``d_model`` channels of the
@@ -38,10 +38,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from crabnet.data import CompositionData
 from crabnet.layout import Layout
+from crabnet.progress import bar
 from crabnet.training.model import CrabNet
 from crabnet.training.recipe import Scaler
 from crabnet.utils import atomic_path, file_sha256, remove_path
@@ -332,31 +332,8 @@ def collect(
     targets, rows_of = _open_writers(folder, elements, model.cfg.d_model, want_local, want_global)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
-    n = len(data)
-    prediction = np.empty(n, dtype=np.float64)
-    layers_needed = sorted({l for l, _ in want_local} | set(want_global))
-    bar = tqdm(
-        range(0, n, batch_size),
-        desc="representations",
-        unit="batch",
-        dynamic_ncols=True,
-        disable=None if progress is None else not progress,
-    )
     try:
-        for start in bar:
-            stop = min(n, start + batch_size)
-            el = torch.as_tensor(elements[start:stop], dtype=torch.long, device=device)  # (b, E)
-            fr = torch.as_tensor(np.asarray(data.fractions[start:stop]), dtype=torch.float32, device=device)
-            out = model.forward_internals(el, fr, hidden=bool(layers_needed))
-            prediction[start:stop] = out.output[:, 0].double().cpu().numpy()
-            for l in layers_needed:
-                h = out.hidden[l]  # (b, E, D)
-                if l in want_global:
-                    targets[global_name(l)].append(pool_elements(h, el > 0).float().cpu().numpy())
-                zs = [z for (ll, z) in want_local if ll == l]
-                if zs:
-                    _append_local(targets, value_vectors(model, h, l), elements[start:stop], start, l, zs, rows_of)
-            del out
+        prediction = _pass(model, data, device, batch_size, progress, want_local, want_global, targets, rows_of)
         for name in list(targets):
             w = targets.pop(name)
             w.close()
@@ -366,6 +343,28 @@ def collect(
     if need_compounds:
         _write_compounds(folder, data, scaler, prediction)
     return store
+
+
+def _pass(model, data, device, batch_size, progress, want_local, want_global, targets, rows_of) -> np.ndarray:
+    """The inference pass of :func:`collect`: vectors appended to ``targets``; returns the predictions (n,)."""
+    elements, n = np.asarray(data.elements), len(data)  # (n, E)
+    prediction = np.empty(n, dtype=np.float64)
+    layers_needed = sorted({l for l, _ in want_local} | set(want_global))
+    for start in bar(range(0, n, batch_size), progress, desc="representations", unit="batch", dynamic_ncols=True):
+        stop = min(n, start + batch_size)
+        el = torch.as_tensor(elements[start:stop], dtype=torch.long, device=device)  # (b, E)
+        fr = torch.as_tensor(np.asarray(data.fractions[start:stop]), dtype=torch.float32, device=device)
+        out = model.forward_internals(el, fr, hidden=bool(layers_needed))
+        prediction[start:stop] = out.output[:, 0].double().cpu().numpy()
+        for l in layers_needed:
+            h = out.hidden[l]  # (b, E, D)
+            if l in want_global:
+                targets[global_name(l)].append(pool_elements(h, el > 0).float().cpu().numpy())
+            zs = [z for (ll, z) in want_local if ll == l]
+            if zs:
+                _append_local(targets, value_vectors(model, h, l), elements[start:stop], start, l, zs, rows_of)
+        del out
+    return prediction
 
 
 def open_store(

@@ -15,7 +15,7 @@ import pandas as pd
 
 REFERENCE_DIR = Path(__file__).resolve().parent
 PUBLISHED_MAE = REFERENCE_DIR / "published_test_mae.csv"
-# The atoms of the paper's local-EDM figures (IMMI 2022, step 6 of SPEC §6).
+# The atoms of the paper's local-EDM figures (IMMI 2022, step 6; docs/steps.md).
 PAPER_ATOMS = tuple("Al Fe O C B N Ti Cu Li W Na Si Ag Te As Cr Pt Tl Sb".split())
 # Column of the published MAE table for each element representation.
 PUBLISHED_COLUMN = {"mat2vec": "crabnet", "onehot": "hotcrab"}

@@ -10,6 +10,7 @@ import crabnet
 from crabnet.data import CompositionData
 from crabnet.jobs import distributed
 from crabnet.layout import Layout
+from crabnet.progress import say
 from crabnet.training.evaluate import mae, predict
 from crabnet.training.loop import fit
 from crabnet.training.model import CrabNet, CrabNetConfig
@@ -217,9 +218,9 @@ def ensure_model(
         model, scaler, meta = load_checkpoint(path, device)
         if checkpoint_suits(meta, recipe):
             kind = f"full {meta['full_recipe']} recipe" if meta.get("full_recipe") else "short run"
-            print(f"using {path} ({kind}, test MAE {meta.get('test_mae', float('nan')):.4g})")
+            say(f"using {path} ({kind}, test MAE {meta.get('test_mae', float('nan')):.4g})")
             return model, scaler, meta
-        print(f"{path} was not trained with the full {recipe.name} recipe: training it again")
+        say(f"{path} was not trained with the full {recipe.name} recipe: training it again")
     return train_and_save(
         data_dir, dataset, features, recipe, device=device, seed=seed, written_by=written_by, precision=precision
     )

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from crabnet.progress import say
+
 EXPECTED_EPOCHS = {"immi": 45, "npj": 240}  # a full recipe's epochs until its early stop (observed, see above)
 PROBE_ROWS, PROBE_VAL, PROBE_BATCH = 1536, 1024, 256
 
@@ -116,11 +118,11 @@ def cached_rates(data_dir: Path, device: str = "cpu", precision: str = "auto") -
             table = {}
     if key in table:
         return Rates(**table[key])
-    print(f"measuring training rates on {device} ({precision}) for the plan: a few seconds, once per machine")
+    say(f"measuring training rates on {device} ({precision}) for the plan: a few seconds, once per machine")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     rates = measure_rates(device, precision)
     if load > available_cpus() - 0.5 and device == "cpu":  # other work shared the cores: rates too slow
-        print(
+        say(
             f"note: the machine was busy (load average {load:.1f} on {available_cpus()} cores); the estimates "
             "may be high and the rates are not kept"
         )

@@ -208,13 +208,7 @@ def _resume(run: _Run) -> tuple[bool, int, dict]:
         _seed_rank(run, run.rank)
         return False, 0, {}
     run.hist, start, partial = restore_training_state(
-        state,
-        run.model,
-        run.optimizer,
-        run.swa,
-        run.gen,
-        run.noise_gen,
-        run.callback if run.stateful else None,
+        state, run.model, run.optimizer, run.swa, run.gen, run.noise_gen, run.callback if run.stateful else None
     )
     run.t_resumed = run.hist.seconds
     if run.world > 1:

@@ -8,8 +8,8 @@
 - ``Lookahead``: every ``k`` steps the slow weights move ``alpha`` of the way to the fast weights
   and the fast weights are reset to them. As in the original code the slow copy is made at the
   *first* sync from the fast weights of that moment, so the first sync changes nothing.
-- ``SWA``: the CrabNet averaging rule (SPEC §4): below 98 % of the last reset level the average
-  restarts from the current weights, and every weight set within 1 % of the best validation error
+- ``SWA``: the CrabNet averaging rule (docs/model-and-recipe.md#the-swa-rule): below 98 % of the last reset
+  level the average restarts from the current weights, and every weight set within 1 % of the best validation error
   is added with decay (1/(n+1))^(1/3).
 - ``triangular_lr``: the triangular cyclic schedule, stepped per batch.
 """
@@ -290,7 +290,7 @@ class Lookahead:
 
 
 class SWA:
-    """The CrabNet stochastic weight averaging rule (original ``SWA.update_swa``; SPEC §4).
+    """The CrabNet stochastic weight averaging rule (original ``SWA.update_swa``; docs/model-and-recipe.md).
 
     ``update(m)`` is called with the validation error m of the current weights:
 

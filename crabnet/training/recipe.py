@@ -22,7 +22,7 @@ from crabnet.training.model import CrabNet, CrabNetConfig
 
 @dataclass
 class Recipe:
-    """Training settings. Build them with :func:`make_recipe` ("immi" or "npj", SPEC §4)."""
+    """Training settings. Build them with :func:`make_recipe` ("immi" or "npj", docs/model-and-recipe.md)."""
 
     name: str = "immi"  # which published recipe these settings start from
     epochs: int = 300
@@ -44,8 +44,8 @@ class Recipe:
         return self.name in RECIPES and self == make_recipe(self.name, eval_batch_size=self.eval_batch_size)
 
 
-# The two published recipes (SPEC §4): "npj" gave the published MAEs (Wang et al. 2021); "immi" is
-# the default of the explainability paper's scripts (learning rate cycles every 2 epochs).
+# The two published recipes (docs/model-and-recipe.md#the-two-recipes): "npj" gave the published MAEs
+# (Wang et al. 2021); "immi" is the default of the explainability paper's scripts (learning rate cycles every 2 epochs).
 RECIPES = {"immi": {"epochs_step": 1}, "npj": {"epochs_step": 10}}
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from crabnet.errors import UsageError
+from crabnet.progress import say
 from crabnet.training.model import CrabNet
 from crabnet.training.optim import SWA, Lookahead
 from crabnet.utils import atomic_path
@@ -130,7 +131,7 @@ def load_training_state(path: Path | str, key: dict) -> dict | None:
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("key") != key:
-        print(f"ignoring {path}: it was saved by a run with other settings")
+        say(f"ignoring {path}: it was saved by a run with other settings")
         return None
     return state
 

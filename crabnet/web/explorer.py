@@ -144,11 +144,29 @@ def _spread(n_groups_sizes: dict[int, int], n: int) -> dict[int, int]:
     return quota
 
 
+def _sample(store: Any, key_of: Any, seen: set[str], n: int) -> list[int]:
+    """``n`` rows not ``seen``, spread over the numbers of elements and, within each, over the final error."""
+    n_elements = (np.asarray(store.elements) > 0).sum(axis=1)
+    err = final_errors(store)
+    first_row: dict[str, int] = {}
+    for i in range(len(store)):
+        first_row.setdefault(key_of(i), i)
+    groups: dict[int, list[int]] = {}
+    for key, i in first_row.items():
+        if key not in seen:
+            groups.setdefault(int(n_elements[i]), []).append(i)
+    quota = _spread({k: len(v) for k, v in groups.items()}, n)
+    picked: list[int] = []
+    for k, members in groups.items():
+        if quota[k]:
+            ranked = sorted(members, key=lambda i: (err[i], i))
+            picks = np.unique(np.rint(np.linspace(0, len(ranked) - 1, quota[k])).astype(int))
+            picked.extend(ranked[p] for p in picks)
+    return sorted(picked, key=lambda i: (int(n_elements[i]), store.formulas[i], i))
+
+
 def choose_compounds(
-    store: Any,
-    dataset: str = "",
-    rows: Sequence[int] = (),
-    n_others: int = DEFAULT_EXPLORE,
+    store: Any, dataset: str = "", rows: Sequence[int] = (), n_others: int = DEFAULT_EXPLORE
 ) -> list[tuple[int, str]]:
     """Rows of a store to embed in the explorer, each with its group, in the order of the page's list.
 
@@ -187,25 +205,7 @@ def choose_compounds(
         add(int(i), "chosen")
     if n_others <= 0:
         return chosen
-    n_elements = (np.asarray(store.elements) > 0).sum(axis=1)
-    err = final_errors(store)
-    first_row: dict[str, int] = {}
-    for i in range(len(store)):
-        first_row.setdefault(key_of(i), i)
-    candidates = [i for key, i in first_row.items() if key not in seen]
-    groups: dict[int, list[int]] = {}
-    for i in candidates:
-        groups.setdefault(int(n_elements[i]), []).append(i)
-    quota = _spread({k: len(v) for k, v in groups.items()}, n_others)
-    picked: list[int] = []
-    for k, members in groups.items():
-        q = quota[k]
-        if q == 0:
-            continue
-        ranked = sorted(members, key=lambda i: (err[i], i))
-        picks = np.unique(np.rint(np.linspace(0, len(ranked) - 1, q)).astype(int))
-        picked.extend(ranked[p] for p in picks)
-    picked.sort(key=lambda i: (int(n_elements[i]), store.formulas[i], i))
+    picked = _sample(store, key_of, seen, n_others)
     chosen.extend((i, "sample") for i in picked)
     return chosen
 

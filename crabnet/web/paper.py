@@ -120,81 +120,87 @@ def _learned_correlations(layout: Layout, d: str, f: str) -> bool:
 
 
 def paper_checks(root: Path, metas: dict[Path, dict] | None = None) -> list[Check]:
-    """The paper's steps and datasets (SPEC §6), each judged by whether its outputs exist under ``root``."""
+    """The paper's steps and datasets (docs/steps.md), each judged by whether its outputs exist under ``root``."""
     layout = Layout(root)
-    models = [(d, f) for d in BENCHMARK_DATASETS for f in MODEL_NAMES]
     full = {(d, f) for d, f, _, _ in full_recipe_models(root, metas)}
-    folds = _matbench_folds()
+    return _training_checks(layout, full) + _analysis_checks(layout, full)
+
+
+def _training_checks(layout: Layout, full: set[tuple[str, str]]) -> list[Check]:
+    """Steps 1 to 4: the attention run, its videos, the oxidation guesses, the full-recipe models."""
+    models = [(d, f) for d in BENCHMARK_DATASETS for f in MODEL_NAMES]
     dataset, epochs = PAPER_STORE
     store = layout.attention_store(dataset) / "zarr.json"
     attrs = _store_attrs(store) if store.is_file() else {}
+    guessed = layout.oxidation_guesses
+    done = bool(attrs.get("complete")) and int(attrs.get("epochs") or 0) >= epochs
+    videos = {"videos": any(layout.videos(dataset).glob("*.mp4")), "explorer": layout.explorer(dataset).is_file()}
+    return [
+        Check(1, f"{dataset}: attention captured over {epochs} epochs", {dataset: done}),
+        Check(2, f"{dataset}: videos and the attention explorer", videos),
+        Check(3, "oxidation guesses: the 18 benchmark sets, all splits",
+              {f"{d} {s}": guessed(d, s).is_file() for d in BENCHMARK_DATASETS for s in SPLITS}),
+        Check(3, "oxidation guesses: the matbench sets, all folds and splits",
+              {f"{d} {s}{k}": guessed(d, f"{s}{k}").is_file() for d, k in _matbench_folds() for s in SPLITS}),
+        Check(4, "full-recipe models: the 18 sets × CrabNet (mat2vec) and HotCrab (onehot)",
+              {f"{d} {MODEL_NAMES[f]}": (d, f) in full for d, f in models}),
+        Check(4, "Q/K/V element embeddings of those models",
+              {f"{d} {MODEL_NAMES[f]}": (d, f) in full and layout.embedding(f, d, 0, "Q").is_file()
+               for d, f in models}),
+    ]  # fmt: skip
+
+
+def _analysis_checks(layout: Layout, full: set[tuple[str, str]]) -> list[Check]:
+    """Steps 5 to 8: correlations, the local and global UMAPs, the statistics."""
+    models = [(d, f) for d in BENCHMARK_DATASETS for f in MODEL_NAMES]
+    corr, learned = layout.correlation_figures(), partial(_learned_correlations, layout)
     bench_rows = _table_keys(layout.stats_table(BENCHMARK), fold=False)
     matbench_rows = _table_keys(layout.stats_table(MATBENCH), fold=True)
-    corr = layout.correlation_figures()
-    learned = partial(_learned_correlations, layout)
 
     def figure(scope: str, d: str, name: str) -> bool:
         return any((layout.umap_figures(scope, d) / f"{f}__test{name}.png").is_file() for f in MODEL_NAMES)
 
+    tables = ("oliynyk", "magpie", "jarvis", "mat2vec", "onehot")
     return [
-        Check(
-            1,
-            f"{dataset}: attention captured over {epochs} epochs",
-            {dataset: bool(attrs.get("complete")) and int(attrs.get("epochs") or 0) >= epochs},
-        ),
-        Check(
-            2,
-            f"{dataset}: videos and the attention explorer",
-            {"videos": any(layout.videos(dataset).glob("*.mp4")), "explorer": layout.explorer(dataset).is_file()},
-        ),
-        Check(
-            3,
-            "oxidation guesses: the 18 benchmark sets, all splits",
-            {f"{d} {s}": layout.oxidation_guesses(d, s).is_file() for d in BENCHMARK_DATASETS for s in SPLITS},
-        ),
-        Check(
-            3,
-            "oxidation guesses: the matbench sets, all folds and splits",
-            {f"{d} {s}{k}": layout.oxidation_guesses(d, f"{s}{k}").is_file() for d, k in folds for s in SPLITS},
-        ),
-        Check(
-            4,
-            "full-recipe models: the 18 sets × CrabNet (mat2vec) and HotCrab (onehot)",
-            {f"{d} {MODEL_NAMES[f]}": (d, f) in full for d, f in models},
-        ),
-        Check(
-            4,
-            "Q/K/V element embeddings of those models",
-            {f"{d} {MODEL_NAMES[f]}": (d, f) in full and layout.embedding(f, d, 0, "Q").is_file() for d, f in models},
-        ),
-        Check(
-            5,
-            "correlation of the five element tables",
-            {n: (corr / f"{n}.png").is_file() for n in ("oliynyk", "magpie", "jarvis", "mat2vec", "onehot")},
-        ),
-        Check(
-            5,
-            "correlation of every learned Q/K/V embedding",
-            {f"{d} {MODEL_NAMES[f]}": learned(d, f) for d, f in models},
-        ),
-        Check(
-            6,
-            f"local EDM UMAP: {PAPER_LOCAL} test, the paper's {len(PAPER_ATOMS)} atoms",
-            {a: figure("local", PAPER_LOCAL, f"__{a}") for a in PAPER_ATOMS},
-        ),
+        Check(5, "correlation of the five element tables", {n: (corr / f"{n}.png").is_file() for n in tables}),
+        Check(5, "correlation of every learned Q/K/V embedding",
+              {f"{d} {MODEL_NAMES[f]}": learned(d, f) for d, f in models}),
+        Check(6, f"local EDM UMAP: {PAPER_LOCAL} test, the paper's {len(PAPER_ATOMS)} atoms",
+              {a: figure("local", PAPER_LOCAL, f"__{a}") for a in PAPER_ATOMS}),
         Check(7, "global EDM UMAP: the four OQMD test sets", {d: figure("global", d, "") for d in PAPER_GLOBAL}),
         Check(8, "statistics: the 18 benchmark sets", {d: d in bench_rows for d in BENCHMARK_DATASETS}),
-        Check(
-            8, "statistics: the matbench sets, every fold", {f"{d} fold {k}": (d, k) in matbench_rows for d, k in folds}
-        ),
-    ]
+        Check(8, "statistics: the matbench sets, every fold",
+              {f"{d} fold {k}": (d, k) in matbench_rows for d, k in _matbench_folds()}),
+    ]  # fmt: skip
+
+
+STATS_HEAD = ["samples", "published", "train diversity", "published", "val diversity", "published (their test column)",
+              "test diversity", "published (their val column)", "all 12 columns"]  # fmt: skip
+
+
+def _stats_rows(ours, published, key: list[str], kind: str) -> list[list]:
+    """Rows of ours beside the published statistics (the published val and test columns are swapped)."""
+    from crabnet.stats import compare_with_published
+
+    mine, rows = ours.set_index(key), []
+    for i, pub in published.iterrows():
+        k = tuple(pub[c] for c in key) if len(key) > 1 else pub[key[0]]
+        if k not in mine.index:
+            continue
+        _, problems = compare_with_published(ours[(ours[key] == pub[key]).all(axis=1)], published.loc[[i]], kind)
+        row = mine.loc[k]
+        rows.append([*(k if isinstance(k, tuple) else (k,)), row["samples_total"], pub["samples_total"],
+                     row["train_diversity"], pub["train_diversity"], row["val_diversity"], pub["test_diversity"],
+                     row["test_diversity"], pub["val_diversity"],
+                     "✓ equal" if not problems else f"{len(problems)} column(s) differ"])  # fmt: skip
+    return rows
 
 
 def _stats_comparison(root: Path) -> str:
     """Our step-8 statistics beside the published ones, for every dataset (and fold) step 8 has written."""
     import pandas as pd
 
-    from crabnet.stats import COLUMNS, compare_with_published, read_published
+    from crabnet.stats import COLUMNS, read_published
 
     out = []
     for kind, label in ((BENCHMARK, "benchmark sets"), (MATBENCH, "matbench folds")):
@@ -207,49 +213,12 @@ def _stats_comparison(root: Path) -> str:
         if not set(key + COLUMNS) <= set(ours.columns):
             out.append(_part("stats_mismatch", path=_esc(path.relative_to(root).as_posix())))
             continue
-        mine = ours.set_index(key)
-        rows = []
-        for i, pub in published.iterrows():
-            k = tuple(pub[c] for c in key) if len(key) > 1 else pub[key[0]]
-            if k not in mine.index:
-                continue
-            _, problems = compare_with_published(ours[(ours[key] == pub[key]).all(axis=1)], published.loc[[i]], kind)
-            row = mine.loc[k]
-            rows.append(
-                [
-                    *(k if isinstance(k, tuple) else (k,)),
-                    row["samples_total"],
-                    pub["samples_total"],
-                    row["train_diversity"],
-                    pub["train_diversity"],
-                    row["val_diversity"],
-                    pub["test_diversity"],
-                    row["test_diversity"],
-                    pub["val_diversity"],
-                    "✓ equal" if not problems else f"{len(problems)} column(s) differ",
-                ]
-            )
+        rows = _stats_rows(ours, published, key, kind)
         if rows:
-            head = [
-                *(["dataset", "fold"] if kind == MATBENCH else ["dataset"]),
-                "samples",
-                "published",
-                "train diversity",
-                "published",
-                "val diversity",
-                "published (their test column)",
-                "test diversity",
-                "published (their val column)",
-                "all 12 columns",
-            ]
-            out.append(
-                data_table(
-                    head,
-                    rows,
-                    f"Statistics of the {label}: ours beside the published "
-                    f"({len(rows)} of {len(published)} written by step 8)",
-                )
-            )
+            head = [*(["dataset", "fold"] if kind == MATBENCH else ["dataset"]), *STATS_HEAD]
+            n = f"{len(rows)} of {len(published)} written by step 8"
+            caption = f"Statistics of the {label}: ours beside the published ({n})"
+            out.append(data_table(head, rows, caption))
     return "".join(out)
 
 

@@ -7,7 +7,7 @@ relative, so the folder can be zipped and opened elsewhere, and nothing is fetch
 network.
 
 First "the paper vs this run" (:func:`paper_checks`): published test MAE and dataset statistics
-beside ours where they exist, and the paper's steps and datasets (SPEC §6) done or not.
+beside ours where they exist, and the paper's steps and datasets (docs/steps.md) done or not.
 Shown per dataset: the training summary of each checkpoint (recipe, epochs, test MAE beside the
 published one where known) with its learning curve (``figures/training/<model>.png``, written
 from the checkpoint's history when missing), the attention store, the explorer, the videos (HTML5
@@ -42,6 +42,8 @@ from crabnet import web
 from crabnet.elements import SYMBOLS
 from crabnet.explain.ptable import QUANTITIES
 from crabnet.layout import BENCHMARK, CACHE, MATBENCH, Layout
+from crabnet.plotting import write_learning_curve
+from crabnet.progress import say
 from crabnet.utils import atomic_path, meta_sidecar, read_checkpoint_meta
 from crabnet.web.paper import MODEL_NAMES, paper_section, published_test_mae
 from crabnet.web.pieces import (
@@ -68,88 +70,6 @@ PTABLE_NAMES = {  # captions of the periodic tables (figures/ptable/<dataset>/<q
     "mae": "MAE (captured split)",
     "test_mae": "test MAE (step 4's model)",
 }
-
-
-# --------------------------------------------------------------------------------------------
-# learning curve
-
-
-def write_learning_curve(history: dict, path: Path | str) -> Path:
-    """Plot a training history: train loss, validation MAE, learning rate and SWA updates per epoch.
-
-    Args:
-        history: equal-length per-epoch lists under ``epoch``, ``train_loss``, ``val_mae`` (may
-            hold NaN or None), ``lr`` (learning rate at the end of the epoch) and ``swa_updates``
-            (SWA averaging additions during the epoch); an optional ``recipe`` (str) goes in the
-            title. Missing lists leave their panel saying so.
-        path: the PNG to write (folders are created; written atomically).
-
-    Returns:
-        ``path``.
-    """
-    from matplotlib.figure import Figure
-
-    from crabnet.plotting import save_png
-
-    def series(name: str) -> list[float]:
-        values = history.get(name)
-        if values is None:
-            return []
-        out = []
-        for v in values:
-            try:
-                out.append(float(v))
-            except (TypeError, ValueError):
-                out.append(math.nan)
-        return out
-
-    loss, val, lr, swa = (series(k) for k in ("train_loss", "val_mae", "lr", "swa_updates"))
-    n = max(len(loss), len(val), len(lr), len(swa))
-    epochs = series("epoch") or list(range(1, n + 1))
-    fig = Figure(figsize=(10, 6.2), layout="constrained")
-    axes = fig.subplots(2, 2, sharex=True)
-    panels = [
-        (axes[0, 0], loss, "train loss (RobustL1, scaled)", "#1f77b4"),
-        (axes[0, 1], val, "validation MAE (target units)", "#d62728"),
-        (axes[1, 0], lr, "learning rate (end of epoch)", "#2ca02c"),
-        (axes[1, 1], swa, "SWA updates in the epoch", "#9467bd"),
-    ]
-    for ax, ys, label, colour in panels:
-        ax.set_title(label, fontsize=10)
-        ax.grid(alpha=0.3)
-        xs = epochs[: len(ys)]
-        if not ys or all(math.isnan(y) for y in ys):
-            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, color="0.5")
-            continue
-        if ys is swa:
-            ax.bar(xs, [0 if math.isnan(y) else y for y in ys], color=colour, width=0.8)
-            total = int(sum(y for y in ys if not math.isnan(y)))
-            ax.text(0.02, 0.92, f"total {total}", ha="left", va="top", transform=ax.transAxes, fontsize=9)
-            ax.yaxis.get_major_locator().set_params(integer=True)
-        else:
-            finite = [(x, y) for x, y in zip(xs, ys) if not math.isnan(y)]
-            ax.plot(
-                [x for x, _ in finite],
-                [y for _, y in finite],
-                color=colour,
-                lw=1.6,
-                marker="o" if len(finite) <= 60 else None,
-                ms=3,
-            )
-        if ys is val:
-            finite = [(y, x) for x, y in zip(xs, ys) if not math.isnan(y)]
-            best, at = min(finite)
-            ax.axhline(best, color=colour, lw=0.8, ls=":")
-            ax.text(
-                0.98, 0.92, f"best {best:.4g} (epoch {at:g})", ha="right", va="top", transform=ax.transAxes, fontsize=9
-            )
-        if ys is lr:
-            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    for ax in axes[1]:
-        ax.set_xlabel("epoch")
-    recipe = history.get("recipe")
-    fig.suptitle("Training history" + (f" · {recipe}" if isinstance(recipe, str) and recipe else ""), fontsize=12)
-    return save_png(fig, path, dpi=110)
 
 
 # --------------------------------------------------------------------------------------------
@@ -691,9 +611,9 @@ def refresh_report(data_dir: Path | str) -> Path | None:
     try:
         path = write_report(data_dir)
     except Exception as err:
-        print(f"warning: could not refresh the report in {data_dir}: {type(err).__name__}: {err}", file=sys.stderr)
+        say(f"warning: could not refresh the report in {data_dir}: {type(err).__name__}: {err}", file=sys.stderr)
         return None
-    print(f"report -> {path}")
+    say(f"report -> {path}")
     return path
 
 

@@ -36,6 +36,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from crabnet.errors import UsageError
+from crabnet.progress import say
 from crabnet.web.explorer import (
     DEFAULT_EXPLORE,
     choose_compounds,
@@ -228,12 +229,12 @@ def serve(data_dir: Path | str, dataset: str, port: int = DEFAULT_PORT, n_others
     app = ExplorerApp(store, dataset, n_others)
     server = make_server(app, port, quiet=not verbose)
     url = f"http://{HOST}:{server.server_address[1]}/"
-    print(f"attention explorer of {dataset} ({len(store)} compounds, {store.path}) at {url}", flush=True)
-    print("Ctrl-C stops it", flush=True)
+    say(f"attention explorer of {dataset} ({len(store)} compounds, {store.path}) at {url}")
+    say("Ctrl-C stops it")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        print("\nstopped", file=sys.stderr, flush=True)
+        say("\nstopped", file=sys.stderr)
     finally:
         server.server_close()
     return 0
@@ -290,10 +291,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.serve:
             return serve(args.data_dir, args.dataset, args.port, args.explore, verbose=args.verbose)
         info = write_explorer(open_store(args.data_dir, args.dataset), args.out, args.dataset, n_others=args.explore)
-        print(f"explorer: {info.n_compounds} compounds -> {info.path} ({info.size / 1e6:.1f} MB)")
+        say(f"explorer: {info.n_compounds} compounds -> {info.path} ({info.size / 1e6:.1f} MB)")
         return 0
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
+        say(f"error: {err}", file=sys.stderr)
         return 2
 
 
