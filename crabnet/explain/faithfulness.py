@@ -46,20 +46,8 @@ shuffled control) and for the element with the largest fraction; ties of the pic
 as a fair tie break. Attention that marks "what raises the prediction" would sit above the random
 share; attention that marks "what matters" in either direction would not.
 
-Columns of ``faithfulness.csv`` (one row per capture; every measure has ``_se``, the standard
-error of the mean over compounds; a compound where a value is undefined or not finite is left out
-of that mean):
-
-- ``capture``, ``step`` (epoch or optimiser step; 0 = untrained), ``n_tau`` (compounds with ≥ 3
-  elements), ``n_top1`` (compounds with ≥ 2 elements; also the compounds of the sign test);
-- ``tau_<m>``, ``top1_<m>`` for m in attention, rollout, shuffled, fraction: agreement with
-  |leave-one-out attribution|; ``tau_<m>_vs_fraction``, ``top1_<m>_vs_fraction`` for attention and
-  rollout: paired difference from the fraction-only control;
-- ``shapley_tau_<m>``, ``shapley_top1_<m>`` for m in attention, rollout, attribution,
-  contribution, shuffled, fraction: agreement with |Shapley|; ``shapley_tau_<m>_vs_fraction``,
-  ``shapley_top1_<m>_vs_fraction`` for attention and rollout;
-- ``shapley_positive_<p>`` for p in attention (the most-attended element), random, fraction (the
-  largest fraction): share of compounds whose picked element has Shapley value > 0.
+Columns of ``faithfulness.csv`` (one row per capture; every measure with ``_se``, the standard error of
+the mean over compounds; undefined or non-finite values left out): docs/faithfulness.md.
 
 Step 2 (``generate_attention_videos.py``) writes ``attention/<dataset>/faithfulness.csv`` and
 ``figures/faithfulness/<dataset>.png``::

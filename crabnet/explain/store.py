@@ -1,26 +1,10 @@
 """The capture store: ``attention.zarr`` written capture by capture and read back per compound, without torch.
 
-Layout of ``attention.zarr`` (a Zarr v3 group), n compounds of the captured split, c captures,
-L layers, H heads, E element slots:
-
-    formula (n,) str · elements (n, E) int · fractions (n, E) float32 · target (n,) float32
-    step (c,) int         epoch or optimiser step of each capture; capture 0 = untrained model
-    prediction (n, c)     prediction in target units
-    attribution (n, c, E) leave-one-element-out effect on the prediction, target units: the
-                          prediction with the element removed (other fractions renormalised)
-                          minus the full one; 0 at padding and for single-element compounds
-                          (from :func:`crabnet.explain.attribution.coalition_attribution`); absent in older stores
-    shapley (n, c, E)     exact Shapley values of the elements (:func:`crabnet.explain.attribution.shapley`; a
-                          coalition's value = the prediction for its sub-compound, fractions
-                          renormalised; the empty one = the training mean): they sum to the prediction
-                          minus ``shapley_baseline`` (attribute); exact up to ``shapley_max_exact``
-                          elements, a seeded estimate of ``shapley_samples`` element orders above
-    contribution (n, c, E) each element's share of the output (:func:`crabnet.explain.attribution.contribution`),
-                          summing to the prediction
-    head_effect (c, L, H) validation MAE with the head's output zeroed minus without (> 0: the head helps),
-                          on ``head_sample`` compounds of the split (a fixed seeded subset)
-    head_change (c, L, H) mean |change of the prediction| when the head is zeroed, same compounds
-    attention (n, c, L, H, E, E) float32: row q is query element q's distribution over the keys
+The arrays and attributes of ``attention.zarr`` (a Zarr v3 group; n compounds, c captures, L layers,
+H heads, E element slots) are listed in docs/steps.md ("What a capture store holds"): the compounds,
+``step (c,)``, ``prediction (n, c)``, ``attention (n, c, L, H, E, E)`` (row q: query element q over
+the keys), and the attributions ``attribution``/``shapley``/``contribution (n, c, E)`` and
+``head_effect``/``head_change (c, L, H)`` (:mod:`crabnet.explain.attribution`).
 
 While training, captures are appended to ``<store>.partial`` in capture-major chunks (one batch
 of compounds for one capture per chunk), so memory stays bounded whatever the number of captures.

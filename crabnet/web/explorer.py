@@ -8,29 +8,8 @@ JavaScript draws them (HTML tables for the heatmaps, SVG for the prediction char
 styles and script are ``explorer.html``, ``theme.css`` + ``explorer.css`` and ``explorer.js`` of
 :mod:`crabnet.web`, inlined when the page is written; this module prepares the data.
 
-What the page offers:
-
-- a formula search box (formulas are matched after normalising, as ``AttentionStore.find`` does:
-  ``HfO2``, ``Hf1O2`` and ``O2Hf`` are one compound) and the list of embedded compounds, the
-  paper's first;
-- layer and head selectors (plus "all heads" as a grid), a slider over the captures (capture 0 =
-  the untrained model) with play/pause;
-- the attention map of the chosen head with element symbols and fractions on both axes and the
-  weights written in the cells; the prediction at every capture with the target as a line and the
-  current capture marked;
-- where the store holds attribution (:mod:`crabnet.explain.faithfulness`), the leave-one-element-out
-  effect of every element at the current capture as signed bars beside the map (rows carry
-  ``data-element`` and ``data-value``, the store's value), with the attention each element
-  receives (fraction-weighted queries, all layers and heads) beside it for comparison;
-- where the store holds them (newer stores), the Shapley values and the output contributions of the
-  elements at the current capture as signed bars (tables ``#shapley`` and ``#contribution``, rows with
-  ``data-element`` and ``data-value``; a footer adds them up to the prediction minus the baseline, and
-  to the prediction), and the head ablation of the current capture: beside the head selector the
-  selected head's validation-MAE change when zeroed and its mean |Δprediction| (``#head-effect``,
-  ``data-effect``/``data-change``), in the all-heads grid a label per head; older stores: hidden;
-- the view in the URL hash (``#compound=Hf1O2&layer=0&head=2&capture=8``; ``head=all`` for the
-  grid), so a link opens exactly that view.
-
+What the page offers (a formula search, layer, head and capture selectors, the maps, the prediction
+through training, the attribution bars, head ablation, the view in the URL hash): docs/report-and-explorer.md.
 Every heatmap cell carries ``data-query`` and ``data-key`` (element symbols) and ``data-value``
 (the weight with 4 decimals), which the browser tests compare with the store.
 
