@@ -55,6 +55,11 @@ OUTPUTS: tuple[tuple[str, str, str], ...] = (
         "history (`torch.load(..., weights_only=True)`); step 1 writes `…__attention.pt` beside a full-recipe one",
     ),
     (
+        "`models/<dataset>__<features>[__npj].meta.json`",
+        "1, 4, 6, 7",
+        "the checkpoint's metadata as JSON, for readers without torch (the report)",
+    ),
+    (
         "`models/<dataset>__<features>[__npj].state.pt`",
         "1, 4, 6, 7, benchmarks/accuracy.py",
         "state of an unfinished training (weights, optimiser, SWA, RNGs, history), saved about once a minute; the "
@@ -64,7 +69,7 @@ OUTPUTS: tuple[tuple[str, str, str], ...] = (
         "`attention/<dataset>/attention.zarr`",
         "1",
         "Zarr v3 group of attention captures and, at every capture, each element's leave-one-out effect, Shapley "
-        "value and output share, and each head's ablation effect (layout in `crabnet/explain/capture.py`; "
+        "value and output share, and each head's ablation effect (layout in docs/steps.md; "
         "older stores lack "
         "some); `attention.zarr.partial` = an unfinished run, ignored by readers, with `attention.zarr.state.pt` its "
         "training state",

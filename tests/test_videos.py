@@ -244,7 +244,8 @@ def test_ffmpeg_failure_raises_with_stderr(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
 
 
-def test_pool_runs_jobs_and_names_failing_compound(store_dir):
+@pytest.mark.cluster  # a LocalCluster of the engine
+def test_engine_runs_video_jobs_and_names_failing_compound(store_dir):
     path = store_dir / "attention" / "synth" / "attention.zarr"
     out = store_dir / "videos"
     jobs = [VideoJob(history_input(path, i), video_paths(out, FORMULAS[i], [0], L), fps=10, dpi=30) for i in (0, 3)]
