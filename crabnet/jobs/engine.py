@@ -613,9 +613,9 @@ def _jobqueue_cluster(name: str, n_jobs: int) -> Any:
             f"DASK_JOBQUEUE__{name.upper()}__CORES=… variables"
         ) from None
     say(f"submitting {n_jobs} {name} job(s) through dask-jobqueue ({JOBQUEUE[name]})")
-    # n worker jobs kept alive: a job cancelled or preempted by the queue is replaced, and its training
-    # resumes there from its state file (scale() alone would leave it waiting for another worker to finish)
-    cluster.adapt(minimum_jobs=n_jobs, maximum_jobs=n_jobs)
+    # a worker job cancelled or preempted by the queue is not replaced (dask-jobqueue keeps it in its plan):
+    # its training resumes from its state file on the next worker that frees up (docs/scaling.md)
+    cluster.scale(jobs=n_jobs)
     return cluster
 
 
