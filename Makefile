@@ -13,7 +13,10 @@ DATA ?= data
 SCHEDULER ?= local
 OQMD := OQMD_Bandgap OQMD_Energy_per_atom OQMD_Formation_Enthalpy OQMD_Volume_per_atom
 SCHEDULER_FILE ?=
+# EPOCHS=N: every training of `make paper` stops after N epochs (all of the paper's data, a short training)
+EPOCHS ?=
 RUN := --data-dir $(DATA) $(if $(SCHEDULER_FILE),--scheduler-file $(SCHEDULER_FILE),--scheduler $(SCHEDULER))
+TRAIN := $(RUN) $(if $(EPOCHS),--epochs $(EPOCHS))
 PLAN_LOG := $(DATA)/benchmarks/plan.jsonl
 
 venv: $(VENV)/.installed
@@ -52,23 +55,23 @@ test-long: venv
 
 # the paper's eight steps with its settings on all of its data; `make paper-plan` first says what it costs
 paper: venv
-	$(PY) get_training_attention.py $(RUN)
+	$(PY) get_training_attention.py $(TRAIN)
 	$(PY) generate_attention_videos.py --data-dir $(DATA) --dataset aflow__Egap
 	$(PY) guess_oxidation.py $(RUN) --dataset all --split all --matbench
-	$(PY) get_crabnet_embeddings.py $(RUN) --dataset all
+	$(PY) get_crabnet_embeddings.py $(TRAIN) --dataset all
 	$(PY) plot_element_correlation.py --data-dir $(DATA)
-	$(PY) plot_local_edm_umap.py $(RUN) --dataset OQMD_Bandgap
-	$(PY) plot_global_edm_umap.py $(RUN) $(addprefix --dataset ,$(OQMD))
+	$(PY) plot_local_edm_umap.py $(TRAIN) --dataset OQMD_Bandgap
+	$(PY) plot_global_edm_umap.py $(TRAIN) $(addprefix --dataset ,$(OQMD))
 	$(PY) get_dataset_stats.py $(RUN)
 
 # every job of `make paper` with its estimated cost (rates measured on this machine) and what is done
 paper-plan: venv
 	rm -f $(PLAN_LOG)
-	CRABNET_PLAN_LOG=$(PLAN_LOG) $(PY) get_training_attention.py $(RUN) --plan
+	CRABNET_PLAN_LOG=$(PLAN_LOG) $(PY) get_training_attention.py $(TRAIN) --plan
 	CRABNET_PLAN_LOG=$(PLAN_LOG) $(PY) guess_oxidation.py $(RUN) --dataset all --split all --matbench --plan
-	CRABNET_PLAN_LOG=$(PLAN_LOG) $(PY) get_crabnet_embeddings.py $(RUN) --dataset all --plan
-	CRABNET_PLAN_LOG=$(PLAN_LOG) $(PY) plot_local_edm_umap.py $(RUN) --dataset OQMD_Bandgap --plan
-	CRABNET_PLAN_LOG=$(PLAN_LOG) $(PY) plot_global_edm_umap.py $(RUN) $(addprefix --dataset ,$(OQMD)) --plan
+	CRABNET_PLAN_LOG=$(PLAN_LOG) $(PY) get_crabnet_embeddings.py $(TRAIN) --dataset all --plan
+	CRABNET_PLAN_LOG=$(PLAN_LOG) $(PY) plot_local_edm_umap.py $(TRAIN) --dataset OQMD_Bandgap --plan
+	CRABNET_PLAN_LOG=$(PLAN_LOG) $(PY) plot_global_edm_umap.py $(TRAIN) $(addprefix --dataset ,$(OQMD)) --plan
 	CRABNET_PLAN_LOG=$(PLAN_LOG) $(PY) get_dataset_stats.py $(RUN) --plan
 	$(PY) -m crabnet.jobs.engine --plan-total $(PLAN_LOG)
 

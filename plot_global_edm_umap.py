@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from crabnet.errors import UsageError
 from crabnet.jobs.cli import DEMO_DATASET, add_common, make_parser, run
 from crabnet.jobs.engine import add_engine_args, engine_from_args
 from crabnet.maps.figures import GLOBAL_SUMMARY, print_table
@@ -99,11 +100,14 @@ def main(
     html_js: str = "inline",
     recipe: str = "immi",
     precision: str = "auto",
+    epochs: int | None = None,
     **engine,
 ) -> int:
     datasets = dataset or [QUICK["dataset"] if quick else DEFAULT_DATASET]
     check_global_args(n_neighbors, min_dist, seed, batch_size)
-    epochs = QUICK["epochs"] if quick else None
+    epochs = (QUICK["epochs"] if quick else None) if epochs is None else epochs
+    if epochs is not None and epochs < 1:
+        raise UsageError("--epochs must be >= 1")
     settings = map_settings(
         data_dir, features, split, recipe, epochs, device, seed, force, batch_size, umap_parallel, html_js, precision
     )

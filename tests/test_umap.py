@@ -381,6 +381,7 @@ def test_global_script(script_data, capsys):
     assert _main(pg, {**args, "layers": [7]}) == 2
     assert "--layers must be in 0..3" in capsys.readouterr().err
     assert _main(pg, {**args, "n_neighbors": 1}) == 2
+    assert _main(pg, {**args, "epochs": 0}) == 2 and "--epochs must be >= 1" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------

@@ -107,6 +107,13 @@ def add_map_flags(parser, *, default_dataset: str, quick_dataset: str) -> None:
         "--umap-parallel", action="store_true", help="run UMAP on all cores without a seed (faster, not reproducible)"
     )
     parser.add_argument("--batch-size", type=int, default=512, help="compounds per inference batch")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="train at most this many epochs where a model is missing (default: "
+        "the full recipe; a shorter run reuses any checkpoint of the dataset, e.g. one of step 4 --epochs)",
+    )
     add_html_js(parser)
     add_training(parser)
 
