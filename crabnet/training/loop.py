@@ -217,16 +217,23 @@ def _resume(run: _Run) -> tuple[bool, int, dict]:
             set_rng_state(saved[run.rank], run.device)
         else:  # saved by fewer ranks: this rank draws other dropout masks than an uninterrupted run would
             _seed_rank(run, run.rank + run.world * run.hist.steps)
-        sums = partial.get("rank_loss_sums") if partial else None
-        if sums is not None and len(sums) == run.world:  # this rank's own loss sum of the epoch so far
-            partial["loss_sum"] = sums[run.rank].to(run.device)
-        elif partial:  # saved by another number of ranks: rank 0 carries the whole sum so far
-            total = sums.sum() if sums is not None else partial["loss_sum"]
-            partial["loss_sum"] = (total if run.rank == 0 else torch.zeros_like(total)).to(run.device)
+    if partial:
+        partial["loss_sum"] = _resumed_loss_sum(run, partial)
     at = f" batch {partial['batches'] + 1}/{run.n_batches}" if partial else ""
     if distributed.is_main():
         say(f"resuming {run.desc} from {run.state_path} at epoch {start + 1}{at} of {run.recipe.epochs}")
     return True, start, partial
+
+
+def _resumed_loss_sum(run: _Run, partial: dict) -> torch.Tensor:
+    """This rank's loss sum of the interrupted epoch so far: its own as saved (``rank_loss_sums``, one per
+    rank, so the epoch adds up in the same order as an uninterrupted run); saved by another number of
+    ranks (or by one process), rank 0 carries the whole sum and the others start from 0."""
+    sums = partial.get("rank_loss_sums")
+    if sums is not None and len(sums) == run.world:
+        return sums[run.rank].to(run.device)
+    total = sums.sum() if sums is not None else partial["loss_sum"]
+    return (total if run.rank == 0 else torch.zeros_like(total)).to(run.device)
 
 
 def _check_same_state(run: _Run, state: dict | None) -> None:

@@ -27,6 +27,7 @@ def published_test_mae(dataset: str, features: str) -> float | None:
 
 
 MODEL_NAMES = {"mat2vec": "CrabNet", "onehot": "HotCrab"}  # the paper's two models by element features
+PAPER_MODELS = [(d, f) for d in BENCHMARK_DATASETS for f in MODEL_NAMES]  # step 4: 18 sets x both models
 PAPER_STORE = ("aflow__Egap", 50)  # step 1: dataset and epochs
 PAPER_LOCAL = "OQMD_Bandgap"  # step 6, test split
 PAPER_GLOBAL = ("OQMD_Bandgap", "OQMD_Energy_per_atom", "OQMD_Formation_Enthalpy", "OQMD_Volume_per_atom")  # step 7
@@ -128,7 +129,7 @@ def paper_checks(root: Path, metas: dict[Path, dict] | None = None) -> list[Chec
 
 def _training_checks(layout: Layout, full: set[tuple[str, str]]) -> list[Check]:
     """Steps 1 to 4: the attention run, its videos, the oxidation guesses, the full-recipe models."""
-    models = [(d, f) for d in BENCHMARK_DATASETS for f in MODEL_NAMES]
+    models = PAPER_MODELS
     dataset, epochs = PAPER_STORE
     store = layout.attention_store(dataset) / "zarr.json"
     attrs = _store_attrs(store) if store.is_file() else {}
@@ -152,7 +153,7 @@ def _training_checks(layout: Layout, full: set[tuple[str, str]]) -> list[Check]:
 
 def _analysis_checks(layout: Layout, full: set[tuple[str, str]]) -> list[Check]:
     """Steps 5 to 8: correlations, the local and global UMAPs, the statistics."""
-    models = [(d, f) for d in BENCHMARK_DATASETS for f in MODEL_NAMES]
+    models = PAPER_MODELS
     corr, learned = layout.correlation_figures(), partial(_learned_correlations, layout)
     bench_rows = _table_keys(layout.stats_table(BENCHMARK), fold=False)
     matbench_rows = _table_keys(layout.stats_table(MATBENCH), fold=True)
